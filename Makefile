@@ -1,0 +1,53 @@
+# trainyard: `make run` trains the default digits run, `make test` runs the test suite.
+# Both create .venv on first use and install the project into it.
+
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+# torch is installed before the project so that pip never resolves a bare `torch` to a multi-GB
+# CUDA build by accident. Without an NVIDIA driver the CPU build is taken (its `+cpu` version tag
+# exists only on PyTorch's CPU index, never on PyPI). With one, TORCH_GPU is installed; set it to
+# pick your CUDA build, e.g. TORCH_GPU="torch --index-url https://download.pytorch.org/whl/cu128".
+# A torch already installed in .venv is kept as it is.
+TORCH_CPU       ?= torch==2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_GPU       ?= torch==2.13.0
+
+CONFIG ?= configs/digits.yaml
+
+.PHONY: setup run test lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then \
+	    echo "NVIDIA GPU found: installing $(TORCH_GPU)"; \
+	    $(BIN)/pip install $(TORCH_GPU); \
+	  else \
+	    echo "No GPU found: installing the CPU build $(TORCH_CPU)"; \
+	    $(BIN)/pip install "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); \
+	  fi; \
+	fi
+	$(BIN)/pip install -e '.[dev]'
+	@touch $@
+
+run: setup
+	$(BIN)/trainyard train $(CONFIG)
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf results mlartifacts mlflow.db .pytest_cache

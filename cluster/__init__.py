@@ -1,0 +1,1 @@
+"""The Ray side of trainyard: resource planning between Ray Data and training workers."""

@@ -1,0 +1,1 @@
+"""The training application: run spec, data pipelines, training loop, tracking, CLI."""

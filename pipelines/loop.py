@@ -1,0 +1,345 @@
+"""The per-worker training loop: DDP, AMP, gradient accumulation, checkpoints, metrics.
+
+`train_loop_per_worker` only wires things up; `train_epoch` and `evaluate` are plain functions
+of what they use, testable without Ray. Every rank runs the same number of optimizer steps and
+calls `ray.train.report` the same number of times; side effects happen on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from models import build_model
+from pipelines.spec import RunSpec, TrainSpec
+
+CHECKPOINT_FILE = "state.pt"
+logger = logging.getLogger("trainyard")
+
+
+# --- building blocks ----------------------------------------------------------------------------
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `mode` on `device`; None means full precision."""
+    if mode == "off":
+        return None
+    if mode == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Learning-rate multiplier at optimizer step `step`: linear warm-up, then cosine or flat."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, train: TrainSpec) -> torch.optim.Optimizer:
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                               weight_decay=train.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainSpec, total_steps: int
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = int(train.warmup_fraction * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, train.schedule))
+
+
+def task_loss(task: str) -> Callable[..., torch.Tensor]:
+    """Cross-entropy on logits for classification, MSE on the scaled target for regression."""
+    if task == "classification":
+        return F.cross_entropy
+    return lambda out, y, reduction="mean": F.mse_loss(out.squeeze(-1), y, reduction=reduction)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def param_digest(model: nn.Module) -> str:
+    """A short hash of all parameter values, to check that ranks hold the same model."""
+    h = hashlib.sha256()
+    for p in unwrap(model).parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --- epochs -------------------------------------------------------------------------------------
+
+@dataclass
+class EpochStats:
+    loss: float
+    samples: int
+    steps: int
+    seconds: float
+    data_seconds: float
+    """Time spent waiting for the next batch."""
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+    @property
+    def data_wait_share(self) -> float:
+        return self.data_seconds / self.seconds if self.seconds else 0.0
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    *,
+    loss_fn: Callable[..., torch.Tensor],
+    steps: int,
+    accum: int = 1,
+    amp_dtype: torch.dtype | None = None,
+    grad_clip: float | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> EpochStats:
+    """Run exactly `steps` optimizer steps of `accum` micro-batches each and return the stats.
+
+    Gradients are all-reduced only on the last micro-batch of a step (`no_sync` before it).
+    `on_step(step, loss)` is called after each optimizer step with the step's last loss.
+    """
+    model.train()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    samples = micro = done = 0
+    data_seconds = 0.0
+    start = time.perf_counter()
+    iterator = iter(batches)
+    while done < steps:
+        wait = time.perf_counter()
+        batch = next(iterator, None)
+        data_seconds += time.perf_counter() - wait
+        if batch is None:
+            raise RuntimeError(f"data ran out after {done} of {steps} steps")
+        x, y = batch["x"], batch["y"]
+        last = (micro + 1) % accum == 0
+        no_sync = getattr(model, "no_sync", None)
+        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = loss_fn(model(x), y)
+            scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach().float() * len(y)
+        samples += len(y)
+        micro += 1
+        if not last:
+            continue
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        done += 1
+        if on_step is not None:
+            on_step(done, loss)
+    seconds = time.perf_counter() - start
+    return EpochStats(float(loss_sum) / max(samples, 1), samples, done, seconds, data_seconds)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    task: str,
+    loss_fn: Callable[..., torch.Tensor],
+    amp_dtype: torch.dtype | None = None,
+    target_std: float = 1.0,
+) -> dict[str, float]:
+    """Validation metrics over the batches of every rank (sums are all-reduced when
+    torch.distributed is initialized). Classification: val_loss, val_accuracy. Regression:
+    val_loss (scaled target), val_rmse (original units), val_r2."""
+    model = unwrap(model)
+    model.eval()
+    device = next(model.parameters()).device
+    # loss, n, correct | loss, n, sse, sum(y), sum(y^2)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    for batch in batches:
+        x, y = batch["x"], batch["y"]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(x)
+        out = out.float()
+        sums[0] += loss_fn(out, y, reduction="sum").double()
+        sums[1] += len(y)
+        if task == "classification":
+            sums[2] += (out.argmax(-1) == y).sum()
+        else:
+            pred = out.squeeze(-1).double()
+            yd = y.double()
+            sums[2] += ((pred - yd) ** 2).sum()
+            sums[3] += yd.sum()
+            sums[4] += (yd**2).sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    loss, n = sums[0].item(), max(sums[1].item(), 1.0)
+    if task == "classification":
+        return {"val_loss": loss / n, "val_accuracy": sums[2].item() / n}
+    sse, total = sums[2].item(), sums[4].item() - sums[3].item() ** 2 / n
+    return {
+        "val_loss": loss / n,
+        "val_rmse": math.sqrt(sse / n) * target_std,
+        "val_r2": 1.0 - sse / total if total > 0 else float("nan"),
+    }
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+def save_state(directory: Path, **state: Any) -> Path:
+    """Write a checkpoint (model, optimizer, ..., RNG states) to `directory`."""
+    state["rng"] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    path = directory / CHECKPOINT_FILE
+    torch.save(state, path)
+    return path
+
+
+def load_state(directory: str | Path) -> dict[str, Any]:
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config` holds {"spec": RunSpec dict, "job": driver facts}."""
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.tracking import RankZeroLogger
+
+    # Ray Train tees print() into its logger (each line twice) and logs every report at INFO:
+    # keep Ray's worker logs at WARNING and progress on trainyard's own logger.
+    logging.getLogger().setLevel(logging.WARNING)
+    logger.setLevel(logging.INFO)
+    spec = RunSpec.from_dict(config["spec"])
+    job = config["job"]
+    tr = spec.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(job["torch_threads"])
+    log = RankZeroLogger(job["tracking_uri"], job["run_id"], rank)
+
+    torch.manual_seed(tr.seed)  # the same initial weights on every rank
+    stats = job["stats"]
+    model = build_model(spec.model.name, in_features=len(stats["features"]),
+                        out_features=len(stats["classes"]) if stats["classes"] else 1,
+                        hidden=tuple(spec.model.hidden), dropout=spec.model.dropout)
+    device = ray.train.torch.get_device()
+    model.to(device)
+    steps_per_epoch = job["steps_per_epoch"]
+    optimizer = make_optimizer(model, tr)
+    scheduler = make_scheduler(optimizer, tr, steps_per_epoch * tr.epochs)
+    amp_dtype = resolve_amp(spec.amp.mode, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    first_epoch = 1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(d)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        first_epoch = state["epoch"] + 1
+    else:
+        torch.manual_seed(tr.seed + 1 + rank)  # distinct dropout masks per rank
+
+    model = ray.train.torch.prepare_model(model)
+    nodes = [ray.get_runtime_context().get_node_id()] * world
+    if world > 1:
+        dist.all_gather_object(nodes, nodes[0])
+    log.tags({"num_workers": world, "num_nodes": len(set(nodes)), "worker_nodes": ",".join(nodes),
+              "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"})
+
+    loss_fn = task_loss(spec.data.task)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    micro = spec.micro_batch_size
+
+    for epoch in range(first_epoch, tr.epochs + 1):
+        base_step = (epoch - 1) * steps_per_epoch
+
+        def on_step(step: int, loss: torch.Tensor, base_step: int = base_step,
+                    epoch: int = epoch) -> None:
+            if step % tr.log_every_steps == 0 and log.active:
+                value = loss.item()
+                logger.info(f"epoch {epoch} step {step}/{steps_per_epoch} loss {value:.4f} "
+                            f"lr {scheduler.get_last_lr()[0]:.2e}")
+                log.metrics({"train_loss_step": value}, step=base_step + step)
+
+        result = train_epoch(
+            model,
+            train_shard.iter_torch_batches(
+                batch_size=micro, drop_last=True, local_shuffle_buffer_size=max(4 * micro, 256),
+                local_shuffle_seed=tr.seed + 1000 * epoch + rank),
+            optimizer, scheduler, scaler, loss_fn=loss_fn, steps=steps_per_epoch,
+            accum=tr.grad_accum_steps, amp_dtype=amp_dtype, grad_clip=tr.grad_clip,
+            on_step=on_step,
+        )
+        metrics = evaluate(model, val_shard.iter_torch_batches(batch_size=max(micro, 256)),
+                           task=spec.data.task, loss_fn=loss_fn, amp_dtype=amp_dtype,
+                           target_std=stats["target_std"])
+        # Throughput over all ranks: each rank saw the same number of samples.
+        metrics.update(train_loss=result.loss, samples_per_s=result.samples_per_s * world,
+                       epoch_seconds=result.seconds, data_wait_share=result.data_wait_share,
+                       lr=scheduler.get_last_lr()[0], epoch=epoch)
+        if log.active:
+            shown = {k: v for k, v in metrics.items() if k.startswith("val_")}
+            logger.info(f"epoch {epoch}/{tr.epochs}  train_loss {result.loss:.4f}  "
+                        + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                        + f"  samples/s {metrics['samples_per_s']:.0f}"
+                        f"  data_wait {100 * result.data_wait_share:.1f}%  ({result.seconds:.2f} s)")
+        log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+
+        last = epoch == tr.epochs
+        if last:
+            digests = [param_digest(model)] * world
+            if world > 1:
+                dist.all_gather_object(digests, digests[0])
+            log.tags({"param_digests": ",".join(digests)})
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0 and (last or epoch % tr.checkpoint_every == 0):
+                save_state(Path(d), model=unwrap(model).state_dict(),
+                           optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                           scaler=scaler.state_dict(), epoch=epoch,
+                           model_config=dict(vars(unwrap(model).config)))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)

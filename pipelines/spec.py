@@ -1,0 +1,283 @@
+"""The run spec: one small dataclass per part, composed into `RunSpec`, loaded from YAML.
+
+Defaults live here and nowhere else. Every field validates itself and a bad value raises
+`SpecError` naming the field, so a user mistake is one clear line before any worker starts.
+The spec crosses the Ray boundary as a plain dict (`RunSpec.to_dict` / `RunSpec.from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class TrainyardError(Exception):
+    """A user mistake (bad config, bad data): reported as one line, never as a traceback."""
+
+
+class SpecError(TrainyardError):
+    """A run spec that cannot be used."""
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise SpecError(f"{name}: expected {expected}, got {value!r}")
+
+
+@dataclass
+class DataSpec:
+    path: str = ""
+    """A file, directory or glob of CSV/Parquet files (local or any pyarrow URI), or `builtin:digits`."""
+    label: str = "label"
+    """The column to predict."""
+    features: list[str] | None = None
+    """Feature columns; None means every column but the label."""
+    task: Literal["classification", "regression"] = "classification"
+    validation_fraction: float = 0.2
+    """Share of rows held out; deterministic, stratified by class for classification."""
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    """File format; `auto` decides from the file extension."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """CSV rows that do not parse: stop with their count and place, or skip them (and say so)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "data.path", self.path, "a path, glob, URI or builtin:digits")
+        _check(bool(self.label), "data.label", self.label, "a column name")
+        _check(0.0 < self.validation_fraction < 1.0, "data.validation_fraction",
+               self.validation_fraction, "a number between 0 and 1")
+        if self.features is not None:
+            _check(len(self.features) > 0, "data.features", self.features, "a non-empty list")
+            _check(self.label not in self.features, "data.features", self.features,
+                   f"a list without the label {self.label!r}")
+            dupes = sorted({f for f in self.features if self.features.count(f) > 1})
+            _check(not dupes, "data.features", self.features, f"no duplicates (repeated: {dupes})")
+
+
+@dataclass
+class ModelSpec:
+    name: str = "mlp"
+    """A model from `models.MODELS`."""
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    """Widths of the hidden layers."""
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        from models import MODELS
+
+        _check(self.name in MODELS, "model.name", self.name, f"one of {sorted(MODELS)}")
+        _check(all(h > 0 for h in self.hidden), "model.hidden", self.hidden, "positive widths")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass
+class TrainSpec:
+    epochs: int = 30
+    batch_size: int = 64
+    """Global batch: samples per optimizer step summed over all workers and accumulation steps."""
+    lr: float = 1e-3
+    """Peak learning rate (after warm-up)."""
+    weight_decay: float = 1e-4
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.9
+    """SGD momentum (unused by AdamW)."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after a linear warm-up."""
+    warmup_fraction: float = 0.05
+    """Share of all optimizer steps spent warming the learning rate up from zero."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (gradients are only all-reduced on the last one)."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this; None turns clipping off."""
+    seed: int = 0
+    checkpoint_every: int = 1
+    """Write a checkpoint every N epochs (the last epoch always gets one)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    log_every_steps: int = 50
+    """Print and log training loss every N optimizer steps."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum_steps", "checkpoint_every",
+                     "keep_checkpoints", "log_every_steps"):
+            value = getattr(self, name)
+            _check(value >= 1, f"train.{name}", value, "an integer >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "a positive number")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
+        _check(0 <= self.warmup_fraction < 1, "train.warmup_fraction", self.warmup_fraction,
+               "a number in [0, 1)")
+        _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip,
+               "a positive number or null")
+
+
+@dataclass
+class AmpSpec:
+    mode: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """`auto`: bf16 on GPUs that support it, off on CPU. fp16 uses a GradScaler, bf16 does not."""
+
+
+@dataclass
+class ScalingSpec:
+    num_workers: int = 2
+    """Training workers (DDP ranks)."""
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None
+    """CPUs each training worker reserves; None lets the resource plan leave CPUs for Ray Data."""
+    data_cpus: float | None = None
+    """CPUs kept free for Ray Data's preprocessing tasks; None means a quarter (at least 0.5)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How workers are placed on nodes; SPREAD puts them on different nodes where it can."""
+    storage_path: str | None = None
+    """Where checkpoints go (a directory or pyarrow URI); None means ./results."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, "an integer >= 1")
+        _check(self.cpus_per_worker is None or self.cpus_per_worker > 0,
+               "scaling.cpus_per_worker", self.cpus_per_worker, "a positive number or null")
+        _check(self.data_cpus is None or self.data_cpus > 0, "scaling.data_cpus",
+               self.data_cpus, "a positive number or null")
+
+
+@dataclass
+class TrackingSpec:
+    experiment: str = "trainyard"
+    """MLflow experiment. The tracking URI comes from MLFLOW_TRACKING_URI, else ./mlflow.db."""
+    run_name: str | None = None
+    """MLflow run name and Ray Train run name; None makes one from the experiment and time."""
+    log_model: bool = True
+    """Log the trained model (with its preprocessing) to MLflow."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment), "tracking.experiment", self.experiment, "a name")
+
+
+@dataclass
+class RunSpec:
+    pipeline: Literal["tabular"] = "tabular"
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    amp: AmpSpec = field(default_factory=AmpSpec)
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+
+    def __post_init__(self) -> None:
+        per_step = self.scaling.num_workers * self.train.grad_accum_steps
+        _check(self.train.batch_size % per_step == 0, "train.batch_size", self.train.batch_size,
+               f"a multiple of scaling.num_workers × train.grad_accum_steps = {per_step}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Samples one worker feeds through the model per forward pass."""
+        return self.train.batch_size // (self.scaling.num_workers * self.train.grad_accum_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunSpec:
+        return _build(cls, raw, prefix="")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """The spec as `section.key: value` pairs (MLflow params)."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": v for k, v in values.items()})
+            else:
+                out[section] = values
+        return out
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
+    """Read a YAML run spec, apply `section.key=value` overrides, validate, return it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML ({e.problem} at line {e.problem_mark.line + 1})"
+                        if getattr(e, "problem_mark", None) else f"{path}: not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return RunSpec.from_dict(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `section.key=value` in a raw spec dict; the value is parsed as YAML (`2`, `[64]`, `null`)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise SpecError(f"--set {item!r}: expected section.key=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {item!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(text) if text else ""
+
+
+# --- typed construction from plain data -------------------------------------------------------
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the spec"
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise SpecError(f"unknown key {prefix}{key}{hint}; valid keys: {', '.join(names)}")
+    kwargs = {key: _coerce(f"{prefix}{key}", value, hints[key]) for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, prefix=f"{name}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner)
+    if origin is Literal:
+        _check(value in args, name, value, "one of " + ", ".join(map(str, args)))
+        return value
+    if origin is list:
+        _check(isinstance(value, list), name, value, f"a list of {args[0].__name__}")
+        return [_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, value,
+               "a number")
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), name, value, "true or false")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), name, value, "a string")
+        return value
+    raise TypeError(f"{name}: unsupported annotation {tp}")

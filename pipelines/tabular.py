@@ -1,0 +1,433 @@
+"""Tabular data with Ray Data: read, validate, split, fit statistics, preprocess, stream.
+
+Everything here runs on the driver and builds lazy Ray Data datasets; the training workers only
+read their shards. The batch functions (`preprocess_batch`, `mark_validation`, ...) are pure
+`dict/DataFrame -> dict/DataFrame` functions that run inside Ray Data tasks and test without Ray.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines.spec import DataSpec, TrainyardError
+
+BUILTIN_DIGITS = "builtin:digits"
+SPLIT_COLUMN = "__validation"
+CSV_EXTENSIONS = (".csv", ".csv.gz", ".csv.bz2")
+PARQUET_EXTENSIONS = (".parquet", ".pq")
+MAX_REPORTED_ROWS = 5
+BLOCK_BYTES = 64 * 1024**2
+
+
+class DataError(TrainyardError):
+    """Data that cannot be trained on: missing files or columns, bad rows, too few rows."""
+
+
+@dataclass
+class Stats:
+    """Preprocessing statistics fitted on the training split; they travel with the model."""
+
+    features: list[str]
+    mean: list[float]
+    std: list[float]
+    classes: list[Any] | None = None
+    """Sorted class labels (classification); index i of the model output is `classes[i]`."""
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def out_features(self) -> int:
+        return len(self.classes) if self.classes is not None else 1
+
+
+@dataclass
+class TabularData:
+    train: Any
+    """ray.data.Dataset of preprocessed {"x": float32[n, f], "y": int64 | float32} rows."""
+    validation: Any
+    stats: Stats
+    num_train: int
+    num_validation: int
+    example: pd.DataFrame
+    """A few raw validation rows (features only), for the model's signature and input example."""
+
+
+# --- pure batch functions (run inside Ray Data tasks) ------------------------------------------
+
+def row_hash(df: pd.DataFrame, seed: int) -> np.ndarray:
+    """A seeded 64-bit hash of each row's values: the same row always lands on the same side."""
+    return pd.util.hash_pandas_object(df, index=False, hash_key=f"{seed:016d}"[-16:]).to_numpy()
+
+
+def mark_validation(group: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """Mark round(fraction × n) rows of one class for validation, chosen by row hash."""
+    order = np.argsort(row_hash(group, seed), kind="stable")
+    flag = np.zeros(len(group), dtype=bool)
+    flag[order[: int(round(fraction * len(group)))]] = True
+    return group.assign(**{SPLIT_COLUMN: flag})
+
+
+def mark_validation_by_hash(batch: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """Mark each row for validation with probability `fraction`, by row hash (regression)."""
+    u = row_hash(batch, seed) / np.float64(2**64)
+    return batch.assign(**{SPLIT_COLUMN: u < fraction})
+
+
+def select_split(batch: pd.DataFrame, validation: bool) -> pd.DataFrame:
+    """Keep the rows of one side of the split, without the split column."""
+    return batch[batch[SPLIT_COLUMN] == validation].drop(columns=[SPLIT_COLUMN])
+
+
+def parse_numeric(batch: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Convert `columns` to float64, dropping rows where any of them is empty or not a number."""
+    parsed = batch.assign(**{c: pd.to_numeric(batch[c], errors="coerce") for c in columns})
+    return parsed.dropna(subset=columns)
+
+
+def preprocess_batch(batch: dict[str, np.ndarray], stats: dict[str, Any], label: str
+                     ) -> dict[str, np.ndarray]:
+    """Raw columns → {"x": standardized float32 features, "y": class index or scaled target}."""
+    x = np.stack([np.asarray(batch[f], dtype=np.float64) for f in stats["features"]], axis=1)
+    x = (x - np.asarray(stats["mean"])) / np.asarray(stats["std"])
+    raw = batch[label]
+    if stats["classes"] is not None:
+        classes = np.asarray(stats["classes"])
+        y = np.searchsorted(classes, raw)
+        unknown = (y >= len(classes)) | (classes[np.minimum(y, len(classes) - 1)] != raw)
+        if unknown.any():
+            raise ValueError(f"label values not seen in training: {sorted(set(raw[unknown]))[:5]}")
+        y = y.astype(np.int64)
+    else:
+        y = ((np.asarray(raw, dtype=np.float64) - stats["target_mean"]) / stats["target_std"])
+        y = y.astype(np.float32)
+    return {"x": x.astype(np.float32), "y": y}
+
+
+def scan_csv_file(row: dict[str, Any], filesystem: pafs.FileSystem, numeric: list[str],
+                  columns: list[str]) -> dict[str, Any]:
+    """Count the rows of one CSV file that do not parse, and where they are.
+
+    A row is bad when it has the wrong number of fields, or when a `numeric` column is empty or
+    not a number. Returns {"path", "rows", "bad", "lines", "example"}.
+    """
+    path = row["path"]
+    invalid: list[tuple[int, str]] = []
+
+    def on_invalid(r: Any) -> str:
+        invalid.append((r.number, f"{r.actual_columns} fields instead of {r.expected_columns}"))
+        return "skip"
+
+    reader = pacsv.open_csv(
+        filesystem.open_input_stream(path, compression="detect"),
+        read_options=pacsv.ReadOptions(use_threads=False),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in columns}, include_columns=columns
+        ),
+    )
+    value_errors: list[tuple[int, str]] = []  # (index among parsed rows, reason), the first few
+    value_error_count = 0
+    parsed = 0
+    for batch in reader:
+        df = batch.to_pandas()
+        not_numbers = {c: pd.to_numeric(df[c], errors="coerce").isna().to_numpy() for c in numeric}
+        mask = np.logical_or.reduce(list(not_numbers.values())) if numeric else np.zeros(0, bool)
+        rows = np.flatnonzero(mask)
+        value_error_count += len(rows)
+        for i in rows[: max(0, MAX_REPORTED_ROWS - len(value_errors))]:
+            c = next(c for c in numeric if not_numbers[c][i])
+            value_errors.append((parsed + int(i), f"{c}={df[c].iloc[i]!r} is not a number"))
+        parsed += len(df)
+    # Line numbers of the parsed rows: every line after the header except the invalid ones.
+    lines = np.setdiff1d(np.arange(2, 2 + parsed + len(invalid)), [n for n, _ in invalid])
+    located = sorted([(int(lines[i]), why) for i, why in value_errors] + invalid)
+    return {
+        "path": path,
+        "rows": parsed + len(invalid),
+        "bad": value_error_count + len(invalid),
+        "lines": [n for n, _ in located][:MAX_REPORTED_ROWS],
+        "example": f"line {located[0][0]}: {located[0][1]}" if located else "",
+    }
+
+
+def _skip_row(row: Any) -> str:
+    return "skip"
+
+
+# --- driver side --------------------------------------------------------------------------------
+
+def resolve_files(path: str) -> tuple[list[str], pafs.FileSystem]:
+    """Expand a file, directory or glob (local or URI) into a sorted list of data files."""
+    if "://" in path:
+        fs, base = pafs.FileSystem.from_uri(path)
+    else:
+        fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    if any(ch in base for ch in "*?["):
+        root = base[: min(base.index(ch) for ch in "*?[" if ch in base)].rsplit("/", 1)[0] or "/"
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        files = [i.path for i in infos if i.is_file and fnmatch.fnmatch(i.path, base)]
+        if not files:
+            raise DataError(f"data.path: no files match {path}")
+        return sorted(files), fs
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"data.path: no such file or directory: {path}")
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        files = [i.path for i in infos if i.is_file
+                 and i.path.endswith(CSV_EXTENSIONS + PARQUET_EXTENSIONS)
+                 and not os.path.basename(i.path).startswith((".", "_"))]
+        if not files:
+            raise DataError(f"data.path: no .csv or .parquet files in {path}")
+        return sorted(files), fs
+    return [base], fs
+
+
+def file_format(files: list[str], declared: str) -> str:
+    if declared != "auto":
+        return declared
+    kinds = {"csv" if f.endswith(CSV_EXTENSIONS) else
+             "parquet" if f.endswith(PARQUET_EXTENSIONS) else "unknown" for f in files}
+    if kinds == {"csv"} or kinds == {"parquet"}:
+        return kinds.pop()
+    raise DataError(
+        f"data.format: cannot tell the format of {files[0]}"
+        + (" and others" if len(files) > 1 else "")
+        + " from the extension; set data.format to csv or parquet"
+    )
+
+
+def check_path(spec: DataSpec) -> None:
+    """Fail fast on a data path that does not exist (no Ray needed)."""
+    if spec.path != BUILTIN_DIGITS:
+        if spec.path.startswith("builtin:"):
+            raise DataError(f"data.path: unknown built-in data set {spec.path!r}; "
+                            f"available: {BUILTIN_DIGITS}")
+        resolve_files(spec.path)
+
+
+def _sample_schema(files: list[str], fs: pafs.FileSystem, fmt: str
+                   ) -> tuple[pa.Schema, pd.DataFrame]:
+    """The schema and a sample of rows of the first file, read on the driver."""
+    if fmt == "parquet":
+        pf = pq.ParquetFile(files[0], filesystem=fs)
+        sample = pf.read_row_group(0).slice(0, 1000) if pf.num_row_groups else None
+        return pf.schema_arrow, (sample.to_pandas() if sample is not None else pd.DataFrame())
+    try:
+        reader = pacsv.open_csv(fs.open_input_stream(files[0], compression="detect"),
+                                parse_options=pacsv.ParseOptions(invalid_row_handler=_skip_row))
+        batch = reader.read_next_batch()
+    except StopIteration:
+        return reader.schema, pd.DataFrame()
+    except pa.ArrowInvalid as e:
+        raise DataError(f"{files[0]}: cannot read as CSV: {e}") from None
+    return batch.schema, batch.to_pandas()
+
+
+def _missing(kind: str, name: str, columns: list[str]) -> DataError:
+    close = difflib.get_close_matches(name, columns, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return DataError(f"data.{kind}: column {name!r} is not in the data{hint}; "
+                     f"columns: {', '.join(columns)}")
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+
+def check_columns(spec: DataSpec, schema: pa.Schema, sample: pd.DataFrame) -> list[str]:
+    """Validate label and feature columns against the schema; return the feature columns."""
+    columns = list(schema.names)
+    if spec.label not in columns:
+        raise _missing("label", spec.label, columns)
+    features = spec.features or [c for c in columns if c != spec.label]
+    if not features:
+        raise DataError(f"data.features: the data has no column besides the label {spec.label!r}")
+    for f in features:
+        if f not in columns:
+            raise _missing("features", f, columns)
+    to_check = features + ([spec.label] if spec.task == "regression" else [])
+    for c in to_check:
+        t = schema.field(c).type
+        if _is_numeric(t):
+            continue
+        # A CSV column read as text because of a few bad values is a bad-rows problem, reported
+        # with line numbers by the scan; a column that is mostly text is not a feature.
+        values = sample[c] if c in sample else pd.Series([], dtype=object)
+        numeric = pd.to_numeric(values, errors="coerce").notna().mean() if len(values) else 0.0
+        if not pa.types.is_string(t) and not pa.types.is_large_string(t) or numeric < 0.5:
+            example = next((v for v in values if pd.isna(pd.to_numeric(v, errors="coerce"))),
+                           None)
+            what = "the label" if c == spec.label else "feature column"
+            raise DataError(
+                f"data: {what} {c!r} is not numeric (type {t}"
+                + (f", e.g. {example!r}" if example is not None else "")
+                + ("); regression needs a numeric label" if c == spec.label
+                   else "); encode it as numbers or leave it out of data.features")
+            )
+    return features
+
+
+def read_raw(spec: DataSpec, task_cpus: float) -> tuple[Any, list[str]]:
+    """Read the data as a Ray Dataset of raw rows (features + label) and return it with the
+    feature columns. CSV files are scanned for bad rows first."""
+    import ray.data
+
+    if spec.path == BUILTIN_DIGITS:
+        from sklearn.datasets import load_digits
+
+        frame = load_digits(as_frame=True).frame.rename(columns={"target": "label"})
+        schema = pa.Schema.from_pandas(frame, preserve_index=False)
+        features = check_columns(spec, schema, frame)
+        return ray.data.from_pandas(frame[features + [spec.label]]), features
+
+    check_path(spec)
+    files, fs = resolve_files(spec.path)
+    fmt = file_format(files, spec.format)
+    schema, sample = _sample_schema(files, fs, fmt)
+    features = check_columns(spec, schema, sample)
+    columns = features + [spec.label]
+    if fmt == "parquet":
+        return ray.data.read_parquet(files, filesystem=fs, columns=columns,
+                                     num_cpus=task_cpus), features
+
+    numeric = features + ([spec.label] if spec.task == "regression" else [])
+    scans = (
+        ray.data.from_items([{"path": f} for f in files])
+        .map(scan_csv_file, fn_kwargs={"filesystem": fs, "numeric": numeric, "columns": columns},
+             num_cpus=task_cpus)
+        .take_all()
+    )
+    bad = [s for s in scans if s["bad"]]
+    total_bad = sum(s["bad"] for s in bad)
+    if bad and spec.on_bad_rows == "error":
+        where = "; ".join(
+            f"{s['path']}: {s['bad']} row(s), line(s) {', '.join(map(str, s['lines']))}"
+            + (" ..." if s["bad"] > len(s["lines"]) else "") + f" ({s['example']})"
+            for s in bad[:3]
+        )
+        raise DataError(f"data: {total_bad} CSV row(s) do not parse: {where}. "
+                        "Fix them, or set data.on_bad_rows: skip")
+    label_type = schema.field(spec.label).type
+    if spec.task == "regression" or pa.types.is_floating(label_type):
+        label_type = pa.float64()
+    elif not pa.types.is_integer(label_type):
+        label_type = pa.string()
+    if bad:  # on_bad_rows: skip
+        print(f"trainyard: skipping {total_bad} CSV row(s) that do not parse "
+              f"(first: {bad[0]['path']} {bad[0]['example']})")
+        types = {c: pa.string() for c in numeric} | ({} if spec.task == "regression"
+                                                     else {spec.label: label_type})
+        ds = ray.data.read_csv(
+            files, filesystem=fs, num_cpus=task_cpus,
+            parse_options=pacsv.ParseOptions(invalid_row_handler=_skip_row),
+            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
+        )
+        ds = ds.map_batches(parse_numeric, fn_kwargs={"columns": numeric},
+                            batch_format="pandas", num_cpus=task_cpus)
+        return ds, features
+    types = {c: pa.float64() for c in features} | {spec.label: label_type}
+    ds = ray.data.read_csv(
+        files, filesystem=fs, num_cpus=task_cpus,
+        convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
+    )
+    return ds, features
+
+
+def split(ds: Any, spec: DataSpec, seed: int, task_cpus: float, num_workers: int
+          ) -> tuple[Any, Any]:
+    """Deterministic train/validation split, stratified by class for classification.
+
+    Which side a row lands on depends only on its values and the seed, never on block layout,
+    node or worker count. Returns two materialized datasets of raw rows, in blocks of about
+    BLOCK_BYTES (at least one per worker): the shuffle behind the split leaves many small
+    blocks, and every block costs a task in every epoch.
+    """
+    kwargs = {"fraction": spec.validation_fraction, "seed": seed}
+    if spec.task == "classification":
+        marked = ds.groupby(spec.label).map_groups(
+            mark_validation, fn_kwargs=kwargs, batch_format="pandas", num_cpus=task_cpus)
+    else:
+        marked = ds.map_batches(mark_validation_by_hash, fn_kwargs=kwargs,
+                                batch_format="pandas", num_cpus=task_cpus)
+    marked = marked.materialize()
+    blocks = max(num_workers, math.ceil(marked.size_bytes() / BLOCK_BYTES))
+    return tuple(
+        marked.map_batches(select_split, fn_kwargs={"validation": side},
+                           batch_format="pandas", num_cpus=task_cpus)
+        .repartition(blocks).materialize()
+        for side in (False, True)
+    )
+
+
+def fit_stats(train: Any, features: list[str], spec: DataSpec) -> Stats:
+    """Feature means and standard deviations, and the label encoding or target scale, fitted on
+    the training split with Ray Data aggregations."""
+    from ray.data.aggregate import Mean, Std, Unique
+
+    aggs = [Mean(c) for c in features] + [Std(c, ddof=0) for c in features]
+    if spec.task == "classification":
+        aggs.append(Unique(spec.label))
+    else:
+        aggs += [Mean(spec.label), Std(spec.label, ddof=0)]
+    out = train.aggregate(*aggs)
+    std = [float(out[f"std({c})"] or 0.0) for c in features]
+    stats = Stats(
+        features=features,
+        mean=[float(out[f"mean({c})"]) for c in features],
+        # A constant column (all-zero border pixels, say) is centred, not divided by zero.
+        std=[s if s > 1e-12 else 1.0 for s in std],
+    )
+    if spec.task == "classification":
+        classes = sorted(np.asarray(out[f"unique({spec.label})"]).tolist())
+        if len(classes) < 2:
+            raise DataError(f"data.label: {spec.label!r} has only one class ({classes[0]!r}) "
+                            "in the training split; classification needs at least two")
+        stats.classes = classes
+    else:
+        stats.target_mean = float(out[f"mean({spec.label})"])
+        target_std = float(out[f"std({spec.label})"] or 0.0)
+        stats.target_std = target_std if target_std > 1e-12 else 1.0
+    return stats
+
+
+def build_datasets(spec: DataSpec, seed: int, task_cpus: float, num_workers: int,
+                   micro_batch: int) -> TabularData:
+    """Read, validate, split and fit on the driver; return lazily preprocessed datasets."""
+    ds, features = read_raw(spec, task_cpus)
+    train_raw, val_raw = split(ds, spec, seed, task_cpus, num_workers)
+    num_train, num_val = train_raw.count(), val_raw.count()
+    if num_train + num_val == 0:
+        raise DataError(f"data.path: {spec.path} has no rows")
+    if num_train // num_workers < micro_batch:
+        raise DataError(
+            f"data: {num_train} training rows give each of {num_workers} worker(s) fewer than "
+            f"one batch of {micro_batch}; lower train.batch_size or use more data"
+        )
+    if num_val < num_workers:
+        raise DataError(f"data: {num_val} validation rows for {num_workers} worker(s); raise "
+                        "data.validation_fraction or use more data")
+    stats = fit_stats(train_raw, features, spec)
+    kwargs = {"stats": stats.to_dict(), "label": spec.label}
+
+    def prep(raw: Any) -> Any:
+        return raw.map_batches(preprocess_batch, fn_kwargs=kwargs, batch_format="numpy",
+                               num_cpus=task_cpus).materialize()
+
+    example = val_raw.limit(5).to_pandas()[features].astype(np.float32)
+    return TabularData(prep(train_raw), prep(val_raw), stats, num_train, num_val, example)

@@ -1,0 +1,165 @@
+"""MLflow: one run per training job, created by the driver, logged to by rank 0 only.
+
+The driver owns the run's life (params, spec, model, final status); workers get the run id and
+tracking URI as plain data and log through `RankZeroLogger`, which is a no-op on other ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DB = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else a SQLite store ./mlflow.db (absolute, so that workers
+    whose working directory differs write to the same file)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any],
+              spec_yaml: str, tags: dict[str, str]) -> str:
+    """Create the job's MLflow run with its params, tags and resolved spec; return its id."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            # Keep artifacts beside the database, at an absolute path every process agrees on.
+            location = Path(uri.removeprefix("sqlite:///")).parent.joinpath(ARTIFACT_DIR).as_uri()
+        exp_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    commit = _git_commit()
+    all_tags = {**tags, **({"mlflow.source.git.commit": commit} if commit else {})}
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    from mlflow.entities import Param
+
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    client.log_text(run_id, spec_yaml, "spec.yaml")
+    return run_id
+
+
+def end_run(uri: str, run_id: str, error: BaseException | None = None) -> None:
+    """Mark the run FINISHED, or FAILED with the error recorded as a tag."""
+    client = _client(uri)
+    if error is not None:
+        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+    client.set_terminated(run_id, status="FAILED" if error is not None else "FINISHED")
+
+
+class RankZeroLogger:
+    """Logs metrics and tags to the job's run from rank 0; does nothing on other ranks."""
+
+    def __init__(self, uri: str, run_id: str, rank: int):
+        self.run_id = run_id
+        self.client = _client(uri) if rank == 0 else None
+
+    @property
+    def active(self) -> bool:
+        return self.client is not None
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        import math
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items()
+                 if math.isfinite(float(v))]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def tags(self, values: dict[str, str]) -> None:
+        if self.client is not None:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
+
+
+def log_curves(uri: str, run_id: str, keys: list[str]) -> None:
+    """Plot per-epoch metric histories into `curves.png` in the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = _client(uri)
+    histories = {k: client.get_metric_history(run_id, k) for k in keys}
+    histories = {k: sorted(h, key=lambda m: m.step) for k, h in histories.items() if h}
+    if not histories:
+        return
+    fig, axes = plt.subplots(1, len(histories), figsize=(4.5 * len(histories), 3.5), squeeze=False)
+    for ax, (key, history) in zip(axes[0], histories.items(), strict=True):
+        ax.plot([m.step for m in history], [m.value for m in history], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "curves.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        client.log_artifact(run_id, str(path))
+
+
+def log_model(uri: str, run_id: str, model: Any, example: Any) -> str:
+    """Log a model with its signature and input example; return its model URI.
+
+    Call it last: leaving `mlflow.start_run(run_id)` marks the run FINISHED, and `end_run`
+    then sets the final status.
+    """
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    import models
+
+    with torch.no_grad():
+        prediction = model(torch.from_numpy(example.to_numpy(dtype=np.float32))).numpy()
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, prediction),
+            input_example=example,
+            code_paths=[str(Path(models.__file__).parent)],
+            # Pickled with its code, so that pyfunc takes a DataFrame of raw feature rows.
+            serialization_format="pickle",
+            # Named up front: inferring them loads the model again in a subprocess (slow).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
+        )
+    return info.model_uri

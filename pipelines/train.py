@@ -1,0 +1,192 @@
+"""The driver: run spec → datasets → TorchTrainer → MLflow run → summary.
+
+    python -m pipelines.train configs/digits.yaml [--set train.epochs=5] [--dry-run] [--summary S]
+
+Connects to the cluster in RAY_ADDRESS (as under `ray job submit`), else starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.spec import RunSpec, TrainyardError, load_spec
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run spec (YAML)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override a spec value (repeatable)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the spec, print it and the resource plan, and exit")
+    parser.add_argument("--summary", metavar="PATH", help="write a JSON summary of the run here")
+
+
+def init_ray() -> None:
+    """Connect to RAY_ADDRESS if set, else start a local Ray; keep Ray's own logs quiet."""
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        # Inherited by the processes of a local Ray; Ray Data logs every execution at INFO.
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
+    # Ray Data announces every execution at INFO; trainyard prints its own progress.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def plan_for(spec: RunSpec, connect: bool):
+    """The resource plan on the cluster (connecting to it) or, without one, on this machine."""
+    from cluster.resources import cluster_nodes, local_nodes, plan_resources
+
+    if connect:
+        init_ray()
+        return plan_resources(spec.scaling, cluster_nodes())
+    return plan_resources(spec.scaling, local_nodes())
+
+
+def dry_run(spec: RunSpec) -> None:
+    from pipelines.tabular import check_path
+
+    check_path(spec.data)
+    plan = plan_for(spec, connect=bool(os.environ.get("RAY_ADDRESS")))
+    print("# resolved run spec")
+    print(spec.to_yaml().rstrip())
+    print("# resource plan")
+    print(plan.describe())
+    print(f"# micro-batch per worker: {spec.micro_batch_size}")
+
+
+def run(spec: RunSpec) -> dict[str, Any]:
+    """Train `spec` end to end and return the summary (run id, checkpoint, final metrics)."""
+    import ray
+    import ray.train
+    import torch
+    from ray.train.torch import TorchTrainer
+
+    from models import TabularPredictor, build_model
+    from pipelines import tracking
+    from pipelines.loop import load_state, train_loop_per_worker
+    from pipelines.tabular import build_datasets
+
+    plan = plan_for(spec, connect=True)
+    # 1. Data: read, validate, split and fit on the driver (bad input stops here).
+    data = build_datasets(spec.data, spec.train.seed, plan.data_task_cpus, plan.num_workers,
+                          spec.micro_batch_size)
+    rows_per_worker = data.num_train // plan.num_workers
+    steps_per_epoch = rows_per_worker // (spec.micro_batch_size * spec.train.grad_accum_steps)
+
+    # 2. One MLflow run for the job, shared with the workers by id.
+    uri = tracking.tracking_uri()
+    run_name = spec.tracking.run_name or f"{spec.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tags = {"trainyard.pipeline": spec.pipeline, "ray.train.run_name": run_name,
+            "num_workers": str(plan.num_workers)}
+    job_id = ray.get_runtime_context().get_job_id()
+    submission_id = os.environ.get("RAY_JOB_SUBMISSION_ID")
+    tags.update({"ray.job_id": job_id} | ({"ray.submission_id": submission_id}
+                                           if submission_id else {}))
+    params = spec.flat() | {"plan.cpus_per_worker": plan.cpus_per_worker,
+                            "plan.data_cpus": plan.data_cpus,
+                            "data.num_train": data.num_train,
+                            "data.num_validation": data.num_validation,
+                            "train.steps_per_epoch": steps_per_epoch}
+    run_id = tracking.start_run(uri, spec.tracking.experiment, run_name, params, spec.to_yaml(),
+                                tags)
+    print(f"trainyard: MLflow run {run_id} ({run_name}) in experiment "
+          f"{spec.tracking.experiment!r} at {uri}")
+    print(plan.describe())
+    storage = spec.scaling.storage_path or str(Path("results").resolve())
+    try:
+        # 3. Train: Ray Train runs the DDP workers, each streaming its shard from Ray Data.
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"spec": spec.to_dict(), "job": {
+                "run_id": run_id, "tracking_uri": uri, "stats": data.stats.to_dict(),
+                "torch_threads": plan.torch_threads, "steps_per_epoch": steps_per_epoch}},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=plan.num_workers, use_gpu=spec.scaling.use_gpu,
+                resources_per_worker=plan.worker_resources(),
+                placement_strategy=plan.placement_strategy),
+            run_config=ray.train.RunConfig(
+                name=run_name, storage_path=storage,
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=spec.train.keep_checkpoints)),
+            datasets={"train": data.train, "validation": data.validation},
+        )
+        result = trainer.fit()
+
+        # 4. The model with its preprocessing, so that it predicts from raw rows.
+        with result.checkpoint.as_directory() as d:
+            state = load_state(d)
+        net = build_model(spec.model.name, **state["model_config"])
+        net.load_state_dict(state["model"])
+        stats = data.stats
+        predictor = TabularPredictor(net, torch.tensor(stats.mean), torch.tensor(stats.std),
+                                     stats.target_mean, stats.target_std, stats.classes).eval()
+        metric_keys = ["train_loss", "val_loss"] + (
+            ["val_accuracy"] if spec.data.task == "classification" else ["val_rmse", "val_r2"])
+        tracking.log_curves(uri, run_id, metric_keys)
+        model_uri = (tracking.log_model(uri, run_id, predictor, data.example)
+                     if spec.tracking.log_model else None)
+    except BaseException as e:
+        tracking.end_run(uri, run_id, error=e)
+        raise
+    tracking.end_run(uri, run_id)
+    final = {k: v for k, v in result.metrics.items() if k.startswith("val_")}
+    summary = {
+        "run_id": run_id,
+        "run_name": run_name,
+        "experiment": spec.tracking.experiment,
+        "tracking_uri": uri,
+        "checkpoint": result.checkpoint.path,
+        "model_uri": model_uri,
+        "metrics": final,
+        "epochs": result.metrics.get("epoch"),
+    }
+    print("trainyard: done  " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    print(f"  MLflow run:  {run_id}  (UI: {tracking.ui_command(uri)})")
+    print(f"  checkpoint:  {result.checkpoint.path}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trainyard train", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return train_command(parser.parse_args(argv))
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Run `trainyard train`; user mistakes become one line on stderr and exit code 2."""
+    try:
+        spec = load_spec(args.config, args.overrides)
+        if args.dry_run:
+            dry_run(spec)
+            return 0
+        summary = run(spec)
+    except TrainyardError as e:
+        print(f"trainyard: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from ray.train import TrainingFailedError
+
+        if not isinstance(e, TrainingFailedError):
+            raise
+        print(f"trainyard: training failed: {e}", file=sys.stderr)
+        return 1
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -114,7 +114,8 @@ def plan_resources(scaling: ScalingSpec, nodes: Nodes) -> ResourcePlan:
         if not fitting:
             raise SpecError(
                 f"scaling.num_workers: {w} worker(s) do not fit on nodes with "
-                f"{', '.join(f'{c:g}' for c in nodes.cpus)} CPUs while keeping {data:g} for Ray Data"
+                f"{', '.join(f'{c:g}' for c in nodes.cpus)} CPUs while keeping {data:g} "
+                "for Ray Data"
             )
         per_worker = max(fitting)
     per_worker = round(per_worker, 4)

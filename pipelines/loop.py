@@ -34,6 +34,7 @@ logger = logging.getLogger("trainyard")
 
 # --- building blocks ----------------------------------------------------------------------------
 
+
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `mode` on `device`; None means full precision."""
     if mode == "off":
@@ -56,16 +57,22 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 
 def make_optimizer(model: nn.Module, train: TrainSpec) -> torch.optim.Optimizer:
     if train.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                               weight_decay=train.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=train.lr,
+            momentum=train.momentum,
+            weight_decay=train.weight_decay,
+        )
     return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainSpec, total_steps: int
-                   ) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, train: TrainSpec, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = int(train.warmup_fraction * total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, train.schedule))
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, train.schedule)
+    )
 
 
 def task_loss(task: str) -> Callable[..., torch.Tensor]:
@@ -89,6 +96,7 @@ def param_digest(model: nn.Module) -> str:
 
 
 # --- epochs -------------------------------------------------------------------------------------
+
 
 @dataclass
 class EpochStats:
@@ -215,6 +223,7 @@ def evaluate(
 
 # --- checkpoints --------------------------------------------------------------------------------
 
+
 def save_state(directory: Path, **state: Any) -> Path:
     """Write a checkpoint (model, optimizer, ..., RNG states) to `directory`."""
     state["rng"] = {
@@ -232,6 +241,7 @@ def load_state(directory: str | Path) -> dict[str, Any]:
 
 
 # --- the loop -----------------------------------------------------------------------------------
+
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config` holds {"spec": RunSpec dict, "job": driver facts}."""
@@ -254,9 +264,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(tr.seed)  # the same initial weights on every rank
     stats = job["stats"]
-    model = build_model(spec.model.name, in_features=len(stats["features"]),
-                        out_features=len(stats["classes"]) if stats["classes"] else 1,
-                        hidden=tuple(spec.model.hidden), dropout=spec.model.dropout)
+    model = build_model(
+        spec.model.name,
+        in_features=len(stats["features"]),
+        out_features=len(stats["classes"]) if stats["classes"] else 1,
+        hidden=tuple(spec.model.hidden),
+        dropout=spec.model.dropout,
+    )
     device = ray.train.torch.get_device()
     model.to(device)
     steps_per_epoch = job["steps_per_epoch"]
@@ -285,8 +299,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     nodes = [ray.get_runtime_context().get_node_id()] * world
     if world > 1:
         dist.all_gather_object(nodes, nodes[0])
-    log.tags({"num_workers": world, "num_nodes": len(set(nodes)), "worker_nodes": ",".join(nodes),
-              "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"})
+    log.tags(
+        {
+            "num_workers": world,
+            "num_nodes": len(set(nodes)),
+            "worker_nodes": ",".join(nodes),
+            "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
+        }
+    )
 
     loss_fn = task_loss(spec.data.task)
     train_shard = ray.train.get_dataset_shard("train")
@@ -296,36 +316,60 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(first_epoch, tr.epochs + 1):
         base_step = (epoch - 1) * steps_per_epoch
 
-        def on_step(step: int, loss: torch.Tensor, base_step: int = base_step,
-                    epoch: int = epoch) -> None:
+        def on_step(
+            step: int, loss: torch.Tensor, base_step: int = base_step, epoch: int = epoch
+        ) -> None:
             if step % tr.log_every_steps == 0 and log.active:
                 value = loss.item()
-                logger.info(f"epoch {epoch} step {step}/{steps_per_epoch} loss {value:.4f} "
-                            f"lr {scheduler.get_last_lr()[0]:.2e}")
+                logger.info(
+                    f"epoch {epoch} step {step}/{steps_per_epoch} loss {value:.4f} "
+                    f"lr {scheduler.get_last_lr()[0]:.2e}"
+                )
                 log.metrics({"train_loss_step": value}, step=base_step + step)
 
         result = train_epoch(
             model,
             train_shard.iter_torch_batches(
-                batch_size=micro, drop_last=True, local_shuffle_buffer_size=max(4 * micro, 256),
-                local_shuffle_seed=tr.seed + 1000 * epoch + rank),
-            optimizer, scheduler, scaler, loss_fn=loss_fn, steps=steps_per_epoch,
-            accum=tr.grad_accum_steps, amp_dtype=amp_dtype, grad_clip=tr.grad_clip,
+                batch_size=micro,
+                drop_last=True,
+                local_shuffle_buffer_size=max(4 * micro, 256),
+                local_shuffle_seed=tr.seed + 1000 * epoch + rank,
+            ),
+            optimizer,
+            scheduler,
+            scaler,
+            loss_fn=loss_fn,
+            steps=steps_per_epoch,
+            accum=tr.grad_accum_steps,
+            amp_dtype=amp_dtype,
+            grad_clip=tr.grad_clip,
             on_step=on_step,
         )
-        metrics = evaluate(model, val_shard.iter_torch_batches(batch_size=max(micro, 256)),
-                           task=spec.data.task, loss_fn=loss_fn, amp_dtype=amp_dtype,
-                           target_std=stats["target_std"])
+        metrics = evaluate(
+            model,
+            val_shard.iter_torch_batches(batch_size=max(micro, 256)),
+            task=spec.data.task,
+            loss_fn=loss_fn,
+            amp_dtype=amp_dtype,
+            target_std=stats["target_std"],
+        )
         # Throughput over all ranks: each rank saw the same number of samples.
-        metrics.update(train_loss=result.loss, samples_per_s=result.samples_per_s * world,
-                       epoch_seconds=result.seconds, data_wait_share=result.data_wait_share,
-                       lr=scheduler.get_last_lr()[0], epoch=epoch)
+        metrics.update(
+            train_loss=result.loss,
+            samples_per_s=result.samples_per_s * world,
+            epoch_seconds=result.seconds,
+            data_wait_share=result.data_wait_share,
+            lr=scheduler.get_last_lr()[0],
+            epoch=epoch,
+        )
         if log.active:
             shown = {k: v for k, v in metrics.items() if k.startswith("val_")}
-            logger.info(f"epoch {epoch}/{tr.epochs}  train_loss {result.loss:.4f}  "
-                        + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-                        + f"  samples/s {metrics['samples_per_s']:.0f}"
-                        f"  data_wait {100 * result.data_wait_share:.1f}%  ({result.seconds:.2f} s)")
+            logger.info(
+                f"epoch {epoch}/{tr.epochs}  train_loss {result.loss:.4f}  "
+                + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                + f"  samples/s {metrics['samples_per_s']:.0f}"
+                f"  data_wait {100 * result.data_wait_share:.1f}%  ({result.seconds:.2f} s)"
+            )
         log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
 
         last = epoch == tr.epochs
@@ -337,9 +381,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0 and (last or epoch % tr.checkpoint_every == 0):
-                save_state(Path(d), model=unwrap(model).state_dict(),
-                           optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                           scaler=scaler.state_dict(), epoch=epoch,
-                           model_config=dict(vars(unwrap(model).config)))
+                save_state(
+                    Path(d),
+                    model=unwrap(model).state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict(),
+                    epoch=epoch,
+                    model_config=dict(vars(unwrap(model).config)),
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)

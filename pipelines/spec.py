@@ -34,7 +34,8 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
 @dataclass
 class DataSpec:
     path: str = ""
-    """A file, directory or glob of CSV/Parquet files (local or any pyarrow URI), or `builtin:digits`."""
+    """A file, directory or glob of CSV/Parquet files (local or any pyarrow URI),
+    or `builtin:digits`."""
     label: str = "label"
     """The column to predict."""
     features: list[str] | None = None
@@ -50,12 +51,20 @@ class DataSpec:
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path", self.path, "a path, glob, URI or builtin:digits")
         _check(bool(self.label), "data.label", self.label, "a column name")
-        _check(0.0 < self.validation_fraction < 1.0, "data.validation_fraction",
-               self.validation_fraction, "a number between 0 and 1")
+        _check(
+            0.0 < self.validation_fraction < 1.0,
+            "data.validation_fraction",
+            self.validation_fraction,
+            "a number between 0 and 1",
+        )
         if self.features is not None:
             _check(len(self.features) > 0, "data.features", self.features, "a non-empty list")
-            _check(self.label not in self.features, "data.features", self.features,
-                   f"a list without the label {self.label!r}")
+            _check(
+                self.label not in self.features,
+                "data.features",
+                self.features,
+                f"a list without the label {self.label!r}",
+            )
             dupes = sorted({f for f in self.features if self.features.count(f) > 1})
             _check(not dupes, "data.features", self.features, f"no duplicates (repeated: {dupes})")
 
@@ -104,17 +113,31 @@ class TrainSpec:
     """Print and log training loss every N optimizer steps."""
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum_steps", "checkpoint_every",
-                     "keep_checkpoints", "log_every_steps"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "grad_accum_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every_steps",
+        ):
             value = getattr(self, name)
             _check(value >= 1, f"train.{name}", value, "an integer >= 1")
         _check(self.lr > 0, "train.lr", self.lr, "a positive number")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
-        _check(0 <= self.warmup_fraction < 1, "train.warmup_fraction", self.warmup_fraction,
-               "a number in [0, 1)")
-        _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip,
-               "a positive number or null")
+        _check(
+            0 <= self.warmup_fraction < 1,
+            "train.warmup_fraction",
+            self.warmup_fraction,
+            "a number in [0, 1)",
+        )
+        _check(
+            self.grad_clip is None or self.grad_clip > 0,
+            "train.grad_clip",
+            self.grad_clip,
+            "a positive number or null",
+        )
 
 
 @dataclass
@@ -139,10 +162,18 @@ class ScalingSpec:
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, "an integer >= 1")
-        _check(self.cpus_per_worker is None or self.cpus_per_worker > 0,
-               "scaling.cpus_per_worker", self.cpus_per_worker, "a positive number or null")
-        _check(self.data_cpus is None or self.data_cpus > 0, "scaling.data_cpus",
-               self.data_cpus, "a positive number or null")
+        _check(
+            self.cpus_per_worker is None or self.cpus_per_worker > 0,
+            "scaling.cpus_per_worker",
+            self.cpus_per_worker,
+            "a positive number or null",
+        )
+        _check(
+            self.data_cpus is None or self.data_cpus > 0,
+            "scaling.data_cpus",
+            self.data_cpus,
+            "a positive number or null",
+        )
 
 
 @dataclass
@@ -170,8 +201,12 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         per_step = self.scaling.num_workers * self.train.grad_accum_steps
-        _check(self.train.batch_size % per_step == 0, "train.batch_size", self.train.batch_size,
-               f"a multiple of scaling.num_workers × train.grad_accum_steps = {per_step}")
+        _check(
+            self.train.batch_size % per_step == 0,
+            "train.batch_size",
+            self.train.batch_size,
+            f"a multiple of scaling.num_workers × train.grad_accum_steps = {per_step}",
+        )
 
     @property
     def micro_batch_size(self) -> int:
@@ -207,8 +242,11 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML ({e.problem} at line {e.problem_mark.line + 1})"
-                        if getattr(e, "problem_mark", None) else f"{path}: not valid YAML") from None
+        raise SpecError(
+            f"{path}: not valid YAML ({e.problem} at line {e.problem_mark.line + 1})"
+            if getattr(e, "problem_mark", None)
+            else f"{path}: not valid YAML"
+        ) from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
@@ -217,7 +255,8 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set `section.key=value` in a raw spec dict; the value is parsed as YAML (`2`, `[64]`, `null`)."""
+    """Set `section.key=value` in a raw spec dict; the value is parsed as YAML
+    (`2`, `[64]`, `null`)."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise SpecError(f"--set {item!r}: expected section.key=value")
@@ -231,6 +270,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 # --- typed construction from plain data -------------------------------------------------------
+
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "the spec"
@@ -268,8 +308,9 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, value,
-               "a number")
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "a number"
+        )
         return float(value)
     if tp is int:
         _check(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")

@@ -69,9 +69,19 @@ class TabularData:
 
 # --- pure batch functions (run inside Ray Data tasks) ------------------------------------------
 
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer: scrambles 64-bit integers (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return h ^ (h >> np.uint64(31))
+
+
 def row_hash(df: pd.DataFrame, seed: int) -> np.ndarray:
     """A seeded 64-bit hash of each row's values: the same row always lands on the same side."""
-    return pd.util.hash_pandas_object(df, index=False, hash_key=f"{seed:016d}"[-16:]).to_numpy()
+    rows = pd.util.hash_pandas_object(df, index=False).to_numpy(dtype=np.uint64)
+    return _mix64(rows ^ _mix64(np.array([seed], dtype=np.uint64)))
 
 
 def mark_validation(group: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
@@ -93,14 +103,20 @@ def select_split(batch: pd.DataFrame, validation: bool) -> pd.DataFrame:
     return batch[batch[SPLIT_COLUMN] == validation].drop(columns=[SPLIT_COLUMN])
 
 
+def to_float(values: pd.Series) -> np.ndarray:
+    """Values as float64; empty cells and text that is not a number become NaN."""
+    return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
 def parse_numeric(batch: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """Convert `columns` to float64, dropping rows where any of them is empty or not a number."""
-    parsed = batch.assign(**{c: pd.to_numeric(batch[c], errors="coerce") for c in columns})
-    return parsed.dropna(subset=columns)
+    parsed = batch.assign(**{c: to_float(batch[c]) for c in columns})
+    return parsed[~parsed[columns].isna().any(axis=1)].reset_index(drop=True)
 
 
-def preprocess_batch(batch: dict[str, np.ndarray], stats: dict[str, Any], label: str
-                     ) -> dict[str, np.ndarray]:
+def preprocess_batch(
+    batch: dict[str, np.ndarray], stats: dict[str, Any], label: str
+) -> dict[str, np.ndarray]:
     """Raw columns → {"x": standardized float32 features, "y": class index or scaled target}."""
     x = np.stack([np.asarray(batch[f], dtype=np.float64) for f in stats["features"]], axis=1)
     x = (x - np.asarray(stats["mean"])) / np.asarray(stats["std"])
@@ -113,17 +129,19 @@ def preprocess_batch(batch: dict[str, np.ndarray], stats: dict[str, Any], label:
             raise ValueError(f"label values not seen in training: {sorted(set(raw[unknown]))[:5]}")
         y = y.astype(np.int64)
     else:
-        y = ((np.asarray(raw, dtype=np.float64) - stats["target_mean"]) / stats["target_std"])
+        y = (np.asarray(raw, dtype=np.float64) - stats["target_mean"]) / stats["target_std"]
         y = y.astype(np.float32)
     return {"x": x.astype(np.float32), "y": y}
 
 
-def scan_csv_file(row: dict[str, Any], filesystem: pafs.FileSystem, numeric: list[str],
-                  columns: list[str]) -> dict[str, Any]:
+def scan_csv_file(
+    row: dict[str, Any], filesystem: pafs.FileSystem, numeric: list[str], columns: list[str]
+) -> dict[str, Any]:
     """Count the rows of one CSV file that do not parse, and where they are.
 
     A row is bad when it has the wrong number of fields, or when a `numeric` column is empty or
-    not a number. Returns {"path", "rows", "bad", "lines", "example"}.
+    not a number. Returns {"path", "rows", "bad", "where"}, `where` naming the first few
+    lines and what is wrong with them.
     """
     path = row["path"]
     invalid: list[tuple[int, str]] = []
@@ -145,13 +163,19 @@ def scan_csv_file(row: dict[str, Any], filesystem: pafs.FileSystem, numeric: lis
     parsed = 0
     for batch in reader:
         df = batch.to_pandas()
-        not_numbers = {c: pd.to_numeric(df[c], errors="coerce").isna().to_numpy() for c in numeric}
+        not_numbers = {c: np.isnan(to_float(df[c])) for c in numeric}
         mask = np.logical_or.reduce(list(not_numbers.values())) if numeric else np.zeros(0, bool)
         rows = np.flatnonzero(mask)
         value_error_count += len(rows)
         for i in rows[: max(0, MAX_REPORTED_ROWS - len(value_errors))]:
             c = next(c for c in numeric if not_numbers[c][i])
-            value_errors.append((parsed + int(i), f"{c}={df[c].iloc[i]!r} is not a number"))
+            value = df[c].iloc[i]
+            why = (
+                f"{c} is empty"
+                if pd.isna(value) or value == ""
+                else (f"{c}={value!r} is not a number")
+            )
+            value_errors.append((parsed + int(i), why))
         parsed += len(df)
     # Line numbers of the parsed rows: every line after the header except the invalid ones.
     lines = np.setdiff1d(np.arange(2, 2 + parsed + len(invalid)), [n for n, _ in invalid])
@@ -160,8 +184,7 @@ def scan_csv_file(row: dict[str, Any], filesystem: pafs.FileSystem, numeric: lis
         "path": path,
         "rows": parsed + len(invalid),
         "bad": value_error_count + len(invalid),
-        "lines": [n for n, _ in located][:MAX_REPORTED_ROWS],
-        "example": f"line {located[0][0]}: {located[0][1]}" if located else "",
+        "where": [f"line {n} ({why})" for n, why in located[:MAX_REPORTED_ROWS]],
     }
 
 
@@ -170,6 +193,7 @@ def _skip_row(row: Any) -> str:
 
 
 # --- driver side --------------------------------------------------------------------------------
+
 
 def resolve_files(path: str) -> tuple[list[str], pafs.FileSystem]:
     """Expand a file, directory or glob (local or URI) into a sorted list of data files."""
@@ -180,7 +204,7 @@ def resolve_files(path: str) -> tuple[list[str], pafs.FileSystem]:
     if any(ch in base for ch in "*?["):
         root = base[: min(base.index(ch) for ch in "*?[" if ch in base)].rsplit("/", 1)[0] or "/"
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-        files = [i.path for i in infos if i.is_file and fnmatch.fnmatch(i.path, base)]
+        files = [i.path for i in infos if i.is_file and _glob_match(i.path, base)]
         if not files:
             raise DataError(f"data.path: no files match {path}")
         return sorted(files), fs
@@ -189,20 +213,36 @@ def resolve_files(path: str) -> tuple[list[str], pafs.FileSystem]:
         raise DataError(f"data.path: no such file or directory: {path}")
     if info.type == pafs.FileType.Directory:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        files = [i.path for i in infos if i.is_file
-                 and i.path.endswith(CSV_EXTENSIONS + PARQUET_EXTENSIONS)
-                 and not os.path.basename(i.path).startswith((".", "_"))]
+        files = [
+            i.path
+            for i in infos
+            if i.is_file
+            and i.path.endswith(CSV_EXTENSIONS + PARQUET_EXTENSIONS)
+            and not os.path.basename(i.path).startswith((".", "_"))
+        ]
         if not files:
             raise DataError(f"data.path: no .csv or .parquet files in {path}")
         return sorted(files), fs
     return [base], fs
 
 
+def _glob_match(path: str, pattern: str) -> bool:
+    """Shell-style match where wildcards never cross a `/`."""
+    parts, wanted = path.split("/"), pattern.split("/")
+    return len(parts) == len(wanted) and all(map(fnmatch.fnmatchcase, parts, wanted))
+
+
 def file_format(files: list[str], declared: str) -> str:
     if declared != "auto":
         return declared
-    kinds = {"csv" if f.endswith(CSV_EXTENSIONS) else
-             "parquet" if f.endswith(PARQUET_EXTENSIONS) else "unknown" for f in files}
+    kinds = {
+        "csv"
+        if f.endswith(CSV_EXTENSIONS)
+        else "parquet"
+        if f.endswith(PARQUET_EXTENSIONS)
+        else "unknown"
+        for f in files
+    }
     if kinds == {"csv"} or kinds == {"parquet"}:
         return kinds.pop()
     raise DataError(
@@ -216,34 +256,44 @@ def check_path(spec: DataSpec) -> None:
     """Fail fast on a data path that does not exist (no Ray needed)."""
     if spec.path != BUILTIN_DIGITS:
         if spec.path.startswith("builtin:"):
-            raise DataError(f"data.path: unknown built-in data set {spec.path!r}; "
-                            f"available: {BUILTIN_DIGITS}")
+            raise DataError(
+                f"data.path: unknown built-in data set {spec.path!r}; available: {BUILTIN_DIGITS}"
+            )
         resolve_files(spec.path)
 
 
-def _sample_schema(files: list[str], fs: pafs.FileSystem, fmt: str
-                   ) -> tuple[pa.Schema, pd.DataFrame]:
-    """The schema and a sample of rows of the first file, read on the driver."""
-    if fmt == "parquet":
-        pf = pq.ParquetFile(files[0], filesystem=fs)
-        sample = pf.read_row_group(0).slice(0, 1000) if pf.num_row_groups else None
-        return pf.schema_arrow, (sample.to_pandas() if sample is not None else pd.DataFrame())
-    try:
-        reader = pacsv.open_csv(fs.open_input_stream(files[0], compression="detect"),
-                                parse_options=pacsv.ParseOptions(invalid_row_handler=_skip_row))
-        batch = reader.read_next_batch()
-    except StopIteration:
-        return reader.schema, pd.DataFrame()
-    except pa.ArrowInvalid as e:
-        raise DataError(f"{files[0]}: cannot read as CSV: {e}") from None
-    return batch.schema, batch.to_pandas()
+def _sample_schema(
+    files: list[str], fs: pafs.FileSystem, fmt: str
+) -> tuple[pa.Schema, pd.DataFrame]:
+    """The schema and a sample of rows of the first file that has rows, read on the driver."""
+    for path in files:
+        if fmt == "parquet":
+            pf = pq.ParquetFile(path, filesystem=fs)
+            if pf.metadata.num_rows:
+                return pf.schema_arrow, pf.read_row_group(0).slice(0, 1000).to_pandas()
+            continue
+        try:
+            reader = pacsv.open_csv(
+                fs.open_input_stream(path, compression="detect"),
+                parse_options=pacsv.ParseOptions(invalid_row_handler=_skip_row),
+            )
+            batch = reader.read_next_batch()
+        except StopIteration:
+            continue
+        except pa.ArrowInvalid as e:
+            raise DataError(f"{path}: cannot read as CSV: {e}") from None
+        return batch.schema, batch.to_pandas()
+    raise DataError(
+        f"data.path: {files[0] if len(files) == 1 else 'the data files'} hold no data rows"
+    )
 
 
 def _missing(kind: str, name: str, columns: list[str]) -> DataError:
     close = difflib.get_close_matches(name, columns, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return DataError(f"data.{kind}: column {name!r} is not in the data{hint}; "
-                     f"columns: {', '.join(columns)}")
+    return DataError(
+        f"data.{kind}: column {name!r} is not in the data{hint}; columns: {', '.join(columns)}"
+    )
 
 
 def _is_numeric(t: pa.DataType) -> bool:
@@ -271,14 +321,16 @@ def check_columns(spec: DataSpec, schema: pa.Schema, sample: pd.DataFrame) -> li
         values = sample[c] if c in sample else pd.Series([], dtype=object)
         numeric = pd.to_numeric(values, errors="coerce").notna().mean() if len(values) else 0.0
         if not pa.types.is_string(t) and not pa.types.is_large_string(t) or numeric < 0.5:
-            example = next((v for v in values if pd.isna(pd.to_numeric(v, errors="coerce"))),
-                           None)
+            example = next((v for v in values if pd.isna(pd.to_numeric(v, errors="coerce"))), None)
             what = "the label" if c == spec.label else "feature column"
             raise DataError(
                 f"data: {what} {c!r} is not numeric (type {t}"
                 + (f", e.g. {example!r}" if example is not None else "")
-                + ("); regression needs a numeric label" if c == spec.label
-                   else "); encode it as numbers or leave it out of data.features")
+                + (
+                    "); regression needs a numeric label"
+                    if c == spec.label
+                    else "); encode it as numbers or leave it out of data.features"
+                )
             )
     return features
 
@@ -303,54 +355,69 @@ def read_raw(spec: DataSpec, task_cpus: float) -> tuple[Any, list[str]]:
     features = check_columns(spec, schema, sample)
     columns = features + [spec.label]
     if fmt == "parquet":
-        return ray.data.read_parquet(files, filesystem=fs, columns=columns,
-                                     num_cpus=task_cpus), features
+        return ray.data.read_parquet(
+            files, filesystem=fs, columns=columns, num_cpus=task_cpus
+        ), features
 
     numeric = features + ([spec.label] if spec.task == "regression" else [])
     scans = (
         ray.data.from_items([{"path": f} for f in files])
-        .map(scan_csv_file, fn_kwargs={"filesystem": fs, "numeric": numeric, "columns": columns},
-             num_cpus=task_cpus)
+        .map(
+            scan_csv_file,
+            fn_kwargs={"filesystem": fs, "numeric": numeric, "columns": columns},
+            num_cpus=task_cpus,
+        )
         .take_all()
     )
     bad = [s for s in scans if s["bad"]]
     total_bad = sum(s["bad"] for s in bad)
     if bad and spec.on_bad_rows == "error":
         where = "; ".join(
-            f"{s['path']}: {s['bad']} row(s), line(s) {', '.join(map(str, s['lines']))}"
-            + (" ..." if s["bad"] > len(s["lines"]) else "") + f" ({s['example']})"
+            f"{s['path']}: {s['bad']} row(s): {', '.join(s['where'])}"
+            + (", ..." if s["bad"] > len(s["where"]) else "")
             for s in bad[:3]
         )
-        raise DataError(f"data: {total_bad} CSV row(s) do not parse: {where}. "
-                        "Fix them, or set data.on_bad_rows: skip")
+        raise DataError(
+            f"data: {total_bad} CSV row(s) do not parse: {where}. "
+            "Fix them, or set data.on_bad_rows: skip"
+        )
     label_type = schema.field(spec.label).type
     if spec.task == "regression" or pa.types.is_floating(label_type):
         label_type = pa.float64()
     elif not pa.types.is_integer(label_type):
         label_type = pa.string()
     if bad:  # on_bad_rows: skip
-        print(f"trainyard: skipping {total_bad} CSV row(s) that do not parse "
-              f"(first: {bad[0]['path']} {bad[0]['example']})")
-        types = {c: pa.string() for c in numeric} | ({} if spec.task == "regression"
-                                                     else {spec.label: label_type})
+        print(
+            f"trainyard: skipping {total_bad} CSV row(s) that do not parse "
+            f"(first: {bad[0]['path']} {bad[0]['where'][0]})"
+        )
+        types = {c: pa.string() for c in numeric} | (
+            {} if spec.task == "regression" else {spec.label: label_type}
+        )
         ds = ray.data.read_csv(
-            files, filesystem=fs, num_cpus=task_cpus,
+            files,
+            filesystem=fs,
+            num_cpus=task_cpus,
             parse_options=pacsv.ParseOptions(invalid_row_handler=_skip_row),
             convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
         )
-        ds = ds.map_batches(parse_numeric, fn_kwargs={"columns": numeric},
-                            batch_format="pandas", num_cpus=task_cpus)
+        ds = ds.map_batches(
+            parse_numeric, fn_kwargs={"columns": numeric}, batch_format="pandas", num_cpus=task_cpus
+        )
         return ds, features
     types = {c: pa.float64() for c in features} | {spec.label: label_type}
     ds = ray.data.read_csv(
-        files, filesystem=fs, num_cpus=task_cpus,
+        files,
+        filesystem=fs,
+        num_cpus=task_cpus,
         convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
     )
     return ds, features
 
 
-def split(ds: Any, spec: DataSpec, seed: int, task_cpus: float, num_workers: int
-          ) -> tuple[Any, Any]:
+def split(
+    ds: Any, spec: DataSpec, seed: int, task_cpus: float, num_workers: int
+) -> tuple[Any, Any]:
     """Deterministic train/validation split, stratified by class for classification.
 
     Which side a row lands on depends only on its values and the seed, never on block layout,
@@ -361,16 +428,20 @@ def split(ds: Any, spec: DataSpec, seed: int, task_cpus: float, num_workers: int
     kwargs = {"fraction": spec.validation_fraction, "seed": seed}
     if spec.task == "classification":
         marked = ds.groupby(spec.label).map_groups(
-            mark_validation, fn_kwargs=kwargs, batch_format="pandas", num_cpus=task_cpus)
+            mark_validation, fn_kwargs=kwargs, batch_format="pandas", num_cpus=task_cpus
+        )
     else:
-        marked = ds.map_batches(mark_validation_by_hash, fn_kwargs=kwargs,
-                                batch_format="pandas", num_cpus=task_cpus)
+        marked = ds.map_batches(
+            mark_validation_by_hash, fn_kwargs=kwargs, batch_format="pandas", num_cpus=task_cpus
+        )
     marked = marked.materialize()
     blocks = max(num_workers, math.ceil(marked.size_bytes() / BLOCK_BYTES))
     return tuple(
-        marked.map_batches(select_split, fn_kwargs={"validation": side},
-                           batch_format="pandas", num_cpus=task_cpus)
-        .repartition(blocks).materialize()
+        marked.map_batches(
+            select_split, fn_kwargs={"validation": side}, batch_format="pandas", num_cpus=task_cpus
+        )
+        .repartition(blocks)
+        .materialize()
         for side in (False, True)
     )
 
@@ -396,8 +467,10 @@ def fit_stats(train: Any, features: list[str], spec: DataSpec) -> Stats:
     if spec.task == "classification":
         classes = sorted(np.asarray(out[f"unique({spec.label})"]).tolist())
         if len(classes) < 2:
-            raise DataError(f"data.label: {spec.label!r} has only one class ({classes[0]!r}) "
-                            "in the training split; classification needs at least two")
+            raise DataError(
+                f"data.label: {spec.label!r} has only one class ({classes[0]!r}) "
+                "in the training split; classification needs at least two"
+            )
         stats.classes = classes
     else:
         stats.target_mean = float(out[f"mean({spec.label})"])
@@ -406,28 +479,32 @@ def fit_stats(train: Any, features: list[str], spec: DataSpec) -> Stats:
     return stats
 
 
-def build_datasets(spec: DataSpec, seed: int, task_cpus: float, num_workers: int,
-                   micro_batch: int) -> TabularData:
+def build_datasets(
+    spec: DataSpec, seed: int, task_cpus: float, num_workers: int, micro_batch: int
+) -> TabularData:
     """Read, validate, split and fit on the driver; return lazily preprocessed datasets."""
     ds, features = read_raw(spec, task_cpus)
     train_raw, val_raw = split(ds, spec, seed, task_cpus, num_workers)
     num_train, num_val = train_raw.count(), val_raw.count()
     if num_train + num_val == 0:
         raise DataError(f"data.path: {spec.path} has no rows")
+    stats = fit_stats(train_raw, features, spec)
     if num_train // num_workers < micro_batch:
         raise DataError(
             f"data: {num_train} training rows give each of {num_workers} worker(s) fewer than "
             f"one batch of {micro_batch}; lower train.batch_size or use more data"
         )
     if num_val < num_workers:
-        raise DataError(f"data: {num_val} validation rows for {num_workers} worker(s); raise "
-                        "data.validation_fraction or use more data")
-    stats = fit_stats(train_raw, features, spec)
+        raise DataError(
+            f"data: {num_val} validation rows for {num_workers} worker(s); raise "
+            "data.validation_fraction or use more data"
+        )
     kwargs = {"stats": stats.to_dict(), "label": spec.label}
 
     def prep(raw: Any) -> Any:
-        return raw.map_batches(preprocess_batch, fn_kwargs=kwargs, batch_format="numpy",
-                               num_cpus=task_cpus).materialize()
+        return raw.map_batches(
+            preprocess_batch, fn_kwargs=kwargs, batch_format="numpy", num_cpus=task_cpus
+        ).materialize()
 
     example = val_raw.limit(5).to_pandas()[features].astype(np.float32)
     return TabularData(prep(train_raw), prep(val_raw), stats, num_train, num_val, example)

@@ -37,15 +37,22 @@ def ui_command(uri: str) -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any],
-              spec_yaml: str, tags: dict[str, str]) -> str:
+def start_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    spec_yaml: str,
+    tags: dict[str, str],
+) -> str:
     """Create the job's MLflow run with its params, tags and resolved spec; return its id."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -96,8 +103,9 @@ class RankZeroLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items()
-                 if math.isfinite(float(v))]
+        batch = [
+            Metric(k, float(v), now, step) for k, v in values.items() if math.isfinite(float(v))
+        ]
         self.client.log_batch(self.run_id, metrics=batch)
 
     def tags(self, values: dict[str, str]) -> None:

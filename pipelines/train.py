@@ -21,10 +21,19 @@ from pipelines.spec import RunSpec, TrainyardError, load_spec
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="run spec (YAML)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="override a spec value (repeatable)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate the spec, print it and the resource plan, and exit")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a spec value (repeatable)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the spec, print it and the resource plan, and exit",
+    )
     parser.add_argument("--summary", metavar="PATH", help="write a JSON summary of the run here")
 
 
@@ -39,6 +48,7 @@ def init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
     # Ray Data announces every execution at INFO; trainyard prints its own progress.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -80,47 +90,71 @@ def run(spec: RunSpec) -> dict[str, Any]:
 
     plan = plan_for(spec, connect=True)
     # 1. Data: read, validate, split and fit on the driver (bad input stops here).
-    data = build_datasets(spec.data, spec.train.seed, plan.data_task_cpus, plan.num_workers,
-                          spec.micro_batch_size)
+    data = build_datasets(
+        spec.data, spec.train.seed, plan.data_task_cpus, plan.num_workers, spec.micro_batch_size
+    )
     rows_per_worker = data.num_train // plan.num_workers
     steps_per_epoch = rows_per_worker // (spec.micro_batch_size * spec.train.grad_accum_steps)
 
     # 2. One MLflow run for the job, shared with the workers by id.
     uri = tracking.tracking_uri()
-    run_name = spec.tracking.run_name or f"{spec.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tags = {"trainyard.pipeline": spec.pipeline, "ray.train.run_name": run_name,
-            "num_workers": str(plan.num_workers)}
+    run_name = (
+        spec.tracking.run_name or f"{spec.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    tags = {
+        "trainyard.pipeline": spec.pipeline,
+        "ray.train.run_name": run_name,
+        "num_workers": str(plan.num_workers),
+    }
     job_id = ray.get_runtime_context().get_job_id()
     submission_id = os.environ.get("RAY_JOB_SUBMISSION_ID")
-    tags.update({"ray.job_id": job_id} | ({"ray.submission_id": submission_id}
-                                           if submission_id else {}))
-    params = spec.flat() | {"plan.cpus_per_worker": plan.cpus_per_worker,
-                            "plan.data_cpus": plan.data_cpus,
-                            "data.num_train": data.num_train,
-                            "data.num_validation": data.num_validation,
-                            "train.steps_per_epoch": steps_per_epoch}
-    run_id = tracking.start_run(uri, spec.tracking.experiment, run_name, params, spec.to_yaml(),
-                                tags)
-    print(f"trainyard: MLflow run {run_id} ({run_name}) in experiment "
-          f"{spec.tracking.experiment!r} at {uri}")
+    tags.update(
+        {"ray.job_id": job_id} | ({"ray.submission_id": submission_id} if submission_id else {})
+    )
+    params = spec.flat() | {
+        "plan.cpus_per_worker": plan.cpus_per_worker,
+        "plan.data_cpus": plan.data_cpus,
+        "data.num_train": data.num_train,
+        "data.num_validation": data.num_validation,
+        "train.steps_per_epoch": steps_per_epoch,
+    }
+    run_id = tracking.start_run(
+        uri, spec.tracking.experiment, run_name, params, spec.to_yaml(), tags
+    )
+    print(
+        f"trainyard: MLflow run {run_id} ({run_name}) in experiment "
+        f"{spec.tracking.experiment!r} at {uri}"
+    )
     print(plan.describe())
     storage = spec.scaling.storage_path or str(Path("results").resolve())
     try:
         # 3. Train: Ray Train runs the DDP workers, each streaming its shard from Ray Data.
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"spec": spec.to_dict(), "job": {
-                "run_id": run_id, "tracking_uri": uri, "stats": data.stats.to_dict(),
-                "torch_threads": plan.torch_threads, "steps_per_epoch": steps_per_epoch}},
+            train_loop_config={
+                "spec": spec.to_dict(),
+                "job": {
+                    "run_id": run_id,
+                    "tracking_uri": uri,
+                    "stats": data.stats.to_dict(),
+                    "torch_threads": plan.torch_threads,
+                    "steps_per_epoch": steps_per_epoch,
+                },
+            },
             scaling_config=ray.train.ScalingConfig(
-                num_workers=plan.num_workers, use_gpu=spec.scaling.use_gpu,
+                num_workers=plan.num_workers,
+                use_gpu=spec.scaling.use_gpu,
                 resources_per_worker=plan.worker_resources(),
-                placement_strategy=plan.placement_strategy),
+                placement_strategy=plan.placement_strategy,
+            ),
             run_config=ray.train.RunConfig(
-                name=run_name, storage_path=storage,
+                name=run_name,
+                storage_path=storage,
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
                 checkpoint_config=ray.train.CheckpointConfig(
-                    num_to_keep=spec.train.keep_checkpoints)),
+                    num_to_keep=spec.train.keep_checkpoints
+                ),
+            ),
             datasets={"train": data.train, "validation": data.validation},
         )
         result = trainer.fit()
@@ -131,13 +165,23 @@ def run(spec: RunSpec) -> dict[str, Any]:
         net = build_model(spec.model.name, **state["model_config"])
         net.load_state_dict(state["model"])
         stats = data.stats
-        predictor = TabularPredictor(net, torch.tensor(stats.mean), torch.tensor(stats.std),
-                                     stats.target_mean, stats.target_std, stats.classes).eval()
+        predictor = TabularPredictor(
+            net,
+            torch.tensor(stats.mean),
+            torch.tensor(stats.std),
+            stats.target_mean,
+            stats.target_std,
+            stats.classes,
+        ).eval()
         metric_keys = ["train_loss", "val_loss"] + (
-            ["val_accuracy"] if spec.data.task == "classification" else ["val_rmse", "val_r2"])
+            ["val_accuracy"] if spec.data.task == "classification" else ["val_rmse", "val_r2"]
+        )
         tracking.log_curves(uri, run_id, metric_keys)
-        model_uri = (tracking.log_model(uri, run_id, predictor, data.example)
-                     if spec.tracking.log_model else None)
+        model_uri = (
+            tracking.log_model(uri, run_id, predictor, data.example)
+            if spec.tracking.log_model
+            else None
+        )
     except BaseException as e:
         tracking.end_run(uri, run_id, error=e)
         raise

@@ -1,0 +1,159 @@
+"""Each user mistake is one clear line and a non-zero exit, before any worker starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.spec import DataSpec
+from pipelines.tabular import read_raw
+from pipelines.train import main
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENT = "test-bad-input"
+
+
+def spec_for(tmp_path: Path, data: str, **extra: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    sections = "".join(f"{k}: {v}\n" for k, v in extra.items())
+    path.write_text(f"data: {data}\ntracking: {{experiment: {EXPERIMENT}}}\n{sections}")
+    return path
+
+
+def csv(tmp_path: Path, text: str, name: str = "d.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def good_rows(n: int = 40) -> str:
+    return "".join(f"{i},{i * 2},{i % 2}\n" for i in range(n))
+
+
+def data_spec(path: Path, *extra: str) -> str:
+    return "{" + ", ".join([f"path: {path}", *extra]) + "}"
+
+
+def with_header(header: str, rows: str) -> str:
+    return header + "\n" + rows
+
+
+CASES = {
+    "missing path": (
+        lambda t: "{path: /nonexistent/x.csv}",
+        "data.path: no such file or directory: /nonexistent/x.csv",
+    ),
+    "missing label": (
+        lambda t: data_spec(csv(t, with_header("a,b,target", good_rows())), "label: targt"),
+        "data.label: column 'targt' is not in the data (did you mean 'target'?)",
+    ),
+    "missing feature": (
+        lambda t: data_spec(
+            csv(t, with_header("a,b,y", good_rows())), "label: y", "features: [a, c]"
+        ),
+        "data.features: column 'c' is not in the data",
+    ),
+    "text feature": (
+        lambda t: data_spec(
+            csv(
+                t,
+                with_header(
+                    "a,color,y",
+                    "".join(f"{i},{'red' if i % 3 else 'blue'},{i % 2}\n" for i in range(40)),
+                ),
+            ),
+            "label: y",
+        ),
+        "data: feature column 'color' is not numeric",
+    ),
+    "empty": (
+        lambda t: data_spec(csv(t, with_header("a,b,y", "")), "label: y"),
+        "hold no data rows",
+    ),
+    "one class": (
+        lambda t: data_spec(
+            csv(t, with_header("a,b,y", "".join(f"{i},{i},1\n" for i in range(40)))), "label: y"
+        ),
+        "data.label: 'y' has only one class (1)",
+    ),
+    "bad rows": (
+        lambda t: data_spec(
+            csv(
+                t, with_header("a,b,y", good_rows(10) + "1,2,3,4\n" + good_rows(10) + "5,oops,1\n")
+            ),
+            "label: y",
+        ),
+        "data: 2 CSV row(s) do not parse",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_data_is_one_line_before_training(case, ray_cluster, tracking_uri, tmp_path, capsys):
+    make_data, message = CASES[case]
+    rc = main([str(spec_for(tmp_path, make_data(tmp_path)))])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("trainyard: error:")
+    experiment = MlflowClient(tracking_uri).get_experiment_by_name(EXPERIMENT)
+    assert experiment is None or not MlflowClient(tracking_uri).search_runs(
+        [experiment.experiment_id]
+    )
+
+
+def test_bad_rows_name_their_lines(ray_cluster, tmp_path, capsys):
+    path = csv(tmp_path, "a,b,y\n" + good_rows(10) + "1,2,3,4\n" + good_rows(10) + "5,oops,1\n")
+    assert main([str(spec_for(tmp_path, f"{{path: {path}, label: y}}"))]) == 2
+    err = capsys.readouterr().err
+    assert "2 row(s): line 12 (4 fields instead of 3), line 23 (b='oops' is not a number)" in err
+    assert "data.on_bad_rows: skip" in err
+
+
+def test_skipped_bad_rows_leave_the_good_ones(ray_cluster, tmp_path):
+    path = csv(
+        tmp_path, "a,b,y\n" + good_rows(10) + "1,2,3,4\n" + good_rows(10) + "5,oops,1\n" + "6,,0\n"
+    )
+    ds, features = read_raw(DataSpec(path=str(path), label="y", on_bad_rows="skip"), 1.0)
+    rows = ds.to_pandas()
+    assert features == ["a", "b"] and len(rows) == 20
+    assert rows.a.dtype.kind == "f" and rows.b.dtype.kind == "f"
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_spec_error_has_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {path: builtin:digits}\ntrain: {epochs: 3, bacth_size: 8}\n")
+    proc = run_cli(str(bad))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "trainyard: error: unknown key train.bacth_size (did you mean train.batch_size?); "
+        "valid keys: epochs, batch_size, lr, weight_decay, optimizer, momentum, schedule, "
+        "warmup_fraction, grad_accum_steps, grad_clip, seed, checkpoint_every, "
+        "keep_checkpoints, log_every_steps"
+    )
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_dry_run_prints_spec_and_plan_without_training(tmp_path):
+    proc = run_cli("configs/digits.yaml", "--dry-run", "--set", "train.epochs=7")
+    assert proc.returncode == 0, proc.stderr
+    assert "epochs: 7" in proc.stdout
+    assert "# resource plan" in proc.stdout and "Ray Data:" in proc.stdout
+    assert "MLflow run" not in proc.stdout

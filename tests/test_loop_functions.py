@@ -1,0 +1,129 @@
+"""The epoch functions on plain tensors, without Ray or torch.distributed."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipelines.loop import (
+    evaluate,
+    lr_factor,
+    make_scheduler,
+    param_digest,
+    resolve_amp,
+    task_loss,
+    train_epoch,
+)
+from pipelines.spec import TrainSpec
+
+
+def batches(x, y, size):
+    return [{"x": x[i : i + size], "y": y[i : i + size]} for i in range(0, len(x), size)]
+
+
+def data(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    return x, y
+
+
+def run_epoch(model, x, y, micro, accum, steps, amp=None, clip=None):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = make_scheduler(
+        optimizer, TrainSpec(schedule="constant", warmup_fraction=0.0), steps
+    )
+    scaler = torch.amp.GradScaler("cpu", enabled=amp == torch.float16)
+    return train_epoch(
+        model,
+        batches(x, y, micro),
+        optimizer,
+        scheduler,
+        scaler,
+        loss_fn=task_loss("classification"),
+        steps=steps,
+        accum=accum,
+        amp_dtype=amp,
+        grad_clip=clip,
+    )
+
+
+def test_lr_schedule_warms_up_then_decays():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(80, 100, 10, "constant") == 1.0
+
+
+def test_train_epoch_learns_and_counts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    x, y = data()
+    loss_fn = task_loss("classification")
+    before = evaluate(model, batches(x, y, 64), task="classification", loss_fn=loss_fn)
+    for _ in range(5):
+        stats = run_epoch(model, x, y, micro=32, accum=1, steps=8)
+    after = evaluate(model, batches(x, y, 64), task="classification", loss_fn=loss_fn)
+    assert stats.steps == 8 and stats.samples == 256
+    assert after["val_loss"] < before["val_loss"] / 2 and after["val_accuracy"] > 0.9
+    assert 0.0 <= stats.data_wait_share <= 1.0
+
+
+def test_gradient_accumulation_matches_a_full_batch():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    twin = copy.deepcopy(model)
+    x, y = data(64)
+    run_epoch(model, x, y, micro=16, accum=4, steps=1)
+    run_epoch(twin, x, y, micro=64, accum=1, steps=1)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_train_epoch_stops_at_steps_and_fails_when_data_runs_out():
+    model = nn.Linear(4, 2)
+    x, y = data(64)
+    assert run_epoch(model, x, y, micro=16, accum=1, steps=2).samples == 32
+    with pytest.raises(RuntimeError, match="data ran out after 4 of 5 steps"):
+        run_epoch(model, x, y, micro=16, accum=1, steps=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_amp_paths_train_on_cpu(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    before = param_digest(model)
+    x, y = data()
+    stats = run_epoch(model, x, y, micro=32, accum=1, steps=8, amp=dtype, clip=1.0)
+    assert math.isfinite(stats.loss) and param_digest(model) != before
+
+
+def test_regression_metrics():
+    model = nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(0.0)
+    x = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    y = torch.tensor([1.0, 2.0, 3.0, 5.0])  # one residual of 1
+    out = evaluate(
+        model,
+        [{"x": x, "y": y}],
+        task="regression",
+        loss_fn=task_loss("regression"),
+        target_std=2.0,
+    )
+    assert out["val_loss"] == pytest.approx(0.25)
+    assert out["val_rmse"] == pytest.approx(math.sqrt(0.25) * 2.0)
+    sst = float(((y - y.mean()) ** 2).sum())
+    assert out["val_r2"] == pytest.approx(1 - 1.0 / sst)
+
+
+def test_amp_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+    assert resolve_amp("fp16", cpu) is torch.float16

@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+from pipelines.spec import RunSpec, SpecError, apply_override, load_spec
+
+CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_config_parses():
+    assert CONFIGS
+    for path in CONFIGS:
+        assert isinstance(load_spec(path), RunSpec)
+
+
+def test_defaults_and_roundtrip():
+    spec = RunSpec.from_dict({"data": {"path": "x.csv", "label": "y"}})
+    assert spec.train.epochs == 30 and spec.amp.mode == "auto" and spec.scaling.num_workers == 2
+    assert RunSpec.from_dict(spec.to_dict()) == spec
+    assert spec.flat()["train.lr"] == 1e-3
+
+
+def test_unknown_key_names_the_closest(tmp_path):
+    with pytest.raises(SpecError, match=r"unknown key data\.lable \(did you mean data\.label\?\)"):
+        load_spec(write(tmp_path, "data: {path: x.csv, lable: y}\n"))
+    with pytest.raises(SpecError, match=r"unknown key trian \(did you mean train\?\)"):
+        load_spec(write(tmp_path, "data: {path: x.csv}\ntrian: {epochs: 1}\n"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train: {epochs: two}", r"train\.epochs: expected an integer, got 'two'"),
+        ("train: {epochs: 0}", r"train\.epochs: expected an integer >= 1, got 0"),
+        ("train: {lr: -1}", r"train\.lr: expected a positive number"),
+        ("amp: {mode: fp8}", r"amp\.mode: expected one of auto, bf16, fp16, off"),
+        ("model: {hidden: [64, -1]}", r"model\.hidden"),
+        ("model: {name: resnet}", r"model\.name: expected one of \['mlp'\]"),
+        ("scaling: {use_gpu: yes please}", r"scaling\.use_gpu: expected true or false"),
+        ("train: {batch_size: 63}", r"train\.batch_size: expected a multiple of"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path, text, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec(write(tmp_path, "data: {path: x.csv}\n" + text + "\n"))
+
+
+def test_validation_fraction_range(tmp_path):
+    with pytest.raises(SpecError, match=r"data\.validation_fraction: expected a number between"):
+        load_spec(write(tmp_path, "data: {path: x.csv, validation_fraction: 1.5}\n"))
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    path = write(tmp_path, "data: {path: x.csv}\n")
+    spec = load_spec(
+        path,
+        [
+            "train.epochs=3",
+            "model.hidden=[32]",
+            "train.grad_clip=null",
+            "train.lr=1e-2",
+            "tracking.run_name=abc",
+        ],
+    )
+    assert (spec.train.epochs, spec.model.hidden, spec.train.grad_clip) == (3, [32], None)
+    assert spec.train.lr == 0.01 and spec.tracking.run_name == "abc"
+    with pytest.raises(SpecError, match="expected section.key=value"):
+        apply_override({}, "train.epochs")
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(SpecError, match="config file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_micro_batch():
+    spec = RunSpec.from_dict(
+        {
+            "data": {"path": "x"},
+            "train": {"batch_size": 64, "grad_accum_steps": 2},
+            "scaling": {"num_workers": 2},
+        }
+    )
+    assert spec.micro_batch_size == 16

@@ -1,0 +1,98 @@
+"""The Ray Data batch functions and file handling, without Ray."""
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+import pytest
+
+from pipelines.tabular import (
+    SPLIT_COLUMN,
+    DataError,
+    mark_validation,
+    parse_numeric,
+    preprocess_batch,
+    resolve_files,
+    scan_csv_file,
+)
+
+
+def test_preprocess_standardizes_and_encodes_labels():
+    stats = {
+        "features": ["a", "b"],
+        "mean": [1.0, 10.0],
+        "std": [2.0, 5.0],
+        "classes": ["cat", "dog"],
+        "target_mean": 0.0,
+        "target_std": 1.0,
+    }
+    batch = {
+        "a": np.array([1.0, 3.0]),
+        "b": np.array([10.0, 0.0]),
+        "y": np.array(["dog", "cat"], dtype=object),
+    }
+    out = preprocess_batch(batch, stats, "y")
+    np.testing.assert_allclose(out["x"], [[0.0, 0.0], [1.0, -2.0]])
+    assert out["x"].dtype == np.float32 and out["y"].tolist() == [1, 0]
+    with pytest.raises(ValueError, match="not seen in training"):
+        preprocess_batch({**batch, "y": np.array(["dog", "emu"], dtype=object)}, stats, "y")
+
+
+def test_preprocess_scales_a_regression_target():
+    stats = {
+        "features": ["a"],
+        "mean": [0.0],
+        "std": [1.0],
+        "classes": None,
+        "target_mean": 5.0,
+        "target_std": 2.0,
+    }
+    out = preprocess_batch({"a": np.array([1.0]), "t": np.array([9.0])}, stats, "t")
+    assert out["y"].tolist() == [2.0] and out["y"].dtype == np.float32
+
+
+def test_validation_marking_is_stratified_and_deterministic():
+    group = pd.DataFrame({"x": np.arange(50.0), "label": 3})
+    marked = mark_validation(group, fraction=0.2, seed=0)
+    assert marked[SPLIT_COLUMN].sum() == 10
+    # The same rows in another order land on the same side.
+    shuffled = mark_validation(group.sample(frac=1.0, random_state=1), fraction=0.2, seed=0)
+    assert set(marked.x[marked[SPLIT_COLUMN]]) == set(shuffled.x[shuffled[SPLIT_COLUMN]])
+    other_seed = mark_validation(group, fraction=0.2, seed=1)
+    assert set(marked.x[marked[SPLIT_COLUMN]]) != set(other_seed.x[other_seed[SPLIT_COLUMN]])
+
+
+def test_parse_numeric_drops_unparseable_rows():
+    batch = pd.DataFrame({"a": ["1", "x", "", "4"], "y": ["0", "1", "0", "1"]})
+    out = parse_numeric(batch, ["a"])
+    assert out.a.tolist() == [1.0, 4.0]
+
+
+def test_scan_reports_bad_rows_with_line_numbers(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,label\n1,2,0\n3,4,5,1\n5,x,1\n,6,0\n7,8,1\n")
+    out = scan_csv_file(
+        {"path": str(path)}, pafs.LocalFileSystem(), ["a", "b"], ["a", "b", "label"]
+    )
+    assert out["rows"] == 5 and out["bad"] == 3
+    assert out["where"] == [
+        "line 3 (4 fields instead of 3)",
+        "line 4 (b='x' is not a number)",
+        "line 5 (a is empty)",
+    ]
+
+
+def test_resolve_files_file_directory_glob(tmp_path):
+    for name in ("a.csv", "b.csv", "c.parquet", "notes.txt"):
+        (tmp_path / name).write_text("x\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.csv").write_text("x\n")
+    files, _ = resolve_files(str(tmp_path / "a.csv"))
+    assert files == [str(tmp_path / "a.csv")]
+    files, _ = resolve_files(str(tmp_path))
+    assert [f.rsplit("/", 1)[1] for f in files] == ["a.csv", "b.csv", "c.parquet", "d.csv"]
+    files, _ = resolve_files(str(tmp_path / "*.csv"))
+    assert [f.rsplit("/", 1)[1] for f in files] == ["a.csv", "b.csv"]
+    with pytest.raises(DataError, match="no such file or directory"):
+        resolve_files(str(tmp_path / "missing.csv"))
+    with pytest.raises(DataError, match="no files match"):
+        resolve_files(str(tmp_path / "*.json"))

@@ -1,0 +1,128 @@
+"""End to end on a local 3-node Ray cluster with a real MLflow store: the digits config, a
+regression on a user's own CSV, and the model served back from MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from sklearn.datasets import load_digits
+
+from pipelines.train import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train(config: Path, out: Path, *overrides: str) -> dict:
+    summary = out / "summary.json"
+    rc = main(
+        [
+            str(config),
+            "--summary",
+            str(summary),
+            "--set",
+            f"scaling.storage_path={out / 'results'}",
+            *[arg for o in overrides for arg in ("--set", o)],
+        ]
+    )
+    assert rc == 0
+    return json.loads(summary.read_text())
+
+
+@pytest.fixture(scope="module")
+def digits_run(ray_cluster, tracking_uri, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("digits")
+    return train(
+        ROOT / "configs" / "digits.yaml",
+        out,
+        "scaling.placement_strategy=SPREAD",
+        "tracking.experiment=test-digits",
+    )
+
+
+def test_digits_reaches_target_accuracy(digits_run):
+    assert digits_run["metrics"]["val_accuracy"] >= 0.975
+    assert Path(digits_run["checkpoint"]).is_dir()
+
+
+def test_digits_is_one_finished_mlflow_run(digits_run, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("test-digits")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [digits_run["run_id"]]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "40"
+    assert run.data.params["data.path"] == "builtin:digits"
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == list(range(1, 41))
+    for key in ("train_loss", "val_loss", "samples_per_s", "epoch_seconds", "data_wait_share"):
+        assert key in run.data.metrics
+    assert run.data.metrics["val_accuracy"] == pytest.approx(digits_run["metrics"]["val_accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"spec.yaml", "curves.png"} <= artifacts
+
+
+def test_digits_workers_ran_on_two_nodes_and_agree(digits_run, tracking_uri):
+    tags = MlflowClient(tracking_uri).get_run(digits_run["run_id"]).data.tags
+    nodes = tags["worker_nodes"].split(",")
+    assert len(nodes) == 2 and len(set(nodes)) == 2 and tags["num_nodes"] == "2"
+    digests = tags["param_digests"].split(",")
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_digits_model_predicts_from_raw_rows(digits_run, tracking_uri):
+    mlflow.set_tracking_uri(tracking_uri)
+    frame = load_digits(as_frame=True).frame
+    raw = frame.drop(columns="target").astype("float32")
+    logits = np.asarray(mlflow.pyfunc.load_model(digits_run["model_uri"]).predict(raw))
+    assert logits.shape == (len(frame), 10)
+    assert (logits.argmax(1) == frame.target.to_numpy()).mean() > 0.97
+    model = mlflow.pytorch.load_model(digits_run["model_uri"])
+    assert model.classes == list(range(10))
+
+
+def test_regression_on_a_users_csv_beats_the_mean(ray_cluster, tracking_uri, tmp_path):
+    rng = np.random.default_rng(0)
+    n = 1500
+    df = pd.DataFrame(
+        {
+            "rooms": rng.uniform(1, 8, n),
+            "area_m2": rng.uniform(20, 200, n),
+            "age_years": rng.uniform(0, 80, n),
+            "noise": rng.normal(size=n),
+        }
+    )
+    df["price_k"] = (
+        30 * df.rooms
+        + 2.5 * df.area_m2
+        - 0.8 * df.age_years
+        + 0.01 * df.area_m2**2
+        + rng.normal(scale=10, size=n)
+    )
+    path = tmp_path / "houses.csv"
+    df.to_csv(path, index=False)
+    spec = tmp_path / "houses.yaml"
+    spec.write_text(
+        f"pipeline: tabular\n"
+        f"data: {{path: {path}, label: price_k, task: regression,"
+        f" features: [rooms, area_m2, age_years, noise]}}\n"
+        "model: {name: mlp, hidden: [64, 64], dropout: 0.0}\n"
+        "train: {epochs: 12, batch_size: 64, lr: 0.003}\n"
+        "tracking: {experiment: test-houses}\n"
+    )
+    summary = train(spec, tmp_path)
+    metrics = summary["metrics"]
+    assert metrics["val_r2"] > 0.9
+    assert metrics["val_rmse"] < 0.3 * df.price_k.std()
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(summary["model_uri"])
+    rows = df[["rooms", "area_m2", "age_years", "noise"]].head(200).astype("float32")
+    predicted = np.asarray(model.predict(rows)).reshape(-1)
+    truth = df.price_k.head(200).to_numpy()
+    assert np.sqrt(np.mean((predicted - truth) ** 2)) < 0.3 * df.price_k.std()

@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	    $(BIN)/pip install $(TORCH_GPU); \
 	  else \
 	    echo "No GPU found: installing the CPU build $(TORCH_CPU)"; \
-	    $(BIN)/pip install "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); \
+	    $(BIN)/pip install --retries 1 "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); \
 	  fi; \
 	fi
 	$(BIN)/pip install -e '.[dev]'

@@ -19,8 +19,10 @@ ARTIFACT_DIR = "mlartifacts"
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else a SQLite store ./mlflow.db (absolute, so that workers
     whose working directory differs write to the same file)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
 
 
 def _client(uri: str):

@@ -76,6 +76,12 @@ def dry_run(spec: RunSpec) -> None:
     print(f"# micro-batch per worker: {spec.micro_batch_size}")
 
 
+def _submission_id() -> str | None:
+    """The Ray job submission id when this driver runs as a `ray job submit` entrypoint."""
+    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    return config.get("metadata", {}).get("job_submission_id")
+
+
 def run(spec: RunSpec) -> dict[str, Any]:
     """Train `spec` end to end and return the summary (run id, checkpoint, final metrics)."""
     import ray
@@ -106,11 +112,10 @@ def run(spec: RunSpec) -> dict[str, Any]:
         "ray.train.run_name": run_name,
         "num_workers": str(plan.num_workers),
     }
-    job_id = ray.get_runtime_context().get_job_id()
-    submission_id = os.environ.get("RAY_JOB_SUBMISSION_ID")
-    tags.update(
-        {"ray.job_id": job_id} | ({"ray.submission_id": submission_id} if submission_id else {})
-    )
+    tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
+    submission_id = _submission_id()
+    if submission_id:
+        tags["ray.submission_id"] = submission_id
     params = spec.flat() | {
         "plan.cpus_per_worker": plan.cpus_per_worker,
         "plan.data_cpus": plan.data_cpus,

@@ -157,3 +157,20 @@ def test_dry_run_prints_spec_and_plan_without_training(tmp_path):
     assert "epochs: 7" in proc.stdout
     assert "# resource plan" in proc.stdout and "Ray Data:" in proc.stdout
     assert "MLflow run" not in proc.stdout
+
+
+def test_parquet_directory_and_glob_are_read(ray_cluster, tmp_path):
+    import pandas as pd
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in range(3):
+        part = pd.DataFrame(
+            {"f1": [float(i)] * 5, "f2": [1.0] * 5, "target": ["a", "b"] * 2 + ["a"]}
+        )
+        part.to_parquet(folder / f"part-{i}.parquet")
+    for path in (folder, folder / "part-*.parquet"):
+        ds, features = read_raw(DataSpec(path=str(path), label="target"), 1.0)
+        assert features == ["f1", "f2"] and ds.count() == 15
+    ds, _ = read_raw(DataSpec(path=str(folder / "part-[01].parquet"), label="target"), 1.0)
+    assert ds.count() == 10

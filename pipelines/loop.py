@@ -8,6 +8,7 @@ calls `ray.train.report` the same number of times; side effects happen on rank 0
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -75,10 +76,10 @@ def make_scheduler(
     )
 
 
-def task_loss(task: str) -> Callable[..., torch.Tensor]:
+def task_loss(task: str, label_smoothing: float = 0.0) -> Callable[..., torch.Tensor]:
     """Cross-entropy on logits for classification, MSE on the scaled target for regression."""
     if task == "classification":
-        return F.cross_entropy
+        return functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
     return lambda out, y, reduction="mean": F.mse_loss(out.squeeze(-1), y, reduction=reduction)
 
 
@@ -309,6 +310,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
     loss_fn = task_loss(spec.data.task)
+    train_loss_fn = task_loss(spec.data.task, tr.label_smoothing)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     micro = spec.micro_batch_size
@@ -338,7 +340,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer,
             scheduler,
             scaler,
-            loss_fn=loss_fn,
+            loss_fn=train_loss_fn,
             steps=steps_per_epoch,
             accum=tr.grad_accum_steps,
             amp_dtype=amp_dtype,

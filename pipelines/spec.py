@@ -104,6 +104,8 @@ class TrainSpec:
     """Micro-batches per optimizer step (gradients are only all-reduced on the last one)."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm to this; None turns clipping off."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing for classification (validation loss is plain)."""
     seed: int = 0
     checkpoint_every: int = 1
     """Write a checkpoint every N epochs (the last epoch always gets one)."""
@@ -130,6 +132,12 @@ class TrainSpec:
             0 <= self.warmup_fraction < 1,
             "train.warmup_fraction",
             self.warmup_fraction,
+            "a number in [0, 1)",
+        )
+        _check(
+            0 <= self.label_smoothing < 1,
+            "train.label_smoothing",
+            self.label_smoothing,
             "a number in [0, 1)",
         )
         _check(

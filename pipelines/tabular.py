@@ -480,7 +480,7 @@ def fit_stats(train: Any, features: list[str], spec: DataSpec) -> Stats:
 
 
 def build_datasets(
-    spec: DataSpec, seed: int, task_cpus: float, num_workers: int, micro_batch: int
+    spec: DataSpec, seed: int, task_cpus: float, num_workers: int, rows_per_step: int
 ) -> TabularData:
     """Read, validate, split and fit on the driver; return lazily preprocessed datasets."""
     ds, features = read_raw(spec, task_cpus)
@@ -489,10 +489,11 @@ def build_datasets(
     if num_train + num_val == 0:
         raise DataError(f"data.path: {spec.path} has no rows")
     stats = fit_stats(train_raw, features, spec)
-    if num_train // num_workers < micro_batch:
+    if num_train // num_workers < rows_per_step:
         raise DataError(
             f"data: {num_train} training rows give each of {num_workers} worker(s) fewer than "
-            f"one batch of {micro_batch}; lower train.batch_size or use more data"
+            f"one optimizer step ({rows_per_step} rows each); lower train.batch_size or use "
+            "more data"
         )
     if num_val < num_workers:
         raise DataError(

@@ -96,11 +96,11 @@ def run(spec: RunSpec) -> dict[str, Any]:
 
     plan = plan_for(spec, connect=True)
     # 1. Data: read, validate, split and fit on the driver (bad input stops here).
+    rows_per_step = spec.micro_batch_size * spec.train.grad_accum_steps  # per worker
     data = build_datasets(
-        spec.data, spec.train.seed, plan.data_task_cpus, plan.num_workers, spec.micro_batch_size
+        spec.data, spec.train.seed, plan.data_task_cpus, plan.num_workers, rows_per_step
     )
-    rows_per_worker = data.num_train // plan.num_workers
-    steps_per_epoch = rows_per_worker // (spec.micro_batch_size * spec.train.grad_accum_steps)
+    steps_per_epoch = data.num_train // plan.num_workers // rows_per_step
 
     # 2. One MLflow run for the job, shared with the workers by id.
     uri = tracking.tracking_uri()

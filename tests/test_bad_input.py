@@ -81,6 +81,10 @@ CASES = {
         ),
         "data.label: 'y' has only one class (1)",
     ),
+    "too few rows": (
+        lambda t: data_spec(csv(t, with_header("a,b,y", good_rows(20))), "label: y"),
+        "fewer than one optimizer step (32 rows each)",
+    ),
     "bad rows": (
         lambda t: data_spec(
             csv(

@@ -482,7 +482,8 @@ def fit_stats(train: Any, features: list[str], spec: DataSpec) -> Stats:
 def build_datasets(
     spec: DataSpec, seed: int, task_cpus: float, num_workers: int, rows_per_step: int
 ) -> TabularData:
-    """Read, validate, split and fit on the driver; return lazily preprocessed datasets."""
+    """Read, validate, split and fit on the driver; return the preprocessed splits, kept in the
+    object store (deterministic preprocessing is done once, not again every epoch)."""
     ds, features = read_raw(spec, task_cpus)
     train_raw, val_raw = split(ds, spec, seed, task_cpus, num_workers)
     num_train, num_val = train_raw.count(), val_raw.count()

@@ -1,4 +1,4 @@
-"""The `trainyard` command."""
+"""The `trainyard` command: train, submit, cluster up|down|status, mlflow-server."""
 
 from __future__ import annotations
 
@@ -6,21 +6,94 @@ import argparse
 import sys
 
 from pipelines import train
+from pipelines.spec import TrainyardError
+
+
+def _cluster_up(args: argparse.Namespace) -> int:
+    from cluster import local
+
+    print(f"trainyard: starting a head and {args.workers} worker nodes ...", flush=True)
+    state = local.up(
+        workers=args.workers,
+        cpus_per_node=args.cpus_per_node,
+        port=args.port,
+        dashboard_port=args.dashboard_port,
+        mlflow_port=None if args.no_mlflow else args.mlflow_port,
+        storage_path=args.storage,
+        mlflow_dir=args.mlflow_dir,
+    )
+    print(local.describe(state.dashboard_url, state))
+    print("submit a run:  trainyard submit configs/digits.yaml")
+    print("stop it all:   trainyard cluster down")
+    return 0
+
+
+def _cluster_down(args: argparse.Namespace) -> int:
+    from cluster import local
+
+    print(f"trainyard: {local.down()}")
+    return 0
+
+
+def _cluster_status(args: argparse.Namespace) -> int:
+    from cluster import local
+
+    print(local.status(args.address))
+    return 0
+
+
+def _add_cluster(commands) -> None:
+    cluster = commands.add_parser("cluster", help="a local multi-node Ray cluster for development")
+    sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    up = sub.add_parser("up", help="start a head, N worker nodes and an MLflow server")
+    up.add_argument("--workers", type=int, default=2, help="worker nodes besides the head")
+    up.add_argument(
+        "--cpus-per-node", type=int, help="logical CPUs of each node (default: cores / nodes)"
+    )
+    up.add_argument("--port", type=int, default=6379, help="GCS port of the head")
+    up.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and Jobs API")
+    up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port")
+    up.add_argument("--no-mlflow", action="store_true", help="do not start an MLflow server")
+    up.add_argument(
+        "--storage", default="results", help="checkpoint directory all nodes share (./results)"
+    )
+    up.add_argument(
+        "--mlflow-dir", default=".", help="where the server keeps mlflow.db and mlartifacts/"
+    )
+    up.set_defaults(func=_cluster_up)
+    down = sub.add_parser("down", help="stop what `cluster up` started, nothing else")
+    down.set_defaults(func=_cluster_down)
+    status = sub.add_parser("status", help="nodes, CPUs/GPUs, dashboard and MLflow addresses")
+    status.add_argument("--address", help="dashboard of another cluster (http://HEAD:8265)")
+    status.set_defaults(func=_cluster_status)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster import jobs, mlflow_server
+
     parser = argparse.ArgumentParser(
         prog="trainyard",
         description="Train PyTorch models on a Ray cluster: Ray Data preprocessing, "
         "Ray Train DDP + AMP, MLflow tracking.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    train_parser = commands.add_parser("train", help="train a run spec (YAML)")
+    train_parser = commands.add_parser("train", help="train a run spec (YAML) here")
     train.add_arguments(train_parser)
     train_parser.set_defaults(func=train.train_command)
+    submit = commands.add_parser("submit", help="run a spec on a cluster as a Ray job")
+    jobs.add_arguments(submit)
+    submit.set_defaults(func=jobs.command)
+    _add_cluster(commands)
+    server = commands.add_parser("mlflow-server", help="an MLflow tracking server (foreground)")
+    mlflow_server.add_arguments(server)
+    server.set_defaults(func=mlflow_server.command)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except TrainyardError as e:
+        print(f"trainyard: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -321,6 +321,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         def on_step(
             step: int, loss: torch.Tensor, base_step: int = base_step, epoch: int = epoch
         ) -> None:
+            if step == 1 and epoch == first_epoch and log.active:
+                # When the job's first optimizer step finished: start-up cost, seen in MLflow.
+                log.tags({"trainyard.first_step_at": f"{time.time():.3f}"})
             if step % tr.log_every_steps == 0 and log.active:
                 value = loss.item()
                 logger.info(

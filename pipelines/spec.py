@@ -166,7 +166,9 @@ class ScalingSpec:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """How workers are placed on nodes; SPREAD puts them on different nodes where it can."""
     storage_path: str | None = None
-    """Where checkpoints go (a directory or pyarrow URI); None means ./results."""
+    """Where checkpoints go (a directory or pyarrow URI). None: $TRAINYARD_STORAGE_PATH (set by
+    the cluster), else ./results (~/trainyard/results in a Ray job). On a multi-node cluster a
+    directory must be one that every node sees."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, "an integer >= 1")

@@ -335,10 +335,15 @@ def check_columns(spec: DataSpec, schema: pa.Schema, sample: pd.DataFrame) -> li
     return features
 
 
-def read_raw(spec: DataSpec, task_cpus: float) -> tuple[Any, list[str]]:
+def read_raw(
+    spec: DataSpec, task_cpus: float, read_args: dict[str, Any] | None = None
+) -> tuple[Any, list[str]]:
     """Read the data as a Ray Dataset of raw rows (features + label) and return it with the
-    feature columns. CSV files are scanned for bad rows first."""
+    feature columns. CSV files are scanned for bad rows first. `read_args` are Ray remote args
+    for the tasks that open the files (to read files that only one node has on that node)."""
     import ray.data
+
+    read_args = read_args or {}
 
     if spec.path == BUILTIN_DIGITS:
         from sklearn.datasets import load_digits
@@ -356,7 +361,7 @@ def read_raw(spec: DataSpec, task_cpus: float) -> tuple[Any, list[str]]:
     columns = features + [spec.label]
     if fmt == "parquet":
         return ray.data.read_parquet(
-            files, filesystem=fs, columns=columns, num_cpus=task_cpus
+            files, filesystem=fs, columns=columns, num_cpus=task_cpus, ray_remote_args=read_args
         ), features
 
     numeric = features + ([spec.label] if spec.task == "regression" else [])
@@ -366,6 +371,7 @@ def read_raw(spec: DataSpec, task_cpus: float) -> tuple[Any, list[str]]:
             scan_csv_file,
             fn_kwargs={"filesystem": fs, "numeric": numeric, "columns": columns},
             num_cpus=task_cpus,
+            **read_args,
         )
         .take_all()
     )
@@ -398,6 +404,7 @@ def read_raw(spec: DataSpec, task_cpus: float) -> tuple[Any, list[str]]:
             files,
             filesystem=fs,
             num_cpus=task_cpus,
+            ray_remote_args=read_args,
             parse_options=pacsv.ParseOptions(invalid_row_handler=_skip_row),
             convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
         )
@@ -410,6 +417,7 @@ def read_raw(spec: DataSpec, task_cpus: float) -> tuple[Any, list[str]]:
         files,
         filesystem=fs,
         num_cpus=task_cpus,
+        ray_remote_args=read_args,
         convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
     )
     return ds, features
@@ -480,11 +488,16 @@ def fit_stats(train: Any, features: list[str], spec: DataSpec) -> Stats:
 
 
 def build_datasets(
-    spec: DataSpec, seed: int, task_cpus: float, num_workers: int, rows_per_step: int
+    spec: DataSpec,
+    seed: int,
+    task_cpus: float,
+    num_workers: int,
+    rows_per_step: int,
+    read_args: dict[str, Any] | None = None,
 ) -> TabularData:
     """Read, validate, split and fit on the driver; return the preprocessed splits, kept in the
     object store (deterministic preprocessing is done once, not again every epoch)."""
-    ds, features = read_raw(spec, task_cpus)
+    ds, features = read_raw(spec, task_cpus, read_args)
     train_raw, val_raw = split(ds, spec, seed, task_cpus, num_workers)
     num_train, num_val = train_raw.count(), val_raw.count()
     if num_train + num_val == 0:

@@ -16,13 +16,24 @@ DEFAULT_DB = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 
 
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else a SQLite store ./mlflow.db (absolute, so that workers
-    whose working directory differs write to the same file)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+def tracking_uri(default_dir: str | Path = ".") -> str:
+    """MLFLOW_TRACKING_URI if set, else a SQLite store `mlflow.db` in `default_dir` (made
+    absolute, so that workers whose working directory differs write to the same file)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(default_dir) / DEFAULT_DB}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).expanduser().resolve()}"
     return uri
+
+
+def local_store_dir(uri: str) -> str | None:
+    """The directory of a store on this machine's disk (SQLite file, file store), else None."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).parent)
+    if uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    if "://" not in uri and ":" not in uri.split("/")[0]:
+        return uri
+    return None
 
 
 def _client(uri: str):

@@ -82,6 +82,43 @@ def _submission_id() -> str | None:
     return config.get("metadata", {}).get("job_submission_id")
 
 
+def default_dir() -> Path:
+    """Where the MLflow store and checkpoints go when nothing else says: the current
+    directory, except in a Ray job, whose working directory is a temporary copy: ~/trainyard."""
+    return Path.home() / "trainyard" if _submission_id() else Path(".")
+
+
+def data_files(spec: RunSpec) -> list[str]:
+    """The data files on a local disk (none for built-in data sets and URIs)."""
+    from cluster.shared import is_local
+    from pipelines.tabular import BUILTIN_DIGITS, resolve_files
+
+    if spec.data.path == BUILTIN_DIGITS or not is_local(spec.data.path):
+        return []
+    return resolve_files(spec.data.path.removeprefix("file://"))[0]
+
+
+def read_args_for(spec: RunSpec, storage: str, uri: str) -> dict[str, Any] | None:
+    """Check on a multi-node cluster that every node sees the checkpoint storage and a local
+    MLflow store (refused otherwise); return Ray remote args that read data files only this
+    node has on this node, or None."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from cluster.shared import check_cluster_paths
+    from pipelines import tracking
+
+    only_here = check_cluster_paths(storage, tracking.local_store_dir(uri), data_files(spec))
+    if not only_here:
+        return None
+    here = ray.get_runtime_context().get_node_id()
+    print(
+        f"trainyard: {len(only_here)} data file(s) exist only on this node "
+        f"({only_here[0]}, ...): reading them here"
+    )
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+
+
 def run(spec: RunSpec) -> dict[str, Any]:
     """Train `spec` end to end and return the summary (run id, checkpoint, final metrics)."""
     import ray
@@ -89,21 +126,33 @@ def run(spec: RunSpec) -> dict[str, Any]:
     import torch
     from ray.train.torch import TorchTrainer
 
+    from cluster.local import STORAGE_ENV
     from models import TabularPredictor, build_model
     from pipelines import tracking
     from pipelines.loop import load_state, train_loop_per_worker
     from pipelines.tabular import build_datasets
 
     plan = plan_for(spec, connect=True)
+    uri = tracking.tracking_uri(default_dir())
+    storage = (
+        spec.scaling.storage_path
+        or os.environ.get(STORAGE_ENV)
+        or str((default_dir() / "results").resolve())
+    )
+    read_args = read_args_for(spec, storage, uri)
     # 1. Data: read, validate, split and fit on the driver (bad input stops here).
     rows_per_step = spec.micro_batch_size * spec.train.grad_accum_steps  # per worker
     data = build_datasets(
-        spec.data, spec.train.seed, plan.data_task_cpus, plan.num_workers, rows_per_step
+        spec.data,
+        spec.train.seed,
+        plan.data_task_cpus,
+        plan.num_workers,
+        rows_per_step,
+        read_args,
     )
     steps_per_epoch = data.num_train // plan.num_workers // rows_per_step
 
     # 2. One MLflow run for the job, shared with the workers by id.
-    uri = tracking.tracking_uri()
     run_name = (
         spec.tracking.run_name or f"{spec.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
@@ -131,7 +180,6 @@ def run(spec: RunSpec) -> dict[str, Any]:
         f"{spec.tracking.experiment!r} at {uri}"
     )
     print(plan.describe())
-    storage = spec.scaling.storage_path or str(Path("results").resolve())
     try:
         # 3. Train: Ray Train runs the DDP workers, each streaming its shard from Ray Data.
         trainer = TorchTrainer(

@@ -1,0 +1,204 @@
+"""`trainyard submit`: run a spec on a Ray cluster through the Jobs API, follow it, exit with its
+status (0 only for SUCCEEDED).
+
+The project directory travels as the job's `working_dir` (without virtualenvs, data, results,
+MLflow stores or caches) and the entrypoint is the same driver as `trainyard train`:
+`python -m pipelines.train CONFIG --set ...`. The token authenticates the HTTP requests only;
+neither it nor any other credential goes into the runtime environment or the job metadata,
+which every user of the dashboard can read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pipelines.spec import TrainyardError, load_spec
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Never uploaded: environments, local data and results, MLflow stores, caches, VCS.
+EXCLUDES = [
+    ".venv/",
+    "venv/",
+    "data/",
+    "results/",
+    "mlflow.db",
+    "mlartifacts/",
+    "mlruns/",
+    "__pycache__/",
+    ".pytest_cache/",
+    ".ruff_cache/",
+    "*.egg-info/",
+    ".git/",
+    ".gpu-kit/",
+]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run spec (YAML) inside the project directory")
+    parser.add_argument(
+        "--address",
+        help="the cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
+        "an http RAY_ADDRESS, else the local cluster from `trainyard cluster up`)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a spec value (repeatable)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow server the job logs to (default: MLFLOW_TRACKING_URI if it is a server, "
+        "else the one the cluster sets)",
+    )
+    parser.add_argument(
+        "--no-wait", action="store_true", help="print the job id and return once submitted"
+    )
+
+
+def resolve_address(address: str | None) -> str:
+    """The Jobs API address: the flag, the environment, or the local cluster."""
+    from cluster.local import LocalCluster
+
+    ray_address = os.environ.get("RAY_ADDRESS", "")
+    for candidate in (
+        address,
+        os.environ.get("RAY_API_SERVER_ADDRESS"),
+        ray_address if ray_address.startswith(("http://", "https://")) else None,
+    ):
+        if candidate:
+            return candidate.rstrip("/")
+    state = LocalCluster.load()
+    if state is not None:
+        return state.dashboard_url
+    raise TrainyardError(
+        "no cluster to submit to: pass --address http://HEAD:8265, set RAY_API_SERVER_ADDRESS, "
+        "or start a local cluster with `trainyard cluster up`"
+    )
+
+
+def job_tracking_uri(flag: str | None) -> str | None:
+    """The tracking URI to hand the job, or None to use the one the cluster sets.
+
+    A local store (a path or sqlite file) means nothing on the cluster's nodes, so only a
+    server is forwarded. Credentials in the URI are refused: they belong in the cluster's
+    environment, not in job metadata anyone can read.
+    """
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return None
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        if flag:
+            raise TrainyardError(
+                f"--tracking-uri {uri!r} is not an MLflow server (http://HOST:PORT): a local "
+                "store on this machine is not where a cluster job can log"
+            )
+        return None
+    if parts.password or parts.username:
+        raise TrainyardError(
+            "the tracking URI carries credentials; set MLFLOW_TRACKING_USERNAME/PASSWORD in the "
+            "cluster's environment instead of sending them with the job"
+        )
+    return uri
+
+
+def entrypoint(config: str, overrides: list[str]) -> str:
+    """`python -m pipelines.train CONFIG --set ...`, with CONFIG relative to the project."""
+    path = Path(config).resolve()
+    try:
+        relative = path.relative_to(PROJECT_ROOT)
+    except ValueError:
+        raise TrainyardError(
+            f"{config}: the config must be inside the project directory {PROJECT_ROOT}, "
+            "which is what the job receives as its working_dir"
+        ) from None
+    args = ["python", "-m", "pipelines.train", relative.as_posix()]
+    for override in overrides:
+        args += ["--set", override]
+    return shlex.join(args)
+
+
+def runtime_env(tracking_uri: str | None) -> dict:
+    env_vars = {"PYTHONUNBUFFERED": "1"}
+    if tracking_uri:
+        env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
+    return {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env_vars}
+
+
+def client(address: str):
+    """A JobSubmissionClient that authenticates with the token; clear errors if refused."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    from cluster import auth
+
+    try:
+        return JobSubmissionClient(address, headers=auth.auth_headers())
+    except AuthenticationError as e:
+        status = 403 if "failed" in str(e).split(":")[0].lower() else 401
+        raise TrainyardError(auth.explain_refusal(status, address)) from None
+    except ConnectionError as e:
+        raise TrainyardError(f"no Ray Jobs API answers at {address}: {e}") from None
+
+
+async def _follow(jobs, job_id: str) -> None:
+    async for chunk in jobs.tail_job_logs(job_id):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+def submit(
+    config: str,
+    overrides: list[str],
+    address: str | None = None,
+    tracking_uri: str | None = None,
+) -> tuple[object, str]:
+    """Validate the spec here, then submit it; return the client and the submission id."""
+    load_spec(config, overrides)  # a bad spec fails here, before anything is uploaded
+    address = resolve_address(address)
+    uri = job_tracking_uri(tracking_uri)
+    jobs = client(address)
+    job_id = jobs.submit_job(
+        entrypoint=entrypoint(config, overrides),
+        runtime_env=runtime_env(uri),
+        metadata={"trainyard.config": config, "trainyard.overrides": " ".join(overrides)},
+    )
+    print(f"trainyard: submitted job {job_id} to {address}")
+    print(f"  MLflow: {uri or 'the tracking URI the cluster sets (MLFLOW_TRACKING_URI)'}")
+    return jobs, job_id
+
+
+def command(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    jobs, job_id = submit(args.config, args.overrides, args.address, args.tracking_uri)
+    if args.no_wait:
+        print(f"  follow: ray job logs -f {job_id}   stop: ray job stop {job_id}")
+        return 0
+    try:
+        asyncio.run(_follow(jobs, job_id))
+        while (status := str(jobs.get_job_info(job_id).status.value)) not in TERMINAL:
+            time.sleep(1)
+        info = jobs.get_job_info(job_id)
+    except KeyboardInterrupt:
+        print(f"\ntrainyard: stopped following; job {job_id} goes on (ray job stop {job_id})")
+        return 130
+    elapsed = time.monotonic() - started
+    if status == "SUCCEEDED":
+        print(f"trainyard: job {job_id} SUCCEEDED in {elapsed:.1f} s")
+        return 0
+    print(
+        f"trainyard: job {job_id} {status} after {elapsed:.1f} s: {info.message or ''}".rstrip(),
+        file=sys.stderr,
+    )
+    return 1

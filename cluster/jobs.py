@@ -169,11 +169,14 @@ def submit(
     address = resolve_address(address)
     uri = job_tracking_uri(tracking_uri)
     jobs = client(address)
-    job_id = jobs.submit_job(
-        entrypoint=entrypoint(config, overrides),
-        runtime_env=runtime_env(uri),
-        metadata={"trainyard.config": config, "trainyard.overrides": " ".join(overrides)},
-    )
+    try:
+        job_id = jobs.submit_job(
+            entrypoint=entrypoint(config, overrides),
+            runtime_env=runtime_env(uri),
+            metadata={"trainyard.config": config, "trainyard.overrides": " ".join(overrides)},
+        )
+    except RuntimeError as e:  # the Jobs API answered with an error (e.g. no job agent)
+        raise TrainyardError(f"the Jobs API at {address} did not take the job: {e}") from None
     print(f"trainyard: submitted job {job_id} to {address}")
     print(f"  MLflow: {uri or 'the tracking URI the cluster sets (MLFLOW_TRACKING_URI)'}")
     return jobs, job_id
@@ -197,8 +200,23 @@ def command(args: argparse.Namespace) -> int:
     if status == "SUCCEEDED":
         print(f"trainyard: job {job_id} SUCCEEDED in {elapsed:.1f} s")
         return 0
-    print(
-        f"trainyard: job {job_id} {status} after {elapsed:.1f} s: {info.message or ''}".rstrip(),
-        file=sys.stderr,
-    )
+    reason = (info.message or "").splitlines()[0] if info.message else ""
+    print(f"trainyard: job {job_id} {status} after {elapsed:.1f} s: {reason}", file=sys.stderr)
+    if error := last_error(jobs.get_job_logs(job_id)):
+        print(f"  {error}", file=sys.stderr)
     return 1
+
+
+def last_error(logs: str) -> str | None:
+    """The line of a job's logs that says why it failed: trainyard's own one-line error, else
+    the last line of a Python traceback."""
+    lines = [line.strip() for line in logs.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith(("trainyard: error:", "trainyard: training failed:")):
+            return line
+    for i in range(len(lines) - 1, 0, -1):
+        if lines[i - 1].startswith("Traceback") or (
+            ":" in lines[i] and lines[i].split(":")[0].endswith(("Error", "Exception"))
+        ):
+            return lines[i]
+    return None

@@ -259,19 +259,33 @@ def up(
             )
             _start(cmd, env, logs / "mlflow.log", wait=False)
         ray = str(Path(sys.executable).with_name("ray"))
+        if auth.find_token()[0] is None:
+            # A fresh machine: create the token (~/.ray/auth_token) that the nodes and every
+            # client (trainyard submit, ray job submit) share.
+            _start([ray, "get-auth-token", "--generate"], env, logs / "token.log", wait=True)
+            token_path = auth.DEFAULT_TOKEN_PATH
+            if token_path.is_file():
+                token_path.chmod(0o600)  # a secret: readable by its owner only
         common = ["--num-cpus", str(cpus), "--disable-usage-stats"]
+
+        def agent_port() -> list[str]:
+            # The default (52365) is taken by the first node on the machine; a head whose agent
+            # cannot bind accepts no jobs.
+            return ["--dashboard-agent-listen-port", str(free_port())]
+
         head = [
             *("--head", "--port", str(port)),
             *("--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)),
             *("--ray-client-server-port", str(free_port())),  # unused; keep 10001 free
             *("--temp-dir", f"{temp_dir}/head"),
         ]
-        _start([ray, "start", *head, *common], env, logs / "head.log", wait=True)
+        _start([ray, "start", *head, *agent_port(), *common], env, logs / "head.log", wait=True)
         state.ray_address = Path(temp_dir, "head", "ray_current_cluster").read_text().strip()
         state.save()  # from here on, `down` can clean up whatever happens next
         for i in range(1, workers + 1):
             worker = ["--address", state.ray_address, "--temp-dir", f"{temp_dir}/worker{i}"]
-            _start([ray, "start", *worker, *common], env, logs / f"worker{i}.log", wait=True)
+            log = logs / f"worker{i}.log"
+            _start([ray, "start", *worker, *agent_port(), *common], env, log, wait=True)
         _wait_for(
             f"{workers + 1} Ray nodes",
             lambda: len(alive_nodes(state.dashboard_url)) >= workers + 1,
@@ -311,7 +325,8 @@ def describe(dashboard_url: str, state: LocalCluster | None = None) -> str:
             f"local cluster {state.cluster_id} (up since {state.started})",
             f"  Ray address:  {state.ray_address}",
         ]
-    lines.append(f"  dashboard:    {dashboard_url}   (Jobs API: trainyard submit --address ...)")
+    lines.append(f"  dashboard:    {dashboard_url}   (also the Jobs API)")
+    lines.append(f"  token:        {auth.find_token()[1]}")
     if state is not None:
         lines += [
             f"  MLflow:       {state.mlflow_url or 'none (no server started)'}",

@@ -31,8 +31,8 @@ def local_store_dir(uri: str) -> str | None:
         return str(Path(uri.removeprefix("sqlite:///")).parent)
     if uri.startswith("file://"):
         return uri.removeprefix("file://")
-    if "://" not in uri and ":" not in uri.split("/")[0]:
-        return uri
+    if "://" not in uri and ":" not in uri and not uri.startswith("databricks"):
+        return uri  # a plain path: MLflow's file store
     return None
 
 

@@ -1,0 +1,308 @@
+"""The cluster path end to end, with real processes on loopback: `trainyard cluster up` (a head and
+two worker nodes, each started by `ray start`, and an MLflow server), jobs sent by
+`trainyard submit` and by plain `ray job submit`, results read back through the MLflow server's
+REST API, security checks, node-local paths, and `trainyard cluster down`.
+
+The tests share one cluster and run in file order; the last one takes the cluster down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cluster import auth
+from cluster.local import MARKER, LocalCluster, _alive, alive_nodes, cluster_pids, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+EPOCHS = "train.epochs=3"
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    return env | {"TRAINYARD_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env['PATH']}"}
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _rest(url: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        url + path, data=data, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """`trainyard cluster up --workers 2` on free ports, its state in a private TRAINYARD_HOME."""
+    base = tmp_path_factory.mktemp("cluster")
+    env = _env(base / "home")
+    ports = {"--port": free_port(), "--dashboard-port": free_port(), "--mlflow-port": free_port()}
+    args = [str(BIN / "trainyard"), "cluster", "up", "--workers", "2", "--cpus-per-node", "1"]
+    for flag, port in ports.items():
+        args += [flag, str(port)]
+    args += ["--storage", str(base / "results"), "--mlflow-dir", str(base / "mlflow")]
+    started = time.monotonic()
+    up = _run(args, env, timeout=180)
+    assert up.returncode == 0, up.stdout + up.stderr
+    os.environ["TRAINYARD_HOME"] = env["TRAINYARD_HOME"]
+    state = LocalCluster.load()
+    os.environ.pop("TRAINYARD_HOME")
+    print(f"cluster up in {time.monotonic() - started:.1f} s")
+    yield {"env": env, "state": state, "base": base, "up": up.stdout}
+    _run([str(BIN / "trainyard"), "cluster", "down"], env, timeout=120)
+    leftover = _alive(cluster_pids(state.cluster_id))
+    for pid in leftover:  # never leave a cluster behind, even when a test failed
+        os.kill(pid, 9)
+
+
+def test_up_starts_three_nodes_and_status_shows_them(cluster):
+    state = cluster["state"]
+    out = _run([str(BIN / "trainyard"), "cluster", "status"], cluster["env"])
+    assert out.returncode == 0, out.stderr
+    assert "3 alive, 3 CPUs, 0 GPUs" in out.stdout
+    assert state.dashboard_url in out.stdout and state.mlflow_url in out.stdout
+    # Each node is its own raylet process, started by its own `ray start`.
+    raylets = [p for p in cluster_pids(state.cluster_id) if _comm(p) == "raylet"]
+    assert len(raylets) == 3
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _listeners(port: int) -> set[str]:
+    """Addresses with a listening TCP socket on `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+LOOPBACK = {
+    "0100007F",  # 127.0.0.1
+    "00000000000000000000000001000000",  # ::1
+    "0000000000000000FFFF00000100007F",  # ::ffff:127.0.0.1
+}
+
+
+def test_dashboard_jobs_api_and_mlflow_listen_on_loopback_only(cluster):
+    state = cluster["state"]
+    for url in (state.dashboard_url, state.mlflow_url):
+        port = int(url.rsplit(":", 1)[1])
+        listeners = _listeners(port)
+        assert listeners, f"nothing listens on {port}"
+        assert listeners <= LOOPBACK, f"{url} listens on {listeners}"
+
+
+def test_jobs_api_refuses_requests_without_the_token(cluster):
+    url = cluster["state"].dashboard_url + "/api/jobs/"
+    for headers, status in (({}, 401), ({"Authorization": "Bearer not-the-token"}, 403)):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+        assert refused.value.code == status
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers=auth.auth_headers()), timeout=10
+    ) as ok:
+        assert ok.status == 200
+
+
+def test_submit_without_a_token_says_how_to_get_one(cluster, tmp_path):
+    env = cluster["env"] | {"HOME": str(tmp_path)}
+    env.pop("RAY_AUTH_TOKEN", None)
+    out = _run([str(BIN / "trainyard"), "submit", "configs/digits.yaml"], env)
+    assert out.returncode == 2
+    assert "requires an authentication token" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.fixture(scope="module")
+def both_jobs(cluster):
+    """The digits run sent both ways: `trainyard submit` and plain `ray job submit`."""
+    env = cluster["env"]
+    started = time.monotonic()
+    ours = _run([str(BIN / "trainyard"), "submit", "configs/digits.yaml", "--set", EPOCHS], env)
+    ours_s = time.monotonic() - started
+    plain_env = env | {"RAY_AUTH_MODE": "token"}
+    plain = _run(
+        [
+            *(str(BIN / "ray"), "job", "submit", "--address", cluster["state"].dashboard_url),
+            *("--working-dir", ".", "--"),
+            *("python", "-m", "pipelines.train", "configs/digits.yaml", "--set", EPOCHS),
+        ],
+        plain_env,
+    )
+    return {"ours": ours, "ours_s": ours_s, "started": started, "plain": plain}
+
+
+def test_both_jobs_succeed(both_jobs):
+    ours, plain = both_jobs["ours"], both_jobs["plain"]
+    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr[-3000:]
+    assert "SUCCEEDED" in ours.stdout
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    assert "succeeded" in plain.stdout
+
+
+def test_both_runs_are_in_the_mlflow_server_with_metrics_and_model(cluster, both_jobs):
+    server = cluster["state"].mlflow_url
+    experiment = _rest(server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=digits")
+    exp_id = experiment["experiment"]["experiment_id"]
+    runs = _rest(server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
+    assert len(runs) == 2
+    models = _rest(server, "/api/2.0/mlflow/logged-models/search", {"experiment_ids": [exp_id]})
+    model_runs = {m["info"]["source_run_id"] for m in models["models"]}
+    for run in runs:
+        assert run["info"]["status"] == "FINISHED"
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert metrics["val_accuracy"] > 0.8  # 3 epochs; full accuracy is test_train_e2e's
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["ray.submission_id"].startswith("raysubmit_")
+        # The two DDP workers ran on two different nodes.
+        assert tags["num_nodes"] == "2" and len(set(tags["worker_nodes"].split(","))) == 2
+        assert run["info"]["run_id"] in model_runs
+    # The model comes back through the server (artifacts are proxied) and predicts digits.
+    import mlflow
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    mlflow.set_tracking_uri(server)
+    model_id = models["models"][0]["info"]["model_id"]
+    digits = load_digits(as_frame=True).frame.drop(columns="target").head(50).astype("float32")
+    predicted = np.asarray(mlflow.pyfunc.load_model(f"models:/{model_id}").predict(digits))
+    accuracy = (predicted.argmax(axis=1) == load_digits().target[:50]).mean()
+    assert accuracy > 0.8
+
+
+def test_no_secret_in_the_jobs_runtime_env_or_metadata(cluster, both_jobs):
+    token, _ = auth.find_token()
+    assert token
+    jobs = auth.dashboard_get(cluster["state"].dashboard_url, "/api/jobs/")
+    assert len(jobs) >= 2
+    for job in jobs:
+        exposed = json.dumps({k: job.get(k) for k in ("runtime_env", "metadata", "entrypoint")})
+        assert token not in exposed
+        assert "RAY_AUTH_TOKEN" not in exposed
+
+
+def test_a_failing_job_exits_nonzero_with_its_error(cluster):
+    out = _run(
+        [
+            *(str(BIN / "trainyard"), "submit", "configs/digits.yaml"),
+            *("--set", "data.path=/nonexistent/digits.csv"),
+        ],
+        cluster["env"],
+    )
+    assert out.returncode == 1
+    assert "FAILED" in out.stderr
+    assert "trainyard: error: data.path: no such file or directory: /nonexistent" in out.stderr
+
+
+def test_a_bad_spec_is_refused_before_submitting(cluster):
+    out = _run(
+        [str(BIN / "trainyard"), "submit", "configs/digits.yaml", "--set", "train.lr=-1"],
+        cluster["env"],
+    )
+    assert out.returncode == 2
+    assert "train.lr" in out.stderr and "submitted" not in out.stdout
+
+
+def _can_unshare() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "true"], capture_output=True, check=False
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs mount namespaces (unshare -m) for a node")
+def test_paths_only_the_head_sees(cluster):
+    """A fourth node in its own mount namespace, where a directory the head has is empty: as a
+    node on another machine sees the head's local disk. Checkpoints there are refused; data
+    there is read on the head."""
+    state, env = cluster["state"], cluster["env"]
+    hidden = cluster["base"] / "head-only"
+    hidden.mkdir()
+    from sklearn.datasets import load_digits
+
+    frame = load_digits(as_frame=True).frame.rename(columns={"target": "label"})
+    frame.to_csv(hidden / "digits.csv", index=False)
+    node_env = env | {MARKER: state.cluster_id, "RAY_AUTH_MODE": "token"}
+    start = (
+        f"mount -t tmpfs tmpfs {hidden} && exec {BIN / 'ray'} start --address "
+        f"{state.ray_address} --num-cpus 1 --temp-dir /tmp/trainyard-{state.cluster_id}/worker9 "
+        f"--dashboard-agent-listen-port {free_port()}"
+    )
+    node = _run(["unshare", "-m", "--propagation", "private", "sh", "-c", start], node_env)
+    assert node.returncode == 0, node.stdout + node.stderr
+    deadline = time.monotonic() + 60
+    while len(alive_nodes(state.dashboard_url)) < 4:
+        assert time.monotonic() < deadline, "the fourth node did not join"
+        time.sleep(1)
+
+    refused = _run(
+        [
+            *(str(BIN / "trainyard"), "submit", "configs/digits.yaml"),
+            *("--set", f"scaling.storage_path={hidden / 'results'}"),
+        ],
+        env,
+    )
+    assert refused.returncode == 1
+    assert "scaling.storage_path" in refused.stdout and "cannot see it" in refused.stdout
+
+    read_here = _run(
+        [
+            *(str(BIN / "trainyard"), "submit", "configs/digits.yaml"),
+            *("--set", f"data.path={hidden / 'digits.csv'}", "--set", "train.epochs=1"),
+            *("--set", "tracking.log_model=false"),
+        ],
+        env,
+    )
+    assert read_here.returncode == 0, read_here.stdout[-3000:] + read_here.stderr[-2000:]
+    assert "exist only on this node" in read_here.stdout
+
+
+def test_down_stops_everything_up_started_and_nothing_else(cluster):
+    state = cluster["state"]
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert len(_alive(cluster_pids(state.cluster_id))) > 10
+        out = _run([str(BIN / "trainyard"), "cluster", "down"], cluster["env"])
+        assert out.returncode == 0, out.stderr
+        assert _alive(cluster_pids(state.cluster_id)) == []
+        # No Ray process of this cluster is left under any name (its temp dirs are its own).
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and _alive([int(entry.name)]):
+                try:
+                    cmdline = (entry / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                assert f"trainyard-{state.cluster_id}".encode() not in cmdline
+        assert bystander.poll() is None  # a process `up` did not start is left alone
+        status = _run([str(BIN / "trainyard"), "cluster", "status"], cluster["env"])
+        assert status.returncode == 2 and "no local cluster is up" in status.stderr
+    finally:
+        bystander.kill()

@@ -1,0 +1,93 @@
+"""The cluster side's plain functions, without a cluster: token lookup, job entrypoint, which
+tracking URI a job gets, where `submit` sends it, and which addresses count as loopback."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from cluster import auth, jobs
+from cluster.shared import is_local
+from pipelines.spec import TrainyardError
+from pipelines.tracking import local_store_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_token_lookup_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(auth, "DEFAULT_TOKEN_PATH", tmp_path / ".ray" / "auth_token")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert auth.find_token()[0] is None and auth.auth_headers() == {}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert auth.find_token()[0] == "from-home"
+    (tmp_path / "other").write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "other"))
+    assert auth.find_token() == ("from-path", str(tmp_path / "other"))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert auth.auth_headers() == {"Authorization": "Bearer from-env"}
+
+
+def test_entrypoint_is_the_driver_with_the_config_relative_to_the_project():
+    cmd = jobs.entrypoint(str(ROOT / "configs" / "digits.yaml"), ["train.epochs=2", "a.b=x y"])
+    assert shlex.split(cmd) == [
+        *("python", "-m", "pipelines.train", "configs/digits.yaml"),
+        *("--set", "train.epochs=2", "--set", "a.b=x y"),
+    ]
+    with pytest.raises(TrainyardError, match="inside the project directory"):
+        jobs.entrypoint("/etc/passwd", [])
+
+
+def test_only_a_server_uri_without_credentials_is_sent_with_a_job(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert jobs.job_tracking_uri(None) is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    assert jobs.job_tracking_uri(None) is None  # a local store means nothing on the cluster
+    assert jobs.job_tracking_uri("http://head:5000") == "http://head:5000"
+    with pytest.raises(TrainyardError, match="not an MLflow server"):
+        jobs.job_tracking_uri("sqlite:///x.db")
+    with pytest.raises(TrainyardError, match="credentials"):
+        jobs.job_tracking_uri("https://user:secret@mlflow.example.com")
+
+
+def test_the_runtime_env_excludes_local_state_and_carries_no_secret(monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cr3t")
+    env = jobs.runtime_env("http://head:5000")
+    assert env["working_dir"] == str(ROOT)
+    assert {".venv/", "data/", "results/", "mlflow.db", "mlartifacts/"} <= set(env["excludes"])
+    assert "s3cr3t" not in str(env) and env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://head:5000"
+
+
+def test_submit_address_comes_from_flag_env_or_local_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINYARD_HOME", str(tmp_path))
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(TrainyardError, match="no cluster to submit to"):
+        jobs.resolve_address(None)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a GCS address is not the Jobs API
+    with pytest.raises(TrainyardError):
+        jobs.resolve_address(None)
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.1:8265/")
+    assert jobs.resolve_address(None) == "http://10.0.0.1:8265"
+    assert jobs.resolve_address("http://h:1") == "http://h:1"
+
+
+def test_which_stores_and_paths_are_local():
+    assert local_store_dir("sqlite:////data/mlflow.db") == "/data"
+    assert local_store_dir("file:///data/mlruns") == "/data/mlruns"
+    assert local_store_dir("http://head:5000") is None
+    assert local_store_dir("databricks") is None
+    assert is_local("/data/x.csv") and is_local("file:///data/x.csv")
+    assert not is_local("s3://bucket/x.csv")
+
+
+def test_the_error_line_of_a_failed_jobs_logs():
+    logs = "starting\ntrainyard: error: data.path: no such file or directory: x.csv\n"
+    assert jobs.last_error(logs) == "trainyard: error: data.path: no such file or directory: x.csv"
+    traceback = "Traceback (most recent call last):\n  File \"a.py\", line 1\nKeyError: 'lr'\n"
+    assert jobs.last_error("x\n" + traceback) == "KeyError: 'lr'"
+    assert jobs.last_error("all fine\n") is None

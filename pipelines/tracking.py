@@ -170,17 +170,23 @@ def log_model(uri: str, run_id: str, model: Any, example: Any) -> str:
 
     with torch.no_grad():
         prediction = model(torch.from_numpy(example.to_numpy(dtype=np.float32))).numpy()
+    # The fluent API needs the process-wide tracking URI (which MLflow also exports to the
+    # environment); put back what was there, so that nothing after this call is redirected.
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=infer_signature(example, prediction),
-            input_example=example,
-            code_paths=[str(Path(models.__file__).parent)],
-            # Pickled with its code, so that pyfunc takes a DataFrame of raw feature rows.
-            serialization_format="pickle",
-            # Named up front: inferring them loads the model again in a subprocess (slow).
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
-        )
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=infer_signature(example, prediction),
+                input_example=example,
+                code_paths=[str(Path(models.__file__).parent)],
+                # Pickled with its code, so that pyfunc takes a DataFrame of raw feature rows.
+                serialization_format="pickle",
+                # Named up front: inferring them loads the model again in a subprocess (slow).
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
+            )
+    finally:
+        mlflow.set_tracking_uri(previous)
     return info.model_uri

@@ -184,14 +184,18 @@ def test_both_runs_are_in_the_mlflow_server_with_metrics_and_model(cluster, both
         assert tags["num_nodes"] == "2" and len(set(tags["worker_nodes"].split(","))) == 2
         assert run["info"]["run_id"] in model_runs
     # The model comes back through the server (artifacts are proxied) and predicts digits.
+    # (No mlflow.set_tracking_uri: it is process-wide and would outlive this test.)
     import mlflow
     import numpy as np
     from sklearn.datasets import load_digits
 
-    mlflow.set_tracking_uri(server)
-    model_id = models["models"][0]["info"]["model_id"]
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=models["models"][0]["info"]["artifact_uri"],
+        dst_path=str(cluster["base"] / "model"),
+        tracking_uri=server,
+    )
     digits = load_digits(as_frame=True).frame.drop(columns="target").head(50).astype("float32")
-    predicted = np.asarray(mlflow.pyfunc.load_model(f"models:/{model_id}").predict(digits))
+    predicted = np.asarray(mlflow.pyfunc.load_model(local).predict(digits))
     accuracy = (predicted.argmax(axis=1) == load_digits().target[:50]).mean()
     assert accuracy > 0.8
 

@@ -62,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "else the one the cluster sets)",
     )
     parser.add_argument(
+        "--resume",
+        metavar="RUN_NAME",
+        help="continue the run of this name from its newest checkpoint, in the same MLflow run",
+    )
+    parser.add_argument(
         "--no-wait", action="store_true", help="print the job id and return once submitted"
     )
 
@@ -113,8 +118,9 @@ def job_tracking_uri(flag: str | None) -> str | None:
     return uri
 
 
-def entrypoint(config: str, overrides: list[str]) -> str:
-    """`python -m pipelines.train CONFIG --set ...`, with CONFIG relative to the project."""
+def entrypoint(config: str, overrides: list[str], resume: str | None = None) -> str:
+    """`python -m pipelines.train CONFIG --set ... [--resume NAME]`, with CONFIG relative to
+    the project."""
     path = Path(config).resolve()
     try:
         relative = path.relative_to(PROJECT_ROOT)
@@ -126,6 +132,8 @@ def entrypoint(config: str, overrides: list[str]) -> str:
     args = ["python", "-m", "pipelines.train", relative.as_posix()]
     for override in overrides:
         args += ["--set", override]
+    if resume:
+        args += ["--resume", resume]
     return shlex.join(args)
 
 
@@ -163,6 +171,7 @@ def submit(
     overrides: list[str],
     address: str | None = None,
     tracking_uri: str | None = None,
+    resume: str | None = None,
 ) -> tuple[object, str]:
     """Validate the spec here, then submit it; return the client and the submission id."""
     load_spec(config, overrides)  # a bad spec fails here, before anything is uploaded
@@ -171,7 +180,7 @@ def submit(
     jobs = client(address)
     try:
         job_id = jobs.submit_job(
-            entrypoint=entrypoint(config, overrides),
+            entrypoint=entrypoint(config, overrides, resume),
             runtime_env=runtime_env(uri),
             metadata={"trainyard.config": config, "trainyard.overrides": " ".join(overrides)},
         )
@@ -184,7 +193,7 @@ def submit(
 
 def command(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    jobs, job_id = submit(args.config, args.overrides, args.address, args.tracking_uri)
+    jobs, job_id = submit(args.config, args.overrides, args.address, args.tracking_uri, args.resume)
     if args.no_wait:
         print(f"  follow: ray job logs -f {job_id}   stop: ray job stop {job_id}")
         return 0

@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import build_model
-from pipelines.spec import RunSpec, TrainSpec
+from pipelines.spec import RunSpec, TrainSpec, TrainyardError
 
 CHECKPOINT_FILE = "state.pt"
+DIGEST_FILE = "state.sha256"
+STOPPED_TAG = "trainyard.stopped"
 logger = logging.getLogger("trainyard")
 
 
@@ -107,6 +109,12 @@ class EpochStats:
     seconds: float
     data_seconds: float
     """Time spent waiting for the next batch."""
+    skipped: int = 0
+    """Optimizer steps skipped: a non-finite loss on some rank, or an fp16 gradient overflow."""
+    nonfinite_run: int = 0
+    """Consecutive steps with a non-finite loss at the end of the epoch."""
+    stopped: bool = False
+    """The loss stayed non-finite for `max_nonfinite` steps: training must stop."""
 
     @property
     def samples_per_s(self) -> float:
@@ -115,6 +123,15 @@ class EpochStats:
     @property
     def data_wait_share(self) -> float:
         return self.data_seconds / self.seconds if self.seconds else 0.0
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on some rank (so that all ranks decide alike)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def train_epoch(
@@ -130,16 +147,23 @@ def train_epoch(
     amp_dtype: torch.dtype | None = None,
     grad_clip: float | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    max_nonfinite: int | None = None,
+    nonfinite_run: int = 0,
 ) -> EpochStats:
     """Run exactly `steps` optimizer steps of `accum` micro-batches each and return the stats.
 
     Gradients are all-reduced only on the last micro-batch of a step (`no_sync` before it).
-    `on_step(step, loss)` is called after each optimizer step with the step's last loss.
+    A step whose loss is NaN/inf on any rank is skipped on every rank (no update, no scheduler
+    step); so is an fp16 step whose gradients overflow (GradScaler). After `max_nonfinite`
+    non-finite steps in a row (counting `nonfinite_run` from the previous epoch) the epoch
+    stops early with `stopped` set, on every rank alike. `on_step(step, loss)` is called after
+    each applied optimizer step with the step's last loss.
     """
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
-    samples = micro = done = 0
+    samples = micro = done = skipped = 0
+    step_finite = True
     data_seconds = 0.0
     start = time.perf_counter()
     iterator = iter(batches)
@@ -157,23 +181,48 @@ def train_epoch(
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = loss_fn(model(x), y)
             scaler.scale(loss / accum).backward()
-        loss_sum += loss.detach().float() * len(y)
-        samples += len(y)
+        finite = bool(torch.isfinite(loss.detach()))
+        step_finite &= finite
+        if finite:
+            loss_sum += loss.detach().float() * len(y)
+            samples += len(y)
         micro += 1
         if not last:
             continue
+        done += 1
+        if _any_rank(not step_finite, device):
+            # NaN/inf somewhere: the all-reduced gradients are poisoned on every rank.
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            nonfinite_run += 1
+            step_finite = True
+            if max_nonfinite is not None and nonfinite_run >= max_nonfinite:
+                break
+            continue
+        nonfinite_run = 0
         if grad_clip is not None:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
+        scale = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if scale is not None and scaler.get_scale() < scale:
+            skipped += 1  # the scale only drops after an overflow: no update happened
+            continue
         scheduler.step()
-        done += 1
         if on_step is not None:
             on_step(done, loss)
-    seconds = time.perf_counter() - start
-    return EpochStats(float(loss_sum) / max(samples, 1), samples, done, seconds, data_seconds)
+    return EpochStats(
+        loss=float(loss_sum) / max(samples, 1),
+        samples=samples,
+        steps=done,
+        seconds=time.perf_counter() - start,
+        data_seconds=data_seconds,
+        skipped=skipped,
+        nonfinite_run=nonfinite_run,
+        stopped=max_nonfinite is not None and nonfinite_run >= max_nonfinite,
+    )
 
 
 @torch.no_grad()
@@ -225,20 +274,39 @@ def evaluate(
 # --- checkpoints --------------------------------------------------------------------------------
 
 
+class CheckpointError(TrainyardError):
+    """A checkpoint that is missing, incomplete or corrupt: never resumed from."""
+
+
 def save_state(directory: Path, **state: Any) -> Path:
-    """Write a checkpoint (model, optimizer, ..., RNG states) to `directory`."""
-    state["rng"] = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
+    """Write a checkpoint (model, optimizer, scheduler, scaler, epoch, ...) to `directory`:
+    the state file first, then its SHA-256 beside it, so that a checkpoint cut short while
+    being written or copied is recognised as incomplete and never loaded."""
     path = directory / CHECKPOINT_FILE
     torch.save(state, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    (directory / DIGEST_FILE).write_text(digest + "\n")
     return path
 
 
 def load_state(directory: str | Path) -> dict[str, Any]:
-    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    """Load a checkpoint written by `save_state`, after checking that it is complete."""
+    path = Path(directory) / CHECKPOINT_FILE
+    digest = Path(directory) / DIGEST_FILE
+    if not path.is_file() or not digest.is_file():
+        raise CheckpointError(f"checkpoint {directory} is incomplete (no {path.name} + digest)")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != digest.read_text().strip():
+        raise CheckpointError(f"checkpoint {directory} is corrupt ({path.name} does not match)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed every RNG from (seed, epoch, rank) alone, so that an epoch draws the same dropout
+    masks whether the run got there straight or resumed from a checkpoint."""
+    value = seed + 1 + rank + 100_003 * epoch
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -289,12 +357,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
         first_epoch = state["epoch"] + 1
-    else:
-        torch.manual_seed(tr.seed + 1 + rank)  # distinct dropout masks per rank
+    # A restart (after a failure, or the same run submitted again), with or without a checkpoint.
+    restarted = log.active and (checkpoint is not None or log.started_before())
+    if restarted:
+        restarts = log.restarted(from_epoch=first_epoch - 1)
+        logger.info(f"restart {restarts}: resuming after epoch {first_epoch - 1}")
 
     model = ray.train.torch.prepare_model(model)
     nodes = [ray.get_runtime_context().get_node_id()] * world
@@ -315,15 +383,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("validation")
     micro = spec.micro_batch_size
 
+    nonfinite_run = 0
     for epoch in range(first_epoch, tr.epochs + 1):
         base_step = (epoch - 1) * steps_per_epoch
+        seed_epoch(tr.seed, epoch, rank)  # distinct dropout masks per rank, resumable
 
         def on_step(
             step: int, loss: torch.Tensor, base_step: int = base_step, epoch: int = epoch
         ) -> None:
             if step == 1 and epoch == first_epoch and log.active:
-                # When the job's first optimizer step finished: start-up cost, seen in MLflow.
-                log.tags({"trainyard.first_step_at": f"{time.time():.3f}"})
+                # When the first optimizer step (of this start) finished: start-up or
+                # recovery cost, seen in MLflow.
+                key = "resumed_step_at" if restarted else "first_step_at"
+                log.tags({f"trainyard.{key}": f"{time.time():.3f}"})
             if step % tr.log_every_steps == 0 and log.active:
                 value = loss.item()
                 logger.info(
@@ -349,7 +421,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             amp_dtype=amp_dtype,
             grad_clip=tr.grad_clip,
             on_step=on_step,
+            max_nonfinite=tr.max_nonfinite_steps,
+            nonfinite_run=nonfinite_run,
         )
+        nonfinite_run = result.nonfinite_run
+        if result.stopped:  # the same decision on every rank: all leave the loop together
+            message = (
+                f"the training loss was NaN/inf for {nonfinite_run} steps in a row "
+                f"(train.max_nonfinite_steps) in epoch {epoch}; lower train.lr, turn on "
+                "train.grad_clip, or check the data for NaN/inf values"
+            )
+            log.tags({STOPPED_TAG: message})
+            logger.error(message)
+            break
         metrics = evaluate(
             model,
             val_shard.iter_torch_batches(batch_size=max(micro, 256)),
@@ -364,6 +448,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             samples_per_s=result.samples_per_s * world,
             epoch_seconds=result.seconds,
             data_wait_share=result.data_wait_share,
+            skipped_steps=result.skipped,
             lr=scheduler.get_last_lr()[0],
             epoch=epoch,
         )
@@ -396,4 +481,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     model_config=dict(vars(unwrap(model).config)),
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(d)
+            inject_failure(job.get("inject_failure"), epoch, rank)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def inject_failure(plan: dict[str, Any] | None, epoch: int, rank: int) -> None:
+    """A testing aid for fault tolerance (TRAINYARD_INJECT_FAILURE=MARKER:EPOCH[:TIMES] on the
+    driver): rank 0 raises at the end of EPOCH, after logging its metrics and before its
+    checkpoint, at most TIMES times over the run's life, counted in the file MARKER (which
+    every node must see)."""
+    if not plan or rank != 0 or epoch != plan["epoch"]:
+        return
+    marker = Path(plan["marker"])
+    count = int(marker.read_text() or 0) if marker.exists() else 0
+    if count >= plan["times"]:
+        return
+    marker.write_text(str(count + 1))
+    raise RuntimeError(f"injected failure {count + 1}/{plan['times']} after epoch {epoch}")

@@ -113,6 +113,9 @@ class TrainSpec:
     """How many of the newest checkpoints to keep."""
     log_every_steps: int = 50
     """Print and log training loss every N optimizer steps."""
+    max_nonfinite_steps: int = 20
+    """Stop the run (FAILED) when the loss is NaN/inf for this many optimizer steps in a row.
+    Steps with a non-finite loss or gradients are skipped on every rank either way."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -122,6 +125,7 @@ class TrainSpec:
             "checkpoint_every",
             "keep_checkpoints",
             "log_every_steps",
+            "max_nonfinite_steps",
         ):
             value = getattr(self, name)
             _check(value >= 1, f"train.{name}", value, "an integer >= 1")
@@ -170,8 +174,18 @@ class ScalingSpec:
     the cluster), else ./results (~/trainyard/results in a Ray job). On a multi-node cluster a
     directory must be one that every node sees."""
 
+    max_failures: int | None = None
+    """Worker or node failures survived by restarting from the newest checkpoint (Ray Train's
+    FailureConfig). None: 2 on a multi-node cluster, 0 on one node."""
+
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, "an integer >= 1")
+        _check(
+            self.max_failures is None or self.max_failures >= 0,
+            "scaling.max_failures",
+            self.max_failures,
+            "an integer >= 0 or null",
+        )
         _check(
             self.cpus_per_worker is None or self.cpus_per_worker > 0,
             "scaling.cpus_per_worker",
@@ -191,7 +205,9 @@ class TrackingSpec:
     experiment: str = "trainyard"
     """MLflow experiment. The tracking URI comes from MLFLOW_TRACKING_URI, else ./mlflow.db."""
     run_name: str | None = None
-    """MLflow run name and Ray Train run name; None makes one from the experiment and time."""
+    """MLflow run name and Ray Train run name; None makes one from the experiment and time.
+    A name already used in the experiment continues that run (same MLflow run, newest
+    checkpoint)."""
     log_model: bool = True
     """Log the trained model (with its preprocessing) to MLflow."""
 

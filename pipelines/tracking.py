@@ -88,6 +88,37 @@ def start_run(
     return run_id
 
 
+def find_run(uri: str, experiment: str, run_name: str) -> str | None:
+    """The id of the run named `run_name` (Ray Train's run name) in `experiment`, if any."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    quoted = run_name.replace("\\", "\\\\").replace("'", "\\'")
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`ray.train.run_name` = '{quoted}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def reopen_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Mark a run that is being continued RUNNING again, with this attempt's tags."""
+    from mlflow.entities import RunTag
+
+    client = _client(uri)
+    if "error" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "error")  # the previous attempt's; this one may succeed
+    client.update_run(run_id, status="RUNNING")
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def run_tag(uri: str, run_id: str, key: str) -> str | None:
+    return _client(uri).get_run(run_id).data.tags.get(key)
+
+
 def end_run(uri: str, run_id: str, error: BaseException | None = None) -> None:
     """Mark the run FINISHED, or FAILED with the error recorded as a tag."""
     client = _client(uri)
@@ -97,15 +128,27 @@ def end_run(uri: str, run_id: str, error: BaseException | None = None) -> None:
 
 
 class RankZeroLogger:
-    """Logs metrics and tags to the job's run from rank 0; does nothing on other ranks."""
+    """Logs metrics and tags to the job's run from rank 0; does nothing on other ranks.
+
+    A run resumed from a checkpoint recomputes the epochs after it, some of which it may have
+    logged before the failure: a metric step already in the run is never logged again, so each
+    metric's history stays one point per step.
+    """
 
     def __init__(self, uri: str, run_id: str, rank: int):
         self.run_id = run_id
         self.client = _client(uri) if rank == 0 else None
+        self._last_step: dict[str, int] = {}
 
     @property
     def active(self) -> bool:
         return self.client is not None
+
+    def _logged_through(self, key: str) -> int:
+        if key not in self._last_step:
+            history = self.client.get_metric_history(self.run_id, key)
+            self._last_step[key] = max((m.step for m in history), default=-1)
+        return self._last_step[key]
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         if self.client is None:
@@ -117,15 +160,39 @@ class RankZeroLogger:
 
         now = int(time.time() * 1000)
         batch = [
-            Metric(k, float(v), now, step) for k, v in values.items() if math.isfinite(float(v))
+            Metric(k, float(v), now, step)
+            for k, v in values.items()
+            if math.isfinite(float(v)) and step > self._logged_through(k)
         ]
-        self.client.log_batch(self.run_id, metrics=batch)
+        for metric in batch:
+            self._last_step[metric.key] = step
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def tags(self, values: dict[str, str]) -> None:
         if self.client is not None:
             from mlflow.entities import RunTag
 
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
+
+    def started_before(self) -> bool:
+        """Whether an earlier attempt of this run already trained (its first step is tagged)."""
+        return "trainyard.first_step_at" in self.client.get_run(self.run_id).data.tags
+
+    def restarted(self, from_epoch: int) -> int:
+        """Record a (re)start from the checkpoint of `from_epoch`; return the restart count."""
+        import time
+
+        tags = self.client.get_run(self.run_id).data.tags
+        count = int(tags.get("trainyard.restarts", 0)) + 1
+        self.tags(
+            {
+                "trainyard.restarts": count,
+                f"trainyard.restart.{count}": f"after epoch {from_epoch} at {time.time():.3f}",
+            }
+        )
+        self.metrics({"restarted_after_epoch": from_epoch}, step=count)
+        return count
 
 
 def log_curves(uri: str, run_id: str, keys: list[str]) -> None:

@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="validate the spec, print it and the resource plan, and exit",
     )
     parser.add_argument("--summary", metavar="PATH", help="write a JSON summary of the run here")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_NAME",
+        help="continue the run of this name from its newest checkpoint, in the same MLflow run",
+    )
 
 
 def init_ray() -> None:
@@ -52,6 +57,9 @@ def init_ray() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Blocks come out in the same order with the same rows on every run (the split shuffles by
+    # label): runs are reproducible, and a resumed run can continue exactly.
+    ctx.execution_options.preserve_order = True
 
 
 def plan_for(spec: RunSpec, connect: bool):
@@ -80,6 +88,12 @@ def _submission_id() -> str | None:
     """The Ray job submission id when this driver runs as a `ray job submit` entrypoint."""
     config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
     return config.get("metadata", {}).get("job_submission_id")
+
+
+def _ordered():
+    from ray.data import ExecutionOptions
+
+    return ExecutionOptions(preserve_order=True)
 
 
 def default_dir() -> Path:
@@ -119,17 +133,87 @@ def read_args_for(spec: RunSpec, storage: str, uri: str) -> dict[str, Any] | Non
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
 
 
-def run(spec: RunSpec) -> dict[str, Any]:
-    """Train `spec` end to end and return the summary (run id, checkpoint, final metrics)."""
+class TrainingStopped(Exception):
+    """Training stopped itself (its reason is in the MLflow run)."""
+
+
+def latest_checkpoint(storage: str, run_name: str) -> tuple[str, int] | None:
+    """The newest checkpoint Ray Train registered for `run_name` under `storage`, with its
+    epoch, after checking that it is complete; None if the run has none."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from pipelines.loop import load_state
+
+    if "://" in storage:
+        fs, base = pafs.FileSystem.from_uri(storage)
+    else:
+        fs, base = pafs.LocalFileSystem(), storage
+    run_dir = f"{base.rstrip('/')}/{run_name}"
+    snapshot = f"{run_dir}/checkpoint_manager_snapshot.json"
+    if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(snapshot) as f:
+        latest = json.loads(f.read()).get("latest_checkpoint_result")
+    if not latest:
+        return None
+    path = f"{run_dir}/{latest['checkpoint_dir_name']}"
+    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+        state = load_state(d)  # CheckpointError if incomplete or corrupt
+    return path, int(state["epoch"])
+
+
+def check_resume(spec: RunSpec, storage: str, run_name: str, uri: str, resume: bool) -> str | None:
+    """The MLflow run id to continue for `run_name` (None: a new run). With `resume`, the run
+    and a complete checkpoint must exist, with epochs left to train."""
+    from pipelines import tracking
+
+    run_id = tracking.find_run(uri, spec.tracking.experiment, run_name)
+    if not resume:
+        return run_id
+    if run_id is None:
+        raise TrainyardError(
+            f"--resume {run_name}: no run of that name in MLflow experiment "
+            f"{spec.tracking.experiment!r} at {uri}"
+        )
+    found = latest_checkpoint(storage, run_name)
+    if found is None:
+        raise TrainyardError(
+            f"--resume {run_name}: no checkpoint under {storage}/{run_name} (the run stopped "
+            "before its first checkpoint, or its checkpoints are elsewhere: scaling.storage_path)"
+        )
+    path, epoch = found
+    if epoch >= spec.train.epochs:
+        raise TrainyardError(
+            f"--resume {run_name}: its newest checkpoint ({path}) is epoch {epoch} of "
+            f"{spec.train.epochs}: nothing left to train (raise train.epochs to go on)"
+        )
+    print(f"trainyard: resuming {run_name} after epoch {epoch} from {path}")
+    return run_id
+
+
+def failure_plan() -> dict[str, Any] | None:
+    """TRAINYARD_INJECT_FAILURE=MARKER:EPOCH[:TIMES], a testing aid (see loop.inject_failure)."""
+    value = os.environ.get("TRAINYARD_INJECT_FAILURE")
+    if not value:
+        return None
+    marker, epoch, *times = value.split(":")
+    return {"marker": marker, "epoch": int(epoch), "times": int(times[0]) if times else 1}
+
+
+def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
+    """Train `spec` end to end and return the summary (run id, checkpoint, final metrics).
+    `resume` names a run to continue from its newest checkpoint."""
     import ray
     import ray.train
     import torch
     from ray.train.torch import TorchTrainer
 
     from cluster.local import STORAGE_ENV
+    from cluster.resources import cluster_nodes
     from models import TabularPredictor, build_model
     from pipelines import tracking
-    from pipelines.loop import load_state, train_loop_per_worker
+    from pipelines.loop import STOPPED_TAG, load_state, train_loop_per_worker
     from pipelines.tabular import build_datasets
 
     plan = plan_for(spec, connect=True)
@@ -140,6 +224,15 @@ def run(spec: RunSpec) -> dict[str, Any]:
         or str((default_dir() / "results").resolve())
     )
     read_args = read_args_for(spec, storage, uri)
+    run_name = (
+        resume
+        or spec.tracking.run_name
+        or f"{spec.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    run_id = check_resume(spec, storage, run_name, uri, resume is not None)
+    max_failures = spec.scaling.max_failures
+    if max_failures is None:
+        max_failures = 2 if len(cluster_nodes().cpus) > 1 else 0
     # 1. Data: read, validate, split and fit on the driver (bad input stops here).
     rows_per_step = spec.micro_batch_size * spec.train.grad_accum_steps  # per worker
     data = build_datasets(
@@ -152,10 +245,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
     )
     steps_per_epoch = data.num_train // plan.num_workers // rows_per_step
 
-    # 2. One MLflow run for the job, shared with the workers by id.
-    run_name = (
-        spec.tracking.run_name or f"{spec.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    # 2. One MLflow run for the job, shared with the workers by id; a run name seen before
+    #    continues that run (Ray Train resumes the same name from its newest checkpoint).
     tags = {
         "trainyard.pipeline": spec.pipeline,
         "ray.train.run_name": run_name,
@@ -172,13 +263,17 @@ def run(spec: RunSpec) -> dict[str, Any]:
         "data.num_validation": data.num_validation,
         "train.steps_per_epoch": steps_per_epoch,
     }
-    run_id = tracking.start_run(
-        uri, spec.tracking.experiment, run_name, params, spec.to_yaml(), tags
-    )
-    print(
-        f"trainyard: MLflow run {run_id} ({run_name}) in experiment "
-        f"{spec.tracking.experiment!r} at {uri}"
-    )
+    if run_id is None:
+        run_id = tracking.start_run(
+            uri, spec.tracking.experiment, run_name, params, spec.to_yaml(), tags
+        )
+        print(
+            f"trainyard: MLflow run {run_id} ({run_name}) in experiment "
+            f"{spec.tracking.experiment!r} at {uri}"
+        )
+    else:
+        tracking.reopen_run(uri, run_id, tags)
+        print(f"trainyard: continuing MLflow run {run_id} ({run_name}) at {uri}")
     print(plan.describe())
     try:
         # 3. Train: Ray Train runs the DDP workers, each streaming its shard from Ray Data.
@@ -192,6 +287,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
                     "stats": data.stats.to_dict(),
                     "torch_threads": plan.torch_threads,
                     "steps_per_epoch": steps_per_epoch,
+                    "inject_failure": failure_plan(),
                 },
             },
             scaling_config=ray.train.ScalingConfig(
@@ -207,10 +303,17 @@ def run(spec: RunSpec) -> dict[str, Any]:
                 checkpoint_config=ray.train.CheckpointConfig(
                     num_to_keep=spec.train.keep_checkpoints
                 ),
+                failure_config=ray.train.FailureConfig(max_failures=max_failures),
             ),
             datasets={"train": data.train, "validation": data.validation},
+            # The same rows to the same rank in the same order every epoch, on every run:
+            # what makes a resumed run continue exactly as an uninterrupted one.
+            dataset_config=ray.train.DataConfig(execution_options=_ordered()),
         )
         result = trainer.fit()
+        stopped = tracking.run_tag(uri, run_id, STOPPED_TAG)
+        if stopped:
+            raise TrainingStopped(stopped)
 
         # 4. The model with its preprocessing, so that it predicts from raw rows.
         with result.checkpoint.as_directory() as d:
@@ -269,14 +372,14 @@ def train_command(args: argparse.Namespace) -> int:
         if args.dry_run:
             dry_run(spec)
             return 0
-        summary = run(spec)
+        summary = run(spec, args.resume)
     except TrainyardError as e:
         print(f"trainyard: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         from ray.train import TrainingFailedError
 
-        if not isinstance(e, TrainingFailedError):
+        if not isinstance(e, TrainingFailedError | TrainingStopped):
             raise
         print(f"trainyard: training failed: {e}", file=sys.stderr)
         return 1

@@ -38,6 +38,8 @@ def test_entrypoint_is_the_driver_with_the_config_relative_to_the_project():
         *("python", "-m", "pipelines.train", "configs/digits.yaml"),
         *("--set", "train.epochs=2", "--set", "a.b=x y"),
     ]
+    resumed = jobs.entrypoint("configs/digits.yaml", [], resume="digits-1")
+    assert shlex.split(resumed)[-2:] == ["--resume", "digits-1"]
     with pytest.raises(TrainyardError, match="inside the project directory"):
         jobs.entrypoint("/etc/passwd", [])
 

@@ -1,0 +1,201 @@
+"""Surviving failures on the local 3-node cluster: a worker node killed mid-run, a failure raised
+inside the loop, more failures than allowed, and a killed driver resumed with --resume. Each run
+must finish (or fail) as one MLflow run whose per-epoch metrics have one point per epoch, and a
+resumed run must end bit-identical to one that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines.loop import load_state
+from pipelines.train import main
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = str(ROOT / "configs" / "digits.yaml")
+EXPERIMENT = "test-faults"
+FAST = ["train.log_every_steps=1000", "tracking.log_model=false"]
+# Epochs of a few seconds, so that a node or the driver can be killed in the middle of a run.
+SLOW = FAST + ["model.hidden=[1024, 1024]", "train.batch_size=16"]
+
+
+def args(out: Path, name: str, epochs: int, *overrides: str) -> list[str]:
+    sets = [
+        f"train.epochs={epochs}",
+        f"tracking.run_name={name}",
+        f"tracking.experiment={EXPERIMENT}",
+        f"scaling.storage_path={out / 'results'}",
+        "scaling.placement_strategy=SPREAD",
+        *overrides,
+    ]
+    summary = ["--summary", str(out / f"{name}.json")]
+    return [CONFIG, *summary, *[arg for s in sets for arg in ("--set", s)]]
+
+
+def runs_named(tracking_uri: str, name: str) -> list:
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], f"tags.`ray.train.run_name` = '{name}'")
+
+
+def epoch_steps(tracking_uri: str, run_id: str, key: str = "train_loss") -> list[int]:
+    return [m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, key)]
+
+
+def wait_for_epoch(tracking_uri: str, name: str, epoch: int, timeout: float = 240) -> str:
+    """Poll MLflow until the run `name` has logged `epoch`; return its run id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = runs_named(tracking_uri, name)
+        if runs and epoch in epoch_steps(tracking_uri, runs[0].info.run_id):
+            return runs[0].info.run_id
+        time.sleep(0.2)
+    raise AssertionError(f"{name} did not reach epoch {epoch} in {timeout:.0f} s")
+
+
+def wait_for_checkpoint(out: Path, name: str, epoch: int, timeout: float = 240) -> None:
+    """Poll until Ray Train has registered the checkpoint of `epoch` for run `name`."""
+    snapshot = out / "results" / name / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+            if latest["metrics"]["epoch"] >= epoch:
+                return
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint of epoch {epoch} for {name} in {timeout:.0f} s")
+
+
+def final_state(out: Path, name: str) -> dict:
+    summary = json.loads((out / f"{name}.json").read_text())
+    return load_state(summary["checkpoint"])
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    assert a["epoch"] == b["epoch"]
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    for key, tensor in a["optimizer"]["state"].items():
+        for name, value in tensor.items():
+            assert torch.equal(value, b["optimizer"]["state"][key][name]), (key, name)
+
+
+def assert_one_clean_run(tracking_uri: str, name: str, epochs: int) -> object:
+    runs = runs_named(tracking_uri, name)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "val_accuracy"):
+        assert epoch_steps(tracking_uri, run.info.run_id, key) == list(range(1, epochs + 1))
+    return run
+
+
+@pytest.fixture(scope="module")
+def straight(ray_cluster, tracking_uri, tmp_path_factory) -> Path:
+    """The reference: 4 epochs, never interrupted."""
+    out = tmp_path_factory.mktemp("straight")
+    assert main(args(out, "straight", 4, *FAST)) == 0
+    return out
+
+
+def test_a_failure_inside_the_loop_resumes_exactly(straight, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINYARD_INJECT_FAILURE", f"{tmp_path / 'marker'}:2")
+    assert main(args(tmp_path, "injected", 4, *FAST, "scaling.max_failures=1")) == 0
+    assert (tmp_path / "marker").read_text() == "1"  # it failed once, in epoch 2
+    # ... after logging epoch 2 and before its checkpoint: epoch 2 ran twice, logged once.
+    run = assert_one_clean_run(tracking_uri, "injected", 4)
+    assert run.data.tags["trainyard.restarts"] == "1"
+    assert run.data.tags["trainyard.restart.1"].startswith("after epoch 1 ")
+    # Epochs 3-4 after the restart are exactly those of the uninterrupted run.
+    assert_same_training(final_state(straight, "straight"), final_state(tmp_path, "injected"))
+    reference = assert_one_clean_run(tracking_uri, "straight", 4)
+    client = MlflowClient(tracking_uri)
+    for key in ("train_loss", "val_loss"):
+        curve = [m.value for m in client.get_metric_history(run.info.run_id, key)]
+        assert curve == [m.value for m in client.get_metric_history(reference.info.run_id, key)]
+
+
+def test_more_failures_than_allowed_fail_the_run(ray_cluster, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINYARD_INJECT_FAILURE", f"{tmp_path / 'marker'}:1:2")
+    assert main(args(tmp_path, "too-many", 2, *FAST, "scaling.max_failures=1")) == 1
+    (run,) = runs_named(tracking_uri, "too-many")
+    assert run.info.status == "FAILED"
+    assert "injected failure 2/2" in run.data.tags["error"]
+
+
+def test_a_killed_worker_node_costs_minutes_not_the_run(ray_cluster, tracking_uri, tmp_path):
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.update(
+            rc=main(args(tmp_path, "node-kill", 4, *SLOW, "scaling.max_failures=1"))
+        )
+    )
+    thread.start()
+    run_id = wait_for_epoch(tracking_uri, "node-kill", 1)
+    wait_for_checkpoint(tmp_path, "node-kill", 1)
+    tags = MlflowClient(tracking_uri).get_run(run_id).data.tags
+    victim = next(
+        node for node in ray_cluster.worker_nodes if node.node_id in tags["worker_nodes"].split(",")
+    )
+    killed_at = time.time()
+    ray_cluster.remove_node(victim, allow_graceful=False)  # its raylet and workers, SIGKILL
+    ray_cluster.add_node(num_cpus=1)  # the replacement an autoscaler would bring
+    thread.join(timeout=600)
+    assert result.get("rc") == 0
+    run = assert_one_clean_run(tracking_uri, "node-kill", 4)
+    assert final_state(tmp_path, "node-kill")["epoch"] == 4
+    tags = run.data.tags
+    resumed_after = int(tags["trainyard.restart.1"].split()[2])
+    print(
+        f"node kill: training resumed {float(tags['trainyard.resumed_step_at']) - killed_at:.1f}"
+        f" s after the kill, from the checkpoint of epoch {resumed_after}"
+    )
+    assert resumed_after >= 1
+
+
+def test_a_killed_driver_is_resumed_in_the_same_run(ray_cluster, tracking_uri, tmp_path):
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.address, "MLFLOW_TRACKING_URI": tracking_uri}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.train", *args(tmp_path, "driver-kill", 6, *SLOW)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        run_id = wait_for_epoch(tracking_uri, "driver-kill", 2)
+        wait_for_checkpoint(tmp_path, "driver-kill", 2)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert main(args(tmp_path, "driver-kill", 6, *SLOW) + ["--resume", "driver-kill"]) == 0
+    run = assert_one_clean_run(tracking_uri, "driver-kill", 6)
+    assert run.info.run_id == run_id
+    assert int(run.data.tags["trainyard.restart.1"].split()[2]) >= 2
+
+
+def test_resume_refuses_what_cannot_be_resumed(ray_cluster, tracking_uri, tmp_path, capsys):
+    assert main(args(tmp_path, "nothing", 2, *FAST) + ["--resume", "never-ran"]) == 2
+    assert "no run of that name" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_corrupt_checkpoint(straight, tracking_uri):
+    state = Path(json.loads((straight / "straight.json").read_text())["checkpoint"]) / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # as if cut short mid-write
+    rc = main(args(straight, "straight", 6, *FAST) + ["--resume", "straight"])
+    assert rc == 2  # a clear error, never a silent fresh start
+    (run,) = runs_named(tracking_uri, "straight")
+    assert epoch_steps(tracking_uri, run.info.run_id) == [1, 2, 3, 4]

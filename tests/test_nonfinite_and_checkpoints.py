@@ -1,0 +1,129 @@
+"""Numerics and checkpoints of the loop: fp16 overflow and NaN losses on a real two-rank gloo
+group (DDP, two processes), and checkpoints that are refused when incomplete or corrupt."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from pipelines.loop import (
+    CheckpointError,
+    load_state,
+    make_scheduler,
+    param_digest,
+    save_state,
+    seed_epoch,
+    task_loss,
+    train_epoch,
+)
+from pipelines.spec import TrainSpec
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batches(rank: int, n: int, poison: int | None) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(rank)
+    out = []
+    for i in range(n):
+        x = torch.randn(16, 4, generator=g)
+        if poison is not None and i < poison:
+            x[0, 0] = float("nan")  # a NaN input row: this rank's loss is NaN
+        out.append({"x": x, "y": (x[:, 0] > 0).long()})
+    return out
+
+
+def _worker(rank: int, port: int, case: str, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(
+        nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = make_scheduler(optimizer, TrainSpec(warmup_fraction=0.0), 100)
+    fp16 = case == "fp16 overflow"
+    scaler = torch.amp.GradScaler("cpu", enabled=fp16)
+    if fp16 and rank == 1:
+        # An inf gradient on one rank only, on the first step: DDP's all-reduce spreads it.
+        first = model.module[0].weight
+        handle = first.register_hook(lambda g: torch.full_like(g, float("inf")))
+    before = param_digest(model)
+    stats = train_epoch(
+        model,
+        _batches(rank, 1, None) if fp16 else _batches(rank, 6, poison=4 if rank == 0 else None),
+        optimizer,
+        scheduler,
+        scaler,
+        loss_fn=task_loss("classification"),
+        steps=1 if fp16 else 6,
+        amp_dtype=torch.float16 if fp16 else None,
+        max_nonfinite=3,
+    )
+    if fp16 and rank == 1:
+        handle.remove()
+    results[rank] = {
+        "before": before,
+        "after": param_digest(model),
+        "skipped": stats.skipped,
+        "stopped": stats.stopped,
+        "steps": stats.steps,
+        "lr_steps": scheduler.last_epoch,
+        "loss": stats.loss,
+    }
+    dist.destroy_process_group()
+
+
+def _run(case: str) -> dict:
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(_free_port(), case, results), nprocs=2, join=True)
+        return dict(results)
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank():
+    results = _run("fp16 overflow")
+    for r in results.values():
+        assert r["after"] == r["before"]  # parameters unchanged ...
+        assert r["skipped"] == 1 and r["lr_steps"] == 0  # ... skipped once, no scheduler step
+    assert results[0]["after"] == results[1]["after"]  # ... and equal on every rank
+
+
+def test_nan_losses_on_one_rank_stop_every_rank_after_k_steps():
+    results = _run("nan")
+    for r in results.values():
+        assert r["stopped"] and r["skipped"] == 3 and r["steps"] == 3
+        assert r["before"] == r["after"]  # no poisoned update reached the parameters
+        assert r["lr_steps"] == 0
+    assert results[0]["after"] == results[1]["after"]
+
+
+def test_checkpoints_are_refused_when_incomplete_or_corrupt(tmp_path):
+    save_state(tmp_path, model={"w": torch.ones(3)}, epoch=2)
+    assert load_state(tmp_path)["epoch"] == 2
+    state = tmp_path / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10])  # cut short, as by a crash mid-copy
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_state(tmp_path)
+    (tmp_path / "state.sha256").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load_state(tmp_path)
+
+
+def test_epoch_seeds_depend_on_seed_epoch_and_rank_only():
+    seed_epoch(0, 3, 1)
+    a = torch.rand(4)
+    torch.rand(100)  # whatever ran before does not matter
+    seed_epoch(0, 3, 1)
+    assert torch.equal(torch.rand(4), a)
+    seed_epoch(0, 3, 0)
+    assert not torch.equal(torch.rand(4), a)

@@ -6,6 +6,7 @@ tracking URI as plain data and log through `RankZeroLogger`, which is a no-op on
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import tempfile
@@ -39,6 +40,9 @@ def local_store_dir(uri: str) -> str | None:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    if "MLFLOW_LOGGING_LEVEL" not in os.environ:
+        # MLflow announces database migrations and run links at INFO; trainyard prints its own.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
 
 

@@ -38,3 +38,9 @@ def ray_cluster():
 @pytest.fixture
 def storage(tmp_path) -> str:
     return str(tmp_path / "results")
+
+
+def pytest_collection_modifyitems(items):
+    """Run the tests that kill nodes and drivers of the shared cluster last, so that nothing they
+    leave behind in Ray (dead nodes, aborted runs) can disturb the other tests."""
+    items.sort(key=lambda item: item.module.__name__.endswith("test_fault_tolerance"))

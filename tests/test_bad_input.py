@@ -150,7 +150,7 @@ def test_cli_spec_error_has_no_traceback(tmp_path):
         "trainyard: error: unknown key train.bacth_size (did you mean train.batch_size?); "
         "valid keys: epochs, batch_size, lr, weight_decay, optimizer, momentum, schedule, "
         "warmup_fraction, grad_accum_steps, grad_clip, label_smoothing, seed, checkpoint_every, "
-        "keep_checkpoints, log_every_steps"
+        "keep_checkpoints, log_every_steps, max_nonfinite_steps"
     )
     assert "Traceback" not in proc.stdout + proc.stderr
 

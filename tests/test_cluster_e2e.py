@@ -139,12 +139,54 @@ def test_submit_without_a_token_says_how_to_get_one(cluster, tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def _can_unshare() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "true"], capture_output=True, check=False
+    )
+    return probe.returncode == 0
+
+
 @pytest.fixture(scope="module")
-def both_jobs(cluster):
-    """The digits run sent both ways: `trainyard submit` and plain `ray job submit`."""
+def head_only(cluster) -> Path | None:
+    """A directory with the digits as CSV that a fourth node cannot see: that node runs in its
+    own mount namespace with an empty file system over the directory, as a node on another
+    machine sees the head's local disk. None where mount namespaces are not allowed."""
+    if not _can_unshare():
+        return None
+    state, env = cluster["state"], cluster["env"]
+    hidden = cluster["base"] / "head-only"
+    hidden.mkdir()
+    from sklearn.datasets import load_digits
+
+    frame = load_digits(as_frame=True).frame.rename(columns={"target": "label"})
+    frame.to_csv(hidden / "digits.csv", index=False)
+    start = (
+        f"mount -t tmpfs tmpfs {hidden} && exec {BIN / 'ray'} start --address "
+        f"{state.ray_address} --num-cpus 1 --temp-dir /tmp/trainyard-{state.cluster_id}/worker9 "
+        f"--dashboard-agent-listen-port {free_port()}"
+    )
+    node_env = env | {MARKER: state.cluster_id, "RAY_AUTH_MODE": "token"}  # `down` stops it
+    node = _run(["unshare", "-m", "--propagation", "private", "sh", "-c", start], node_env)
+    assert node.returncode == 0, node.stdout + node.stderr
+    deadline = time.monotonic() + 60
+    while len(alive_nodes(state.dashboard_url)) < 4:
+        assert time.monotonic() < deadline, "the fourth node did not join"
+        time.sleep(1)
+    return hidden
+
+
+@pytest.fixture(scope="module")
+def both_jobs(cluster, head_only):
+    """The digits run sent both ways: `trainyard submit` (reading the digits from a CSV only
+    the head has, where the fourth node exists) and plain `ray job submit`."""
     env = cluster["env"]
+    data = ["--set", f"data.path={head_only / 'digits.csv'}"] if head_only else []
     started = time.monotonic()
-    ours = _run([str(BIN / "trainyard"), "submit", "configs/digits.yaml", "--set", EPOCHS], env)
+    ours = _run(
+        [str(BIN / "trainyard"), "submit", "configs/digits.yaml", "--set", EPOCHS, *data], env
+    )
     ours_s = time.monotonic() - started
     plain_env = env | {"RAY_AUTH_MODE": "token"}
     plain = _run(
@@ -233,60 +275,24 @@ def test_a_bad_spec_is_refused_before_submitting(cluster):
     assert "train.lr" in out.stderr and "submitted" not in out.stdout
 
 
-def _can_unshare() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "true"], capture_output=True, check=False
-    )
-    return probe.returncode == 0
-
-
-@pytest.mark.skipif(not _can_unshare(), reason="needs mount namespaces (unshare -m) for a node")
-def test_paths_only_the_head_sees(cluster):
-    """A fourth node in its own mount namespace, where a directory the head has is empty: as a
-    node on another machine sees the head's local disk. Checkpoints there are refused; data
-    there is read on the head."""
-    state, env = cluster["state"], cluster["env"]
-    hidden = cluster["base"] / "head-only"
-    hidden.mkdir()
-    from sklearn.datasets import load_digits
-
-    frame = load_digits(as_frame=True).frame.rename(columns={"target": "label"})
-    frame.to_csv(hidden / "digits.csv", index=False)
-    node_env = env | {MARKER: state.cluster_id, "RAY_AUTH_MODE": "token"}
-    start = (
-        f"mount -t tmpfs tmpfs {hidden} && exec {BIN / 'ray'} start --address "
-        f"{state.ray_address} --num-cpus 1 --temp-dir /tmp/trainyard-{state.cluster_id}/worker9 "
-        f"--dashboard-agent-listen-port {free_port()}"
-    )
-    node = _run(["unshare", "-m", "--propagation", "private", "sh", "-c", start], node_env)
-    assert node.returncode == 0, node.stdout + node.stderr
-    deadline = time.monotonic() + 60
-    while len(alive_nodes(state.dashboard_url)) < 4:
-        assert time.monotonic() < deadline, "the fourth node did not join"
-        time.sleep(1)
-
+def test_checkpoints_only_the_head_sees_are_refused(cluster, head_only):
+    if head_only is None:
+        pytest.skip("needs mount namespaces (unshare -m) for a node that lacks a directory")
     refused = _run(
         [
             *(str(BIN / "trainyard"), "submit", "configs/digits.yaml"),
-            *("--set", f"scaling.storage_path={hidden / 'results'}"),
+            *("--set", f"scaling.storage_path={head_only / 'results'}"),
         ],
-        env,
+        cluster["env"],
     )
     assert refused.returncode == 1
-    assert "scaling.storage_path" in refused.stdout and "cannot see it" in refused.stdout
+    assert "scaling.storage_path" in refused.stderr and "cannot see it" in refused.stderr
 
-    read_here = _run(
-        [
-            *(str(BIN / "trainyard"), "submit", "configs/digits.yaml"),
-            *("--set", f"data.path={hidden / 'digits.csv'}", "--set", "train.epochs=1"),
-            *("--set", "tracking.log_model=false"),
-        ],
-        env,
-    )
-    assert read_here.returncode == 0, read_here.stdout[-3000:] + read_here.stderr[-2000:]
-    assert "exist only on this node" in read_here.stdout
+
+def test_data_only_the_head_has_is_read_there(both_jobs, head_only):
+    if head_only is None:
+        pytest.skip("needs mount namespaces (unshare -m) for a node that lacks a directory")
+    assert "exist only on this node" in both_jobs["ours"].stdout
 
 
 def test_down_stops_everything_up_started_and_nothing_else(cluster):

@@ -201,3 +201,15 @@ def test_resume_refuses_a_corrupt_checkpoint(straight, tracking_uri):
     assert rc == 2  # a clear error, never a silent fresh start
     (run,) = runs_named(tracking_uri, "straight")
     assert epoch_steps(tracking_uri, run.info.run_id) == [1, 2, 3, 4]
+
+
+def test_a_loss_that_stays_nan_stops_the_run_failed(ray_cluster, tracking_uri, tmp_path, capsys):
+    # A learning rate of 1e30 blows the weights up on the first step; every loss after is inf.
+    overrides = ["train.optimizer=sgd", "train.lr=1e30", "train.max_nonfinite_steps=3"]
+    assert main(args(tmp_path, "nan", 2, *FAST, *overrides)) == 1
+    assert "NaN/inf for 3 steps in a row" in capsys.readouterr().err
+    (run,) = runs_named(tracking_uri, "nan")
+    assert run.info.status == "FAILED"
+    assert "NaN/inf for 3 steps in a row" in run.data.tags["error"]
+    for key, value in run.data.metrics.items():
+        assert value == value and abs(value) != float("inf"), key  # nothing non-finite logged

@@ -42,29 +42,18 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="run spec (YAML) inside the project directory")
+    from pipelines.train import add_spec_arguments
+
+    add_spec_arguments(parser, "run spec (YAML) inside the project directory")
     parser.add_argument(
         "--address",
         help="the cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
         "an http RAY_ADDRESS, else the local cluster from `trainyard cluster up`)",
     )
     parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a spec value (repeatable)",
-    )
-    parser.add_argument(
         "--tracking-uri",
         help="MLflow server the job logs to (default: MLFLOW_TRACKING_URI if it is a server, "
         "else the one the cluster sets)",
-    )
-    parser.add_argument(
-        "--resume",
-        metavar="RUN_NAME",
-        help="continue the run of this name from its newest checkpoint, in the same MLflow run",
     )
     parser.add_argument(
         "--no-wait", action="store_true", help="print the job id and return once submitted"

@@ -19,8 +19,9 @@ from typing import Any
 from pipelines.spec import RunSpec, TrainyardError, load_spec
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="run spec (YAML)")
+def add_spec_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
+    """CONFIG, --set and --resume: what `trainyard train` and `trainyard submit` share."""
+    parser.add_argument("config", help=config_help)
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -30,16 +31,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a spec value (repeatable)",
     )
     parser.add_argument(
+        "--resume",
+        metavar="RUN_NAME",
+        help="continue the run of this name from its newest checkpoint, in the same MLflow run",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_spec_arguments(parser, "run spec (YAML)")
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="validate the spec, print it and the resource plan, and exit",
     )
     parser.add_argument("--summary", metavar="PATH", help="write a JSON summary of the run here")
-    parser.add_argument(
-        "--resume",
-        metavar="RUN_NAME",
-        help="continue the run of this name from its newest checkpoint, in the same MLflow run",
-    )
 
 
 def init_ray() -> None:

@@ -205,9 +205,9 @@ class TrackingSpec:
     experiment: str = "trainyard"
     """MLflow experiment. The tracking URI comes from MLFLOW_TRACKING_URI, else ./mlflow.db."""
     run_name: str | None = None
-    """MLflow run name and Ray Train run name; None makes one from the experiment and time.
-    A name already used in the experiment continues that run (same MLflow run, newest
-    checkpoint)."""
+    """MLflow run name and Ray Train run name; None makes a new one from the experiment, the
+    time and a random suffix. A name already used in the experiment continues that run (same
+    MLflow run, newest checkpoint)."""
     log_model: bool = True
     """Log the trained model (with its preprocessing) to MLflow."""
 

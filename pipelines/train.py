@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -229,12 +230,13 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
         or str((default_dir() / "results").resolve())
     )
     read_args = read_args_for(spec, storage, uri)
-    run_name = (
-        resume
-        or spec.tracking.run_name
-        or f"{spec.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    named = resume or spec.tracking.run_name
+    # A generated name is new by construction (two runs in the same second must not share
+    # one), so there is no earlier run of it to look up.
+    run_name = named or (
+        f"{spec.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     )
-    run_id = check_resume(spec, storage, run_name, uri, resume is not None)
+    run_id = check_resume(spec, storage, run_name, uri, resume is not None) if named else None
     max_failures = spec.scaling.max_failures
     if max_failures is None:
         max_failures = 2 if len(cluster_nodes().cpus) > 1 else 0

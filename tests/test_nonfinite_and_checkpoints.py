@@ -4,7 +4,6 @@ group (DDP, two processes), and checkpoints that are refused when incomplete or 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from cluster.local import free_port
 from pipelines.loop import (
     CheckpointError,
     load_state,
@@ -23,12 +23,6 @@ from pipelines.loop import (
     train_epoch,
 )
 from pipelines.spec import TrainSpec
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches(rank: int, n: int, poison: int | None) -> list[dict[str, torch.Tensor]]:
@@ -86,7 +80,7 @@ def _worker(rank: int, port: int, case: str, results) -> None:
 def _run(case: str) -> dict:
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), case, results), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), case, results), nprocs=2, join=True)
         return dict(results)
 
 

@@ -1,4 +1,4 @@
-"""The `trainyard` command: train, submit, cluster up|down|status, mlflow-server."""
+"""The `trainyard` command: train, submit, generate, cluster up|down|status, mlflow-server."""
 
 from __future__ import annotations
 
@@ -70,6 +70,7 @@ def _add_cluster(commands) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from cluster import jobs, mlflow_server
+    from pipelines import generate
 
     parser = argparse.ArgumentParser(
         prog="trainyard",
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     submit = commands.add_parser("submit", help="run a spec on a cluster as a Ray job")
     jobs.add_arguments(submit)
     submit.set_defaults(func=jobs.command)
+    sample = commands.add_parser("generate", help="sample text from a trained text model")
+    generate.add_arguments(sample)
+    sample.set_defaults(func=generate.command)
     _add_cluster(commands)
     server = commands.add_parser("mlflow-server", help="an MLflow tracking server (foreground)")
     mlflow_server.add_arguments(server)

@@ -8,7 +8,6 @@ calls `ray.train.report` the same number of times; side effects happen on rank 0
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 import math
@@ -48,25 +47,33 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Learning-rate multiplier at optimizer step `step`: linear warm-up, then cosine or flat."""
+def lr_factor(
+    step: int, total_steps: int, warmup_steps: int, schedule: str, min_fraction: float = 0.0
+) -> float:
+    """Learning-rate multiplier at optimizer step `step`: linear warm-up, then cosine (down to
+    `min_fraction`) or flat."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return min_fraction + (1.0 - min_fraction) * cosine
 
 
 def make_optimizer(model: nn.Module, train: TrainSpec) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA) or SGD; weight decay on matrices and embeddings only, never on
+    biases or normalisation gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
     if train.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=train.lr,
-            momentum=train.momentum,
-            weight_decay=train.weight_decay,
-        )
-    return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=train.lr, fused=fused or None)
 
 
 def make_scheduler(
@@ -74,20 +81,33 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = int(train.warmup_fraction * total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, train.schedule)
+        optimizer,
+        lambda step: lr_factor(step, total_steps, warmup, train.schedule, train.min_lr_fraction),
     )
 
 
 def task_loss(task: str, label_smoothing: float = 0.0) -> Callable[..., torch.Tensor]:
-    """Cross-entropy on logits for classification, MSE on the scaled target for regression."""
-    if task == "classification":
-        return functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
-    return lambda out, y, reduction="mean": F.mse_loss(out.squeeze(-1), y, reduction=reduction)
+    """Cross-entropy on logits for classification and language modelling (logits of any
+    leading shape: (batch, classes) or (batch, time, vocab)), MSE on the scaled target for
+    regression."""
+    if task == "regression":
+        return lambda out, y, reduction="mean": F.mse_loss(out.squeeze(-1), y, reduction=reduction)
+
+    def cross_entropy(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(
+            out.flatten(0, -2).float(),
+            y.flatten(),
+            label_smoothing=label_smoothing,
+            reduction=reduction,
+        )
+
+    return cross_entropy
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (or the model itself)."""
-    return getattr(model, "module", model)
+    """The model inside DDP and torch.compile wrappers (or the model itself)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
 
 def param_digest(model: nn.Module) -> str:
@@ -236,8 +256,9 @@ def evaluate(
     target_std: float = 1.0,
 ) -> dict[str, float]:
     """Validation metrics over the batches of every rank (sums are all-reduced when
-    torch.distributed is initialized). Classification: val_loss, val_accuracy. Regression:
-    val_loss (scaled target), val_rmse (original units), val_r2."""
+    torch.distributed is initialized). Classification: val_loss, val_accuracy. Language
+    modelling: the same per token (nats; next-token accuracy). Regression: val_loss (scaled
+    target), val_rmse (original units), val_r2."""
     model = unwrap(model)
     model.eval()
     device = next(model.parameters()).device
@@ -249,8 +270,8 @@ def evaluate(
             out = model(x)
         out = out.float()
         sums[0] += loss_fn(out, y, reduction="sum").double()
-        sums[1] += len(y)
-        if task == "classification":
+        sums[1] += y.numel()  # samples, or tokens for language modelling
+        if task != "regression":
             sums[2] += (out.argmax(-1) == y).sum()
         else:
             pred = out.squeeze(-1).double()
@@ -261,7 +282,7 @@ def evaluate(
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     loss, n = sums[0].item(), max(sums[1].item(), 1.0)
-    if task == "classification":
+    if task != "regression":
         return {"val_loss": loss / n, "val_accuracy": sums[2].item() / n}
     sse, total = sums[2].item(), sums[4].item() - sums[3].item() ** 2 / n
     return {
@@ -312,11 +333,72 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 # --- the loop -----------------------------------------------------------------------------------
 
 
+class BatchStream:
+    """Micro-batches from pass after pass over a dataset shard, for epochs of a fixed number of
+    steps that end inside a pass: the next epoch goes on where the last one stopped.
+
+    `make_pass(n)` returns the iterator of pass n (1, 2, ...). `position` (pass, batches taken
+    in it) goes into checkpoints; a stream built from a saved position replays that pass up to
+    it, so that a resumed run sees the same batches as one that was never interrupted.
+    """
+
+    def __init__(self, make_pass: Callable[[int], Iterable], position: tuple[int, int] = (1, 0)):
+        self.make_pass = make_pass
+        self.pass_number, self.taken = position
+        self._batches = None
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.pass_number, self.taken
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Any:
+        if self._batches is None:
+            self._batches = iter(self.make_pass(self.pass_number))
+            for _ in range(self.taken):
+                next(self._batches)
+        batch = next(self._batches, None)
+        if batch is None:  # this pass is done: start the next
+            self.pass_number, self.taken = self.pass_number + 1, 0
+            self._batches = iter(self.make_pass(self.pass_number))
+            batch = next(self._batches)
+        self.taken += 1
+        return batch
+
+
+def throughput(
+    result: EpochStats, world: int, job: dict[str, Any], peak: float | None
+) -> dict[str, float]:
+    """samples/s over all ranks; for text also tokens/s, and model FLOPs utilisation where the
+    device's peak is known (achieved model FLOP/s over the peak of all `world` devices)."""
+    out = {"samples_per_s": result.samples_per_s * world}
+    context = job.get("context")
+    if context:
+        out["tokens_per_s"] = out["samples_per_s"] * context
+        if peak:
+            out["mfu"] = out["tokens_per_s"] * job["flops_per_token"] / (peak * world)
+    return out
+
+
+def text_metrics(metrics: dict[str, float], job: dict[str, Any]) -> dict[str, float]:
+    """Validation loss in bits per byte and as a share of the corpus' unigram entropy."""
+    if "unigram_entropy" not in job:
+        return {}
+    loss = metrics["val_loss"]
+    return {
+        "val_bits_per_byte": loss / math.log(2) * job["tokens_per_byte"],
+        "val_loss_vs_unigram": loss / job["unigram_entropy"],
+    }
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config` holds {"spec": RunSpec dict, "job": driver facts}."""
     import ray.train
     import ray.train.torch
 
+    from cluster.hardware import device_name, peak_flops
     from pipelines.tracking import RankZeroLogger
 
     # Ray Train tees print() into its logger (each line twice) and logs every report at INFO:
@@ -332,14 +414,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log = RankZeroLogger(job["tracking_uri"], job["run_id"], rank)
 
     torch.manual_seed(tr.seed)  # the same initial weights on every rank
-    stats = job["stats"]
-    model = build_model(
-        spec.model.name,
-        in_features=len(stats["features"]),
-        out_features=len(stats["classes"]) if stats["classes"] else 1,
-        hidden=tuple(spec.model.hidden),
-        dropout=spec.model.dropout,
-    )
+    model = build_model(spec.model.name, **job["model_config"])
     device = ray.train.torch.get_device()
     model.to(device)
     steps_per_epoch = job["steps_per_epoch"]
@@ -348,7 +423,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     amp_dtype = resolve_amp(spec.amp.mode, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    first_epoch = 1
+    first_epoch, position, elapsed = 1, (1, 0), 0.0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -358,32 +433,54 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         first_epoch = state["epoch"] + 1
+        position = tuple(state.get("data_position", position))
+        elapsed = state.get("elapsed", 0.0)
     # A restart (after a failure, or the same run submitted again), with or without a checkpoint.
     restarted = log.active and (checkpoint is not None or log.started_before())
     if restarted:
         restarts = log.restarted(from_epoch=first_epoch - 1)
         logger.info(f"restart {restarts}: resuming after epoch {first_epoch - 1}")
 
+    if tr.compile:
+        model = torch.compile(model)
     model = ray.train.torch.prepare_model(model)
     nodes = [ray.get_runtime_context().get_node_id()] * world
     if world > 1:
         dist.all_gather_object(nodes, nodes[0])
+    name = device_name(device)
     log.tags(
         {
             "num_workers": world,
             "num_nodes": len(set(nodes)),
             "worker_nodes": ",".join(nodes),
             "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
+            "device": name,
         }
     )
+    peak = peak_flops(name) if device.type == "cuda" else None
 
-    loss_fn = task_loss(spec.data.task)
-    train_loss_fn = task_loss(spec.data.task, tr.label_smoothing)
+    task = job["task"]
+    loss_fn = task_loss(task)
+    train_loss_fn = task_loss(task, tr.label_smoothing)
+    dtypes = {k: getattr(torch, v) for k, v in job.get("dtypes", {}).items()} or None
+    micro = spec.micro_batch_size
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
-    micro = spec.micro_batch_size
 
+    def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
+        return train_shard.iter_torch_batches(
+            batch_size=micro,
+            dtypes=dtypes,
+            drop_last=True,
+            local_shuffle_buffer_size=max(4 * micro, 256),
+            local_shuffle_seed=tr.seed + 1000 * n + rank,
+        )
+
+    # Epochs of a set number of steps stream on across passes; otherwise an epoch is a pass.
+    stream = BatchStream(train_pass, position) if tr.steps_per_epoch else None
     nonfinite_run = 0
+    steps_done = 0
+    started = time.perf_counter()
     for epoch in range(first_epoch, tr.epochs + 1):
         base_step = (epoch - 1) * steps_per_epoch
         seed_epoch(tr.seed, epoch, rank)  # distinct dropout masks per rank, resumable
@@ -406,24 +503,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         result = train_epoch(
             model,
-            train_shard.iter_torch_batches(
-                batch_size=micro,
-                drop_last=True,
-                local_shuffle_buffer_size=max(4 * micro, 256),
-                local_shuffle_seed=tr.seed + 1000 * epoch + rank,
-            ),
+            stream if stream is not None else train_pass(epoch),
             optimizer,
             scheduler,
             scaler,
             loss_fn=train_loss_fn,
             steps=steps_per_epoch,
-            accum=tr.grad_accum_steps,
+            accum=spec.accum_steps,
             amp_dtype=amp_dtype,
             grad_clip=tr.grad_clip,
             on_step=on_step,
             max_nonfinite=tr.max_nonfinite_steps,
             nonfinite_run=nonfinite_run,
         )
+        steps_done += result.steps
         nonfinite_run = result.nonfinite_run
         if result.stopped:  # the same decision on every rank: all leave the loop together
             message = (
@@ -436,38 +529,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
         metrics = evaluate(
             model,
-            val_shard.iter_torch_batches(batch_size=max(micro, 256)),
-            task=spec.data.task,
+            val_shard.iter_torch_batches(batch_size=max(micro, 256), dtypes=dtypes),
+            task=task,
             loss_fn=loss_fn,
             amp_dtype=amp_dtype,
-            target_std=stats["target_std"],
+            target_std=job.get("target_std", 1.0),
         )
+        metrics.update(text_metrics(metrics, job))
         # Throughput over all ranks: each rank saw the same number of samples.
+        metrics.update(throughput(result, world, job, peak))
         metrics.update(
             train_loss=result.loss,
-            samples_per_s=result.samples_per_s * world,
             epoch_seconds=result.seconds,
+            elapsed_s=elapsed + time.perf_counter() - started,
             data_wait_share=result.data_wait_share,
             skipped_steps=result.skipped,
             lr=scheduler.get_last_lr()[0],
             epoch=epoch,
         )
         if log.active:
-            shown = {k: v for k, v in metrics.items() if k.startswith("val_")}
-            logger.info(
-                f"epoch {epoch}/{tr.epochs}  train_loss {result.loss:.4f}  "
-                + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-                + f"  samples/s {metrics['samples_per_s']:.0f}"
-                f"  data_wait {100 * result.data_wait_share:.1f}%  ({result.seconds:.2f} s)"
-            )
+            logger.info(progress_line(epoch, tr.epochs, result, metrics, job))
         log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
 
         last = epoch == tr.epochs
         if last:
-            digests = [param_digest(model)] * world
+            facts = [(param_digest(model), steps_done)] * world
             if world > 1:
-                dist.all_gather_object(digests, digests[0])
-            log.tags({"param_digests": ",".join(digests)})
+                dist.all_gather_object(facts, facts[0])
+            log.tags(
+                {
+                    "param_digests": ",".join(d for d, _ in facts),
+                    "trainyard.steps_per_rank": ",".join(str(n) for _, n in facts),
+                }
+            )
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0 and (last or epoch % tr.checkpoint_every == 0):
@@ -479,10 +573,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     scaler=scaler.state_dict(),
                     epoch=epoch,
                     model_config=dict(vars(unwrap(model).config)),
+                    data_position=stream.position if stream is not None else None,
+                    elapsed=metrics["elapsed_s"],
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             inject_failure(job.get("inject_failure"), epoch, rank)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def progress_line(
+    epoch: int, epochs: int, result: EpochStats, metrics: dict[str, float], job: dict[str, Any]
+) -> str:
+    """One line per epoch: losses, validation metrics, throughput, data wait."""
+    line = f"epoch {epoch}/{epochs}  train_loss {result.loss:.4f}"
+    if "val_loss_vs_unigram" in metrics:
+        line += (
+            f"  val_loss {metrics['val_loss']:.4f} nats"
+            f" ({metrics['val_bits_per_byte']:.3f} bits/byte,"
+            f" {metrics['val_loss_vs_unigram']:.2f}× unigram entropy"
+            f" {job['unigram_entropy']:.2f})"
+            f"  tokens/s {metrics['tokens_per_s']:.0f}"
+        )
+        if "mfu" in metrics:
+            line += f"  MFU {100 * metrics['mfu']:.1f}%"
+    else:
+        shown = {k: v for k, v in metrics.items() if k.startswith("val_")}
+        line += "  " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
+        line += f"  samples/s {metrics['samples_per_s']:.0f}"
+    return (
+        line + f"  data_wait {100 * result.data_wait_share:.1f}%"
+        f"  ({result.seconds:.2f} s, {metrics['elapsed_s']:.0f} s in all)"
+    )
 
 
 def inject_failure(plan: dict[str, Any] | None, epoch: int, rank: int) -> None:

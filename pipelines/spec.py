@@ -70,19 +70,87 @@ class DataSpec:
 
 
 @dataclass
-class ModelSpec:
-    name: str = "mlp"
-    """A model from `models.MODELS`."""
+class TextDataSpec:
+    path: str = ""
+    """Text files: a file, a directory (every file in it but hidden ones, recursively) or a
+    glob, local or any pyarrow URI; or `builtin:python-stdlib`, the `.py` files of the running
+    Python's standard library (without its test packages)."""
+    validation_fraction: float = 0.05
+    """Share of files held out, chosen by a hash of each file's path below the data root:
+    a file always lands on the same side, and no window crosses the split."""
+    validation_windows: int | None = None
+    """Evaluate on at most this many validation windows (a fixed sample) to keep evaluation
+    short; None: every window."""
+    tokenizer: str = "bytes"
+    """`bytes` (vocabulary 256), or `package.module:Class` for your own (see
+    `pipelines.text.Tokenizer`)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            bool(self.path), "data.path", self.path, "a path, glob, URI or builtin:python-stdlib"
+        )
+        _check(
+            0.0 < self.validation_fraction < 1.0,
+            "data.validation_fraction",
+            self.validation_fraction,
+            "a number between 0 and 1",
+        )
+        _check(
+            self.validation_windows is None or self.validation_windows >= 1,
+            "data.validation_windows",
+            self.validation_windows,
+            "an integer >= 1 or null",
+        )
+        _check(bool(self.tokenizer), "data.tokenizer", self.tokenizer, "bytes or module:Class")
+
+
+@dataclass
+class MLPSpec:
+    name: Literal["mlp"] = "mlp"
+    """A multilayer perceptron (the tabular pipeline's model)."""
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     """Widths of the hidden layers."""
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        from models import MODELS
-
-        _check(self.name in MODELS, "model.name", self.name, f"one of {sorted(MODELS)}")
         _check(all(h > 0 for h in self.hidden), "model.hidden", self.hidden, "positive widths")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass
+class GPTSpec:
+    name: Literal["gpt"] = "gpt"
+    """A decoder-only transformer (the text pipeline's model, `models.gpt`)."""
+    size: str = "tiny"
+    """A named size from `models.gpt.SIZES`: tiny (CPU), small-cpu, gpt2-small, gpt2-medium."""
+    context: int | None = None
+    """Tokens per training window and the model's context; None: the size's."""
+    n_layer: int | None = None
+    """Overrides the size's layer count."""
+    n_head: int | None = None
+    n_embd: int | None = None
+    """Overrides the size's width (a multiple of n_head)."""
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.config(vocab_size=256)  # raises SpecError naming the field
+
+    def config(self, vocab_size: int):
+        """The `models.gpt.GPTConfig` this spec describes, for a tokenizer's vocabulary."""
+        from models.gpt import SIZES, GPTConfig
+
+        _check(self.size in SIZES, "model.size", self.size, f"one of {', '.join(SIZES)}")
+        overrides = {
+            k: getattr(self, k)
+            for k in ("context", "n_layer", "n_head", "n_embd")
+            if getattr(self, k) is not None
+        }
+        try:
+            return GPTConfig.sized(
+                self.size, vocab_size=vocab_size, dropout=self.dropout, **overrides
+            )
+        except ValueError as e:
+            raise SpecError(f"model: {e}") from None
 
 
 @dataclass
@@ -90,18 +158,33 @@ class TrainSpec:
     epochs: int = 30
     batch_size: int = 64
     """Global batch: samples per optimizer step summed over all workers and accumulation steps."""
+    tokens_per_step: int | None = None
+    """Text: tokens per optimizer step over all workers; sets the global batch to
+    tokens_per_step / context (batch_size is then unused)."""
+    micro_batch_size: int | None = None
+    """Samples per worker per forward pass. When set, grad_accum_steps follows from the global
+    batch and the number of workers; None: the global batch / (workers × grad_accum_steps)."""
     lr: float = 1e-3
     """Peak learning rate (after warm-up)."""
     weight_decay: float = 1e-4
+    """Applied to weight matrices and embeddings only, never to biases or LayerNorm gains."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = 0.9
     """SGD momentum (unused by AdamW)."""
     schedule: Literal["cosine", "constant"] = "cosine"
     """Learning-rate schedule after a linear warm-up."""
+    min_lr_fraction: float = 0.0
+    """The cosine schedule decays to this share of the peak learning rate."""
     warmup_fraction: float = 0.05
     """Share of all optimizer steps spent warming the learning rate up from zero."""
     grad_accum_steps: int = 1
-    """Micro-batches per optimizer step (gradients are only all-reduced on the last one)."""
+    """Micro-batches per optimizer step (gradients are only all-reduced on the last one);
+    derived instead when micro_batch_size is set."""
+    steps_per_epoch: int | None = None
+    """Optimizer steps per epoch (between evaluations and checkpoints); the data streams on
+    across epochs and starts a new pass when it runs out. None: an epoch is one pass."""
+    compile: bool = False
+    """torch.compile the model (worth it on GPUs; the first steps pay for compiling)."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm to this; None turns clipping off."""
     label_smoothing: float = 0.0
@@ -121,6 +204,9 @@ class TrainSpec:
         for name in (
             "epochs",
             "batch_size",
+            "tokens_per_step",
+            "micro_batch_size",
+            "steps_per_epoch",
             "grad_accum_steps",
             "checkpoint_every",
             "keep_checkpoints",
@@ -128,8 +214,14 @@ class TrainSpec:
             "max_nonfinite_steps",
         ):
             value = getattr(self, name)
-            _check(value >= 1, f"train.{name}", value, "an integer >= 1")
+            _check(value is None or value >= 1, f"train.{name}", value, "an integer >= 1")
         _check(self.lr > 0, "train.lr", self.lr, "a positive number")
+        _check(
+            0 <= self.min_lr_fraction <= 1,
+            "train.min_lr_fraction",
+            self.min_lr_fraction,
+            "a number in [0, 1]",
+        )
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
         _check(
@@ -215,36 +307,100 @@ class TrackingSpec:
         _check(bool(self.experiment), "tracking.experiment", self.experiment, "a name")
 
 
+# Each pipeline reads its own kind of data and trains its own kind of model.
+PIPELINES: dict[str, tuple[type, type]] = {
+    "tabular": (DataSpec, MLPSpec),
+    "text": (TextDataSpec, GPTSpec),
+}
+
+
 @dataclass
 class RunSpec:
-    pipeline: Literal["tabular"] = "tabular"
-    data: DataSpec = field(default_factory=DataSpec)
-    model: ModelSpec = field(default_factory=ModelSpec)
+    pipeline: Literal["tabular", "text"] = "tabular"
+    """`tabular`: CSV/Parquet rows → MLP. `text`: text files → byte-level GPT."""
+    data: DataSpec | TextDataSpec = field(default_factory=DataSpec)
+    model: MLPSpec | GPTSpec = field(default_factory=MLPSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     amp: AmpSpec = field(default_factory=AmpSpec)
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
     def __post_init__(self) -> None:
-        per_step = self.scaling.num_workers * self.train.grad_accum_steps
+        data_cls, model_cls = PIPELINES[self.pipeline]
         _check(
-            self.train.batch_size % per_step == 0,
-            "train.batch_size",
-            self.train.batch_size,
-            f"a multiple of scaling.num_workers × train.grad_accum_steps = {per_step}",
+            isinstance(self.model, model_cls),
+            "model.name",
+            self.model.name,
+            f"{model_cls().name} for the {self.pipeline} pipeline",
         )
+        tr, workers = self.train, self.scaling.num_workers
+        if tr.tokens_per_step is not None:
+            _check(
+                self.context is not None and tr.tokens_per_step % self.context == 0,
+                "train.tokens_per_step",
+                tr.tokens_per_step,
+                f"a multiple of the context length ({self.context})"
+                if self.context
+                else "unset outside the text pipeline",
+            )
+        if tr.micro_batch_size is not None:
+            per_step = workers * tr.micro_batch_size
+            what = f"scaling.num_workers × train.micro_batch_size = {per_step}"
+        else:
+            per_step = workers * tr.grad_accum_steps
+            what = f"scaling.num_workers × train.grad_accum_steps = {per_step}"
+        name = "train.tokens_per_step" if tr.tokens_per_step else "train.batch_size"
+        value = tr.tokens_per_step or tr.batch_size
+        _check(
+            self.global_batch % per_step == 0,
+            name,
+            value,
+            f"a global batch ({self.global_batch} samples) that is a multiple of {what}",
+        )
+
+    @property
+    def context(self) -> int | None:
+        """Tokens per sample (text), None for tabular rows."""
+        if isinstance(self.model, GPTSpec):
+            return self.model.config(vocab_size=256).context
+        return None
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all workers and accumulation steps."""
+        if self.train.tokens_per_step is not None:
+            return self.train.tokens_per_step // self.context
+        return self.train.batch_size
+
+    @property
+    def accum_steps(self) -> int:
+        """Micro-batches per optimizer step on each worker."""
+        if self.train.micro_batch_size is not None:
+            return self.global_batch // (self.scaling.num_workers * self.train.micro_batch_size)
+        return self.train.grad_accum_steps
 
     @property
     def micro_batch_size(self) -> int:
         """Samples one worker feeds through the model per forward pass."""
-        return self.train.batch_size // (self.scaling.num_workers * self.train.grad_accum_steps)
+        return self.global_batch // (self.scaling.num_workers * self.accum_steps)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunSpec:
-        return _build(cls, raw, prefix="")
+        if not isinstance(raw, dict):
+            raise SpecError(f"the spec: expected a mapping, got {raw!r}")
+        pipeline = raw.get("pipeline", "tabular")
+        _check(pipeline in PIPELINES, "pipeline", pipeline, "one of " + ", ".join(PIPELINES))
+        data_cls, model_cls = PIPELINES[pipeline]
+        model = raw.get("model") or {}
+        names = {c().name: c for c in (MLPSpec, GPTSpec)}
+        if isinstance(model, dict) and model.get("name", model_cls().name) in names:
+            model_cls = names[model.get("name", model_cls().name)]
+        elif isinstance(model, dict):
+            _check(False, "model.name", model.get("name"), "one of " + ", ".join(names))
+        return _build(cls, raw, prefix="", types={"data": data_cls, "model": model_cls})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -298,11 +454,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 # --- typed construction from plain data -------------------------------------------------------
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, types: dict[str, type] | None = None) -> Any:
     where = prefix.rstrip(".") or "the spec"
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls) | (types or {})
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
@@ -310,6 +466,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise SpecError(f"unknown key {prefix}{key}{hint}; valid keys: {', '.join(names)}")
     kwargs = {key: _coerce(f"{prefix}{key}", value, hints[key]) for key, value in raw.items()}
+    for key, tp in (types or {}).items():
+        if key not in kwargs:
+            kwargs[key] = tp()
     return cls(**kwargs)
 
 

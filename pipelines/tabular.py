@@ -8,9 +8,7 @@ read their shards. The batch functions (`preprocess_batch`, `mark_validation`, .
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import math
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,18 +19,16 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.spec import DataSpec, TrainyardError
+from pipelines.data import DataError, Prepared, resolve_files
+from pipelines.spec import DataSpec, RunSpec
 
 BUILTIN_DIGITS = "builtin:digits"
 SPLIT_COLUMN = "__validation"
 CSV_EXTENSIONS = (".csv", ".csv.gz", ".csv.bz2")
 PARQUET_EXTENSIONS = (".parquet", ".pq")
+DATA_EXTENSIONS = CSV_EXTENSIONS + PARQUET_EXTENSIONS
 MAX_REPORTED_ROWS = 5
 BLOCK_BYTES = 64 * 1024**2
-
-
-class DataError(TrainyardError):
-    """Data that cannot be trained on: missing files or columns, bad rows, too few rows."""
 
 
 @dataclass
@@ -195,43 +191,6 @@ def _skip_row(row: Any) -> str:
 # --- driver side --------------------------------------------------------------------------------
 
 
-def resolve_files(path: str) -> tuple[list[str], pafs.FileSystem]:
-    """Expand a file, directory or glob (local or URI) into a sorted list of data files."""
-    if "://" in path:
-        fs, base = pafs.FileSystem.from_uri(path)
-    else:
-        fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
-    if any(ch in base for ch in "*?["):
-        root = base[: min(base.index(ch) for ch in "*?[" if ch in base)].rsplit("/", 1)[0] or "/"
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-        files = [i.path for i in infos if i.is_file and _glob_match(i.path, base)]
-        if not files:
-            raise DataError(f"data.path: no files match {path}")
-        return sorted(files), fs
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"data.path: no such file or directory: {path}")
-    if info.type == pafs.FileType.Directory:
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        files = [
-            i.path
-            for i in infos
-            if i.is_file
-            and i.path.endswith(CSV_EXTENSIONS + PARQUET_EXTENSIONS)
-            and not os.path.basename(i.path).startswith((".", "_"))
-        ]
-        if not files:
-            raise DataError(f"data.path: no .csv or .parquet files in {path}")
-        return sorted(files), fs
-    return [base], fs
-
-
-def _glob_match(path: str, pattern: str) -> bool:
-    """Shell-style match where wildcards never cross a `/`."""
-    parts, wanted = path.split("/"), pattern.split("/")
-    return len(parts) == len(wanted) and all(map(fnmatch.fnmatchcase, parts, wanted))
-
-
 def file_format(files: list[str], declared: str) -> str:
     if declared != "auto":
         return declared
@@ -259,7 +218,7 @@ def check_path(spec: DataSpec) -> None:
             raise DataError(
                 f"data.path: unknown built-in data set {spec.path!r}; available: {BUILTIN_DIGITS}"
             )
-        resolve_files(spec.path)
+        resolve_files(spec.path, DATA_EXTENSIONS)
 
 
 def _sample_schema(
@@ -354,7 +313,7 @@ def read_raw(
         return ray.data.from_pandas(frame[features + [spec.label]]), features
 
     check_path(spec)
-    files, fs = resolve_files(spec.path)
+    files, fs = resolve_files(spec.path, DATA_EXTENSIONS)
     fmt = file_format(files, spec.format)
     schema, sample = _sample_schema(files, fs, fmt)
     features = check_columns(spec, schema, sample)
@@ -523,3 +482,56 @@ def build_datasets(
 
     example = val_raw.limit(5).to_pandas()[features].astype(np.float32)
     return TabularData(prep(train_raw), prep(val_raw), stats, num_train, num_val, example)
+
+
+def prepare(
+    spec: RunSpec,
+    task_cpus: float,
+    num_workers: int,
+    rows_per_step: int,
+    read_args: dict[str, Any] | None = None,
+) -> Prepared:
+    """The tabular pipeline's datasets, MLP config and facts for training."""
+    data = build_datasets(
+        spec.data, spec.train.seed, task_cpus, num_workers, rows_per_step, read_args
+    )
+    return Prepared(
+        train=data.train,
+        validation=data.validation,
+        num_train=data.num_train,
+        num_validation=data.num_validation,
+        model_config={
+            "in_features": len(data.stats.features),
+            "out_features": data.stats.out_features,
+            "hidden": tuple(spec.model.hidden),
+            "dropout": spec.model.dropout,
+        },
+        job={"task": spec.data.task, "target_std": data.stats.target_std},
+        params={"data.num_train": data.num_train, "data.num_validation": data.num_validation},
+        extra=data,
+    )
+
+
+def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict[str, str]]:
+    """The trained network with its preprocessing (raw feature rows in), an input example and
+    the model's MLflow metadata."""
+    import torch
+
+    from models import TabularPredictor
+
+    stats = prepared.extra.stats
+    predictor = TabularPredictor(
+        net,
+        torch.tensor(stats.mean),
+        torch.tensor(stats.std),
+        stats.target_mean,
+        stats.target_std,
+        stats.classes,
+    ).eval()
+    return predictor, prepared.extra.example, {"pipeline": "tabular"}
+
+
+def metric_keys(spec: RunSpec) -> list[str]:
+    """The metrics plotted into the run's curves."""
+    quality = ["val_accuracy"] if spec.data.task == "classification" else ["val_rmse", "val_r2"]
+    return ["train_loss", "val_loss", *quality]

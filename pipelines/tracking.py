@@ -225,8 +225,11 @@ def log_curves(uri: str, run_id: str, keys: list[str]) -> None:
         client.log_artifact(run_id, str(path))
 
 
-def log_model(uri: str, run_id: str, model: Any, example: Any) -> str:
-    """Log a model with its signature and input example; return its model URI.
+def log_model(
+    uri: str, run_id: str, model: Any, example: Any, metadata: dict[str, str] | None = None
+) -> str:
+    """Log a model with its signature, input example (a DataFrame of raw rows or an array of
+    token ids) and metadata; return its model URI.
 
     Call it last: leaving `mlflow.start_run(run_id)` marks the run FINISHED, and `end_run`
     then sets the final status.
@@ -239,8 +242,9 @@ def log_model(uri: str, run_id: str, model: Any, example: Any) -> str:
 
     import models
 
+    inputs = example.to_numpy(dtype=np.float32) if hasattr(example, "to_numpy") else example
     with torch.no_grad():
-        prediction = model(torch.from_numpy(example.to_numpy(dtype=np.float32))).numpy()
+        prediction = model(torch.from_numpy(inputs)).float().numpy()
     # The fluent API needs the process-wide tracking URI (which MLflow also exports to the
     # environment); put back what was there, so that nothing after this call is redirected.
     previous = os.environ.get("MLFLOW_TRACKING_URI")
@@ -257,6 +261,7 @@ def log_model(uri: str, run_id: str, model: Any, example: Any) -> str:
                 serialization_format="pickle",
                 # Named up front: inferring them loads the model again in a subprocess (slow).
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
+                metadata=metadata,
             )
     finally:
         mlflow.set_tracking_uri(previous)

@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from pipelines.spec import RunSpec, TrainyardError, load_spec
 
 
@@ -78,16 +80,25 @@ def plan_for(spec: RunSpec, connect: bool):
     return plan_resources(spec.scaling, local_nodes())
 
 
-def dry_run(spec: RunSpec) -> None:
-    from pipelines.tabular import check_path
+def pipeline_module(spec: RunSpec):
+    """The module of the spec's pipeline: prepare(), package(), metric_keys()."""
+    import importlib
 
-    check_path(spec.data)
+    return importlib.import_module(f"pipelines.{spec.pipeline}")
+
+
+def dry_run(spec: RunSpec) -> None:
+    data_files(spec)  # a data path that does not exist fails here
     plan = plan_for(spec, connect=bool(os.environ.get("RAY_ADDRESS")))
     print("# resolved run spec")
     print(spec.to_yaml().rstrip())
     print("# resource plan")
     print(plan.describe())
-    print(f"# micro-batch per worker: {spec.micro_batch_size}")
+    print(
+        f"# global batch {spec.global_batch}: {plan.num_workers} worker(s) × "
+        f"{spec.accum_steps} micro-batch(es) of {spec.micro_batch_size}"
+        + (f" × {spec.context} tokens" if spec.context else "")
+    )
 
 
 def _submission_id() -> str | None:
@@ -109,13 +120,21 @@ def default_dir() -> Path:
 
 
 def data_files(spec: RunSpec) -> list[str]:
-    """The data files on a local disk (none for built-in data sets and URIs)."""
+    """The data files on a local disk (none for built-in tables and URIs); raises DataError
+    for a path that does not exist."""
     from cluster.shared import is_local
-    from pipelines.tabular import BUILTIN_DIGITS, resolve_files
 
+    if spec.pipeline == "text":
+        from pipelines.text import list_files
+
+        _, files, fs = list_files(spec.data)
+        return files if isinstance(fs, pafs.LocalFileSystem) else []
+    from pipelines.tabular import BUILTIN_DIGITS, DATA_EXTENSIONS, check_path, resolve_files
+
+    check_path(spec.data)
     if spec.data.path == BUILTIN_DIGITS or not is_local(spec.data.path):
         return []
-    return resolve_files(spec.data.path.removeprefix("file://"))[0]
+    return resolve_files(spec.data.path.removeprefix("file://"), DATA_EXTENSIONS)[0]
 
 
 def read_args_for(spec: RunSpec, storage: str, uri: str) -> dict[str, Any] | None:
@@ -212,15 +231,13 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
     `resume` names a run to continue from its newest checkpoint."""
     import ray
     import ray.train
-    import torch
     from ray.train.torch import TorchTrainer
 
     from cluster.local import STORAGE_ENV
     from cluster.resources import cluster_nodes
-    from models import TabularPredictor, build_model
+    from models import build_model
     from pipelines import tracking
     from pipelines.loop import STOPPED_TAG, load_state, train_loop_per_worker
-    from pipelines.tabular import build_datasets
 
     plan = plan_for(spec, connect=True)
     uri = tracking.tracking_uri(default_dir())
@@ -240,17 +257,13 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
     max_failures = spec.scaling.max_failures
     if max_failures is None:
         max_failures = 2 if len(cluster_nodes().cpus) > 1 else 0
-    # 1. Data: read, validate, split and fit on the driver (bad input stops here).
-    rows_per_step = spec.micro_batch_size * spec.train.grad_accum_steps  # per worker
-    data = build_datasets(
-        spec.data,
-        spec.train.seed,
-        plan.data_task_cpus,
-        plan.num_workers,
-        rows_per_step,
-        read_args,
+    # 1. Data: read, validate, split and preprocess on the driver (bad input stops here).
+    pipeline = pipeline_module(spec)
+    rows_per_step = spec.micro_batch_size * spec.accum_steps  # per worker
+    data = pipeline.prepare(spec, plan.data_task_cpus, plan.num_workers, rows_per_step, read_args)
+    steps_per_epoch = spec.train.steps_per_epoch or (
+        data.num_train // plan.num_workers // rows_per_step
     )
-    steps_per_epoch = data.num_train // plan.num_workers // rows_per_step
 
     # 2. One MLflow run for the job, shared with the workers by id; a run name seen before
     #    continues that run (Ray Train resumes the same name from its newest checkpoint).
@@ -263,13 +276,18 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
     submission_id = _submission_id()
     if submission_id:
         tags["ray.submission_id"] = submission_id
-    params = spec.flat() | {
-        "plan.cpus_per_worker": plan.cpus_per_worker,
-        "plan.data_cpus": plan.data_cpus,
-        "data.num_train": data.num_train,
-        "data.num_validation": data.num_validation,
-        "train.steps_per_epoch": steps_per_epoch,
-    }
+    params = (
+        spec.flat()
+        | data.params
+        | {
+            "plan.cpus_per_worker": plan.cpus_per_worker,
+            "plan.data_cpus": plan.data_cpus,
+            "plan.global_batch": spec.global_batch,
+            "plan.micro_batch_size": spec.micro_batch_size,
+            "plan.accum_steps": spec.accum_steps,
+            "plan.steps_per_epoch": steps_per_epoch,
+        }
+    )
     if run_id is None:
         run_id = tracking.start_run(
             uri, spec.tracking.experiment, run_name, params, spec.to_yaml(), tags
@@ -288,10 +306,11 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
             train_loop_per_worker,
             train_loop_config={
                 "spec": spec.to_dict(),
-                "job": {
+                "job": data.job
+                | {
                     "run_id": run_id,
                     "tracking_uri": uri,
-                    "stats": data.stats.to_dict(),
+                    "model_config": data.model_config,
                     "torch_threads": plan.torch_threads,
                     "steps_per_epoch": steps_per_epoch,
                     "inject_failure": failure_plan(),
@@ -322,34 +341,26 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
         if stopped:
             raise TrainingStopped(stopped)
 
-        # 4. The model with its preprocessing, so that it predicts from raw rows.
+        # 4. The model as the pipeline serves it (tabular: with its preprocessing, so that it
+        #    predicts from raw rows; text: with its tokenizer named).
         with result.checkpoint.as_directory() as d:
             state = load_state(d)
         net = build_model(spec.model.name, **state["model_config"])
         net.load_state_dict(state["model"])
-        stats = data.stats
-        predictor = TabularPredictor(
-            net,
-            torch.tensor(stats.mean),
-            torch.tensor(stats.std),
-            stats.target_mean,
-            stats.target_std,
-            stats.classes,
-        ).eval()
-        metric_keys = ["train_loss", "val_loss"] + (
-            ["val_accuracy"] if spec.data.task == "classification" else ["val_rmse", "val_r2"]
-        )
-        tracking.log_curves(uri, run_id, metric_keys)
-        model_uri = (
-            tracking.log_model(uri, run_id, predictor, data.example)
-            if spec.tracking.log_model
-            else None
-        )
+        tracking.log_curves(uri, run_id, pipeline.metric_keys(spec))
+        model_uri = None
+        if spec.tracking.log_model:
+            model, example, metadata = pipeline.package(spec, data, net)
+            model_uri = tracking.log_model(uri, run_id, model, example, metadata)
     except BaseException as e:
         tracking.end_run(uri, run_id, error=e)
         raise
     tracking.end_run(uri, run_id)
-    final = {k: v for k, v in result.metrics.items() if k.startswith("val_")}
+    final = {
+        k: v
+        for k, v in result.metrics.items()
+        if k.startswith("val_") or k in ("tokens_per_s", "mfu")
+    }
     summary = {
         "run_id": run_id,
         "run_name": run_name,

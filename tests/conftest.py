@@ -44,3 +44,11 @@ def pytest_collection_modifyitems(items):
     """Run the tests that kill nodes and drivers of the shared cluster last, so that nothing they
     leave behind in Ray (dead nodes, aborted runs) can disturb the other tests."""
     items.sort(key=lambda item: item.module.__name__.endswith("test_fault_tolerance"))
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")

@@ -155,8 +155,9 @@ def test_cli_spec_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "trainyard: error: unknown key train.bacth_size (did you mean train.batch_size?); "
-        "valid keys: epochs, batch_size, lr, weight_decay, optimizer, momentum, schedule, "
-        "warmup_fraction, grad_accum_steps, grad_clip, label_smoothing, seed, checkpoint_every, "
+        "valid keys: epochs, batch_size, tokens_per_step, micro_batch_size, lr, weight_decay, "
+        "optimizer, momentum, schedule, min_lr_fraction, warmup_fraction, grad_accum_steps, "
+        "steps_per_epoch, compile, grad_clip, label_smoothing, seed, checkpoint_every, "
         "keep_checkpoints, log_every_steps, max_nonfinite_steps"
     )
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -6,6 +6,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from pipelines.tabular import (
+    DATA_EXTENSIONS,
     SPLIT_COLUMN,
     DataError,
     mark_validation,
@@ -88,8 +89,10 @@ def test_resolve_files_file_directory_glob(tmp_path):
     (tmp_path / "sub" / "d.csv").write_text("x\n")
     files, _ = resolve_files(str(tmp_path / "a.csv"))
     assert files == [str(tmp_path / "a.csv")]
-    files, _ = resolve_files(str(tmp_path))
+    files, _ = resolve_files(str(tmp_path), DATA_EXTENSIONS)
     assert [f.rsplit("/", 1)[1] for f in files] == ["a.csv", "b.csv", "c.parquet", "d.csv"]
+    files, _ = resolve_files(str(tmp_path))  # any file: the text pipeline's directories
+    assert len(files) == 5 and files[-1].endswith("sub/d.csv")
     files, _ = resolve_files(str(tmp_path / "*.csv"))
     assert [f.rsplit("/", 1)[1] for f in files] == ["a.csv", "b.csv"]
     with pytest.raises(DataError, match="no such file or directory"):

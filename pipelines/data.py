@@ -1,0 +1,80 @@
+"""What the pipelines share on the data side: `Prepared`, what a pipeline's driver hands to
+training; expanding a file, directory or glob (local or any pyarrow URI) into a sorted file
+list; and the error for data that cannot be used."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipelines.spec import TrainyardError
+
+
+class DataError(TrainyardError):
+    """Data that cannot be trained on: missing files or columns, bad rows, too few rows."""
+
+
+@dataclass
+class Prepared:
+    """A pipeline's datasets and what training needs to know about them, built on the driver."""
+
+    train: Any
+    """ray.data.Dataset of {"x", "y"} rows, the model's input and target."""
+    validation: Any
+    num_train: int
+    num_validation: int
+    model_config: dict[str, Any]
+    """Fields of the model's config dataclass: build_model(spec.model.name, **model_config)."""
+    job: dict[str, Any]
+    """Plain facts for the workers: "task" (classification, regression, language_modeling),
+    "dtypes" (torch dtype names per column), and pipeline facts (context, FLOPs per token, ...)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """What else to record as MLflow params (data sizes, statistics)."""
+    extra: Any = None
+    """Whatever the pipeline needs again to package the trained model."""
+
+
+def resolve_files(
+    path: str, extensions: tuple[str, ...] | None = None
+) -> tuple[list[str], pafs.FileSystem]:
+    """Expand a file, directory or glob (local or URI) into a sorted list of files. A directory
+    contributes every file below it whose name ends with one of `extensions` (any name when
+    None), except hidden ones and those starting with `_`."""
+    if "://" in path:
+        fs, base = pafs.FileSystem.from_uri(path)
+    else:
+        fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    if any(ch in base for ch in "*?["):
+        root = base[: min(base.index(ch) for ch in "*?[" if ch in base)].rsplit("/", 1)[0] or "/"
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        files = [i.path for i in infos if i.is_file and _glob_match(i.path, base)]
+        if not files:
+            raise DataError(f"data.path: no files match {path}")
+        return sorted(files), fs
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"data.path: no such file or directory: {path}")
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        files = [
+            i.path
+            for i in infos
+            if i.is_file
+            and (extensions is None or i.path.endswith(extensions))
+            and not any(part.startswith((".", "_")) for part in i.path[len(base) :].split("/"))
+        ]
+        if not files:
+            kinds = " or ".join(extensions) if extensions else "data"
+            raise DataError(f"data.path: no {kinds} files in {path}")
+        return sorted(files), fs
+    return [base], fs
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    """Shell-style match where wildcards never cross a `/`."""
+    parts, wanted = path.split("/"), pattern.split("/")
+    return len(parts) == len(wanted) and all(map(fnmatch.fnmatchcase, parts, wanted))

@@ -1,0 +1,102 @@
+"""`trainyard generate`: sample text from a text model trained by trainyard, out of MLflow.
+
+trainyard generate RUN_ID_OR_MODEL_URI --prompt "def " [--max-bytes N] [--temperature T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipelines.spec import TrainyardError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        metavar="RUN_ID_OR_MODEL_URI",
+        help="an MLflow run id (its model is used) or a model URI (runs:/..., models:/...)",
+    )
+    parser.add_argument("--prompt", default="def ", help="text to continue (default: 'def ')")
+    parser.add_argument(
+        "--max-bytes", type=int, default=200, help="bytes to generate after the prompt"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy"
+    )
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)",
+    )
+
+
+def model_uri(value: str) -> str:
+    """A model URI as given, or the model logged in the run with id `value`."""
+    return value if ":/" in value else f"runs:/{value}/model"
+
+
+def load(uri: str, tracking_uri: str):
+    """The model at `uri` and its tokenizer, checked to be a trainyard text model."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.text import load_tokenizer
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        metadata = mlflow.models.get_model_info(uri).metadata or {}
+        if metadata.get("pipeline") != "text":
+            raise TrainyardError(
+                f"{uri} is not a text model (pipeline: {metadata.get('pipeline', 'unknown')}); "
+                "generate samples from models trained with `pipeline: text`"
+            )
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except MlflowException as e:
+        raise TrainyardError(f"cannot load {uri} from {tracking_uri}: {e.message}") from None
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return model.eval(), load_tokenizer(metadata["tokenizer"])
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    max_bytes: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> str:
+    """The prompt and up to `max_bytes` bytes sampled after it (invalid UTF-8 replaced)."""
+    import numpy as np
+    import torch
+
+    if not prompt:
+        raise TrainyardError("--prompt: give at least one character to continue")
+    prompt_bytes = prompt.encode()
+    ids = torch.from_numpy(np.asarray(tokenizer.encode(prompt_bytes), dtype=np.int64))[None, :]
+    generator = torch.Generator().manual_seed(seed)
+    out = model.generate(ids, max_bytes, temperature=temperature, top_k=top_k, generator=generator)
+    text = tokenizer.decode(out[0].tolist())[: len(prompt_bytes) + max_bytes]
+    return text.decode("utf-8", errors="replace")
+
+
+def command(args: argparse.Namespace) -> int:
+    from pipelines import tracking
+
+    if args.max_bytes < 1:
+        raise TrainyardError("--max-bytes: expected an integer >= 1")
+    if args.temperature < 0:
+        raise TrainyardError("--temperature: expected a number >= 0")
+    uri = args.tracking_uri or tracking.tracking_uri(".")
+    model, tokenizer = load(model_uri(args.model), uri)
+    text = generate(
+        model, tokenizer, args.prompt, args.max_bytes, args.temperature, args.top_k, args.seed
+    )
+    sys.stdout.write(text + "\n")
+    return 0

@@ -1,0 +1,341 @@
+"""Text with Ray Data: list files, split them train/validation, encode, cut windows, stream.
+
+The split is by file, decided on the driver from a hash of each file's path, so no window ever
+holds bytes of both sides. Ray Data reads the files, `encode_windows` (a pure batch function)
+tokenizes a block of files and cuts it into shuffled fixed-length windows, and the workers
+stream their shards of those windows. The tokenizer is pluggable: `bytes`, or any importable
+class with the `Tokenizer` interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from pipelines.data import DataError, Prepared, resolve_files
+from pipelines.spec import RunSpec, TextDataSpec
+
+BUILTIN_STDLIB = "builtin:python-stdlib"
+# CPython's own test suite (17 of the 31 MB in 3.11) is left out: the corpus is the library.
+STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+BLOCK_BYTES = 4 * 1024**2
+"""Text per read task: few enough tasks for small corpora, enough parallelism for big ones."""
+
+
+# --- tokenizers ---------------------------------------------------------------------------------
+
+
+class Tokenizer(Protocol):
+    """What the text pipeline needs from a tokenizer. A class of your own, given as
+    `data.tokenizer: package.module:Class`, is built with no arguments on every node."""
+
+    vocab_size: int
+
+    def encode(self, data: bytes) -> np.ndarray:
+        """Token ids of `data` as a 1-D integer array."""
+        ...
+
+    def decode(self, ids: Any) -> bytes:
+        """The bytes that token ids `ids` stand for."""
+        ...
+
+
+class ByteTokenizer:
+    """Every byte is a token: vocabulary 256, nothing unknown, nothing to train."""
+
+    vocab_size = 256
+
+    def encode(self, data: bytes) -> np.ndarray:
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def decode(self, ids: Any) -> bytes:
+        return bytes(np.asarray(ids, dtype=np.uint8).tolist())
+
+
+def load_tokenizer(name: str) -> Tokenizer:
+    """`bytes`, or an instance of the class `package.module:Class`."""
+    if name == "bytes":
+        return ByteTokenizer()
+    module, sep, attr = name.partition(":")
+    if not sep:
+        raise DataError(f"data.tokenizer: expected bytes or package.module:Class, got {name!r}")
+    try:
+        tokenizer = getattr(importlib.import_module(module), attr)()
+    except (ImportError, AttributeError) as e:
+        raise DataError(f"data.tokenizer: cannot load {name!r}: {e}") from None
+    if not isinstance(getattr(tokenizer, "vocab_size", None), int):
+        raise DataError(f"data.tokenizer: {name!r} has no integer vocab_size")
+    return tokenizer
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every token id."""
+    return np.dtype(
+        np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32
+    )
+
+
+# --- pure batch functions (run inside Ray Data tasks) ------------------------------------------
+
+
+def encode_windows(
+    batch: dict[str, np.ndarray], tokenizer: str, context: int, seed: int
+) -> dict[str, np.ndarray]:
+    """A block of files ({"bytes": file contents}) → shuffled training windows.
+
+    The files are encoded and joined end to end, then cut every `context` tokens into windows
+    of `context + 1`: "x" is a window's first `context` tokens, "y" the same shifted by one
+    (the next token at every position). The tail shorter than a window is dropped. The order
+    of the windows is shuffled by a seed and the block's content, the same on every run.
+    """
+    tok = load_tokenizer(tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    tokens = np.concatenate(
+        [np.asarray(tok.encode(bytes(b)), dtype=dtype) for b in batch["bytes"]]
+        or [np.zeros(0, dtype)]
+    )
+    n = max(0, (len(tokens) - 1) // context)
+    starts = np.arange(n) * context
+    windows = tokens[starts[:, None] + np.arange(context + 1)]
+    rng = np.random.default_rng([seed, zlib.crc32(tokens[: 1 << 20].tobytes()), len(tokens)])
+    windows = windows[rng.permutation(n)]
+    return {"x": windows[:, :-1], "y": windows[:, 1:]}
+
+
+def count_tokens(batch: dict[str, np.ndarray], vocab_size: int) -> dict[str, np.ndarray]:
+    """How often each token id occurs as a target in a block of windows (one row per block)."""
+    counts = np.bincount(batch["y"].reshape(-1).astype(np.int64), minlength=vocab_size)
+    return {"counts": counts[None, :]}
+
+
+# --- driver side --------------------------------------------------------------------------------
+
+
+def stdlib_files() -> tuple[str, list[str]]:
+    """The root and the `.py` files of the running Python's standard library."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        str(f)
+        for f in root.rglob("*.py")
+        if not STDLIB_SKIP & set(f.relative_to(root).parts[:-1]) and f.is_file()
+    ]
+    return str(root), sorted(files)
+
+
+def list_files(spec: TextDataSpec) -> tuple[str, list[str], pafs.FileSystem]:
+    """The data root (what split hashes are relative to), the files and their file system."""
+    if spec.path == BUILTIN_STDLIB:
+        root, files = stdlib_files()
+        return root, files, pafs.LocalFileSystem()
+    if spec.path.startswith("builtin:"):
+        raise DataError(
+            f"data.path: unknown built-in corpus {spec.path!r}; available: {BUILTIN_STDLIB}"
+        )
+    files, fs = resolve_files(spec.path)
+    root = files[0].rsplit("/", 1)[0] if len(files) == 1 else _common_dir(files)
+    return root, files, fs
+
+
+def _common_dir(files: list[str]) -> str:
+    parts = [f.split("/")[:-1] for f in files]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return "/".join(common)
+
+
+def is_validation(relative_path: str, fraction: float, seed: int) -> bool:
+    """Whether a file goes to validation: a hash of its path below the root, so the answer
+    never depends on which other files exist or on the machine."""
+    digest = hashlib.sha256(f"{seed}:{relative_path}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_files(
+    root: str, files: list[str], fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Train and validation files, each side non-empty."""
+    if len(files) < 2:
+        raise DataError(
+            f"data.path: {len(files)} file(s); the text pipeline splits train/validation by "
+            "file and needs at least 2"
+        )
+    flags = [is_validation(f[len(root) :].lstrip("/"), fraction, seed) for f in files]
+    if all(flags) or not any(flags):
+        # Too few files for the fraction to pick any (or to leave any): hold out the one
+        # whose hash is smallest (or keep the largest), still decided by the hashes alone.
+        order = sorted(
+            range(len(files)),
+            key=lambda i: hashlib.sha256(f"{seed}:{files[i][len(root) :]}".encode()).digest(),
+        )
+        flags = [i == order[0] for i in range(len(files))]
+    train = [f for f, v in zip(files, flags, strict=True) if not v]
+    val = [f for f, v in zip(files, flags, strict=True) if v]
+    return train, val
+
+
+@dataclass
+class TextData:
+    train: Any
+    """ray.data.Dataset of {"x": tokens[context], "y": the next tokens[context]} windows."""
+    validation: Any
+    num_train: int
+    num_validation: int
+    vocab_size: int
+    unigram_entropy: float
+    """Entropy of the training tokens' frequencies in nats: the loss of a model that predicts
+    every token from its frequency alone, the bar that learning is measured against."""
+    tokens_per_byte: float
+    train_files: int
+    validation_files: int
+    train_bytes: int
+
+
+def build_datasets(
+    spec: RunSpec,
+    task_cpus: float,
+    num_workers: int,
+    rows_per_step: int,
+    read_args: dict[str, Any] | None = None,
+) -> TextData:
+    """List and split the files on the driver, then read, encode and window them with Ray Data;
+    return the windows of both sides, kept in the object store (the encoding is done once,
+    not again in every epoch)."""
+    import ray.data
+
+    data, seed, context = spec.data, spec.train.seed, spec.context
+    tokenizer = load_tokenizer(data.tokenizer)
+    root, files, fs = list_files(data)
+    train_files, val_files = split_files(root, files, data.validation_fraction, seed)
+    sizes = {i.path: i.size for i in fs.get_file_info(files)}
+    kwargs = {"tokenizer": data.tokenizer, "context": context, "seed": seed}
+
+    def windows(paths: list[str]) -> Any:
+        total = sum(sizes[p] for p in paths)
+        blocks = min(len(paths), max(num_workers, math.ceil(total / BLOCK_BYTES)))
+        return (
+            ray.data.read_binary_files(
+                paths,
+                filesystem=fs,
+                override_num_blocks=blocks,
+                num_cpus=task_cpus,
+                ray_remote_args=read_args or {},
+            )
+            .map_batches(encode_windows, fn_kwargs=kwargs, batch_size=None, num_cpus=task_cpus)
+            .materialize()
+        )
+
+    train, validation = windows(train_files), windows(val_files)
+    num_train, num_val = train.count(), validation.count()
+    if data.validation_windows is not None and num_val > data.validation_windows:
+        validation = validation.limit(data.validation_windows).materialize()
+        num_val = data.validation_windows
+    if num_train // num_workers < rows_per_step:
+        raise DataError(
+            f"data: {num_train} training windows of {context} tokens give each of "
+            f"{num_workers} worker(s) fewer than one optimizer step ({rows_per_step} windows "
+            "each); lower the batch, the context, or use more text"
+        )
+    if num_val < num_workers:
+        raise DataError(
+            f"data: {num_val} validation windows of {context} tokens for {num_workers} "
+            "worker(s); raise data.validation_fraction or use more text"
+        )
+    counts = sum(
+        row["counts"]
+        for row in train.map_batches(
+            count_tokens,
+            fn_kwargs={"vocab_size": tokenizer.vocab_size},
+            batch_size=None,
+            num_cpus=task_cpus,
+        ).take_all()
+    )
+    p = counts[counts > 0] / counts.sum()
+    train_bytes = sum(sizes[f] for f in train_files)
+    return TextData(
+        train=train,
+        validation=validation,
+        num_train=num_train,
+        num_validation=num_val,
+        vocab_size=tokenizer.vocab_size,
+        unigram_entropy=float(-(p * np.log(p)).sum()),
+        # Exact for bytes; for other tokenizers the windows' tokens over the files' bytes.
+        tokens_per_byte=1.0
+        if isinstance(tokenizer, ByteTokenizer)
+        else float(counts.sum()) / max(train_bytes, 1),
+        train_files=len(train_files),
+        validation_files=len(val_files),
+        train_bytes=train_bytes,
+    )
+
+
+def prepare(
+    spec: RunSpec,
+    task_cpus: float,
+    num_workers: int,
+    rows_per_step: int,
+    read_args: dict[str, Any] | None = None,
+) -> Prepared:
+    """The text pipeline's windows, GPT config and facts for training (FLOPs per token for
+    MFU, the unigram entropy that the validation loss is printed beside)."""
+    from dataclasses import asdict
+
+    from models.gpt import flops_per_token, num_params
+
+    data = build_datasets(spec, task_cpus, num_workers, rows_per_step, read_args)
+    config = spec.model.config(data.vocab_size)
+    print(
+        f"trainyard: text: {data.train_files} + {data.validation_files} files "
+        f"({data.train_bytes / 1e6:.1f} MB to train on), {data.num_train} + "
+        f"{data.num_validation} windows of {config.context} tokens; unigram entropy "
+        f"{data.unigram_entropy:.3f} nats/token; GPT {num_params(config) / 1e6:.2f}M parameters"
+    )
+    return Prepared(
+        train=data.train,
+        validation=data.validation,
+        num_train=data.num_train,
+        num_validation=data.num_validation,
+        model_config=asdict(config),
+        job={
+            "task": "language_modeling",
+            "dtypes": {"x": "int64", "y": "int64"},
+            "context": config.context,
+            "flops_per_token": flops_per_token(config),
+            "unigram_entropy": data.unigram_entropy,
+            "tokens_per_byte": data.tokens_per_byte,
+        },
+        params={
+            "data.num_train_windows": data.num_train,
+            "data.num_validation_windows": data.num_validation,
+            "data.train_files": data.train_files,
+            "data.validation_files": data.validation_files,
+            "data.train_bytes": data.train_bytes,
+            "data.unigram_entropy": round(data.unigram_entropy, 5),
+            "model.parameters": num_params(config),
+            "model.flops_per_token": flops_per_token(config),
+        },
+    )
+
+
+def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict[str, str]]:
+    """The trained GPT, an input example (the tokens of "def ") and its MLflow metadata,
+    which names the tokenizer that `trainyard generate` decodes with."""
+    tokenizer = load_tokenizer(spec.data.tokenizer)
+    example = np.asarray(tokenizer.encode(b"def "), dtype=np.int64)[None, :]
+    return net.eval(), example, {"pipeline": "text", "tokenizer": spec.data.tokenizer}
+
+
+def metric_keys(spec: RunSpec) -> list[str]:
+    """The metrics plotted into the run's curves."""
+    return ["train_loss", "val_loss", "val_bits_per_byte", "tokens_per_s"]

@@ -1,0 +1,161 @@
+"""The text pipeline end to end on the local 3-node Ray cluster with a real MLflow store:
+windows that never cross the split, the tiny config training (loss falls, one run, tokens/s,
+every worker the same number of steps), text sampled back from MLflow, and the gpt2-small
+config's path (token budget, gradient accumulation) shrunk to run on CPU."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines import cli
+from pipelines.spec import RunSpec
+from pipelines.text import build_datasets, split_files
+
+ROOT = Path(__file__).resolve().parent.parent
+STDLIB = sysconfig.get_paths()["stdlib"]
+# ~130 KB of real code: json, email's header modules and a few more.
+SMALL_CORPUS = f"{STDLIB}/[jc]*/*.py"
+
+
+def test_windows_never_cross_the_split(ray_cluster, tmp_path):
+    # File i holds one byte value (40 + i), so every token tells which file it came from.
+    for i in range(60):
+        (tmp_path / f"f{i:02d}.txt").write_bytes(bytes([40 + i]) * (200 + 7 * i))
+    spec = RunSpec.from_dict(
+        {
+            "pipeline": "text",
+            "data": {"path": str(tmp_path), "validation_fraction": 0.2},
+            "model": {"name": "gpt", "size": "tiny", "context": 16},
+            "train": {"batch_size": 8},
+        }
+    )
+    data = build_datasets(spec, 0.5, 2, 4)
+    files = sorted(str(p) for p in tmp_path.iterdir())
+    train_files, val_files = split_files(str(tmp_path), files, 0.2, 0)
+    value = {f: 40 + int(Path(f).stem[1:]) for f in files}
+    seen = {}
+    for side, ds in (("train", data.train), ("validation", data.validation)):
+        batch = ds.take_batch(100_000)
+        assert batch["x"].shape[1] == 16
+        np.testing.assert_array_equal(batch["x"][:, 1:], batch["y"][:, :-1])
+        seen[side] = set(np.unique(np.concatenate([batch["x"], batch["y"]], axis=None)).tolist())
+    assert seen["train"] == {value[f] for f in train_files}
+    assert seen["validation"] == {value[f] for f in val_files}
+    assert data.num_train > 0 and data.num_validation > 0
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    rc = cli.main(args)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_cluster, tracking_uri, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("gpt-tiny")
+    rc = cli.main(
+        [
+            "train",
+            str(ROOT / "configs" / "stdlib-gpt-tiny.yaml"),
+            "--summary",
+            str(out / "summary.json"),
+            *("--set", f"data.path={SMALL_CORPUS}"),
+            *("--set", "data.validation_windows=64"),
+            *("--set", "model.context=64"),
+            *("--set", "train.epochs=3"),
+            *("--set", "train.steps_per_epoch=12"),
+            *("--set", "train.batch_size=16"),
+            *("--set", "train.log_every_steps=6"),
+            *("--set", "scaling.placement_strategy=SPREAD"),
+            *("--set", f"scaling.storage_path={out / 'results'}"),
+            *("--set", "tracking.experiment=test-gpt-tiny"),
+        ]
+    )
+    assert rc == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_tiny_config_trains_loss_falls_one_run_with_tokens_per_second(tiny_run, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("test-gpt-tiny")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [tiny_run["run_id"]]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    val = sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: m.step)
+    train = sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)
+    assert [m.step for m in val] == [1, 2, 3]
+    assert val[-1].value < val[0].value and train[-1].value < train[0].value
+    assert val[-1].value < np.log(256)  # better than knowing nothing
+    metrics = run.data.metrics
+    assert metrics["tokens_per_s"] > 0
+    assert metrics["tokens_per_s"] == pytest.approx(metrics["samples_per_s"] * 64)
+    assert "mfu" not in metrics  # a CPU has no known peak
+    entropy = float(run.data.params["data.unigram_entropy"])
+    assert 3.0 < entropy < 5.5
+    assert metrics["val_loss_vs_unigram"] == pytest.approx(metrics["val_loss"] / entropy, 1e-4)
+    assert metrics["val_bits_per_byte"] == pytest.approx(metrics["val_loss"] / np.log(2))
+    assert run.data.params["plan.steps_per_epoch"] == "12"
+
+
+def test_tiny_config_every_worker_ran_the_same_steps_on_two_nodes(tiny_run, tracking_uri):
+    tags = MlflowClient(tracking_uri).get_run(tiny_run["run_id"]).data.tags
+    assert tags["trainyard.steps_per_rank"] == "36,36"
+    assert tags["num_nodes"] == "2"
+    digests = tags["param_digests"].split(",")
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_generate_continues_the_prompt_from_mlflow(tiny_run, tracking_uri, capsys):
+    rc, out, _ = run_cli(
+        ["generate", tiny_run["run_id"], "--prompt", "def ", "--max-bytes", "40"], capsys
+    )
+    assert rc == 0
+    assert out.startswith("def ") and len(out.encode()) > len("def ")
+    rc2, again, _ = run_cli(
+        ["generate", tiny_run["model_uri"], "--prompt", "def ", "--max-bytes", "40"], capsys
+    )
+    assert rc2 == 0 and again == out  # the same model by run id or URI, the same seed
+    rc, _, err = run_cli(["generate", "0" * 32, "--prompt", "x"], capsys)
+    assert rc == 2 and err.startswith("trainyard: error: cannot load") and err.count("\n") == 1
+
+
+def test_gpt2_small_config_runs_its_path_shrunk_to_cpu(ray_cluster, tracking_uri, tmp_path):
+    """The GPU config as written, with the model, budget and device shrunk for this machine:
+    tokens_per_step and micro_batch_size give 2 accumulation steps per worker."""
+    rc = cli.main(
+        [
+            "train",
+            str(ROOT / "configs" / "stdlib-gpt2-small.yaml"),
+            "--summary",
+            str(tmp_path / "summary.json"),
+            *("--set", f"data.path={SMALL_CORPUS}"),
+            *("--set", "data.validation_windows=16"),
+            *("--set", "model.n_layer=1"),
+            *("--set", "model.n_head=2"),
+            *("--set", "model.n_embd=32"),
+            *("--set", "model.context=32"),
+            *("--set", "train.tokens_per_step=512"),
+            *("--set", "train.micro_batch_size=4"),
+            *("--set", "train.epochs=1"),
+            *("--set", "train.steps_per_epoch=3"),
+            *("--set", "train.compile=false"),
+            *("--set", "amp.mode=auto"),
+            *("--set", "scaling.use_gpu=false"),
+            *("--set", "scaling.num_workers=2"),
+            *("--set", "tracking.log_model=false"),
+            *("--set", f"scaling.storage_path={tmp_path / 'results'}"),
+            *("--set", "tracking.experiment=test-gpt2-small"),
+        ]
+    )
+    assert rc == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    params = MlflowClient(tracking_uri).get_run(summary["run_id"]).data.params
+    assert (params["plan.global_batch"], params["plan.accum_steps"]) == ("16", "2")
+    assert params["model.size"] == "gpt2-small" and params["train.compile"] == "False"

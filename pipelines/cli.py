@@ -1,4 +1,5 @@
-"""The `trainyard` command: train, submit, generate, cluster up|down|status, mlflow-server."""
+"""The `trainyard` command: train, submit, generate, bench, cluster up|down|status,
+mlflow-server."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def _add_cluster(commands) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from cluster import jobs, mlflow_server
-    from pipelines import generate
+    from pipelines import bench, generate
 
     parser = argparse.ArgumentParser(
         prog="trainyard",
@@ -87,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     sample = commands.add_parser("generate", help="sample text from a trained text model")
     generate.add_arguments(sample)
     sample.set_defaults(func=generate.command)
+    measure = commands.add_parser(
+        "bench", help="threads vs Ray Data, DataLoader vs Ray Data, torchrun vs Ray Train, AMP"
+    )
+    bench.add_arguments(measure)
+    measure.set_defaults(func=bench.command)
     _add_cluster(commands)
     server = commands.add_parser("mlflow-server", help="an MLflow tracking server (foreground)")
     mlflow_server.add_arguments(server)

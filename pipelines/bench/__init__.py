@@ -1,0 +1,79 @@
+"""`trainyard bench SUITE [--quick] [--out DIR]`: the usual ways of using every core and GPU for
+PyTorch training, measured side by side with what trainyard uses instead, on this machine.
+
+Suites: preprocess (threads / processes / torch.multiprocessing / Ray Data), ingest (DataLoader
+workers / Ray Data), trainer (torchrun / Ray Train), amp (fp32 / bf16 / fp16), tracking (MLflow
+logging / none); `all` runs them in that order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+import time
+from pathlib import Path
+
+SUITES = ("preprocess", "ingest", "trainer", "amp", "tracking")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", choices=[*SUITES, "all"], help="what to measure")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes and 2 repeats (a smoke run, ~1 minute)"
+    )
+    parser.add_argument(
+        "--out", default=None, help="where results.{json,md,png} go (default: bench/<time>)"
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)",
+    )
+
+
+def machine() -> dict[str, object]:
+    """The machine and the library versions every result is recorded with."""
+    import mlflow
+    import numpy
+    import ray
+
+    from cluster.hardware import machine as hardware
+
+    return hardware() | {
+        "ray": ray.__version__,
+        "mlflow": mlflow.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def command(args: argparse.Namespace) -> int:
+    from pipelines import tracking
+    from pipelines.bench import core
+    from pipelines.bench.preprocess import cores_available
+    from pipelines.train import init_ray
+
+    suites = SUITES if args.suite == "all" else (args.suite,)
+    out = Path(args.out or f"bench/{time.strftime('%Y%m%d-%H%M%S')}")
+    uri = args.tracking_uri or tracking.tracking_uri(".")
+    cores = cores_available()
+    init_ray()
+    cases: list[core.Case] = []
+    for suite in suites:
+        start = time.perf_counter()
+        print(f"trainyard bench: {suite} ...", flush=True)
+        module = importlib.import_module(f"pipelines.bench.{suite}")
+        cases += module.run(quick=args.quick, cores=cores, tracking_uri=uri)
+        print(f"trainyard bench: {suite} done in {time.perf_counter() - start:.0f} s", flush=True)
+    info = machine()
+    line = "trainyard bench " + shlex.join(
+        sys.argv[2:]
+        if sys.argv[1:2] == ["bench"]
+        else [args.suite] + (["--quick"] if args.quick else [])
+    )
+    paths = core.write(cases, out, info, line, args.quick)
+    print(core.console(cases))
+    run_id = core.log_to_mlflow(uri, cases, info, paths, args.quick)
+    print(f"\ntrainyard bench: {', '.join(str(p) for p in paths.values())}")
+    print(f"  MLflow run {run_id} in experiment 'trainyard-bench' at {uri}")
+    return 0

@@ -1,0 +1,90 @@
+"""`trainyard bench all --quick` on the local 3-node cluster: every suite produces its
+contenders, consistent ratios, the JSON, Markdown and PNG files and one MLflow run. Structure
+and sanity only: speed is what the benchmark reports, never what a test asserts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines import cli
+from pipelines.bench import SUITES
+
+EXPECTED = {
+    "preprocess": {"gil-holding", "gil-releasing"},
+    "ingest": {"feeding batches", "training step time", "data-wait share of step time"},
+    "trainer": {"steady-state step time", "launch to first step"},
+    "amp": None,  # one case per model, named after the device
+    "tracking": {"step time"},
+}
+
+
+@pytest.fixture(scope="module")
+def quick_bench(ray_cluster, tracking_uri, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert cli.main(["bench", "all", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_all_suites_write_json_markdown_and_chart(quick_bench):
+    for name in ("results.json", "results.md", "results.png"):
+        assert (quick_bench / name).stat().st_size > 0
+    result = json.loads((quick_bench / "results.json").read_text())
+    assert result["quick"] is True
+    assert {"cpu", "cores", "gpu", "torch", "ray", "mlflow"} <= set(result["machine"])
+    suites = {}
+    for case in result["cases"]:
+        suites.setdefault(case["suite"], set()).add(case["case"])
+    assert set(suites) == set(SUITES)
+    for suite, cases in EXPECTED.items():
+        if cases is not None:
+            assert suites[suite] == cases
+    assert len(suites["amp"]) == 2
+    markdown = (quick_bench / "results.md").read_text()
+    assert all(f"## {c['suite']}: {c['case']}" in markdown for c in result["cases"])
+
+
+def test_every_contender_is_measured_and_ratios_match_the_timings(quick_bench):
+    result = json.loads((quick_bench / "results.json").read_text())
+    contenders = {(c["suite"], c["case"]): c["contenders"] for c in result["cases"]}
+    preprocess = contenders[("preprocess", "gil-holding")]
+    assert {"serial", "Ray Data map_batches (tasks)", "Ray Data map_batches (actors)"} <= set(
+        preprocess
+    )
+    assert any(k.startswith("ThreadPoolExecutor") for k in preprocess)
+    assert any(k.startswith("ProcessPoolExecutor") for k in preprocess)
+    assert any(k.startswith("torch.multiprocessing") for k in preprocess)
+    feeding = contenders[("ingest", "feeding batches")]
+    assert "Ray Data iter_torch_batches" in feeding and "DataLoader(num_workers=0)" in feeding
+    assert set(contenders[("trainer", "steady-state step time")]) == {
+        "torchrun",
+        "Ray Train TorchTrainer",
+    }
+    for case in result["cases"]:
+        ref = case["contenders"][case["reference"]]["median"]
+        for name, c in case["contenders"].items():
+            assert len(c["values"]) == 2, (case["case"], name)
+            assert c["min"] <= c["median"] <= c["max"]
+            if case["unit"] != "%":
+                assert c["min"] > 0 and math.isfinite(c["max"]), (case["case"], name)
+            if ref:
+                assert c["ratio"] == pytest.approx(c["median"] / ref)
+
+
+def test_one_mlflow_run_holds_the_results(quick_bench, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("trainyard-bench")
+    runs = client.search_runs([exp.experiment_id])  # the tracking probe run is deleted
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+        "results.json",
+        "results.md",
+        "results.png",
+    }
+    assert run.data.params["quick"] == "True"
+    assert "trainer.steady-state_step_time.torchrun.ratio" in run.data.metrics

@@ -577,6 +577,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     elapsed=metrics["elapsed_s"],
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(d)
+            log.flush()
             inject_failure(job.get("inject_failure"), epoch, rank)
             ray.train.report(metrics, checkpoint=checkpoint)
 

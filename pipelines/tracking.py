@@ -133,6 +133,8 @@ def end_run(uri: str, run_id: str, error: BaseException | None = None) -> None:
 
 class RankZeroLogger:
     """Logs metrics and tags to the job's run from rank 0; does nothing on other ranks.
+    Metrics are written asynchronously (the training step does not wait for the store) until
+    `flush`.
 
     A run resumed from a checkpoint recomputes the epochs after it, some of which it may have
     logged before the failure: a metric step already in the run is never logged again, so each
@@ -143,6 +145,7 @@ class RankZeroLogger:
         self.run_id = run_id
         self.client = _client(uri) if rank == 0 else None
         self._last_step: dict[str, int] = {}
+        self._pending: list[Any] = []
 
     @property
     def active(self) -> bool:
@@ -171,7 +174,17 @@ class RankZeroLogger:
         for metric in batch:
             self._last_step[metric.key] = step
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            # Written by MLflow's background thread while training goes on; `flush` waits.
+            self._pending.append(
+                self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+            )
+
+    def flush(self) -> None:
+        """Wait until every metric logged so far is stored (before each checkpoint, so that a
+        run resumed from it never misses a metric of the epochs before it)."""
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            operation.wait()
 
     def tags(self, values: dict[str, str]) -> None:
         if self.client is not None:

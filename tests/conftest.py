@@ -40,10 +40,19 @@ def storage(tmp_path) -> str:
     return str(tmp_path / "results")
 
 
+LAST = ("test_fault_tolerance", "test_bench")
+
+
 def pytest_collection_modifyitems(items):
-    """Run the tests that kill nodes and drivers of the shared cluster last, so that nothing they
-    leave behind in Ray (dead nodes, aborted runs) can disturb the other tests."""
-    items.sort(key=lambda item: item.module.__name__.endswith("test_fault_tolerance"))
+    """Run the tests that kill nodes and drivers of the shared cluster, then the benchmark (many
+    Ray Train and Ray Data runs of its own), last, so that nothing they leave behind in Ray
+    (dead nodes, aborted runs) can disturb the other tests."""
+
+    def order(item) -> int:
+        name = item.module.__name__.rsplit(".", 1)[-1]
+        return LAST.index(name) + 1 if name in LAST else 0
+
+    items.sort(key=order)
 
 
 def pytest_runtest_setup(item):

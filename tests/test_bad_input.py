@@ -98,9 +98,12 @@ CASES = {
 }
 
 
-# Ray forwards its worker processes' output to the driver, each line prefixed "(task pid=N)";
-# under load that includes Ray's own noise (abseil "RAW: Lock blocking" warnings). Not ours.
-RAY_WORKER_LINE = re.compile(r"^(\x1b\[\d+m)?\([\w.:-]+ pid=\d+(, ip=[\d.]+)?\)")
+# Ray forwards its worker processes' output to the driver, each line prefixed "(task pid=N)",
+# "(ReadCSV->SplitBlocks(6) pid=N)", "(raylet)", ...; under load that includes Ray's own noise
+# (abseil "RAW: Lock blocking" warnings, a worker's abort trace at shutdown). Not ours.
+RAY_WORKER_LINE = re.compile(
+    r"^(\x1b\[\d+m)?\((raylet|[^()\s]*(\([^()]*\))?[^()\s]* pid=\d+(, ip=[\d.]+)?)\)"
+)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

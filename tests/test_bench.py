@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines import cli
 from pipelines.bench import SUITES
 
 EXPECTED = {
@@ -24,8 +26,20 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def quick_bench(ray_cluster, tracking_uri, tmp_path_factory):
+    """The command as a user runs it, in its own process on the session's cluster (it starts
+    and stops its own pools, torchrun process trees and Ray Train runs); the suite runs it
+    last (conftest), after everything that shares the cluster."""
     out = tmp_path_factory.mktemp("bench")
-    assert cli.main(["bench", "all", "--quick", "--out", str(out)]) == 0
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.address, "MLFLOW_TRACKING_URI": tracking_uri}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "bench", "all", "--quick", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trainer / steady-state step time" in proc.stdout
     return out
 
 

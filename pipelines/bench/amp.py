@@ -60,7 +60,7 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     from pipelines.spec import TrainSpec
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    steps = 6 if quick else 30
+    steps = 3 if quick else 30
     repeats = 2 if quick else 3
     cases = []
     for name, model, batches in models(device, quick):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.bench.core import Case, alternate
-from pipelines.bench.ddp import STEPS
+from pipelines.bench.ddp import STEPS, WARMUP_STEPS
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
@@ -77,11 +77,17 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
         ).fit()
         return _record(out, launch, startup["Ray Train TorchTrainer"])
 
-    step_ms = alternate({"torchrun": torchrun, "Ray Train TorchTrainer": ray_train}, repeats)
+    # Every launch is a new process tree whose first steps are left out; --quick skips the
+    # warm-up launches as well.
+    step_ms = alternate(
+        {"torchrun": torchrun, "Ray Train TorchTrainer": ray_train},
+        repeats,
+        warmup=0 if quick else 1,
+    )
     steady = Case("trainer", "steady-state step time", "ms/step", False, "torchrun", step_ms)
     steady.notes.append(
         f"{workers} processes × {threads} thread(s), gloo DDP, MLP 256-1024-1024-10, batch 128 "
-        f"per process, {steps} steps (the first {5} not counted), data in memory"
+        f"per process, {steps} steps (the first {WARMUP_STEPS} not counted), data in memory"
     )
     first = Case(
         "trainer",

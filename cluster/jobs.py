@@ -36,6 +36,7 @@ EXCLUDES = [
     ".ruff_cache/",
     "*.egg-info/",
     ".git/",
+    "/bench/",  # `trainyard bench` results (anchored: pipelines/bench/ is code)
     ".gpu-kit/",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

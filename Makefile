@@ -1,5 +1,6 @@
-# trainyard: `make run` trains the default digits run, `make test` runs the test suite.
-# Both create .venv on first use and install the project into it.
+# trainyard: `make run` trains the default digits run, `make test` runs the test suite,
+# `make bench` runs the benchmarks (threads/processes/DataLoader/torchrun vs Ray, AMP, MLflow).
+# Each creates .venv on first use and installs the project into it.
 
 VENV    ?= .venv
 PYTHON  ?= python3
@@ -17,7 +18,7 @@ TORCH_GPU       ?= torch==2.13.0
 
 CONFIG ?= configs/digits.yaml
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test bench lint format clean
 
 setup: $(STAMP)
 
@@ -40,6 +41,9 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/trainyard bench all
 
 lint: setup
 	$(BIN)/ruff check .

@@ -213,8 +213,13 @@ class RankZeroLogger:
 
 
 def log_curves(uri: str, run_id: str, keys: list[str]) -> None:
-    """Plot per-epoch metric histories into `curves.png` in the run."""
-    import matplotlib
+    """Plot per-epoch metric histories into `curves.png` in the run (skipped where matplotlib
+    is not installed, as with mlflow-skinny)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("trainyard: matplotlib is not installed: no curves.png in the run")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

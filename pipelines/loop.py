@@ -433,7 +433,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         first_epoch = state["epoch"] + 1
-        position = tuple(state.get("data_position", position))
+        position = tuple(state.get("data_position") or position)
         elapsed = state.get("elapsed", 0.0)
     # A restart (after a failure, or the same run submitted again), with or without a checkpoint.
     restarted = log.active and (checkpoint is not None or log.started_before())

@@ -65,11 +65,6 @@ def init_ray() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    # Ray Data reserves half the cluster's CPUs, split evenly between the operators of each
-    # execution; on a small cluster that caps a read → map at a fraction of the CPUs (on 2 CPUs
-    # a 2-block map ran one task at a time: 0.53 s against 0.28 s; `trainyard bench
-    # preprocess`). trainyard keeps CPUs for Ray Data itself (cluster/resources.py).
-    ctx.op_resource_reservation_enabled = False
     # Blocks come out in the same order with the same rows on every run (the split shuffles by
     # label): runs are reproducible, and a resumed run can continue exactly.
     ctx.execution_options.preserve_order = True

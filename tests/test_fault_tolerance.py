@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ FAST = ["train.log_every_steps=1000", "tracking.log_model=false"]
 SLOW = FAST + ["model.hidden=[1024, 1024]", "train.batch_size=16"]
 
 
-def args(out: Path, name: str, epochs: int, *overrides: str) -> list[str]:
+def args(out: Path, name: str, epochs: int, *overrides: str, config: str = CONFIG) -> list[str]:
     sets = [
         f"train.epochs={epochs}",
         f"tracking.run_name={name}",
@@ -38,7 +39,7 @@ def args(out: Path, name: str, epochs: int, *overrides: str) -> list[str]:
         *overrides,
     ]
     summary = ["--summary", str(out / f"{name}.json")]
-    return [CONFIG, *summary, *[arg for s in sets for arg in ("--set", s)]]
+    return [config, *summary, *[arg for s in sets for arg in ("--set", s)]]
 
 
 def runs_named(tracking_uri: str, name: str) -> list:
@@ -126,6 +127,40 @@ def test_a_failure_inside_the_loop_resumes_exactly(straight, tracking_uri, tmp_p
     for key in ("train_loss", "val_loss"):
         curve = [m.value for m in client.get_metric_history(run.info.run_id, key)]
         assert curve == [m.value for m in client.get_metric_history(reference.info.run_id, key)]
+
+
+TEXT = str(ROOT / "configs" / "stdlib-gpt-tiny.yaml")
+# A small GPT on ~170 KB of the standard library; epochs of 7 steps end in the middle of a pass.
+TEXT_SMALL = [
+    f"data.path={sysconfig.get_paths()['stdlib']}/[jc]*/*.py",
+    "data.validation_windows=32",
+    "model.context=32",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "train.steps_per_epoch=7",
+    "train.batch_size=16",
+    *FAST,
+]
+
+
+def test_a_text_run_resumes_in_the_middle_of_a_pass_exactly(
+    ray_cluster, tracking_uri, tmp_path, monkeypatch
+):
+    """The data position in the checkpoint: after a failure in epoch 2 the stream replays pass
+    1 up to epoch 1's last batch and goes on, so the run ends as the uninterrupted one."""
+    straight_out, injected_out = tmp_path / "straight", tmp_path / "injected"
+    assert main(args(straight_out, "text-straight", 3, *TEXT_SMALL, config=TEXT)) == 0
+    monkeypatch.setenv("TRAINYARD_INJECT_FAILURE", f"{tmp_path / 'marker'}:2")
+    overrides = (*TEXT_SMALL, "scaling.max_failures=1")
+    assert main(args(injected_out, "text-injected", 3, *overrides, config=TEXT)) == 0
+    assert (tmp_path / "marker").read_text() == "1"
+    assert final_state(injected_out, "text-injected")["data_position"] == (1, 21)
+    assert_same_training(
+        final_state(straight_out, "text-straight"), final_state(injected_out, "text-injected")
+    )
+    run = assert_one_clean_run(tracking_uri, "text-injected", 3)
+    assert run.data.tags["trainyard.restarts"] == "1"
 
 
 def test_more_failures_than_allowed_fail_the_run(ray_cluster, tracking_uri, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ results.json, results.md, a PNG chart, and one MLflow run holding all three."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -76,6 +77,27 @@ def alternate(
         for name in names[r % len(names) :] + names[: r % len(names)]:
             values[name].append(contenders[name]())
     return values
+
+
+@contextlib.contextmanager
+def ray_data_reservation(enabled: bool):
+    """Ray Data's per-operator CPU reservation on or off for the datasets made inside.
+
+    Ray Data reserves half the cluster's CPUs, split between the operators of an execution; on
+    a small cluster that caps a map at a fraction of the CPUs (on 2 CPUs a 2-block map ran one
+    task at a time). Off, a map uses every CPU, but the order of a grouped split is no longer
+    the same from run to run: trainyard's own pipelines keep Ray's default, which exact resume
+    needs, and preprocess once; the benchmarks show both where order does not matter.
+    """
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = enabled
+    try:
+        yield
+    finally:
+        ctx.op_resource_reservation_enabled = before
 
 
 def timed(fn: Callable[[], Any]) -> float:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.bench.core import Case, alternate, timed
+from pipelines.bench.core import Case, alternate, ray_data_reservation, timed
 
 BATCH = 256
 
@@ -63,11 +63,14 @@ def _ray_batch(batch: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> di
 
 
 def ray_dataset(n_batches: int, x: np.ndarray, y: np.ndarray, blocks: int):
+    """The batches through Ray Data, without its per-operator CPU reservation (order does not
+    matter here; see core.ray_data_reservation)."""
     import ray.data
 
-    return ray.data.range(n_batches, override_num_blocks=blocks).map_batches(
-        _ray_batch, fn_kwargs={"x": x, "y": y}, batch_size=1, num_cpus=1
-    )
+    with ray_data_reservation(False):
+        return ray.data.range(n_batches, override_num_blocks=blocks).map_batches(
+            _ray_batch, fn_kwargs={"x": x, "y": y}, batch_size=1, num_cpus=1
+        )
 
 
 def consume(batches) -> int:

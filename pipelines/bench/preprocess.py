@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.bench.core import Case, alternate, timed
+from pipelines.bench.core import Case, alternate, ray_data_reservation, timed
 
 FNV_PRIME = 0x100000001B3
 MASK = 0xFFFFFFFFFFFFFFFF
@@ -93,19 +93,21 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     try:
         for work, fn in WORK.items():
 
-            def ray_tasks(work=work) -> None:
-                ray.data.from_arrow(blocks).map_batches(
-                    _batch, fn_kwargs={"work": work}, batch_size=None, num_cpus=1
-                ).materialize()
+            def ray_tasks(work=work, reserve=False) -> None:
+                with ray_data_reservation(reserve):
+                    ray.data.from_arrow(blocks).map_batches(
+                        _batch, fn_kwargs={"work": work}, batch_size=None, num_cpus=1
+                    ).materialize()
 
             def ray_actors(work=work) -> None:
-                ray.data.from_arrow(blocks).map_batches(
-                    _Actor,
-                    fn_constructor_kwargs={"work": work},
-                    batch_size=None,
-                    num_cpus=1,
-                    concurrency=cores,
-                ).materialize()
+                with ray_data_reservation(False):
+                    ray.data.from_arrow(blocks).map_batches(
+                        _Actor,
+                        fn_constructor_kwargs={"work": work},
+                        batch_size=None,
+                        num_cpus=1,
+                        concurrency=cores,
+                    ).materialize()
 
             contenders = {
                 "serial": lambda fn=fn: timed(lambda: [fn(c) for c in chunks]),
@@ -119,6 +121,9 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
                     lambda: torch_pool.map(fn, chunks)
                 ),
                 "Ray Data map_batches (tasks)": lambda f=ray_tasks: timed(f),
+                "Ray Data map_batches (tasks, Ray's default reservation)": lambda f=ray_tasks: (
+                    timed(lambda: f(reserve=True))
+                ),
             }
             seconds = alternate(contenders, repeats)
             # Apart, afterwards: an actor's worker process exits with the actor, so an actor pool
@@ -139,7 +144,8 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
                 f"{len(rows):,} rows in {cores} chunks / Ray Data blocks; "
                 f"{'pure-Python FNV-1a per row' if work == 'gil-holding' else 'numpy ufuncs'}; "
                 "pools and Ray's task workers are started before timing; Ray Data's actor pool "
-                "starts in every run (measured apart, after the others)"
+                "starts in every run (measured apart, after the others); Ray Data runs without "
+                "its per-operator CPU reservation except where marked (pipelines/bench/core.py)"
             )
             cases.append(case)
     finally:

@@ -71,7 +71,9 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
         loss_fn = task_loss("language_modeling" if "GPT" in name else "classification")
         work = functools.partial(step_ms, model, batches, optimizer, scheduler, loss_fn)
         values = alternate(
-            {k: functools.partial(work, d, steps) for k, d in DTYPES.items()}, repeats
+            {k: functools.partial(work, d, steps) for k, d in DTYPES.items()},
+            repeats,
+            warmup=0 if quick else 1,  # --quick is a smoke run, not a measurement
         )
         case = Case("amp", f"{name} on {device.type}", "ms/step", False, "fp32", values)
         if device.type == "cpu":

@@ -35,6 +35,22 @@ def ray_cluster():
     cluster.shutdown()
 
 
+def train(config, out, *overrides: str) -> dict:
+    """`trainyard train CONFIG` with `--set` overrides and checkpoints under `out`; asserts it
+    succeeded and returns its --summary."""
+    import json
+
+    from pipelines.train import main
+
+    summary = out / "summary.json"
+    overrides = (f"scaling.storage_path={out / 'results'}", *overrides)
+    rc = main(
+        [str(config), "--summary", str(summary), *[a for o in overrides for a in ("--set", o)]]
+    )
+    assert rc == 0
+    return json.loads(summary.read_text())
+
+
 @pytest.fixture
 def storage(tmp_path) -> str:
     return str(tmp_path / "results")

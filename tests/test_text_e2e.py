@@ -5,12 +5,12 @@ config's path (token budget, gradient accumulation) shrunk to run on CPU."""
 
 from __future__ import annotations
 
-import json
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import train
 from mlflow.tracking import MlflowClient
 
 from pipelines import cli
@@ -58,27 +58,19 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_run(ray_cluster, tracking_uri, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("gpt-tiny")
-    rc = cli.main(
-        [
-            "train",
-            str(ROOT / "configs" / "stdlib-gpt-tiny.yaml"),
-            "--summary",
-            str(out / "summary.json"),
-            *("--set", f"data.path={SMALL_CORPUS}"),
-            *("--set", "data.validation_windows=64"),
-            *("--set", "model.context=64"),
-            *("--set", "train.epochs=3"),
-            *("--set", "train.steps_per_epoch=12"),
-            *("--set", "train.batch_size=16"),
-            *("--set", "train.log_every_steps=6"),
-            *("--set", "scaling.placement_strategy=SPREAD"),
-            *("--set", f"scaling.storage_path={out / 'results'}"),
-            *("--set", "tracking.experiment=test-gpt-tiny"),
-        ]
+    return train(
+        ROOT / "configs" / "stdlib-gpt-tiny.yaml",
+        tmp_path_factory.mktemp("gpt-tiny"),
+        f"data.path={SMALL_CORPUS}",
+        "data.validation_windows=64",
+        "model.context=64",
+        "train.epochs=3",
+        "train.steps_per_epoch=12",
+        "train.batch_size=16",
+        "train.log_every_steps=6",
+        "scaling.placement_strategy=SPREAD",
+        "tracking.experiment=test-gpt-tiny",
     )
-    assert rc == 0
-    return json.loads((out / "summary.json").read_text())
 
 
 def test_tiny_config_trains_loss_falls_one_run_with_tokens_per_second(tiny_run, tracking_uri):
@@ -129,33 +121,26 @@ def test_generate_continues_the_prompt_from_mlflow(tiny_run, tracking_uri, capsy
 def test_gpt2_small_config_runs_its_path_shrunk_to_cpu(ray_cluster, tracking_uri, tmp_path):
     """The GPU config as written, with the model, budget and device shrunk for this machine:
     tokens_per_step and micro_batch_size give 2 accumulation steps per worker."""
-    rc = cli.main(
-        [
-            "train",
-            str(ROOT / "configs" / "stdlib-gpt2-small.yaml"),
-            "--summary",
-            str(tmp_path / "summary.json"),
-            *("--set", f"data.path={SMALL_CORPUS}"),
-            *("--set", "data.validation_windows=16"),
-            *("--set", "model.n_layer=1"),
-            *("--set", "model.n_head=2"),
-            *("--set", "model.n_embd=32"),
-            *("--set", "model.context=32"),
-            *("--set", "train.tokens_per_step=512"),
-            *("--set", "train.micro_batch_size=4"),
-            *("--set", "train.epochs=1"),
-            *("--set", "train.steps_per_epoch=3"),
-            *("--set", "train.compile=false"),
-            *("--set", "amp.mode=auto"),
-            *("--set", "scaling.use_gpu=false"),
-            *("--set", "scaling.num_workers=2"),
-            *("--set", "tracking.log_model=false"),
-            *("--set", f"scaling.storage_path={tmp_path / 'results'}"),
-            *("--set", "tracking.experiment=test-gpt2-small"),
-        ]
+    summary = train(
+        ROOT / "configs" / "stdlib-gpt2-small.yaml",
+        tmp_path,
+        f"data.path={SMALL_CORPUS}",
+        "data.validation_windows=16",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "model.context=32",
+        "train.tokens_per_step=512",
+        "train.micro_batch_size=4",
+        "train.epochs=1",
+        "train.steps_per_epoch=3",
+        "train.compile=false",
+        "amp.mode=auto",
+        "scaling.use_gpu=false",
+        "scaling.num_workers=2",
+        "tracking.log_model=false",
+        "tracking.experiment=test-gpt2-small",
     )
-    assert rc == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
     params = MlflowClient(tracking_uri).get_run(summary["run_id"]).data.params
     assert (params["plan.global_batch"], params["plan.accum_steps"]) == ("16", "2")
     assert params["model.size"] == "gpt2-small" and params["train.compile"] == "False"

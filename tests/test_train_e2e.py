@@ -3,35 +3,17 @@ regression on a user's own CSV, and the model served back from MLflow."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import train
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_digits
 
-from pipelines.train import main
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def train(config: Path, out: Path, *overrides: str) -> dict:
-    summary = out / "summary.json"
-    rc = main(
-        [
-            str(config),
-            "--summary",
-            str(summary),
-            "--set",
-            f"scaling.storage_path={out / 'results'}",
-            *[arg for o in overrides for arg in ("--set", o)],
-        ]
-    )
-    assert rc == 0
-    return json.loads(summary.read_text())
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pipelines.bench.core import Case, alternate
+from pipelines.bench.core import Case, alternate, repeated
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,7 +42,7 @@ def step_ms(model, batches, optimizer, scheduler, loss_fn, dtype, steps: int) ->
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     stats = train_epoch(
         model,
-        (batches[i % len(batches)] for i in range(steps)),
+        repeated(batches, steps),
         optimizer,
         scheduler,
         scaler,

@@ -5,10 +5,11 @@ results.json, results.md, a PNG chart, and one MLflow run holding all three."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,11 @@ def ray_data_reservation(enabled: bool):
         yield
     finally:
         ctx.op_resource_reservation_enabled = before
+
+
+def repeated(batches: list[Any], steps: int) -> Iterator[Any]:
+    """`steps` batches taken round and round from `batches` (data held in memory)."""
+    return itertools.islice(itertools.cycle(batches), steps)
 
 
 def timed(fn: Callable[[], Any]) -> float:

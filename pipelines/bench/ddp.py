@@ -21,6 +21,7 @@ WARMUP_STEPS = 5
 def workload(config: dict[str, Any], wrap) -> dict[str, Any]:
     """Train `config["steps"]` steps; `wrap(model)` makes the model DDP (plain DDP under
     torchrun, ray.train.torch.prepare_model under Ray). Returns rank 0's timings."""
+    from pipelines.bench.core import repeated
     from pipelines.loop import train_epoch
 
     torch.set_num_threads(config["threads"])
@@ -51,7 +52,7 @@ def workload(config: dict[str, Any], wrap) -> dict[str, Any]:
     steps = config["steps"]
     train_epoch(
         model,
-        (batches[i % len(batches)] for i in range(steps)),
+        repeated(batches, steps),
         optimizer,
         scheduler,
         scaler,

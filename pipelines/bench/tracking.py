@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pipelines.bench.core import Case, alternate
+from pipelines.bench.core import Case, alternate, repeated
 
 
 def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
@@ -54,7 +54,7 @@ def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
 
         stats = train_epoch(
             model,
-            (batches[i % len(batches)] for i in range(steps)),
+            repeated(batches, steps),
             optimizer,
             scheduler,
             scaler,

@@ -368,6 +368,41 @@ class BatchStream:
         return batch
 
 
+def load_shard(shard: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every row of a dataset shard, one tensor per column (as stored: uint8 tokens stay
+    uint8) on `device`. Read from Ray Data once; later passes are served from memory."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for block in shard.iter_batches(batch_size=None, batch_format="numpy"):
+        for key, values in block.items():
+            parts.setdefault(key, []).append(values)
+    return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in parts.items()}
+
+
+def memory_batches(
+    rows: dict[str, torch.Tensor],
+    batch_size: int,
+    dtypes: dict[str, torch.dtype] | None = None,
+    *,
+    seed: int | None = None,
+    drop_last: bool = False,
+) -> Iterable[dict[str, torch.Tensor]]:
+    """Batches of in-memory rows, in a random order drawn from `seed` alone (None: in order),
+    so that a pass is the same whether a run got there straight or resumed."""
+    n = len(next(iter(rows.values())))
+    device = next(iter(rows.values())).device
+    order = None
+    if seed is not None:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        window = slice(start, start + batch_size)
+        index = order[window] if order is not None else window
+        yield {
+            k: v[index].to(dtypes[k]) if dtypes and k in dtypes else v[index]
+            for k, v in rows.items()
+        }
+
+
 def throughput(
     result: EpochStats, world: int, job: dict[str, Any], peak: float | None
 ) -> dict[str, float]:
@@ -463,18 +498,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = task_loss(task)
     train_loss_fn = task_loss(task, tr.label_smoothing)
     dtypes = {k: getattr(torch, v) for k, v in job.get("dtypes", {}).items()} or None
-    micro = spec.micro_batch_size
+    micro, eval_batch = spec.micro_batch_size, max(spec.micro_batch_size, 256)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
+    if job["cache_shards"]:
+        # Small shards are read once and kept in memory: every later pass is a seeded
+        # permutation, with no Ray Data execution (and its barrier across workers) per epoch.
+        train_rows, val_rows = load_shard(train_shard, device), load_shard(val_shard, device)
 
-    def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
-        return train_shard.iter_torch_batches(
-            batch_size=micro,
-            dtypes=dtypes,
-            drop_last=True,
-            local_shuffle_buffer_size=max(4 * micro, 256),
-            local_shuffle_seed=tr.seed + 1000 * n + rank,
-        )
+        def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
+            seed = tr.seed + 1000 * n + rank
+            return memory_batches(train_rows, micro, dtypes, seed=seed, drop_last=True)
+
+        def val_batches() -> Iterable[dict[str, torch.Tensor]]:
+            return memory_batches(val_rows, eval_batch, dtypes)
+    else:
+
+        def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
+            return train_shard.iter_torch_batches(
+                batch_size=micro,
+                dtypes=dtypes,
+                drop_last=True,
+                local_shuffle_buffer_size=max(4 * micro, 256),
+                local_shuffle_seed=tr.seed + 1000 * n + rank,
+            )
+
+        def val_batches() -> Iterable[dict[str, torch.Tensor]]:
+            return val_shard.iter_torch_batches(batch_size=eval_batch, dtypes=dtypes)
 
     # Epochs of a set number of steps stream on across passes; otherwise an epoch is a pass.
     stream = BatchStream(train_pass, position) if tr.steps_per_epoch else None
@@ -529,7 +579,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
         metrics = evaluate(
             model,
-            val_shard.iter_torch_batches(batch_size=max(micro, 256), dtypes=dtypes),
+            val_batches(),
             task=task,
             loss_fn=loss_fn,
             amp_dtype=amp_dtype,

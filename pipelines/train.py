@@ -54,6 +54,7 @@ def init_ray() -> None:
     """Connect to RAY_ADDRESS if set, else start a local Ray; keep Ray's own logs quiet."""
     import ray
     from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
 
     if not ray.is_initialized():
         # Inherited by the processes of a local Ray; Ray Data logs every execution at INFO.
@@ -68,6 +69,10 @@ def init_ray() -> None:
     # Blocks come out in the same order with the same rows on every run (the split shuffles by
     # label): runs are reproducible, and a resumed run can continue exactly.
     ctx.execution_options.preserve_order = True
+    # The split's groupby and the statistics' aggregation: Ray's default hash shuffle starts
+    # aggregator actors for every execution (digits: 7 s to split, 3.5 s to aggregate); the
+    # sort-based shuffle runs them as tasks (0.3-0.9 s and 0.1-0.3 s).
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
 
 
 def plan_for(spec: RunSpec, connect: bool):
@@ -156,6 +161,22 @@ def read_args_for(spec: RunSpec, storage: str, uri: str) -> dict[str, Any] | Non
         f"({only_here[0]}, ...): reading them here"
     )
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+
+
+# A worker reads its shards once and keeps them in memory when they take at most this much
+# (as stored in Ray's object store); larger data streams from Ray Data every pass.
+CACHE_BYTES_PER_WORKER = 512 * 1024**2
+# How often Ray Train's controller collects the workers' reports (Ray's default: 2 s). Each
+# worker's report waits until the previous one is collected, so at 2 s every epoch shorter
+# than that waited for the controller: digits epochs took ~2 s instead of ~0.3 s.
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_S = "0.2"
+
+
+def cache_shards(data: Any, num_workers: int) -> bool:
+    """Whether each worker's share of the preprocessed splits is small enough to keep."""
+    stored = data.train.size_bytes() + data.validation.size_bytes()
+    return stored / num_workers <= CACHE_BYTES_PER_WORKER
 
 
 class TrainingStopped(Exception):
@@ -300,6 +321,7 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
         tracking.reopen_run(uri, run_id, tags)
         print(f"trainyard: continuing MLflow run {run_id} ({run_name}) at {uri}")
     print(plan.describe())
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)  # passed on to the controller
     try:
         # 3. Train: Ray Train runs the DDP workers, each streaming its shard from Ray Data.
         trainer = TorchTrainer(
@@ -313,6 +335,7 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
                     "model_config": data.model_config,
                     "torch_threads": plan.torch_threads,
                     "steps_per_epoch": steps_per_epoch,
+                    "cache_shards": cache_shards(data, plan.num_workers),
                     "inject_failure": failure_plan(),
                 },
             },

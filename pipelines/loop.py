@@ -368,13 +368,24 @@ class BatchStream:
         return batch
 
 
-def load_shard(shard: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every row of a dataset shard, one tensor per column (as stored: uint8 tokens stay
-    uint8) on `device`. Read from Ray Data once; later passes are served from memory."""
+def load_share(
+    dataset: Any, rows: int, rank: int, world: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """This rank's share of a dataset that every rank reads whole: every `world`-th row from
+    row `rank` on, `rows // world` of them (as many on every rank), one tensor per column as
+    stored (uint8 tokens stay uint8) on `device`. Read once; later passes come from memory."""
+    share = rows // world
     parts: dict[str, list[np.ndarray]] = {}
-    for block in shard.iter_batches(batch_size=None, batch_format="numpy"):
+    seen = 0
+    for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        n = len(next(iter(block.values())))
+        index = np.arange(seen, seen + n)
+        keep = (index % world == rank) & (index // world < share)
         for key, values in block.items():
-            parts.setdefault(key, []).append(values)
+            parts.setdefault(key, []).append(values[keep])
+        seen += n
+        if seen >= share * world:
+            break
     return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in parts.items()}
 
 
@@ -435,11 +446,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from cluster.hardware import device_name, peak_flops
     from pipelines.tracking import RankZeroLogger
+    from pipelines.train import quiet_ray_data
 
     # Ray Train tees print() into its logger (each line twice) and logs every report at INFO:
     # keep Ray's worker logs at WARNING and progress on trainyard's own logger.
     logging.getLogger().setLevel(logging.WARNING)
     logger.setLevel(logging.INFO)
+    quiet_ray_data()  # the workers read the data themselves when it is kept in memory
     spec = RunSpec.from_dict(config["spec"])
     job = config["job"]
     tr = spec.train
@@ -502,9 +515,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     if job["cache_shards"]:
-        # Small shards are read once and kept in memory: every later pass is a seeded
-        # permutation, with no Ray Data execution (and its barrier across workers) per epoch.
-        train_rows, val_rows = load_shard(train_shard, device), load_shard(val_shard, device)
+        # Small data is read once (whole, not split: no split coordinators) and each rank
+        # keeps its share in memory: every pass is a seeded permutation of it, with no Ray Data
+        # execution (and its barrier across workers) per epoch.
+        train_rows = load_share(train_shard, job["num_rows"]["train"], rank, world, device)
+        val_rows = load_share(val_shard, job["num_rows"]["validation"], rank, world, device)
 
         def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
             seed = tr.seed + 1000 * n + rank

@@ -6,10 +6,12 @@ tracking URI as plain data and log through `RankZeroLogger`, which is a no-op on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +245,27 @@ def log_curves(uri: str, run_id: str, keys: list[str]) -> None:
         client.log_artifact(run_id, str(path))
 
 
+class _DropPickleNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Saving pytorch model by Pickle")
+
+
+@contextlib.contextmanager
+def _quiet_model_logging():
+    """Two notices MLflow prints for every model trainyard logs, and nothing else: that pickle
+    runs code when loaded (the model is pickled on purpose, to take raw rows: see log_model),
+    and torch's warning that the input example's array is read-only (pandas 3 hands out
+    read-only arrays; MLflow only reads it to check the signature)."""
+    notice, pytorch_logger = _DropPickleNotice(), logging.getLogger("mlflow.pytorch")
+    pytorch_logger.addFilter(notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            yield
+    finally:
+        pytorch_logger.removeFilter(notice)
+
+
 def log_model(
     uri: str, run_id: str, model: Any, example: Any, metadata: dict[str, str] | None = None
 ) -> str:
@@ -268,7 +291,7 @@ def log_model(
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), _quiet_model_logging():
             info = mlflow.pytorch.log_model(
                 model,
                 name="model",

@@ -59,10 +59,12 @@ def init_ray() -> None:
     if not ray.is_initialized():
         # Inherited by the processes of a local Ray; Ray Data logs every execution at INFO.
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        # A new local Ray turns token authentication on (good) and warns that it did.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda record: not record.getMessage().startswith("Token authentication is enabled")
+        )
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
-    # Ray Data announces every execution at INFO; trainyard prints its own progress.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
+    quiet_ray_data()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -73,6 +75,13 @@ def init_ray() -> None:
     # aggregator actors for every execution (digits: 7 s to split, 3.5 s to aggregate); the
     # sort-based shuffle runs them as tasks (0.3-0.9 s and 0.1-0.3 s).
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+
+
+def quiet_ray_data() -> None:
+    """Keep Ray Data's per-execution INFO lines and its "progress bars disabled" warning (it
+    runs without bars) out of this process's console; its other warnings still show."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def plan_for(spec: RunSpec, connect: bool):
@@ -163,9 +172,9 @@ def read_args_for(spec: RunSpec, storage: str, uri: str) -> dict[str, Any] | Non
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
 
 
-# A worker reads its shards once and keeps them in memory when they take at most this much
-# (as stored in Ray's object store); larger data streams from Ray Data every pass.
-CACHE_BYTES_PER_WORKER = 512 * 1024**2
+# Preprocessed splits of at most this size (as stored in Ray's object store) are read once by
+# every worker, which keeps its share in memory; larger data streams from Ray Data every pass.
+CACHE_BYTES = 512 * 1024**2
 # How often Ray Train's controller collects the workers' reports (Ray's default: 2 s). Each
 # worker's report waits until the previous one is collected, so at 2 s every epoch shorter
 # than that waited for the controller: digits epochs took ~2 s instead of ~0.3 s.
@@ -173,10 +182,9 @@ REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 REPORT_POLL_S = "0.2"
 
 
-def cache_shards(data: Any, num_workers: int) -> bool:
-    """Whether each worker's share of the preprocessed splits is small enough to keep."""
-    stored = data.train.size_bytes() + data.validation.size_bytes()
-    return stored / num_workers <= CACHE_BYTES_PER_WORKER
+def cache_shards(data: Any) -> bool:
+    """Whether the preprocessed splits are small enough for workers to keep in memory."""
+    return data.train.size_bytes() + data.validation.size_bytes() <= CACHE_BYTES
 
 
 class TrainingStopped(Exception):
@@ -322,6 +330,10 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
         print(f"trainyard: continuing MLflow run {run_id} ({run_name}) at {uri}")
     print(plan.describe())
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)  # passed on to the controller
+    # Ray Train's preemption watcher only logs node drains, and costs an actor per run (and a
+    # core_worker error line about its constructor arguments).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    cached = cache_shards(data)
     try:
         # 3. Train: Ray Train runs the DDP workers, each streaming its shard from Ray Data.
         trainer = TorchTrainer(
@@ -335,7 +347,8 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
                     "model_config": data.model_config,
                     "torch_threads": plan.torch_threads,
                     "steps_per_epoch": steps_per_epoch,
-                    "cache_shards": cache_shards(data, plan.num_workers),
+                    "cache_shards": cached,
+                    "num_rows": {"train": data.num_train, "validation": data.num_validation},
                     "inject_failure": failure_plan(),
                 },
             },
@@ -357,7 +370,9 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
             datasets={"train": data.train, "validation": data.validation},
             # The same rows to the same rank in the same order every epoch, on every run:
             # what makes a resumed run continue exactly as an uninterrupted one.
-            dataset_config=ray.train.DataConfig(execution_options=_ordered()),
+            dataset_config=ray.train.DataConfig(
+                datasets_to_split=[] if cached else "all", execution_options=_ordered()
+            ),
         )
         result = trainer.fit()
         stopped = tracking.run_tag(uri, run_id, STOPPED_TAG)

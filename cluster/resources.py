@@ -16,6 +16,9 @@ from pipelines.spec import ScalingSpec, SpecError
 
 MIN_DATA_CPUS = 0.5
 DATA_CPU_SHARE = 0.25
+MIN_WORKER_CPUS = 0.25
+"""The least CPU a training worker gets: more workers than the CPUs allow at this share are
+refused rather than started as dozens of starved processes."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,13 @@ def plan_resources(scaling: ScalingSpec, nodes: Nodes) -> ResourcePlan:
     """
     w = scaling.num_workers
     total = nodes.total_cpus
+    most = math.floor((total - MIN_DATA_CPUS) / MIN_WORKER_CPUS + 1e-9)
+    if w > most:
+        raise SpecError(
+            f"scaling.num_workers: {w} worker(s) need at least {w * MIN_WORKER_CPUS:g} CPUs "
+            f"({MIN_WORKER_CPUS:g} each) besides {MIN_DATA_CPUS:g} for Ray Data; the cluster "
+            f"has {total:g}: use at most {max(most, 0)} worker(s), or a bigger cluster"
+        )
     if scaling.use_gpu and nodes.total_gpus < w:
         raise SpecError(
             f"scaling.use_gpu: {w} worker(s) need {w} GPU(s), the cluster has {nodes.total_gpus:g}"
@@ -102,6 +112,11 @@ def plan_resources(scaling: ScalingSpec, nodes: Nodes) -> ResourcePlan:
                 f"scaling.cpus_per_worker: {w} worker(s) × {per_worker:g} CPU do not fit on "
                 f"nodes with {', '.join(f'{c:g}' for c in nodes.cpus)} CPUs"
             )
+        if per_worker < MIN_WORKER_CPUS:
+            raise SpecError(
+                f"scaling.cpus_per_worker: {per_worker:g} is below the floor of "
+                f"{MIN_WORKER_CPUS:g} CPU a training worker needs"
+            )
     elif scaling.use_gpu:
         # A GPU worker needs a CPU to drive it; the rest preprocess data.
         per_worker = min(1.0, (total - data) / w)
@@ -110,7 +125,11 @@ def plan_resources(scaling: ScalingSpec, nodes: Nodes) -> ResourcePlan:
         # leaves, or a node's CPUs divided by a whole number of workers.
         even = (total - data) / w
         candidates = {even} | {c / k for c in nodes.cpus for k in range(1, w + 1)}
-        fitting = [p for p in candidates if 0 < p <= even + 1e-9 and _fits(p, w, nodes.cpus)]
+        fitting = [
+            p
+            for p in candidates
+            if MIN_WORKER_CPUS - 1e-9 <= p <= even + 1e-9 and _fits(p, w, nodes.cpus)
+        ]
         if not fitting:
             raise SpecError(
                 f"scaling.num_workers: {w} worker(s) do not fit on nodes with "

@@ -269,6 +269,10 @@ class ScalingSpec:
     max_failures: int | None = None
     """Worker or node failures survived by restarting from the newest checkpoint (Ray Train's
     FailureConfig). None: 2 on a multi-node cluster, 0 on one node."""
+    start_timeout_s: float = 120.0
+    """Seconds to wait for the training workers to be placed (at the start and after each
+    failure) before the run fails, naming what it asked for and what the cluster had free.
+    Raise it where an autoscaler adds nodes (minutes)."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, "an integer >= 1")
@@ -277,6 +281,12 @@ class ScalingSpec:
             "scaling.max_failures",
             self.max_failures,
             "an integer >= 0 or null",
+        )
+        _check(
+            self.start_timeout_s > 0,
+            "scaling.start_timeout_s",
+            self.start_timeout_s,
+            "a positive number of seconds",
         )
         _check(
             self.cpus_per_worker is None or self.cpus_per_worker > 0,

@@ -182,6 +182,53 @@ REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 REPORT_POLL_S = "0.2"
 
 
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def fit(trainer: Any, plan: Any, start_timeout_s: float) -> Any:
+    """`trainer.fit()`, with a worker group that could not be placed in time reported as what
+    was asked for and what the cluster had free."""
+    import ray
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    try:
+        return trainer.fit()
+    except ControllerError as e:
+        if not isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        asked = ", ".join(f"{k} {v:g}" for k, v in plan.worker_resources().items())
+        free = ", ".join(
+            f"{k} {v:g}"
+            for k, v in sorted(ray.available_resources().items())
+            if k in ("CPU", "GPU") or k in plan.worker_resources()
+        )
+        raise WorkersNotPlaced(
+            f"the {plan.num_workers} training worker(s) ({asked} each) could not be placed "
+            f"within {start_timeout_s:g} s (scaling.start_timeout_s); free on the cluster "
+            f"now: {free or 'nothing'}. Other jobs may hold the resources: wait for them, "
+            "or ask for fewer workers"
+        ) from None
+
+
+def waiting_notice(plan: Any, start_timeout_s: float) -> str | None:
+    """A line saying that the workers do not fit in what the cluster has free now (they wait
+    for other jobs, or for the autoscaler, up to start_timeout_s), or None."""
+    import ray
+
+    free = ray.available_resources()
+    needed = {k: v * plan.num_workers for k, v in plan.worker_resources().items()}
+    short = {k: v for k, v in needed.items() if free.get(k, 0) < v - 1e-9}
+    if not short:
+        return None
+    want = ", ".join(f"{k} {v:g}" for k, v in short.items())
+    have = ", ".join(f"{k} {free.get(k, 0):g}" for k in short)
+    return (
+        f"trainyard: waiting up to {start_timeout_s:g} s for the workers' resources "
+        f"({want}; free now: {have})"
+    )
+
+
 def cache_shards(data: Any) -> bool:
     """Whether the preprocessed splits are small enough for workers to keep in memory."""
     return data.train.size_bytes() + data.validation.size_bytes() <= CACHE_BYTES
@@ -189,6 +236,10 @@ def cache_shards(data: Any) -> bool:
 
 class TrainingStopped(Exception):
     """Training stopped itself (its reason is in the MLflow run)."""
+
+
+class WorkersNotPlaced(Exception):
+    """The cluster did not place the training workers within scaling.start_timeout_s."""
 
 
 def latest_checkpoint(storage: str, run_name: str) -> tuple[str, int] | None:
@@ -329,7 +380,11 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
         tracking.reopen_run(uri, run_id, tags)
         print(f"trainyard: continuing MLflow run {run_id} ({run_name}) at {uri}")
     print(plan.describe())
+    notice = waiting_notice(plan, spec.scaling.start_timeout_s)
+    if notice:
+        print(notice)
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)  # passed on to the controller
+    os.environ[START_TIMEOUT_ENV] = str(spec.scaling.start_timeout_s)
     # Ray Train's preemption watcher only logs node drains, and costs an actor per run (and a
     # core_worker error line about its constructor arguments).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -365,7 +420,11 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
                 checkpoint_config=ray.train.CheckpointConfig(
                     num_to_keep=spec.train.keep_checkpoints
                 ),
-                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                # A worker group that cannot be placed within start_timeout_s fails the run
+                # (Ray's default retries it forever).
+                failure_config=ray.train.FailureConfig(
+                    max_failures=max_failures, controller_failure_limit=0
+                ),
             ),
             datasets={"train": data.train, "validation": data.validation},
             # The same rows to the same rank in the same order every epoch, on every run:
@@ -374,7 +433,7 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
                 datasets_to_split=[] if cached else "all", execution_options=_ordered()
             ),
         )
-        result = trainer.fit()
+        result = fit(trainer, plan, spec.scaling.start_timeout_s)
         stopped = tracking.run_tag(uri, run_id, STOPPED_TAG)
         if stopped:
             raise TrainingStopped(stopped)
@@ -435,7 +494,7 @@ def train_command(args: argparse.Namespace) -> int:
     except Exception as e:
         from ray.train import TrainingFailedError
 
-        if not isinstance(e, TrainingFailedError | TrainingStopped):
+        if not isinstance(e, TrainingFailedError | TrainingStopped | WorkersNotPlaced):
             raise
         print(f"trainyard: training failed: {e}", file=sys.stderr)
         return 1

@@ -71,6 +71,33 @@ def pytest_collection_modifyitems(items):
     items.sort(key=order)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test stopped by pytest-timeout reports what Ray was waiting for when it hung."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "call" and call.excinfo and "Timeout" in str(call.excinfo.value):
+        report.sections.append(("Ray state at the timeout", ray_state()))
+
+
+def ray_state() -> str:
+    """Resources free and in total, placement groups and actors that are not done."""
+    import ray
+
+    if not ray.is_initialized():
+        return "Ray is not initialized in the test process"
+    from ray.util.state import list_actors, list_placement_groups
+
+    lines = [f"available: {ray.available_resources()}", f"total: {ray.cluster_resources()}"]
+    for pg in list_placement_groups(
+        filters=[("state", "!=", "REMOVED")], raise_on_missing_output=False
+    ):
+        lines.append(f"placement group {pg.placement_group_id} {pg.state} {pg.bundles}")
+    for actor in list_actors(filters=[("state", "!=", "DEAD")], raise_on_missing_output=False):
+        lines.append(f"actor {actor.class_name} {actor.state} pid={actor.pid} node={actor.node_id}")
+    return "\n".join(lines)
+
+
 def pytest_runtest_setup(item):
     if item.get_closest_marker("gpu"):
         import torch

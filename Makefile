@@ -34,6 +34,10 @@ $(STAMP): pyproject.toml
 	  fi; \
 	fi
 	$(BIN)/pip install -e '.[dev]'
+	@# Ray 2.60's clients (ray job submit, ray status) talk to a `ray start --head` cluster,
+	@# which has token authentication on, only when told so: the activated venv tells them.
+	@grep -q RAY_AUTH_MODE $(BIN)/activate || \
+	  printf '\n# trainyard: Ray clients send the cluster token\nexport RAY_AUTH_MODE=token\n' >> $(BIN)/activate
 	@touch $@
 
 run: setup

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipelines.spec import ScalingSpec, SpecError
 
@@ -23,10 +24,36 @@ refused rather than started as dozens of starved processes."""
 
 @dataclass(frozen=True)
 class Nodes:
-    """Resources of the alive nodes of a cluster, one entry per node."""
+    """Resources of a cluster's nodes, one entry per node: the alive ones, then those its
+    autoscaler can still add (the last `addable`)."""
 
     cpus: tuple[float, ...]
     gpus: tuple[float, ...]
+    other: tuple[dict[str, float], ...] = ()
+    """Custom resources per node (empty: none on any node)."""
+    addable: int = 0
+    """How many of the nodes (the last ones) are not up yet: the autoscaler starts them when
+    work asks for them."""
+
+    @classmethod
+    def of(cls, nodes: list[dict[str, float]], addable: int = 0) -> Nodes:
+        """Nodes from one resource dict per node (CPU, GPU and custom resources)."""
+        return cls(
+            cpus=tuple(r.get("CPU", 0.0) for r in nodes),
+            gpus=tuple(r.get("GPU", 0.0) for r in nodes),
+            other=tuple({k: v for k, v in r.items() if k not in ("CPU", "GPU")} for r in nodes),
+            addable=addable,
+        )
+
+    def resources(self, i: int) -> dict[str, float]:
+        """Everything node `i` offers, by Ray resource name."""
+        other = self.other[i] if self.other else {}
+        return {"CPU": self.cpus[i], "GPU": self.gpus[i], **other}
+
+    @property
+    def alive(self) -> Nodes:
+        n = len(self.cpus) - self.addable
+        return Nodes(self.cpus[:n], self.gpus[:n], self.other[:n] if self.other else ())
 
     @property
     def total_cpus(self) -> float:
@@ -53,8 +80,14 @@ class ResourcePlan:
 
     def describe(self) -> str:
         n = self.nodes
+        up = n.alive
+        more = n.addable and (
+            f" (+ up to {n.addable} node(s) the autoscaler can add: "
+            f"{n.total_cpus - up.total_cpus:g} CPUs, {n.total_gpus - up.total_gpus:g} GPUs)"
+        )
         lines = [
-            f"cluster: {len(n.cpus)} node(s), {n.total_cpus:g} CPUs, {n.total_gpus:g} GPUs",
+            f"cluster: {len(up.cpus)} node(s), {up.total_cpus:g} CPUs, {up.total_gpus:g} GPUs"
+            + (more or ""),
             f"training: {self.num_workers} worker(s) × {self.cpus_per_worker:g} CPU"
             + (f" + {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else "")
             + f", {self.torch_threads} torch thread(s) each, placement {self.placement_strategy}",
@@ -62,11 +95,28 @@ class ResourcePlan:
         ]
         return "\n".join(lines)
 
+    custom: dict[str, float] | None = None
+    """Custom resources each worker asks for besides CPUs and GPUs."""
+
     def worker_resources(self) -> dict[str, float]:
         res = {"CPU": self.cpus_per_worker}
         if self.gpus_per_worker:
             res["GPU"] = self.gpus_per_worker
-        return res
+        return res | (self.custom or {})
+
+    @property
+    def needs_new_nodes(self) -> bool:
+        """Whether the workers fit only once the autoscaler has added nodes."""
+        return _places(self.worker_resources(), self.nodes.alive) < self.num_workers
+
+
+def _places(need: dict[str, float], nodes: Nodes) -> int:
+    """How many workers asking for `need` each fit on these nodes (all resources at once)."""
+    total = 0
+    for i in range(len(nodes.cpus)):
+        have = nodes.resources(i)
+        total += min(math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
+    return total
 
 
 def _fits(per_worker: float, workers: int, node_cpus: tuple[float, ...]) -> bool:
@@ -139,6 +189,18 @@ def plan_resources(scaling: ScalingSpec, nodes: Nodes) -> ResourcePlan:
         per_worker = max(fitting)
     per_worker = round(per_worker, 4)
     left = round(total - w * per_worker, 4)
+    custom = dict(scaling.resources_per_worker)
+    need = {"CPU": per_worker, "GPU": 1.0 if scaling.use_gpu else 0.0, **custom}
+    if _places(need, nodes) < w:
+        asked = ", ".join(f"{k} {v:g}" for k, v in need.items() if v)
+        raise SpecError(
+            f"scaling: {w} worker(s) asking for {asked} each do not fit on the cluster's "
+            f"nodes{' or those its autoscaler can add' if nodes.addable else ''}: "
+            + "; ".join(
+                ", ".join(f"{k} {v:g}" for k, v in nodes.resources(i).items() if v)
+                for i in range(len(nodes.cpus))
+            )
+        )
     return ResourcePlan(
         num_workers=w,
         cpus_per_worker=per_worker,
@@ -148,18 +210,58 @@ def plan_resources(scaling: ScalingSpec, nodes: Nodes) -> ResourcePlan:
         torch_threads=max(1, math.floor(per_worker)),
         placement_strategy=scaling.placement_strategy,
         nodes=nodes,
+        custom=custom or None,
     )
+
+
+AUTOSCALING_CONFIG_ENV = "TRAINYARD_AUTOSCALING_CONFIG"
+DEFAULT_AUTOSCALING_CONFIG = "~/ray_bootstrap_config.yaml"
+"""Where `ray up` leaves the cluster launcher config on the head node, where jobs' drivers run."""
+# Ray's bookkeeping resources, not something a worker asks for.
+_INTERNAL = ("memory", "object_store_memory", "node:")
 
 
 def cluster_nodes() -> Nodes:
-    """The alive nodes of the Ray cluster this process is connected to."""
+    """The alive nodes of the Ray cluster this process is connected to, then the nodes its
+    autoscaler can add (from the cluster launcher config, see `addable_nodes`)."""
     import ray
 
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    return Nodes(
-        cpus=tuple(float(n["Resources"].get("CPU", 0)) for n in alive),
-        gpus=tuple(float(n["Resources"].get("GPU", 0)) for n in alive),
-    )
+    alive = [
+        {k: float(v) for k, v in n["Resources"].items() if not k.startswith(_INTERNAL)}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+    more = addable_nodes(alive)
+    return Nodes.of(alive + more, addable=len(more))
+
+
+def addable_nodes(alive: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The worker nodes the cluster's autoscaler can still start, one resource dict each:
+    per node type of the launcher config ($TRAINYARD_AUTOSCALING_CONFIG, else the one `ray up`
+    leaves on the head), `max_workers` less the alive nodes of that shape, within the
+    cluster's `max_workers`. None without a config (a cluster that does not autoscale)."""
+    import yaml
+
+    path = Path(os.environ.get(AUTOSCALING_CONFIG_ENV) or DEFAULT_AUTOSCALING_CONFIG)
+    path = path.expanduser()
+    if not path.is_file():
+        return []
+    config = yaml.safe_load(path.read_text()) or {}
+    head_type = config.get("head_node_type")
+    room = int(config.get("max_workers", 0)) - max(len(alive) - 1, 0)
+    more: list[dict[str, float]] = []
+    for name, node_type in (config.get("available_node_types") or {}).items():
+        if name == head_type:
+            continue
+        shape = {
+            k: float(v)
+            for k, v in (node_type.get("resources") or {}).items()
+            if not k.startswith(_INTERNAL)
+        }
+        up = sum(1 for r in alive if {k: v for k, v in r.items() if v} == shape)
+        count = min(int(node_type.get("max_workers", 0)) - up, room - len(more))
+        more += [shape] * max(count, 0)
+    return more
 
 
 def local_nodes() -> Nodes:

@@ -269,10 +269,13 @@ class ScalingSpec:
     max_failures: int | None = None
     """Worker or node failures survived by restarting from the newest checkpoint (Ray Train's
     FailureConfig). None: 2 on a multi-node cluster, 0 on one node."""
-    start_timeout_s: float = 120.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker asks for besides its CPUs and GPU, e.g.
+    `{"accelerator_type:A100": 0.001}` or a resource your node types declare."""
+    start_timeout_s: float | None = None
     """Seconds to wait for the training workers to be placed (at the start and after each
     failure) before the run fails, naming what it asked for and what the cluster had free.
-    Raise it where an autoscaler adds nodes (minutes)."""
+    None: 120, or 600 when the workers need nodes the autoscaler has yet to start."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, "an integer >= 1")
@@ -283,7 +286,13 @@ class ScalingSpec:
             "an integer >= 0 or null",
         )
         _check(
-            self.start_timeout_s > 0,
+            all(v > 0 for v in self.resources_per_worker.values()),
+            "scaling.resources_per_worker",
+            self.resources_per_worker,
+            "positive amounts",
+        )
+        _check(
+            self.start_timeout_s is None or self.start_timeout_s > 0,
             "scaling.start_timeout_s",
             self.start_timeout_s,
             "a positive number of seconds",
@@ -494,6 +503,9 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if origin is Literal:
         _check(value in args, name, value, "one of " + ", ".join(map(str, args)))
         return value
+    if origin is dict:
+        _check(isinstance(value, dict), name, value, "a mapping")
+        return {str(k): _coerce(f"{name}.{k}", v, args[1]) for k, v in value.items()}
     if origin is list:
         _check(isinstance(value, list), name, value, f"a list of {args[0].__name__}")
         return [_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)]

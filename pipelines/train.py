@@ -183,6 +183,8 @@ REPORT_POLL_S = "0.2"
 
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+START_TIMEOUT_S = 120.0
+AUTOSCALE_START_TIMEOUT_S = 600.0  # cloud nodes take minutes to boot and set up
 
 
 def fit(trainer: Any, plan: Any, start_timeout_s: float) -> Any:
@@ -223,9 +225,9 @@ def waiting_notice(plan: Any, start_timeout_s: float) -> str | None:
         return None
     want = ", ".join(f"{k} {v:g}" for k, v in short.items())
     have = ", ".join(f"{k} {free.get(k, 0):g}" for k in short)
+    for_what = "the autoscaler to add nodes" if plan.needs_new_nodes else "the workers' resources"
     return (
-        f"trainyard: waiting up to {start_timeout_s:g} s for the workers' resources "
-        f"({want}; free now: {have})"
+        f"trainyard: waiting up to {start_timeout_s:g} s for {for_what} ({want}; free now: {have})"
     )
 
 
@@ -314,7 +316,6 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from cluster.local import STORAGE_ENV
-    from cluster.resources import cluster_nodes
     from models import build_model
     from pipelines import tracking
     from pipelines.loop import STOPPED_TAG, load_state, train_loop_per_worker
@@ -336,7 +337,7 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
     run_id = check_resume(spec, storage, run_name, uri, resume is not None) if named else None
     max_failures = spec.scaling.max_failures
     if max_failures is None:
-        max_failures = 2 if len(cluster_nodes().cpus) > 1 else 0
+        max_failures = 2 if len(plan.nodes.cpus) > 1 else 0
     # 1. Data: read, validate, split and preprocess on the driver (bad input stops here).
     pipeline = pipeline_module(spec)
     rows_per_step = spec.micro_batch_size * spec.accum_steps  # per worker
@@ -380,11 +381,14 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
         tracking.reopen_run(uri, run_id, tags)
         print(f"trainyard: continuing MLflow run {run_id} ({run_name}) at {uri}")
     print(plan.describe())
-    notice = waiting_notice(plan, spec.scaling.start_timeout_s)
+    start_timeout_s = spec.scaling.start_timeout_s or (
+        AUTOSCALE_START_TIMEOUT_S if plan.needs_new_nodes else START_TIMEOUT_S
+    )
+    notice = waiting_notice(plan, start_timeout_s)
     if notice:
         print(notice)
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)  # passed on to the controller
-    os.environ[START_TIMEOUT_ENV] = str(spec.scaling.start_timeout_s)
+    os.environ[START_TIMEOUT_ENV] = str(start_timeout_s)
     # Ray Train's preemption watcher only logs node drains, and costs an actor per run (and a
     # core_worker error line about its constructor arguments).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -433,7 +437,7 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
                 datasets_to_split=[] if cached else "all", execution_options=_ordered()
             ),
         )
-        result = fit(trainer, plan, spec.scaling.start_timeout_s)
+        result = fit(trainer, plan, start_timeout_s)
         stopped = tracking.run_tag(uri, run_id, STOPPED_TAG)
         if stopped:
             raise TrainingStopped(stopped)

@@ -21,6 +21,7 @@ EXPECTED = {
     "trainer": {"steady-state step time", "launch to first step"},
     "amp": None,  # one case per model, named after the device
     "tracking": {"step time", "share of step time in MLflow calls"},
+    "overhead": {"command to first step", "per-epoch time", "command to done"},
 }
 
 
@@ -76,6 +77,11 @@ def test_every_contender_is_measured_and_ratios_match_the_timings(quick_bench):
     assert set(contenders[("trainer", "steady-state step time")]) == {
         "torchrun",
         "Ray Train TorchTrainer",
+    }
+    assert set(contenders[("overhead", "command to done")]) == {
+        "plain torchrun script",
+        "trainyard, running cluster",
+        "trainyard, cold start",
     }
     for case in result["cases"]:
         ref = case["contenders"][case["reference"]]["median"]

@@ -1,6 +1,6 @@
 import pytest
 
-from cluster.resources import Nodes, plan_resources
+from cluster.resources import AUTOSCALING_CONFIG_ENV, Nodes, addable_nodes, plan_resources
 from pipelines.spec import ScalingSpec, SpecError
 
 
@@ -39,3 +39,40 @@ def test_gpu_workers_need_gpus():
         plan_resources(ScalingSpec(num_workers=2, use_gpu=True), Nodes(cpus=(8.0,), gpus=(1.0,)))
     plan = plan_resources(ScalingSpec(num_workers=2, use_gpu=True), Nodes(cpus=(8.0,), gpus=(2.0,)))
     assert plan.worker_resources() == {"CPU": 1.0, "GPU": 1.0} and plan.data_cpus == 6.0
+
+
+def test_more_workers_than_the_cpus_allow_are_refused():
+    with pytest.raises(SpecError, match="64 worker.* need at least 16 CPUs .* at most 6 worker"):
+        plan_resources(ScalingSpec(num_workers=64), Nodes(cpus=(2.0,), gpus=(0.0,)))
+
+
+def test_gpu_run_waits_for_the_gpu_workers_ray_cluster_yaml_can_add(monkeypatch):
+    # ray_cluster.yaml: the head and the two CPU workers that are always up; GPU workers
+    # (0 to 2) start on demand.
+    monkeypatch.setenv(AUTOSCALING_CONFIG_ENV, "ray_cluster.yaml")
+    alive = [{"CPU": 8.0}, {"CPU": 16.0}, {"CPU": 16.0}]
+    more = addable_nodes(alive)
+    assert sorted(map(str, more)) == sorted(
+        map(str, [{"CPU": 16.0}] * 2 + [{"CPU": 4.0, "GPU": 1.0}] * 2)
+    )
+    nodes = Nodes.of(alive + more, addable=len(more))
+    plan = plan_resources(ScalingSpec(num_workers=2, use_gpu=True), nodes)
+    assert plan.needs_new_nodes and plan.worker_resources() == {"CPU": 1.0, "GPU": 1.0}
+    assert "+ up to 4 node(s) the autoscaler can add: 40 CPUs, 2 GPUs" in plan.describe()
+    with pytest.raises(SpecError, match="need 3 GPU"):
+        plan_resources(ScalingSpec(num_workers=3, use_gpu=True), nodes)
+    # Without the autoscaler's config the same cluster has no GPU.
+    with pytest.raises(SpecError, match="need 2 GPU"):
+        plan_resources(ScalingSpec(num_workers=2, use_gpu=True), Nodes.of(alive))
+
+
+def test_custom_resources_must_fit_on_some_node():
+    nodes = Nodes.of(
+        [{"CPU": 1.0}, {"CPU": 1.0, "fake_gpu": 1.0}, {"CPU": 1.0, "fake_gpu": 1.0}], addable=2
+    )
+    plan = plan_resources(ScalingSpec(num_workers=2, resources_per_worker={"fake_gpu": 1}), nodes)
+    assert plan.needs_new_nodes and plan.worker_resources()["fake_gpu"] == 1
+    with pytest.raises(
+        SpecError, match="3 worker.* do not fit on the cluster's nodes or those its"
+    ):
+        plan_resources(ScalingSpec(num_workers=3, resources_per_worker={"fake_gpu": 1}), nodes)

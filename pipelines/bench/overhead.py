@@ -1,0 +1,134 @@
+"""overhead: the digits recipe of configs/digits.yaml three ways, alternated: a plain torchrun
+script (pipelines.bench.plain_digits: DistributedSampler + DataLoader over tensors in memory),
+`trainyard train` on a running local cluster, and `trainyard train` from a cold start (a new
+local Ray). Command to first step, per-epoch time, command to done."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pipelines.bench.core import Case, alternate
+
+PLAIN, WARM, COLD = "plain torchrun script", "trainyard, running cluster", "trainyard, cold start"
+
+
+def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
+    from cluster import local
+
+    epochs = 3 if quick else 40
+    repeats = 2 if quick else 3
+    workers = 2 if cores >= 2 else 1
+    tmp = Path(tempfile.mkdtemp(prefix="trainyard-bench-overhead-"))
+    timings: dict[str, dict[str, list[float]]] = {
+        k: {PLAIN: [], WARM: [], COLD: []} for k in ("first", "epoch", "done")
+    }
+
+    def record(name: str, launch: float, first_at: float, epoch_s: float) -> float:
+        done = time.time() - launch
+        timings["first"][name].append(first_at - launch)
+        timings["epoch"][name].append(epoch_s)
+        timings["done"][name].append(done)
+        return done
+
+    def plain() -> float:
+        out = tmp / f"plain-{uuid.uuid4().hex[:6]}.json"
+        launch = time.time()
+        subprocess.run(
+            [
+                *(sys.executable, "-m", "torch.distributed.run"),
+                *(f"--nproc_per_node={workers}", f"--master_port={local.free_port()}"),
+                *("-m", "pipelines.bench.plain_digits", str(out), str(epochs)),
+            ],
+            check=True,
+            capture_output=True,
+            env=os.environ | {"OMP_NUM_THREADS": "1"},
+        )
+        result = json.loads(out.read_text())
+        ends = result["epoch_ends"]
+        return record(PLAIN, launch, result["first_step_at"], (ends[-1] - ends[0]) / (epochs - 1))
+
+    def trainyard(name: str, ray_address: str) -> float:
+        summary = tmp / f"summary-{uuid.uuid4().hex[:6]}.json"
+        sets = {
+            "train.epochs": epochs,
+            "scaling.num_workers": workers,
+            "scaling.storage_path": tmp / "results",
+            "tracking.experiment": "trainyard-bench-overhead",
+        }
+        env = os.environ | {
+            "RAY_ADDRESS": ray_address,
+            "RAY_AUTH_MODE": "token",
+            "MLFLOW_TRACKING_URI": tracking_uri,
+        }
+        launch = time.time()
+        subprocess.run(
+            [
+                *(sys.executable, "-m", "pipelines.train", "configs/digits.yaml"),
+                *("--summary", str(summary)),
+                *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")],
+            ],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
+        run_id = json.loads(summary.read_text())["run_id"]
+        first_at, elapsed = _from_mlflow(tracking_uri, run_id)
+        return record(name, launch, first_at, (elapsed[-1] - elapsed[0]) / (epochs - 1))
+
+    previous_home = os.environ.get("TRAINYARD_HOME")
+    os.environ["TRAINYARD_HOME"] = str(tmp / "home")
+    try:
+        cluster = local.up(
+            workers=0,
+            port=local.free_port(),
+            dashboard_port=local.free_port(),
+            mlflow_port=None,
+            storage_path=str(tmp / "results"),
+        )
+        try:
+            alternate(
+                {
+                    PLAIN: plain,
+                    WARM: lambda: trainyard(WARM, cluster.ray_address),
+                    COLD: lambda: trainyard(COLD, "local"),  # ray.init("local"): a new Ray
+                },
+                repeats,
+                warmup=0,
+            )
+        finally:
+            local.down()
+    finally:
+        if previous_home is None:
+            os.environ.pop("TRAINYARD_HOME", None)
+        else:
+            os.environ["TRAINYARD_HOME"] = previous_home
+    recipe = (
+        f"configs/digits.yaml, {epochs} epochs, {workers} DDP workers (gloo); trainyard logs "
+        "the model to MLflow at the end, the script does not"
+    )
+    cases = [
+        Case("overhead", "command to first step", "s", False, PLAIN, timings["first"]),
+        Case("overhead", "per-epoch time", "s/epoch", False, PLAIN, timings["epoch"]),
+        Case("overhead", "command to done", "s", False, PLAIN, timings["done"]),
+    ]
+    cases[0].notes.append(recipe)
+    cases[1].notes.append("training + evaluation + checkpoint, from the first epoch's end on")
+    return cases
+
+
+def _from_mlflow(uri: str, run_id: str) -> tuple[float, list[float]]:
+    """When the run's first optimizer step finished, and its elapsed time at each epoch."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    first_at = float(client.get_run(run_id).data.tags["trainyard.first_step_at"])
+    history = sorted(client.get_metric_history(run_id, "elapsed_s"), key=lambda m: m.step)
+    return first_at, [m.value for m in history]

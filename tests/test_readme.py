@@ -1,0 +1,46 @@
+"""The README's shell blocks marked `<!-- readme-test -->` run as written, in a fresh shell.
+
+Each block runs in a bare environment (PATH, a new HOME, nothing else) from the project root,
+inside its own process and network namespaces: `ray start --head` gets the usual ports and
+`ray stop` stops only what the block started, whatever else runs on this machine."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKED = re.compile(r"<!-- readme-test -->\n```bash\n(.*?)```", re.S)
+
+
+def marked_blocks() -> list[str]:
+    return MARKED.findall((ROOT / "README.md").read_text())
+
+
+def test_the_readme_marks_blocks_to_run():
+    assert marked_blocks(), "no <!-- readme-test --> blocks in README.md"
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("block", marked_blocks(), ids=lambda b: b.split("\n")[1][:40])
+def test_readme_block_runs_as_written(block, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    script = tmp_path / "block.sh"
+    script.write_text("set -euo pipefail\n" + block)
+    inside = (
+        "ip link set lo up && mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray && "
+        f"cd {ROOT} && exec env -i HOME={home} PATH=/usr/local/bin:/usr/bin:/bin bash {script}"
+    )
+    namespaces = ["unshare", "--pid", "--fork", "--mount-proc", "--net", "--mount"]
+    done = subprocess.run(
+        [*namespaces, "bash", "-c", inside], capture_output=True, text=True, timeout=400
+    )
+    assert done.returncode == 0, (
+        f"{block}\nexit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )

@@ -40,6 +40,10 @@ EXCLUDES = [
     ".gpu-kit/",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+CONNECT_TIMEOUT_S = 15.0
+"""How long the Jobs API may take to answer at all."""
+SETTLE_TIMEOUT_S = 60.0
+"""How long a job whose logs have ended may take to report a final status."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-wait", action="store_true", help="print the job id and return once submitted"
+    )
+    parser.add_argument(
+        "--start-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="stop the job and fail if its driver has not started after S seconds "
+        "(PENDING: the cluster has no room for it) (default: 600)",
     )
 
 
@@ -141,6 +153,7 @@ def client(address: str):
 
     from cluster import auth
 
+    check_answers(address)
     try:
         return JobSubmissionClient(address, headers=auth.auth_headers())
     except AuthenticationError as e:
@@ -148,6 +161,33 @@ def client(address: str):
         raise TrainyardError(auth.explain_refusal(status, address)) from None
     except ConnectionError as e:
         raise TrainyardError(f"no Ray Jobs API answers at {address}: {e}") from None
+
+
+def check_answers(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise TrainyardError unless something answers HTTP at `address` within `timeout_s`
+    (any answer: whether it accepts the token is the Jobs client's to say)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{address}/api/version", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        pass  # it answered
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrainyardError(
+            f"no Ray Jobs API answers at {address} within {timeout_s:g} s ({reason})"
+        ) from None
+
+
+def wait_while(jobs, job_id: str, states: set[str], timeout_s: float) -> str:
+    """Poll the job's status while it is one of `states`, at most `timeout_s`; return it."""
+    deadline = time.monotonic() + timeout_s
+    while (status := str(jobs.get_job_info(job_id).status.value)) in states:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    return status
 
 
 async def _follow(jobs, job_id: str) -> None:
@@ -188,9 +228,23 @@ def command(args: argparse.Namespace) -> int:
         print(f"  follow: ray job logs -f {job_id}   stop: ray job stop {job_id}")
         return 0
     try:
+        if wait_while(jobs, job_id, {"PENDING"}, args.start_timeout) == "PENDING":
+            jobs.stop_job(job_id)
+            print(
+                f"trainyard: job {job_id} was still PENDING after {args.start_timeout:g} s "
+                "(--start-timeout): the cluster had no room for its driver; stopped it",
+                file=sys.stderr,
+            )
+            return 1
         asyncio.run(_follow(jobs, job_id))
-        while (status := str(jobs.get_job_info(job_id).status.value)) not in TERMINAL:
-            time.sleep(1)
+        running = {"PENDING", "RUNNING"}
+        if (status := wait_while(jobs, job_id, running, SETTLE_TIMEOUT_S)) not in TERMINAL:
+            print(
+                f"trainyard: job {job_id}'s logs ended but it is still {status} after "
+                f"{SETTLE_TIMEOUT_S:g} s; follow it with: ray job status {job_id}",
+                file=sys.stderr,
+            )
+            return 1
         info = jobs.get_job_info(job_id)
     except KeyboardInterrupt:
         print(f"\ntrainyard: stopped following; job {job_id} goes on (ray job stop {job_id})")

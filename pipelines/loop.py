@@ -11,8 +11,11 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import random
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -333,6 +336,58 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 # --- the loop -----------------------------------------------------------------------------------
 
 
+class StallWatchdog:
+    """Ends this worker when no optimizer step has finished for `timeout_s`, after printing
+    where every thread of it is (py-spy, with native frames, where it is installed; else
+    Python's own tracebacks): a hung collective, data wait or deadlock then fails the run, and
+    Ray Train restarts it or reports it, instead of waiting forever. Armed by the first step,
+    so start-up and compilation do not count."""
+
+    def __init__(self, timeout_s: float | None, rank: int):
+        self.timeout_s, self.rank = timeout_s, rank
+        self.last: float | None = None
+        self.stopped = False
+        if timeout_s is not None:
+            threading.Thread(target=self._watch, daemon=True, name="stall-watchdog").start()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        """Training is over: what the worker does next (Ray Train's shutdown) is not a stall."""
+        self.stopped = True
+
+    def _watch(self) -> None:
+        while self.last is None or time.monotonic() - self.last < self.timeout_s:
+            time.sleep(min(1.0, self.timeout_s / 4))
+            if self.stopped:
+                return
+        print(
+            f"trainyard: rank {self.rank}: no optimizer step finished for {self.timeout_s:g} s "
+            "(train.stall_timeout_s); where this worker is:\n" + stacks(),
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+
+def stacks() -> str:
+    """Every thread's stack in this process: py-spy's (native frames too), else Python's."""
+    import faulthandler
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    try:
+        dump = [spy, "dump", "--native", "--pid", str(os.getpid())]
+        return subprocess.run(dump, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        with tempfile.TemporaryFile("w+") as f:
+            faulthandler.dump_traceback(file=f, all_threads=True)
+            f.seek(0)
+            return f.read()
+
+
 class BatchStream:
     """Micro-batches from pass after pass over a dataset shard, for epochs of a fixed number of
     steps that end inside a pass: the next epoch goes on where the last one stopped.
@@ -545,6 +600,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stream = BatchStream(train_pass, position) if tr.steps_per_epoch else None
     nonfinite_run = 0
     steps_done = 0
+    watchdog = StallWatchdog(tr.stall_timeout_s, rank)
+    inject_failure(job["inject_failure"], 0, rank)  # epoch 0: before the first step
     started = time.perf_counter()
     for epoch in range(first_epoch, tr.epochs + 1):
         base_step = (epoch - 1) * steps_per_epoch
@@ -553,6 +610,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         def on_step(
             step: int, loss: torch.Tensor, base_step: int = base_step, epoch: int = epoch
         ) -> None:
+            watchdog.beat()
             if step == 1 and epoch == first_epoch and log.active:
                 # When the first optimizer step (of this start) finished: start-up or
                 # recovery cost, seen in MLflow.
@@ -643,8 +701,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             log.flush()
-            inject_failure(job.get("inject_failure"), epoch, rank)
+            inject_failure(job["inject_failure"], epoch, rank)
             ray.train.report(metrics, checkpoint=checkpoint)
+    watchdog.stop()
 
 
 def progress_line(
@@ -673,10 +732,10 @@ def progress_line(
 
 
 def inject_failure(plan: dict[str, Any] | None, epoch: int, rank: int) -> None:
-    """A testing aid for fault tolerance (TRAINYARD_INJECT_FAILURE=MARKER:EPOCH[:TIMES] on the
-    driver): rank 0 raises at the end of EPOCH, after logging its metrics and before its
-    checkpoint, at most TIMES times over the run's life, counted in the file MARKER (which
-    every node must see)."""
+    """A testing aid for fault tolerance (TRAINYARD_INJECT_FAILURE=MARKER:EPOCH[:TIMES[:hang]]
+    on the driver): rank 0 raises (or, with `hang`, stops for good) at the end of EPOCH, after
+    logging its metrics and before its checkpoint (EPOCH 0: before the first step), at most
+    TIMES times over the run's life, counted in the file MARKER (which every node must see)."""
     if not plan or rank != 0 or epoch != plan["epoch"]:
         return
     marker = Path(plan["marker"])
@@ -684,4 +743,7 @@ def inject_failure(plan: dict[str, Any] | None, epoch: int, rank: int) -> None:
     if count >= plan["times"]:
         return
     marker.write_text(str(count + 1))
+    if plan["hang"]:  # a worker that stops making progress (stall_timeout_s finds it)
+        while True:
+            time.sleep(1)
     raise RuntimeError(f"injected failure {count + 1}/{plan['times']} after epoch {epoch}")

@@ -199,6 +199,12 @@ class TrainSpec:
     max_nonfinite_steps: int = 20
     """Stop the run (FAILED) when the loss is NaN/inf for this many optimizer steps in a row.
     Steps with a non-finite loss or gradients are skipped on every rank either way."""
+    stall_timeout_s: float | None = 600.0
+    """A worker on which no optimizer step finishes for this long prints its stacks and fails
+    (Ray Train restarts the run from its checkpoint, up to scaling.max_failures); the driver
+    also fails a run whose first step has not come this long after its workers were placed.
+    Counted from the first step: start-up and torch.compile do not count. None: off (an epoch
+    whose evaluation or checkpoint takes longer than this needs a higher value or None)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -216,6 +222,12 @@ class TrainSpec:
             value = getattr(self, name)
             _check(value is None or value >= 1, f"train.{name}", value, "an integer >= 1")
         _check(self.lr > 0, "train.lr", self.lr, "a positive number")
+        _check(
+            self.stall_timeout_s is None or self.stall_timeout_s > 0,
+            "train.stall_timeout_s",
+            self.stall_timeout_s,
+            "a positive number of seconds or null",
+        )
         _check(
             0 <= self.min_lr_fraction <= 1,
             "train.min_lr_fraction",

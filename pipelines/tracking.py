@@ -121,6 +121,14 @@ def reopen_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def first_step_after(uri: str, run_id: str, since: float) -> bool:
+    """Whether the run's rank 0 finished an optimizer step after time `since` (its
+    first_step_at, or resumed_step_at after a restart, tag)."""
+    tags = _client(uri).get_run(run_id).data.tags
+    stamps = [tags.get(f"trainyard.{k}") for k in ("first_step_at", "resumed_step_at")]
+    return any(stamp and float(stamp) > since for stamp in stamps)
+
+
 def run_tag(uri: str, run_id: str, key: str) -> str | None:
     return _client(uri).get_run(run_id).data.tags.get(key)
 

@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,8 @@ def init_ray() -> None:
     from ray.data.context import ShuffleStrategy
 
     if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS"):
+            forget_dead_local_cluster()
         # Inherited by the processes of a local Ray; Ray Data logs every execution at INFO.
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
         # A new local Ray turns token authentication on (good) and warns that it did.
@@ -75,6 +79,30 @@ def init_ray() -> None:
     # aggregator actors for every execution (digits: 7 s to split, 3.5 s to aggregate); the
     # sort-based shuffle runs them as tasks (0.3-0.9 s and 0.1-0.3 s).
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+
+
+def forget_dead_local_cluster() -> None:
+    """`ray.init()` without an address joins the cluster that the last `ray start` on this
+    machine recorded (/tmp/ray/ray_current_cluster). A cluster killed without `ray stop` leaves
+    that record behind, and Ray would wait on its dead GCS: when nothing answers at the address
+    any more, remove the record (say so) and start a local Ray instead."""
+    import socket
+
+    from ray._private.utils import get_ray_address_file, read_ray_address
+
+    address = read_ray_address()
+    if not address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError:
+        record = Path(get_ray_address_file(None))
+        record.unlink(missing_ok=True)
+        print(
+            f"trainyard: the Ray cluster {record} named ({address}) is gone; "
+            "removed that record and starting a local Ray"
+        )
 
 
 def quiet_ray_data() -> None:
@@ -187,18 +215,51 @@ START_TIMEOUT_S = 120.0
 AUTOSCALE_START_TIMEOUT_S = 600.0  # cloud nodes take minutes to boot and set up
 
 
-def fit(trainer: Any, plan: Any, start_timeout_s: float) -> Any:
-    """`trainer.fit()`, with a worker group that could not be placed in time reported as what
-    was asked for and what the cluster had free."""
+def fit(
+    trainer: Any,
+    plan: Any,
+    start_timeout_s: float,
+    first_step_within: float | None,
+    first_step_seen: Callable[[], bool],
+) -> Any:
+    """`trainer.fit()`, watched from here: a worker group that could not be placed in time
+    is reported as what was asked for and what the cluster had free, and a run whose first
+    optimizer step has not come `first_step_within` seconds after fit began (None: no bound;
+    `first_step_seen()` says whether it came) raises NoFirstStep. fit runs in a thread, since
+    Ray's wait cannot be interrupted; after NoFirstStep the caller must end the process."""
     import ray
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-    try:
-        return trainer.fit()
-    except ControllerError as e:
-        if not isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
-            raise
+    from cluster.state import ray_state
+
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="trainer.fit", daemon=True).start()
+    deadline = first_step_within and time.monotonic() + first_step_within
+    while not done.wait(1.0):
+        if deadline and time.monotonic() > deadline:
+            if first_step_seen():
+                deadline = None
+            else:
+                raise NoFirstStep(
+                    f"no optimizer step finished within {first_step_within:g} s of starting "
+                    "the workers (scaling.start_timeout_s + train.stall_timeout_s); Ray's "
+                    "state:\n" + ray_state()
+                )
+    error = outcome.get("error")
+    if isinstance(error, ControllerError) and isinstance(
+        error.controller_failure, WorkerGroupStartupTimeoutError
+    ):
         asked = ", ".join(f"{k} {v:g}" for k, v in plan.worker_resources().items())
         free = ", ".join(
             f"{k} {v:g}"
@@ -211,6 +272,9 @@ def fit(trainer: Any, plan: Any, start_timeout_s: float) -> Any:
             f"now: {free or 'nothing'}. Other jobs may hold the resources: wait for them, "
             "or ask for fewer workers"
         ) from None
+    if error is not None:
+        raise error
+    return outcome["result"]
 
 
 def waiting_notice(plan: Any, start_timeout_s: float) -> str | None:
@@ -242,6 +306,10 @@ class TrainingStopped(Exception):
 
 class WorkersNotPlaced(Exception):
     """The cluster did not place the training workers within scaling.start_timeout_s."""
+
+
+class NoFirstStep(Exception):
+    """No optimizer step came in time; Ray's wait for the run cannot be interrupted."""
 
 
 def latest_checkpoint(storage: str, run_name: str) -> tuple[str, int] | None:
@@ -300,12 +368,18 @@ def check_resume(spec: RunSpec, storage: str, run_name: str, uri: str, resume: b
 
 
 def failure_plan() -> dict[str, Any] | None:
-    """TRAINYARD_INJECT_FAILURE=MARKER:EPOCH[:TIMES], a testing aid (see loop.inject_failure)."""
+    """TRAINYARD_INJECT_FAILURE=MARKER:EPOCH[:TIMES[:hang]], a testing aid (see
+    loop.inject_failure)."""
     value = os.environ.get("TRAINYARD_INJECT_FAILURE")
     if not value:
         return None
-    marker, epoch, *times = value.split(":")
-    return {"marker": marker, "epoch": int(epoch), "times": int(times[0]) if times else 1}
+    marker, epoch, *rest = value.split(":")
+    return {
+        "marker": marker,
+        "epoch": int(epoch),
+        "times": int(rest[0]) if rest else 1,
+        "hang": rest[1:] == ["hang"],
+    }
 
 
 def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
@@ -437,7 +511,15 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
                 datasets_to_split=[] if cached else "all", execution_options=_ordered()
             ),
         )
-        result = fit(trainer, plan, start_timeout_s)
+        stall = spec.train.stall_timeout_s
+        began = time.time()
+        result = fit(
+            trainer,
+            plan,
+            start_timeout_s,
+            stall and start_timeout_s + stall,
+            lambda: tracking.first_step_after(uri, run_id, began),
+        )
         stopped = tracking.run_tag(uri, run_id, STOPPED_TAG)
         if stopped:
             raise TrainingStopped(stopped)
@@ -495,6 +577,12 @@ def train_command(args: argparse.Namespace) -> int:
     except TrainyardError as e:
         print(f"trainyard: error: {e}", file=sys.stderr)
         return 2
+    except NoFirstStep as e:
+        print(f"trainyard: training failed: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # The thread waiting in trainer.fit() cannot be stopped, and Ray's shutdown would wait
+        # for it: end the process, and Ray ends this driver's job (its workers) with it.
+        os._exit(1)
     except Exception as e:
         from ray.train import TrainingFailedError
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import sys
+import threading
 
 import pytest
 
@@ -71,31 +74,49 @@ def pytest_collection_modifyitems(items):
     items.sort(key=order)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """A test stopped by pytest-timeout reports what Ray was waiting for when it hung."""
-    outcome = yield
-    report = outcome.get_result()
-    if call.when == "call" and call.excinfo and "Timeout" in str(call.excinfo.value):
-        report.sections.append(("Ray state at the timeout", ray_state()))
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item, settings):
+    """pytest-timeout's own timer (SIGALRM) never fires inside `ray.get`, which does not
+    return to Python while it waits: a thread does the timing instead. A test still running
+    at its timeout prints Ray's state and every thread's stack, then ends the session (exit
+    1), so that a hang costs minutes, never CI's hour."""
+    if not settings.timeout:
+        return None
+    timer = threading.Timer(settings.timeout, _timed_out, args=(item, settings.timeout))
+    timer.daemon = True
+    timer.start()
+    item.stash[_TIMER] = timer
+    return True
 
 
-def ray_state() -> str:
-    """Resources free and in total, placement groups and actors that are not done."""
-    import ray
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_cancel_timer(item):
+    timer = item.stash.get(_TIMER, None)
+    if timer is not None:
+        timer.cancel()
+    return True
 
-    if not ray.is_initialized():
-        return "Ray is not initialized in the test process"
-    from ray.util.state import list_actors, list_placement_groups
 
-    lines = [f"available: {ray.available_resources()}", f"total: {ray.cluster_resources()}"]
-    for pg in list_placement_groups(
-        filters=[("state", "!=", "REMOVED")], raise_on_missing_output=False
-    ):
-        lines.append(f"placement group {pg.placement_group_id} {pg.state} {pg.bundles}")
-    for actor in list_actors(filters=[("state", "!=", "DEAD")], raise_on_missing_output=False):
-        lines.append(f"actor {actor.class_name} {actor.state} pid={actor.pid} node={actor.node_id}")
-    return "\n".join(lines)
+_TIMER = pytest.StashKey[threading.Timer]()
+
+
+def _timed_out(item, seconds: float) -> None:
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=True)
+    out = sys.stderr
+    out.write(f"\n+++ {item.nodeid} still running after {seconds:g} s (pytest timeout) +++\n")
+    try:
+        from cluster.state import ray_state
+
+        out.write("Ray's state:\n" + ray_state() + "\n")
+    except Exception as e:  # the state API may hang-proof fail; the stacks matter more
+        out.write(f"(Ray's state unavailable: {e})\n")
+    out.write("Every thread's stack:\n")
+    out.flush()
+    faulthandler.dump_traceback(file=out, all_threads=True)
+    out.flush()
+    os._exit(1)
 
 
 def pytest_runtest_setup(item):

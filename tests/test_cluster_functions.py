@@ -93,3 +93,43 @@ def test_the_error_line_of_a_failed_jobs_logs():
     traceback = "Traceback (most recent call last):\n  File \"a.py\", line 1\nKeyError: 'lr'\n"
     assert jobs.last_error("x\n" + traceback) == "KeyError: 'lr'"
     assert jobs.last_error("all fine\n") is None
+
+
+def test_a_dead_clusters_record_is_removed_a_live_one_kept(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from pipelines.train import forget_dead_local_cluster
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    record = tmp_path / "ray" / "ray_current_cluster"
+    record.parent.mkdir()
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        record.write_text(f"127.0.0.1:{live.getsockname()[1]}\n")
+        forget_dead_local_cluster()
+        assert record.exists() and capsys.readouterr().out == ""
+    forget_dead_local_cluster()  # the port is closed now: nothing answers there
+    assert not record.exists()
+    assert "is gone; removed that record and starting a local Ray" in capsys.readouterr().out
+
+
+def test_a_jobs_api_that_does_not_answer_is_an_error_in_bounded_time():
+    import socket
+    import time
+
+    import pytest
+
+    from cluster.jobs import check_answers
+    from pipelines.spec import TrainyardError
+
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(
+            TrainyardError, match=f"no Ray Jobs API answers at {address} within 1 s"
+        ):
+            check_answers(address, timeout_s=1)
+        assert time.monotonic() - start < 5

@@ -56,3 +56,44 @@ def test_more_workers_than_cpus_are_refused_before_anything_starts(capsys):
     err = capsys.readouterr().err
     assert "scaling.num_workers: 64 worker(s) need at least 16 CPUs" in err
     assert time.monotonic() - start < 30
+
+
+def test_a_stalled_worker_fails_the_run_with_its_stack(tracking_uri, ray_cluster, tmp_path, capfd):
+    marker = tmp_path / "hang-marker"
+    sets = ("train.epochs=3", "train.stall_timeout_s=5", "scaling.max_failures=0")
+    with_env = {"TRAINYARD_INJECT_FAILURE": f"{marker}:1:1:hang"}
+    start = time.monotonic()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in with_env.items():
+            mp.setenv(k, v)
+        assert main(args(tmp_path, *sets)) == 1
+    err = capfd.readouterr().err
+    assert "no optimizer step finished for 5 s (train.stall_timeout_s)" in err
+    assert "inject_failure" in err  # rank 0's stack shows where it stopped
+    assert time.monotonic() - start < 90
+
+
+def test_a_run_without_a_first_step_ends_its_driver(ray_cluster, tracking_uri, tmp_path):
+    """The driver bounds its wait for the first step: it says so, with Ray's state, and exits
+    (its Ray job, the hung workers included, ends with it)."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {
+        "RAY_ADDRESS": ray_cluster.address,
+        "TRAINYARD_INJECT_FAILURE": f"{tmp_path / 'marker'}:0:1:hang",
+    }
+    sets = ("scaling.start_timeout_s=5", "train.stall_timeout_s=5")
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.train", *args(tmp_path, *sets)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "no optimizer step finished within 10 s of starting the workers" in done.stderr
+    assert "actor RayTrainWorker ALIVE" in done.stderr  # Ray's state, in the message
+    assert time.monotonic() - start < 90

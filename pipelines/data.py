@@ -1,10 +1,11 @@
 """What the pipelines share on the data side: `Prepared`, what a pipeline's driver hands to
 training; expanding a file, directory or glob (local or any pyarrow URI) into a sorted file
-list; and the error for data that cannot be used."""
+list; the error for data that cannot be used; and Ray Data's console kept quiet."""
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,13 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipelines.spec import TrainyardError
+
+
+def quiet_ray_data() -> None:
+    """Keep Ray Data's per-execution INFO lines and its "progress bars disabled" warning (it
+    runs without bars) out of this process's console; its other warnings still show."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 class DataError(TrainyardError):

@@ -500,8 +500,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from cluster.hardware import device_name, peak_flops
+    from pipelines.data import quiet_ray_data
     from pipelines.tracking import RankZeroLogger
-    from pipelines.train import quiet_ray_data
 
     # Ray Train tees print() into its logger (each line twice) and logs every report at INFO:
     # keep Ray's worker logs at WARNING and progress on trainyard's own logger.

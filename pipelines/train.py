@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipelines.data import quiet_ray_data
 from pipelines.spec import RunSpec, TrainyardError, load_spec
 
 
@@ -103,13 +104,6 @@ def forget_dead_local_cluster() -> None:
             f"trainyard: the Ray cluster {record} named ({address}) is gone; "
             "removed that record and starting a local Ray"
         )
-
-
-def quiet_ray_data() -> None:
-    """Keep Ray Data's per-execution INFO lines and its "progress bars disabled" warning (it
-    runs without bars) out of this process's console; its other warnings still show."""
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def plan_for(spec: RunSpec, connect: bool):

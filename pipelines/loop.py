@@ -157,6 +157,14 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def _grad_norm(model: nn.Module, clip: float | None) -> float:
+    """The global gradient norm, after clipping the gradients to `clip` (when not None)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip is not None:
+        return float(nn.utils.clip_grad_norm_(params, clip))
+    return float(nn.utils.get_total_norm([p.grad for p in params]))
+
+
 def train_epoch(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -213,7 +221,16 @@ def train_epoch(
         if not last:
             continue
         done += 1
-        if _any_rank(not step_finite, device):
+        if scaler.is_enabled():
+            # fp16: overflowing gradients are routine (the scaler skips the step and lowers
+            # its scale), so a NaN/inf loss is agreed on across ranks.
+            poisoned = _any_rank(not step_finite, device)
+        else:
+            # The gradients are all-reduced: a NaN/inf loss on any rank made them non-finite
+            # on every rank, so each rank reaches the same decision without a collective of
+            # its own. (Clipped here, when asked: the norm is computed once.)
+            poisoned = not math.isfinite(_grad_norm(model, grad_clip))
+        if poisoned:
             # NaN/inf somewhere: the all-reduced gradients are poisoned on every rank.
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
@@ -223,7 +240,7 @@ def train_epoch(
                 break
             continue
         nonfinite_run = 0
-        if grad_clip is not None:
+        if grad_clip is not None and scaler.is_enabled():
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scale = scaler.get_scale() if scaler.is_enabled() else None

@@ -69,6 +69,12 @@ def init_ray() -> None:
             lambda record: not record.getMessage().startswith("Token authentication is enabled")
         )
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
+        # Just after connecting, this process may not have the cluster's resource view yet:
+        # Ray Data would warn that the cluster "does not have any available CPUs" (and that
+        # the job will hang) when it has. Wait for the view, briefly.
+        deadline = time.monotonic() + 5
+        while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+            time.sleep(0.1)
     quiet_ray_data()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -198,10 +204,11 @@ def read_args_for(spec: RunSpec, storage: str, uri: str) -> dict[str, Any] | Non
 # every worker, which keeps its share in memory; larger data streams from Ray Data every pass.
 CACHE_BYTES = 512 * 1024**2
 # How often Ray Train's controller collects the workers' reports (Ray's default: 2 s). Each
-# worker's report waits until the previous one is collected, so at 2 s every epoch shorter
-# than that waited for the controller: digits epochs took ~2 s instead of ~0.3 s.
+# worker's report waits until the previous one is collected, so every epoch shorter than this
+# waits for the controller: digits epochs took ~2 s instead of ~0.1 s. 0.05 s measured best
+# on 2 cores (0.2 s pinned epochs at 0.2 s; 0.02 s cost more CPU than it saved).
 REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-REPORT_POLL_S = "0.2"
+REPORT_POLL_S = "0.05"
 
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"

@@ -22,7 +22,9 @@ SUITES = ("preprocess", "ingest", "trainer", "amp", "tracking", "overhead")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", choices=[*SUITES, "all"], help="what to measure")
     parser.add_argument(
-        "--quick", action="store_true", help="small sizes and 2 repeats (a smoke run, ~1 minute)"
+        "--quick",
+        action="store_true",
+        help="small sizes and 2 repeats, 1 for overhead (a smoke run, ~3 minutes)",
     )
     parser.add_argument(
         "--out", default=None, help="where results.{json,md,png} go (default: bench/<time>)"

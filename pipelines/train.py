@@ -216,6 +216,17 @@ START_TIMEOUT_S = 120.0
 AUTOSCALE_START_TIMEOUT_S = 600.0  # cloud nodes take minutes to boot and set up
 
 
+def configure_ray_train(start_timeout_s: float) -> None:
+    """Ray Train's settings that only its environment variables reach (the driver's, passed
+    on to its controller and workers); a value the user exported is kept, except the start
+    timeout, which the spec owns."""
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
+    os.environ[START_TIMEOUT_ENV] = str(start_timeout_s)
+    # The preemption watcher only logs node drains, and costs an actor per run (and a
+    # core_worker error line about its constructor arguments).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def fit(
     trainer: Any,
     plan: Any,
@@ -462,11 +473,7 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
     notice = waiting_notice(plan, start_timeout_s)
     if notice:
         print(notice)
-    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)  # passed on to the controller
-    os.environ[START_TIMEOUT_ENV] = str(start_timeout_s)
-    # Ray Train's preemption watcher only logs node drains, and costs an actor per run (and a
-    # core_worker error line about its constructor arguments).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    configure_ray_train(start_timeout_s)
     cached = cache_shards(data)
     try:
         # 3. Train: Ray Train runs the DDP workers, each streaming its shard from Ray Data.

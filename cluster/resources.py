@@ -110,6 +110,12 @@ class ResourcePlan:
         return _places(self.worker_resources(), self.nodes.alive) < self.num_workers
 
 
+def format_resources(resources: dict[str, float], zeros: bool = False) -> str:
+    """`CPU 0.75, GPU 1`, as every message shows resources; zero amounts only with `zeros`
+    (what is free: none of it is news)."""
+    return ", ".join(f"{k} {v:g}" for k, v in resources.items() if v or zeros)
+
+
 def _places(need: dict[str, float], nodes: Nodes) -> int:
     """How many workers asking for `need` each fit on these nodes (all resources at once)."""
     total = 0
@@ -192,14 +198,10 @@ def plan_resources(scaling: ScalingSpec, nodes: Nodes) -> ResourcePlan:
     custom = dict(scaling.resources_per_worker)
     need = {"CPU": per_worker, "GPU": 1.0 if scaling.use_gpu else 0.0, **custom}
     if _places(need, nodes) < w:
-        asked = ", ".join(f"{k} {v:g}" for k, v in need.items() if v)
         raise SpecError(
-            f"scaling: {w} worker(s) asking for {asked} each do not fit on the cluster's "
-            f"nodes{' or those its autoscaler can add' if nodes.addable else ''}: "
-            + "; ".join(
-                ", ".join(f"{k} {v:g}" for k, v in nodes.resources(i).items() if v)
-                for i in range(len(nodes.cpus))
-            )
+            f"scaling: {w} worker(s) asking for {format_resources(need)} each do not fit on "
+            f"the cluster's nodes{' or those its autoscaler can add' if nodes.addable else ''}: "
+            + "; ".join(format_resources(nodes.resources(i)) for i in range(len(nodes.cpus)))
         )
     return ResourcePlan(
         num_workers=w,

@@ -243,6 +243,7 @@ def fit(
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
+    from cluster.resources import format_resources
     from cluster.state import ray_state
 
     outcome: dict[str, Any] = {}
@@ -272,16 +273,14 @@ def fit(
     if isinstance(error, ControllerError) and isinstance(
         error.controller_failure, WorkerGroupStartupTimeoutError
     ):
-        asked = ", ".join(f"{k} {v:g}" for k, v in plan.worker_resources().items())
-        free = ", ".join(
-            f"{k} {v:g}"
-            for k, v in sorted(ray.available_resources().items())
-            if k in ("CPU", "GPU") or k in plan.worker_resources()
-        )
+        asked = plan.worker_resources()
+        free = ray.available_resources()
+        free = format_resources({k: free.get(k, 0.0) for k in ("CPU", *asked)}, zeros=True)
         raise WorkersNotPlaced(
-            f"the {plan.num_workers} training worker(s) ({asked} each) could not be placed "
+            f"the {plan.num_workers} training worker(s) ({format_resources(asked)} each) "
+            "could not be placed "
             f"within {start_timeout_s:g} s (scaling.start_timeout_s); free on the cluster "
-            f"now: {free or 'nothing'}. Other jobs may hold the resources: wait for them, "
+            f"now: {free}. Other jobs may hold the resources: wait for them, "
             "or ask for fewer workers"
         ) from None
     if error is not None:
@@ -294,13 +293,15 @@ def waiting_notice(plan: Any, start_timeout_s: float) -> str | None:
     for other jobs, or for the autoscaler, up to start_timeout_s), or None."""
     import ray
 
+    from cluster.resources import format_resources
+
     free = ray.available_resources()
     needed = {k: v * plan.num_workers for k, v in plan.worker_resources().items()}
     short = {k: v for k, v in needed.items() if free.get(k, 0) < v - 1e-9}
     if not short:
         return None
-    want = ", ".join(f"{k} {v:g}" for k, v in short.items())
-    have = ", ".join(f"{k} {free.get(k, 0):g}" for k in short)
+    want = format_resources(short)
+    have = format_resources({k: free.get(k, 0.0) for k in short}, zeros=True)
     for_what = "the autoscaler to add nodes" if plan.needs_new_nodes else "the workers' resources"
     return (
         f"trainyard: waiting up to {start_timeout_s:g} s for {for_what} ({want}; free now: {have})"

@@ -456,8 +456,6 @@ def load_share(
         for key, values in block.items():
             parts.setdefault(key, []).append(values[keep])
         seen += n
-        if seen >= share * world:
-            break
     return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in parts.items()}
 
 

@@ -590,7 +590,18 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"trainyard: training failed: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         # The thread waiting in trainer.fit() cannot be stopped, and Ray's shutdown would wait
-        # for it: end the process, and Ray ends this driver's job (its workers) with it.
+        # for it: end the process, and Ray ends this driver's job (its workers) with it. Its
+        # placement groups are removed first (bounded: Ray may be what hangs).
+        from cluster.state import remove_job_placement_groups
+
+        removed: list[int] = []
+        cleanup = threading.Thread(
+            target=lambda: removed.append(remove_job_placement_groups()), daemon=True
+        )
+        cleanup.start()
+        cleanup.join(timeout=20)
+        if removed:
+            print(f"trainyard: removed this run's {removed[0]} placement group(s)", file=sys.stderr)
         os._exit(1)
     except Exception as e:
         from ray.train import TrainingFailedError

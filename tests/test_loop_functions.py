@@ -150,7 +150,8 @@ def test_each_rank_keeps_an_equal_strided_share(ray_cluster):
 
     from pipelines.loop import load_share
 
-    dataset = ray.data.from_items([{"x": i, "y": 10 * i} for i in range(11)]).repartition(3)
+    items = [{"x": i, "y": 10 * i} for i in range(11)]
+    dataset = ray.data.from_items(items).repartition(3).materialize()  # as training gets it
     shares = [load_share(dataset.iterator(), 11, r, 3, torch.device("cpu")) for r in range(3)]
     assert [s["x"].tolist() for s in shares] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
     assert shares[1]["y"].tolist() == [10, 40, 70]

@@ -97,3 +97,11 @@ def test_a_run_without_a_first_step_ends_its_driver(ray_cluster, tracking_uri, t
     assert "no optimizer step finished within 10 s of starting the workers" in done.stderr
     assert "actor RayTrainWorker ALIVE" in done.stderr  # Ray's state, in the message
     assert time.monotonic() - start < 90
+    # ... and leaves the cluster as it found it: its placement group no longer holds CPUs.
+    assert "removed this run's 1 placement group(s)" in done.stderr
+    import ray
+
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.5)

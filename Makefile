@@ -18,7 +18,7 @@ TORCH_GPU       ?= torch==2.13.0
 
 CONFIG ?= configs/digits.yaml
 
-.PHONY: setup run test bench lint format clean
+.PHONY: setup run test bench gpu-kit lint format clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,16 @@ test: setup
 
 bench: setup
 	$(BIN)/trainyard bench all
+
+# What .ci/gpu-check carries to a GPU machine that has torch but no Ray, MLflow, pytest or
+# scikit-learn (../shared/gpu/README.md): the wheel kit, pytest's wheels, digits as a CSV.
+gpu-kit: setup
+	../shared/gpu/make-kit
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp -d .gpu-kit/wheels pytest pluggy iniconfig pygments pytest-timeout
+	@mkdir -p data
+	$(BIN)/python -c "from sklearn.datasets import load_digits; \
+	  load_digits(as_frame=True).frame.rename(columns={'target': 'label'}).to_csv('data/digits.csv', index=False)"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipelines.spec import TrainyardError
+from cluster.errors import TrainyardError
 
 DEFAULT_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
 HOW_TO_GET_ONE = (

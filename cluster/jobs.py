@@ -1,9 +1,7 @@
-"""`trainyard submit`: run a spec on a Ray cluster through the Jobs API, follow it, exit with its
-status (0 only for SUCCEEDED).
-
-The project directory travels as the job's `working_dir` (without virtualenvs, data, results,
-MLflow stores or caches) and the entrypoint is the same driver as `trainyard train`:
-`python -m pipelines.train CONFIG --set ...`. The token authenticates the HTTP requests only;
+"""The Ray Jobs API side of `trainyard submit`: submit an entrypoint with a project directory as
+its `working_dir` (without virtualenvs, data, results, MLflow stores or caches), follow it, and
+turn its end into an exit status (0 only for SUCCEEDED). What the entrypoint runs is the
+caller's business (`pipelines.submit`). The token authenticates the HTTP requests only;
 neither it nor any other credential goes into the runtime environment or the job metadata,
 which every user of the dashboard can read.
 """
@@ -13,15 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipelines.spec import TrainyardError, load_spec
+from cluster.errors import TrainyardError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Never uploaded: environments, local data and results, MLflow stores, caches, VCS.
 EXCLUDES = [
     ".venv/",
@@ -47,9 +43,7 @@ SETTLE_TIMEOUT_S = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.train import add_spec_arguments
-
-    add_spec_arguments(parser, "run spec (YAML) inside the project directory")
+    """The flags of a submission: where to, MLflow, waiting."""
     parser.add_argument(
         "--address",
         help="the cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
@@ -120,30 +114,12 @@ def job_tracking_uri(flag: str | None) -> str | None:
     return uri
 
 
-def entrypoint(config: str, overrides: list[str], resume: str | None = None) -> str:
-    """`python -m pipelines.train CONFIG --set ... [--resume NAME]`, with CONFIG relative to
-    the project."""
-    path = Path(config).resolve()
-    try:
-        relative = path.relative_to(PROJECT_ROOT)
-    except ValueError:
-        raise TrainyardError(
-            f"{config}: the config must be inside the project directory {PROJECT_ROOT}, "
-            "which is what the job receives as its working_dir"
-        ) from None
-    args = ["python", "-m", "pipelines.train", relative.as_posix()]
-    for override in overrides:
-        args += ["--set", override]
-    if resume:
-        args += ["--resume", resume]
-    return shlex.join(args)
-
-
-def runtime_env(tracking_uri: str | None) -> dict:
+def runtime_env(working_dir: str | Path, tracking_uri: str | None) -> dict:
+    """The job's runtime environment: the project directory and the MLflow server, no secrets."""
     env_vars = {"PYTHONUNBUFFERED": "1"}
     if tracking_uri:
         env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
-    return {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env_vars}
+    return {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
 
 
 def client(address: str):
@@ -197,22 +173,22 @@ async def _follow(jobs, job_id: str) -> None:
 
 
 def submit(
-    config: str,
-    overrides: list[str],
+    entrypoint: str,
+    working_dir: str | Path,
     address: str | None = None,
     tracking_uri: str | None = None,
-    resume: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[object, str]:
-    """Validate the spec here, then submit it; return the client and the submission id."""
-    load_spec(config, overrides)  # a bad spec fails here, before anything is uploaded
+    """Submit `entrypoint` with `working_dir` as the job's working directory; return the
+    client and the submission id."""
     address = resolve_address(address)
     uri = job_tracking_uri(tracking_uri)
     jobs = client(address)
     try:
         job_id = jobs.submit_job(
-            entrypoint=entrypoint(config, overrides, resume),
-            runtime_env=runtime_env(uri),
-            metadata={"trainyard.config": config, "trainyard.overrides": " ".join(overrides)},
+            entrypoint=entrypoint,
+            runtime_env=runtime_env(working_dir, uri),
+            metadata=metadata or {},
         )
     except RuntimeError as e:  # the Jobs API answered with an error (e.g. no job agent)
         raise TrainyardError(f"the Jobs API at {address} did not take the job: {e}") from None
@@ -221,17 +197,14 @@ def submit(
     return jobs, job_id
 
 
-def command(args: argparse.Namespace) -> int:
-    started = time.monotonic()
-    jobs, job_id = submit(args.config, args.overrides, args.address, args.tracking_uri, args.resume)
-    if args.no_wait:
-        print(f"  follow: ray job logs -f {job_id}   stop: ray job stop {job_id}")
-        return 0
+def follow(jobs, job_id: str, start_timeout_s: float, started: float) -> int:
+    """Stream a submitted job's logs until it ends; its exit status: 0 only for SUCCEEDED.
+    A job still PENDING after `start_timeout_s` is stopped (the cluster had no room)."""
     try:
-        if wait_while(jobs, job_id, {"PENDING"}, args.start_timeout) == "PENDING":
+        if wait_while(jobs, job_id, {"PENDING"}, start_timeout_s) == "PENDING":
             jobs.stop_job(job_id)
             print(
-                f"trainyard: job {job_id} was still PENDING after {args.start_timeout:g} s "
+                f"trainyard: job {job_id} was still PENDING after {start_timeout_s:g} s "
                 "(--start-timeout): the cluster had no room for its driver; stopped it",
                 file=sys.stderr,
             )

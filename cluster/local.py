@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cluster import auth
-from pipelines.spec import TrainyardError
+from cluster.errors import TrainyardError
 
 MARKER = "TRAINYARD_CLUSTER_ID"
 STORAGE_ENV = "TRAINYARD_STORAGE_PATH"

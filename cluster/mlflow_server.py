@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipelines.spec import TrainyardError
+from cluster.errors import TrainyardError
 
 
 def server_command(

@@ -10,16 +10,81 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from pipelines.spec import ScalingSpec, SpecError
+from cluster.errors import SpecError
+from cluster.errors import check as _check
 
 MIN_DATA_CPUS = 0.5
 DATA_CPU_SHARE = 0.25
 MIN_WORKER_CPUS = 0.25
 """The least CPU a training worker gets: more workers than the CPUs allow at this share are
 refused rather than started as dozens of starved processes."""
+
+
+@dataclass
+class ScalingSpec:
+    """The `scaling` part of a run spec: how many workers, on what, placed how."""
+
+    num_workers: int = 2
+    """Training workers (DDP ranks)."""
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None
+    """CPUs each training worker reserves; None lets the resource plan leave CPUs for Ray Data."""
+    data_cpus: float | None = None
+    """CPUs kept free for Ray Data's preprocessing tasks; None means a quarter (at least 0.5)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How workers are placed on nodes; SPREAD puts them on different nodes where it can."""
+    storage_path: str | None = None
+    """Where checkpoints go (a directory or pyarrow URI). None: $TRAINYARD_STORAGE_PATH (set by
+    the cluster), else ./results (~/trainyard/results in a Ray job). On a multi-node cluster a
+    directory must be one that every node sees."""
+
+    max_failures: int | None = None
+    """Worker or node failures survived by restarting from the newest checkpoint (Ray Train's
+    FailureConfig). None: 2 on a multi-node cluster, 0 on one node."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker asks for besides its CPUs and GPU, e.g.
+    `{"accelerator_type:A100": 0.001}` or a resource your node types declare."""
+    start_timeout_s: float | None = None
+    """Seconds to wait for the training workers to be placed (at the start and after each
+    failure) before the run fails, naming what it asked for and what the cluster had free.
+    None: 120, or 600 when the workers need nodes the autoscaler has yet to start."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, "an integer >= 1")
+        _check(
+            self.max_failures is None or self.max_failures >= 0,
+            "scaling.max_failures",
+            self.max_failures,
+            "an integer >= 0 or null",
+        )
+        _check(
+            all(v > 0 for v in self.resources_per_worker.values()),
+            "scaling.resources_per_worker",
+            self.resources_per_worker,
+            "positive amounts",
+        )
+        _check(
+            self.start_timeout_s is None or self.start_timeout_s > 0,
+            "scaling.start_timeout_s",
+            self.start_timeout_s,
+            "a positive number of seconds",
+        )
+        _check(
+            self.cpus_per_worker is None or self.cpus_per_worker > 0,
+            "scaling.cpus_per_worker",
+            self.cpus_per_worker,
+            "a positive number or null",
+        )
+        _check(
+            self.data_cpus is None or self.data_cpus > 0,
+            "scaling.data_cpus",
+            self.data_cpus,
+            "a positive number or null",
+        )
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,40 @@
-"""Pure PyTorch models: no Ray, DDP, AMP or MLflow here."""
+"""Pure PyTorch models: no Ray, DDP, AMP or MLflow here.
+
+`MODELS` names the built-in models' builders: functions of plain keyword arguments that return
+an `nn.Module`, the same contract as a user's `model.name: module:attr` (see pipelines.user).
+"""
 
 from torch import nn
 
 from models.gpt import GPT, GPTConfig
 from models.mlp import MLP, MLPConfig, TabularPredictor
 
-MODELS = {"mlp": (MLP, MLPConfig), "gpt": (GPT, GPTConfig)}
+
+def mlp(
+    in_features: int, out_features: int, hidden: tuple[int, ...] = (128, 64), dropout: float = 0.1
+) -> MLP:
+    """The tabular MLP (`models.mlp`)."""
+    return MLP(MLPConfig(in_features, out_features, tuple(hidden), dropout))
 
 
-def build_model(name: str, **config) -> nn.Module:
-    """Build model `name` from its config fields."""
-    model_cls, config_cls = MODELS[name]
-    return model_cls(config_cls(**config))
+def gpt(
+    vocab_size: int,
+    context: int = 128,
+    n_layer: int = 4,
+    n_head: int = 4,
+    n_embd: int = 128,
+    dropout: float = 0.0,
+) -> GPT:
+    """The decoder-only transformer (`models.gpt`)."""
+    return GPT(GPTConfig(vocab_size, context, n_layer, n_head, n_embd, dropout))
+
+
+MODELS = {"mlp": mlp, "gpt": gpt}
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build the built-in model `name` from its keyword arguments."""
+    return MODELS[name](**kwargs)
 
 
 __all__ = ["GPT", "GPTConfig", "MLP", "MLPConfig", "MODELS", "TabularPredictor", "build_model"]

@@ -70,8 +70,8 @@ def _add_cluster(commands) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cluster import jobs, mlflow_server
-    from pipelines import bench, generate
+    from cluster import mlflow_server
+    from pipelines import bench, generate, submit
 
     parser = argparse.ArgumentParser(
         prog="trainyard",
@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     train_parser = commands.add_parser("train", help="train a run spec (YAML) here")
     train.add_arguments(train_parser)
     train_parser.set_defaults(func=train.train_command)
-    submit = commands.add_parser("submit", help="run a spec on a cluster as a Ray job")
-    jobs.add_arguments(submit)
-    submit.set_defaults(func=jobs.command)
+    submission = commands.add_parser("submit", help="run a spec on a cluster as a Ray job")
+    submit.add_arguments(submission)
+    submission.set_defaults(func=submit.command)
     sample = commands.add_parser("generate", help="sample text from a trained text model")
     generate.add_arguments(sample)
     sample.set_defaults(func=generate.command)

@@ -1,6 +1,7 @@
-"""What the pipelines share on the data side: `Prepared`, what a pipeline's driver hands to
-training; expanding a file, directory or glob (local or any pyarrow URI) into a sorted file
-list; the error for data that cannot be used; and Ray Data's console kept quiet."""
+"""What the pipelines share on the data side: the `Pipeline` protocol every pipeline module
+implements; `Prepared`, what a pipeline's driver hands to training; expanding a file, directory
+or glob (local or any pyarrow URI) into a sorted file list; the error for data that cannot be
+used; and Ray Data's console kept quiet."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import fnmatch
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow.fs as pafs
 
-from pipelines.spec import TrainyardError
+from cluster.errors import TrainyardError
 
 
 def quiet_ray_data() -> None:
@@ -35,8 +36,9 @@ class Prepared:
     validation: Any
     num_train: int
     num_validation: int
-    model_config: dict[str, Any]
-    """Fields of the model's config dataclass: build_model(spec.model.name, **model_config)."""
+    facts: dict[str, Any]
+    """What the pipeline knows that a model may take as arguments: in_features, out_features,
+    num_classes, in_shape (tabular, custom); vocab_size, context (text)."""
     job: dict[str, Any]
     """Plain facts for the workers: "task" (classification, regression, language_modeling),
     "dtypes" (torch dtype names per column), and pipeline facts (context, FLOPs per token, ...)."""
@@ -86,3 +88,33 @@ def _glob_match(path: str, pattern: str) -> bool:
     """Shell-style match where wildcards never cross a `/`."""
     parts, wanted = path.split("/"), pattern.split("/")
     return len(parts) == len(wanted) and all(map(fnmatch.fnmatchcase, parts, wanted))
+
+
+class Pipeline(Protocol):
+    """What a pipeline implements (pipelines.tabular, pipelines.text, pipelines.custom): the
+    driver calls these and never asks which pipeline it runs."""
+
+    def local_files(self, spec: Any) -> list[str]:
+        """The data files on a local disk (none for built-in data, URIs and user datasets);
+        raises DataError for a path that does not exist. No Ray needed."""
+        ...
+
+    def prepare(
+        self,
+        spec: Any,
+        task_cpus: float,
+        num_workers: int,
+        rows_per_step: int,
+        read_args: dict[str, Any] | None,
+    ) -> Prepared:
+        """Read, check and preprocess on the driver; the datasets the workers train on."""
+        ...
+
+    def package(self, spec: Any, prepared: Prepared, net: Any) -> tuple[Any, Any, dict]:
+        """The model as it is logged (predicting from raw input), an input example, its
+        metadata."""
+        ...
+
+    def metric_keys(self, spec: Any) -> list[str]:
+        """The metrics plotted into the run's curves."""
+        ...

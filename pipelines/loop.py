@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models import build_model
 from pipelines.spec import RunSpec, TrainSpec, TrainyardError
+from pipelines.user import build_model, load_callable
 
 CHECKPOINT_FILE = "state.pt"
 DIGEST_FILE = "state.sha256"
@@ -105,6 +106,27 @@ def task_loss(task: str, label_smoothing: float = 0.0) -> Callable[..., torch.Te
         )
 
     return cross_entropy
+
+
+def training_loss(task: str | None, train: TrainSpec) -> Callable[..., torch.Tensor]:
+    """The loss training minimises: the user's (train.loss), else the task's."""
+    if train.loss:
+        return load_callable(train.loss, "train.loss")
+    return task_loss(task, train.label_smoothing)
+
+
+def validation_loss(task: str | None, train: TrainSpec) -> Callable[..., torch.Tensor]:
+    """The validation loss, `fn(out, y, reduction)`: the task's (plain, no label smoothing);
+    with no task, the user's loss (its batch mean, weighted by the batch's rows)."""
+    if task is not None:
+        return task_loss(task)
+    fn = load_callable(train.loss, "train.loss")
+
+    def user_loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        loss = fn(out, y)
+        return loss * len(y) if reduction == "sum" else loss
+
+    return user_loss
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -270,7 +292,7 @@ def evaluate(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     *,
-    task: str,
+    task: str | None,
     loss_fn: Callable[..., torch.Tensor],
     amp_dtype: torch.dtype | None = None,
     target_std: float = 1.0,
@@ -278,7 +300,7 @@ def evaluate(
     """Validation metrics over the batches of every rank (sums are all-reduced when
     torch.distributed is initialized). Classification: val_loss, val_accuracy. Language
     modelling: the same per token (nats; next-token accuracy). Regression: val_loss (scaled
-    target), val_rmse (original units), val_r2."""
+    target), val_rmse (original units), val_r2. No task (the user's loss): val_loss."""
     model = unwrap(model)
     model.eval()
     device = next(model.parameters()).device
@@ -290,7 +312,9 @@ def evaluate(
             out = model(x)
         out = out.float()
         sums[0] += loss_fn(out, y, reduction="sum").double()
-        sums[1] += y.numel()  # samples, or tokens for language modelling
+        sums[1] += y.numel() if task is not None else len(y)  # samples, or tokens
+        if task is None:
+            continue
         if task != "regression":
             sums[2] += (out.argmax(-1) == y).sum()
         else:
@@ -302,6 +326,8 @@ def evaluate(
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     loss, n = sums[0].item(), max(sums[1].item(), 1.0)
+    if task is None:
+        return {"val_loss": loss / n}
     if task != "regression":
         return {"val_loss": loss / n, "val_accuracy": sums[2].item() / n}
     sse, total = sums[2].item(), sums[4].item() - sums[3].item() ** 2 / n
@@ -493,7 +519,7 @@ def throughput(
     context = job.get("context")
     if context:
         out["tokens_per_s"] = out["samples_per_s"] * context
-        if peak:
+        if peak and "flops_per_token" in job:
             out["mfu"] = out["tokens_per_s"] * job["flops_per_token"] / (peak * world)
     return out
 
@@ -509,8 +535,36 @@ def text_metrics(metrics: dict[str, float], job: dict[str, Any]) -> dict[str, fl
     }
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. `config` holds {"spec": RunSpec dict, "job": driver facts}."""
+@dataclass
+class Worker:
+    """One rank's training: what `set_up` builds and every later step uses."""
+
+    spec: RunSpec
+    job: dict[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module
+    """The model as trained: compiled where asked, inside DDP."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    log: Any
+    """The rank-0 MLflow logger (inactive on other ranks)."""
+    first_epoch: int = 1
+    position: tuple[int, int] = (1, 0)
+    """Where the data stream of epochs of a set number of steps stands: (pass, batches taken)."""
+    elapsed: float = 0.0
+    """Training seconds before this start (from the checkpoint)."""
+    restarted: bool = False
+    peak: float | None = None
+    """The device's peak FLOP/s, for MFU (GPUs only)."""
+
+
+def set_up(config: dict[str, Any]) -> Worker:
+    """Build this rank's model (the same initial weights on every rank), optimizer, schedule and
+    scaler; load the newest checkpoint where there is one; compile; wrap in DDP; tag the run."""
     import ray.train
     import ray.train.torch
 
@@ -522,51 +576,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # keep Ray's worker logs at WARNING and progress on trainyard's own logger.
     logging.getLogger().setLevel(logging.WARNING)
     logger.setLevel(logging.INFO)
-    quiet_ray_data()  # the workers read the data themselves when it is kept in memory
-    spec = RunSpec.from_dict(config["spec"])
-    job = config["job"]
-    tr = spec.train
+    quiet_ray_data()  # the workers read the data themselves
+    spec, job = RunSpec.from_dict(config["spec"]), config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(job["torch_threads"])
-    log = RankZeroLogger(job["tracking_uri"], job["run_id"], rank)
-
-    torch.manual_seed(tr.seed)  # the same initial weights on every rank
-    model = build_model(spec.model.name, **job["model_config"])
+    torch.manual_seed(spec.train.seed)  # the same initial weights on every rank
+    model = build_model(job["model"])
     device = ray.train.torch.get_device()
     model.to(device)
-    steps_per_epoch = job["steps_per_epoch"]
-    optimizer = make_optimizer(model, tr)
-    scheduler = make_scheduler(optimizer, tr, steps_per_epoch * tr.epochs)
+    optimizer = make_optimizer(model, spec.train)
+    scheduler = make_scheduler(optimizer, spec.train, job["steps_per_epoch"] * spec.train.epochs)
     amp_dtype = resolve_amp(spec.amp.mode, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    first_epoch, position, elapsed = 1, (1, 0), 0.0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_state(d)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        first_epoch = state["epoch"] + 1
-        position = tuple(state.get("data_position") or position)
-        elapsed = state.get("elapsed", 0.0)
-    # A restart (after a failure, or the same run submitted again), with or without a checkpoint.
-    restarted = log.active and (checkpoint is not None or log.started_before())
-    if restarted:
-        restarts = log.restarted(from_epoch=first_epoch - 1)
-        logger.info(f"restart {restarts}: resuming after epoch {first_epoch - 1}")
-
-    if tr.compile:
-        model = torch.compile(model)
-    model = ray.train.torch.prepare_model(model)
+    w = Worker(
+        spec,
+        job,
+        rank,
+        world,
+        device,
+        model,
+        optimizer,
+        scheduler,
+        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        amp_dtype,
+        RankZeroLogger(job["tracking_uri"], job["run_id"], rank),
+    )
+    resume(w, ray.train.get_checkpoint())
+    if spec.train.compile:
+        w.model = torch.compile(w.model)
+    w.model = ray.train.torch.prepare_model(w.model)
     nodes = [ray.get_runtime_context().get_node_id()] * world
     if world > 1:
         dist.all_gather_object(nodes, nodes[0])
     name = device_name(device)
-    log.tags(
+    w.log.tags(
         {
             "num_workers": world,
             "num_nodes": len(set(nodes)),
@@ -575,82 +618,190 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "device": name,
         }
     )
-    peak = peak_flops(name) if device.type == "cuda" else None
+    w.peak = peak_flops(name) if device.type == "cuda" else None
+    return w
 
-    task = job["task"]
-    loss_fn = task_loss(task)
-    train_loss_fn = task_loss(task, tr.label_smoothing)
+
+def resume(w: Worker, checkpoint: Any) -> None:
+    """Continue from `checkpoint` (None: from the start), and record a restart in MLflow (after
+    a failure, or the same run submitted again, with or without a checkpoint)."""
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(d)
+        w.model.load_state_dict(state["model"])
+        w.optimizer.load_state_dict(state["optimizer"])
+        w.scheduler.load_state_dict(state["scheduler"])
+        w.scaler.load_state_dict(state["scaler"])
+        w.first_epoch = state["epoch"] + 1
+        w.position = tuple(state.get("data_position") or w.position)
+        w.elapsed = state.get("elapsed", 0.0)
+    w.restarted = w.log.active and (checkpoint is not None or w.log.started_before())
+    if w.restarted:
+        restarts = w.log.restarted(from_epoch=w.first_epoch - 1)
+        logger.info(f"restart {restarts}: resuming after epoch {w.first_epoch - 1}")
+
+
+def data_passes(
+    w: Worker,
+) -> tuple[Callable[[int], Iterable[dict[str, torch.Tensor]]], Callable[[], Iterable]]:
+    """(train_pass(n): the batches of pass n, val_batches(): the validation batches) for
+    this rank. Three ways in: small data read once and kept in memory (every pass a seeded
+    permutation, no Ray Data execution per epoch); augmented data, mapped by Ray Data tasks
+    every pass over this rank's shard; else each pass streamed from the rank's split."""
+    import ray.train
+    from ray.data import DataContext
+
+    job, tr, rank, world, device = w.job, w.spec.train, w.rank, w.world, w.device
+    DataContext.get_current().execution_options.preserve_order = True  # the same every run
     dtypes = {k: getattr(torch, v) for k, v in job.get("dtypes", {}).items()} or None
-    micro, eval_batch = spec.micro_batch_size, max(spec.micro_batch_size, 256)
-    train_shard = ray.train.get_dataset_shard("train")
+    micro, eval_batch = w.spec.micro_batch_size, max(w.spec.micro_batch_size, 256)
     val_shard = ray.train.get_dataset_shard("validation")
-    if job["cache_shards"]:
-        # Small data is read once (whole, not split: no split coordinators) and each rank
-        # keeps its share in memory: every pass is a seeded permutation of it, with no Ray Data
-        # execution (and its barrier across workers) per epoch.
-        train_rows = load_share(train_shard, job["num_rows"]["train"], rank, world, device)
-        val_rows = load_share(val_shard, job["num_rows"]["validation"], rank, world, device)
 
-        def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
-            seed = tr.seed + 1000 * n + rank
-            return memory_batches(train_rows, micro, dtypes, seed=seed, drop_last=True)
+    def pass_seed(n: int) -> int:
+        return tr.seed + 1000 * n + rank
+
+    if job["cache_shards"]:
+        val_rows = load_share(val_shard, job["num_rows"]["validation"], rank, world, device)
 
         def val_batches() -> Iterable[dict[str, torch.Tensor]]:
             return memory_batches(val_rows, eval_batch, dtypes)
     else:
 
-        def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
-            return train_shard.iter_torch_batches(
-                batch_size=micro,
-                dtypes=dtypes,
-                drop_last=True,
-                local_shuffle_buffer_size=max(4 * micro, 256),
-                local_shuffle_seed=tr.seed + 1000 * n + rank,
-            )
-
         def val_batches() -> Iterable[dict[str, torch.Tensor]]:
             return val_shard.iter_torch_batches(batch_size=eval_batch, dtypes=dtypes)
 
+    def streamed(shard: Any, n: int) -> Iterable[dict[str, torch.Tensor]]:
+        return shard.iter_torch_batches(
+            batch_size=micro,
+            dtypes=dtypes,
+            drop_last=True,
+            local_shuffle_buffer_size=max(4 * micro, 256),
+            local_shuffle_seed=pass_seed(n),
+        )
+
+    if "train_shards" in job:
+        from pipelines.augment import augmented
+
+        shard = job["train_shards"][rank]
+        # Ray Data hands the augmented arrays out read-only (zero-copy from Arrow); the loop
+        # only reads them, so torch's warning about it is noise.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+        def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
+            ds = augmented(shard, job["augment"], tr.seed, n, job["data_task_cpus"])
+            return streamed(ds, n)
+    elif job["cache_shards"]:
+        rows = job["num_rows"]["train"]
+        train_rows = load_share(ray.train.get_dataset_shard("train"), rows, rank, world, device)
+
+        def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
+            return memory_batches(train_rows, micro, dtypes, seed=pass_seed(n), drop_last=True)
+    else:
+        train_shard = ray.train.get_dataset_shard("train")
+
+        def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
+            return streamed(train_shard, n)
+
+    return train_pass, val_batches
+
+
+def epoch_metrics(
+    w: Worker, epoch: int, result: EpochStats, val_batches: Iterable, started: float
+) -> dict[str, float]:
+    """Validation metrics, throughput and the epoch's facts: what every rank reports."""
+    job = w.job
+    metrics = evaluate(
+        w.model,
+        val_batches,
+        task=job["task"],
+        loss_fn=validation_loss(job["task"], w.spec.train),
+        amp_dtype=w.amp_dtype,
+        target_std=job.get("target_std", 1.0),
+    )
+    metrics.update(text_metrics(metrics, job))
+    # Throughput over all ranks: each rank saw the same number of samples.
+    metrics.update(throughput(result, w.world, job, w.peak))
+    metrics.update(
+        train_loss=result.loss,
+        epoch_seconds=result.seconds,
+        elapsed_s=w.elapsed + time.perf_counter() - started,
+        data_wait_share=result.data_wait_share,
+        skipped_steps=result.skipped,
+        lr=w.scheduler.get_last_lr()[0],
+        epoch=epoch,
+    )
+    return metrics
+
+
+def report(
+    w: Worker, epoch: int, metrics: dict[str, float], stream: BatchStream | None, steps: int
+) -> None:
+    """Log the epoch (rank 0), write a checkpoint when it is due (rank 0), and report to Ray
+    Train (every rank). The last epoch also records every rank's parameter digest and steps."""
+    import ray.train
+
+    tr, rank = w.spec.train, w.rank
+    if w.log.active:
+        logger.info(progress_line(epoch, tr.epochs, metrics, w.job))
+    w.log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+    last = epoch == tr.epochs
+    if last:
+        facts = [(param_digest(w.model), steps)] * w.world
+        if w.world > 1:
+            dist.all_gather_object(facts, facts[0])
+        w.log.tags(
+            {
+                "param_digests": ",".join(d for d, _ in facts),
+                "trainyard.steps_per_rank": ",".join(str(n) for _, n in facts),
+            }
+        )
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0 and (last or epoch % tr.checkpoint_every == 0):
+            save_state(
+                Path(d),
+                model=unwrap(w.model).state_dict(),
+                optimizer=w.optimizer.state_dict(),
+                scheduler=w.scheduler.state_dict(),
+                scaler=w.scaler.state_dict(),
+                epoch=epoch,
+                model_recipe=w.job["model"],
+                data_position=stream.position if stream is not None else None,
+                elapsed=metrics["elapsed_s"],
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        w.log.flush()
+        inject_failure(w.job["inject_failure"], epoch, rank)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config` holds {"spec": RunSpec dict, "job": driver facts}."""
+    w = set_up(config)
+    tr, job = w.spec.train, w.job
+    train_pass, val_batches = data_passes(w)
+    train_loss = training_loss(job["task"], tr)
     # Epochs of a set number of steps stream on across passes; otherwise an epoch is a pass.
-    stream = BatchStream(train_pass, position) if tr.steps_per_epoch else None
-    nonfinite_run = 0
-    steps_done = 0
-    watchdog = StallWatchdog(tr.stall_timeout_s, rank)
-    inject_failure(job["inject_failure"], 0, rank)  # epoch 0: before the first step
+    stream = BatchStream(train_pass, w.position) if tr.steps_per_epoch else None
+    steps_per_epoch = job["steps_per_epoch"]
+    nonfinite_run = steps_done = 0
+    watchdog = StallWatchdog(tr.stall_timeout_s, w.rank)
+    inject_failure(job["inject_failure"], 0, w.rank)  # epoch 0: before the first step
     started = time.perf_counter()
-    for epoch in range(first_epoch, tr.epochs + 1):
-        base_step = (epoch - 1) * steps_per_epoch
-        seed_epoch(tr.seed, epoch, rank)  # distinct dropout masks per rank, resumable
-
-        def on_step(
-            step: int, loss: torch.Tensor, base_step: int = base_step, epoch: int = epoch
-        ) -> None:
-            watchdog.beat()
-            if step == 1 and epoch == first_epoch and log.active:
-                # When the first optimizer step (of this start) finished: start-up or
-                # recovery cost, seen in MLflow.
-                key = "resumed_step_at" if restarted else "first_step_at"
-                log.tags({f"trainyard.{key}": f"{time.time():.3f}"})
-            if step % tr.log_every_steps == 0 and log.active:
-                value = loss.item()
-                logger.info(
-                    f"epoch {epoch} step {step}/{steps_per_epoch} loss {value:.4f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e}"
-                )
-                log.metrics({"train_loss_step": value}, step=base_step + step)
-
+    for epoch in range(w.first_epoch, tr.epochs + 1):
+        seed_epoch(tr.seed, epoch, w.rank)  # distinct dropout masks per rank, resumable
         result = train_epoch(
-            model,
+            w.model,
             stream if stream is not None else train_pass(epoch),
-            optimizer,
-            scheduler,
-            scaler,
-            loss_fn=train_loss_fn,
+            w.optimizer,
+            w.scheduler,
+            w.scaler,
+            loss_fn=train_loss,
             steps=steps_per_epoch,
-            accum=spec.accum_steps,
-            amp_dtype=amp_dtype,
+            accum=w.spec.accum_steps,
+            amp_dtype=w.amp_dtype,
             grad_clip=tr.grad_clip,
-            on_step=on_step,
+            on_step=step_logger(w, epoch, watchdog),
             max_nonfinite=tr.max_nonfinite_steps,
             nonfinite_run=nonfinite_run,
         )
@@ -662,70 +813,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f"(train.max_nonfinite_steps) in epoch {epoch}; lower train.lr, turn on "
                 "train.grad_clip, or check the data for NaN/inf values"
             )
-            log.tags({STOPPED_TAG: message})
+            w.log.tags({STOPPED_TAG: message})
             logger.error(message)
             break
-        metrics = evaluate(
-            model,
-            val_batches(),
-            task=task,
-            loss_fn=loss_fn,
-            amp_dtype=amp_dtype,
-            target_std=job.get("target_std", 1.0),
-        )
-        metrics.update(text_metrics(metrics, job))
-        # Throughput over all ranks: each rank saw the same number of samples.
-        metrics.update(throughput(result, world, job, peak))
-        metrics.update(
-            train_loss=result.loss,
-            epoch_seconds=result.seconds,
-            elapsed_s=elapsed + time.perf_counter() - started,
-            data_wait_share=result.data_wait_share,
-            skipped_steps=result.skipped,
-            lr=scheduler.get_last_lr()[0],
-            epoch=epoch,
-        )
-        if log.active:
-            logger.info(progress_line(epoch, tr.epochs, result, metrics, job))
-        log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-
-        last = epoch == tr.epochs
-        if last:
-            facts = [(param_digest(model), steps_done)] * world
-            if world > 1:
-                dist.all_gather_object(facts, facts[0])
-            log.tags(
-                {
-                    "param_digests": ",".join(d for d, _ in facts),
-                    "trainyard.steps_per_rank": ",".join(str(n) for _, n in facts),
-                }
-            )
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0 and (last or epoch % tr.checkpoint_every == 0):
-                save_state(
-                    Path(d),
-                    model=unwrap(model).state_dict(),
-                    optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(),
-                    scaler=scaler.state_dict(),
-                    epoch=epoch,
-                    model_config=dict(vars(unwrap(model).config)),
-                    data_position=stream.position if stream is not None else None,
-                    elapsed=metrics["elapsed_s"],
-                )
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            log.flush()
-            inject_failure(job["inject_failure"], epoch, rank)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        metrics = epoch_metrics(w, epoch, result, val_batches(), started)
+        report(w, epoch, metrics, stream, steps_done)
     watchdog.stop()
 
 
-def progress_line(
-    epoch: int, epochs: int, result: EpochStats, metrics: dict[str, float], job: dict[str, Any]
-) -> str:
+def step_logger(
+    w: Worker, epoch: int, watchdog: StallWatchdog
+) -> Callable[[int, torch.Tensor], None]:
+    """What runs after each optimizer step: the stall watchdog's beat; on rank 0, when the
+    first step of this start finished (start-up or recovery cost, seen in MLflow), and the
+    training loss every train.log_every_steps."""
+    tr, steps_per_epoch = w.spec.train, w.job["steps_per_epoch"]
+    base_step = (epoch - 1) * steps_per_epoch
+
+    def on_step(step: int, loss: torch.Tensor) -> None:
+        watchdog.beat()
+        if step == 1 and epoch == w.first_epoch and w.log.active:
+            key = "resumed_step_at" if w.restarted else "first_step_at"
+            w.log.tags({f"trainyard.{key}": f"{time.time():.3f}"})
+        if step % tr.log_every_steps == 0 and w.log.active:
+            value = loss.item()
+            logger.info(
+                f"epoch {epoch} step {step}/{steps_per_epoch} loss {value:.4f} "
+                f"lr {w.scheduler.get_last_lr()[0]:.2e}"
+            )
+            w.log.metrics({"train_loss_step": value}, step=base_step + step)
+
+    return on_step
+
+
+def progress_line(epoch: int, epochs: int, metrics: dict[str, float], job: dict[str, Any]) -> str:
     """One line per epoch: losses, validation metrics, throughput, data wait."""
-    line = f"epoch {epoch}/{epochs}  train_loss {result.loss:.4f}"
+    line = f"epoch {epoch}/{epochs}  train_loss {metrics['train_loss']:.4f}"
     if "val_loss_vs_unigram" in metrics:
         line += (
             f"  val_loss {metrics['val_loss']:.4f} nats"
@@ -741,8 +864,8 @@ def progress_line(
         line += "  " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
         line += f"  samples/s {metrics['samples_per_s']:.0f}"
     return (
-        line + f"  data_wait {100 * result.data_wait_share:.1f}%"
-        f"  ({result.seconds:.2f} s, {metrics['elapsed_s']:.0f} s in all)"
+        line + f"  data_wait {100 * metrics['data_wait_share']:.1f}%"
+        f"  ({metrics['epoch_seconds']:.2f} s, {metrics['elapsed_s']:.0f} s in all)"
     )
 
 

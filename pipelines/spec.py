@@ -17,18 +17,11 @@ from typing import Any, Literal
 
 import yaml
 
+from cluster.errors import SpecError, TrainyardError
+from cluster.errors import check as _check
+from cluster.resources import ScalingSpec
 
-class TrainyardError(Exception):
-    """A user mistake (bad config, bad data): reported as one line, never as a traceback."""
-
-
-class SpecError(TrainyardError):
-    """A run spec that cannot be used."""
-
-
-def _check(ok: bool, name: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise SpecError(f"{name}: expected {expected}, got {value!r}")
+__all__ = ["RunSpec", "ScalingSpec", "SpecError", "TrainyardError", "load_spec"]
 
 
 @dataclass
@@ -47,10 +40,21 @@ class DataSpec:
     """File format; `auto` decides from the file extension."""
     on_bad_rows: Literal["error", "skip"] = "error"
     """CSV rows that do not parse: stop with their count and place, or skip them (and say so)."""
+    preprocess: str | None = None
+    """`module:fn`, a Ray Data batch function (pandas DataFrame in, DataFrame out) applied once
+    to the raw rows before the split statistics are fitted; the columns it adds become
+    features. It travels with the logged model, which still predicts from raw rows."""
+    augment: str | None = None
+    """`module:fn`, a random transform of each training batch, run by Ray Data tasks every
+    epoch: `fn(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict`, the batch as
+    the workers get it (model input `x`, target `y`). `rng` is seeded from (train.seed, pass,
+    row position): a resumed run draws what an uninterrupted one would."""
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path", self.path, "a path, glob, URI or builtin:digits")
         _check(bool(self.label), "data.label", self.label, "a column name")
+        _check_reference("data.preprocess", self.preprocess)
+        _check_reference("data.augment", self.augment)
         _check(
             0.0 < self.validation_fraction < 1.0,
             "data.validation_fraction",
@@ -105,6 +109,50 @@ class TextDataSpec:
 
 
 @dataclass
+class CustomDataSpec:
+    dataset: str = ""
+    """`module:attr`: a torch `Dataset` subclass, or a function returning a `ray.data.Dataset`
+    or a torch Dataset, called with `args` (and `split="train"` / `split="validation"` where it
+    takes `split`; otherwise its rows are split here). Rows are `(x, y)` tuples or dicts with
+    `x` and `y`; a map-style torch Dataset is read in parallel by Ray Data tasks."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for `dataset`."""
+    task: Literal["classification", "regression"] | None = "classification"
+    """What `y` is: class indices or numbers. Null: train.loss says how to train, and the
+    validation metric is that loss."""
+    num_classes: int | None = None
+    """Classification: the number of classes; None: the largest training label + 1."""
+    validation_fraction: float = 0.2
+    """Share of rows held out (by a hash of the row's position) when `dataset` takes no
+    `split`."""
+    augment: str | None = None
+    """`module:fn`, as data.augment of the tabular pipeline: `fn(batch, rng) -> batch` on the
+    training split, every epoch, in Ray Data tasks."""
+
+    def __post_init__(self) -> None:
+        _check(
+            ":" in self.dataset, "data.dataset", self.dataset, "module:attr (e.g. mydata:MyDataset)"
+        )
+        _check_reference("data.augment", self.augment)
+        _check(
+            self.num_classes is None or self.num_classes >= 2,
+            "data.num_classes",
+            self.num_classes,
+            "an integer >= 2 or null",
+        )
+        _check(
+            0.0 < self.validation_fraction < 1.0,
+            "data.validation_fraction",
+            self.validation_fraction,
+            "a number between 0 and 1",
+        )
+
+
+def _check_reference(name: str, value: str | None) -> None:
+    _check(value is None or ":" in value, name, value, "module:fn or null")
+
+
+@dataclass
 class MLPSpec:
     name: Literal["mlp"] = "mlp"
     """A multilayer perceptron (the tabular pipeline's model)."""
@@ -115,6 +163,10 @@ class MLPSpec:
     def __post_init__(self) -> None:
         _check(all(h > 0 for h in self.hidden), "model.hidden", self.hidden, "positive widths")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
+
+    def args_for(self, facts: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments for `models.mlp` besides the pipeline's facts."""
+        return {"hidden": list(self.hidden), "dropout": self.dropout}
 
 
 @dataclass
@@ -135,6 +187,10 @@ class GPTSpec:
     def __post_init__(self) -> None:
         self.config(vocab_size=256)  # raises SpecError naming the field
 
+    def args_for(self, facts: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments for `models.gpt`: the whole config, for the tokenizer's vocabulary."""
+        return dataclasses.asdict(self.config(facts["vocab_size"]))
+
     def config(self, vocab_size: int):
         """The `models.gpt.GPTConfig` this spec describes, for a tokenizer's vocabulary."""
         from models.gpt import SIZES, GPTConfig
@@ -151,6 +207,22 @@ class GPTSpec:
             )
         except ValueError as e:
             raise SpecError(f"model: {e}") from None
+
+
+@dataclass
+class UserModelSpec:
+    name: str = ""
+    """`module:attr`: an `nn.Module` subclass or a function returning one. It is called with
+    each fact the pipeline knows (in_features, num_classes, out_features, in_shape;
+    vocab_size, context) whose name it takes, and with `args`, which override them."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for it."""
+
+    def __post_init__(self) -> None:
+        _check(":" in self.name, "model.name", self.name, "a built-in model or module:attr")
+
+    def args_for(self, facts: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.args)
 
 
 @dataclass
@@ -189,6 +261,9 @@ class TrainSpec:
     """Clip the global gradient norm to this; None turns clipping off."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing for classification (validation loss is plain)."""
+    loss: str | None = None
+    """`module:fn`, your own training loss `fn(outputs, targets) -> scalar tensor`; None: the
+    task's (cross-entropy, or MSE for regression). Validation metrics follow the task."""
     seed: int = 0
     checkpoint_every: int = 1
     """Write a checkpoint every N epochs (the last epoch always gets one)."""
@@ -222,6 +297,7 @@ class TrainSpec:
             value = getattr(self, name)
             _check(value is None or value >= 1, f"train.{name}", value, "an integer >= 1")
         _check(self.lr > 0, "train.lr", self.lr, "a positive number")
+        _check_reference("train.loss", self.loss)
         _check(
             self.stall_timeout_s is None or self.stall_timeout_s > 0,
             "train.stall_timeout_s",
@@ -263,67 +339,6 @@ class AmpSpec:
 
 
 @dataclass
-class ScalingSpec:
-    num_workers: int = 2
-    """Training workers (DDP ranks)."""
-    use_gpu: bool = False
-    cpus_per_worker: float | None = None
-    """CPUs each training worker reserves; None lets the resource plan leave CPUs for Ray Data."""
-    data_cpus: float | None = None
-    """CPUs kept free for Ray Data's preprocessing tasks; None means a quarter (at least 0.5)."""
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    """How workers are placed on nodes; SPREAD puts them on different nodes where it can."""
-    storage_path: str | None = None
-    """Where checkpoints go (a directory or pyarrow URI). None: $TRAINYARD_STORAGE_PATH (set by
-    the cluster), else ./results (~/trainyard/results in a Ray job). On a multi-node cluster a
-    directory must be one that every node sees."""
-
-    max_failures: int | None = None
-    """Worker or node failures survived by restarting from the newest checkpoint (Ray Train's
-    FailureConfig). None: 2 on a multi-node cluster, 0 on one node."""
-    resources_per_worker: dict[str, float] = field(default_factory=dict)
-    """Custom Ray resources each worker asks for besides its CPUs and GPU, e.g.
-    `{"accelerator_type:A100": 0.001}` or a resource your node types declare."""
-    start_timeout_s: float | None = None
-    """Seconds to wait for the training workers to be placed (at the start and after each
-    failure) before the run fails, naming what it asked for and what the cluster had free.
-    None: 120, or 600 when the workers need nodes the autoscaler has yet to start."""
-
-    def __post_init__(self) -> None:
-        _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, "an integer >= 1")
-        _check(
-            self.max_failures is None or self.max_failures >= 0,
-            "scaling.max_failures",
-            self.max_failures,
-            "an integer >= 0 or null",
-        )
-        _check(
-            all(v > 0 for v in self.resources_per_worker.values()),
-            "scaling.resources_per_worker",
-            self.resources_per_worker,
-            "positive amounts",
-        )
-        _check(
-            self.start_timeout_s is None or self.start_timeout_s > 0,
-            "scaling.start_timeout_s",
-            self.start_timeout_s,
-            "a positive number of seconds",
-        )
-        _check(
-            self.cpus_per_worker is None or self.cpus_per_worker > 0,
-            "scaling.cpus_per_worker",
-            self.cpus_per_worker,
-            "a positive number or null",
-        )
-        _check(
-            self.data_cpus is None or self.data_cpus > 0,
-            "scaling.data_cpus",
-            self.data_cpus,
-            "a positive number or null",
-        )
-
-
-@dataclass
 class TrackingSpec:
     experiment: str = "trainyard"
     """MLflow experiment. The tracking URI comes from MLFLOW_TRACKING_URI, else ./mlflow.db."""
@@ -342,15 +357,17 @@ class TrackingSpec:
 PIPELINES: dict[str, tuple[type, type]] = {
     "tabular": (DataSpec, MLPSpec),
     "text": (TextDataSpec, GPTSpec),
+    "custom": (CustomDataSpec, MLPSpec),
 }
 
 
 @dataclass
 class RunSpec:
-    pipeline: Literal["tabular", "text"] = "tabular"
-    """`tabular`: CSV/Parquet rows → MLP. `text`: text files → byte-level GPT."""
-    data: DataSpec | TextDataSpec = field(default_factory=DataSpec)
-    model: MLPSpec | GPTSpec = field(default_factory=MLPSpec)
+    pipeline: Literal["tabular", "text", "custom"] = "tabular"
+    """`tabular`: CSV/Parquet rows → MLP. `text`: text files → byte-level GPT. `custom`: your
+    own dataset (data.dataset). Any pipeline trains your own model (model.name: module:attr)."""
+    data: DataSpec | TextDataSpec | CustomDataSpec = field(default_factory=DataSpec)
+    model: MLPSpec | GPTSpec | UserModelSpec = field(default_factory=MLPSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     amp: AmpSpec = field(default_factory=AmpSpec)
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
@@ -359,11 +376,26 @@ class RunSpec:
     def __post_init__(self) -> None:
         data_cls, model_cls = PIPELINES[self.pipeline]
         _check(
-            isinstance(self.model, model_cls),
+            isinstance(self.model, model_cls | UserModelSpec),
             "model.name",
             self.model.name,
-            f"{model_cls().name} for the {self.pipeline} pipeline",
+            f"{model_cls().name or 'module:attr'} or module:attr for the {self.pipeline} pipeline",
         )
+        if isinstance(self.model, UserModelSpec) and self.pipeline == "text":
+            context = self.model.args.get("context")
+            _check(
+                isinstance(context, int) and context >= 1,
+                "model.args.context",
+                context,
+                "the tokens per window your model takes (an integer), for the text pipeline",
+            )
+        if isinstance(self.data, CustomDataSpec) and self.data.task is None:
+            _check(
+                self.train.loss is not None,
+                "data.task",
+                None,
+                "classification or regression, unless train.loss names your own loss",
+            )
         tr, workers = self.train, self.scaling.num_workers
         if tr.tokens_per_step is not None:
             _check(
@@ -394,6 +426,8 @@ class RunSpec:
         """Tokens per sample (text), None for tabular rows."""
         if isinstance(self.model, GPTSpec):
             return self.model.config(vocab_size=256).context
+        if isinstance(self.model, UserModelSpec) and self.pipeline == "text":
+            return self.model.args.get("context")
         return None
 
     @property
@@ -427,10 +461,13 @@ class RunSpec:
         data_cls, model_cls = PIPELINES[pipeline]
         model = raw.get("model") or {}
         names = {c().name: c for c in (MLPSpec, GPTSpec)}
-        if isinstance(model, dict) and model.get("name", model_cls().name) in names:
-            model_cls = names[model.get("name", model_cls().name)]
+        name = model.get("name", model_cls().name) if isinstance(model, dict) else None
+        if name in names:
+            model_cls = names[name]
+        elif isinstance(name, str) and ":" in name:
+            model_cls = UserModelSpec
         elif isinstance(model, dict):
-            _check(False, "model.name", model.get("name"), "one of " + ", ".join(names))
+            _check(False, "model.name", name, "one of " + ", ".join(names) + ", or module:attr")
         return _build(cls, raw, prefix="", types={"data": data_cls, "model": model_cls})
 
     def to_yaml(self) -> str:
@@ -514,6 +551,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         return _coerce(name, value, inner)
     if origin is Literal:
         _check(value in args, name, value, "one of " + ", ".join(map(str, args)))
+        return value
+    if tp is Any:
         return value
     if origin is dict:
         _check(isinstance(value, dict), name, value, "a mapping")

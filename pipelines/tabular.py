@@ -7,6 +7,7 @@ read their shards. The batch functions (`preprocess_batch`, `mark_validation`, .
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import asdict, dataclass
@@ -60,7 +61,7 @@ class TabularData:
     num_train: int
     num_validation: int
     example: pd.DataFrame
-    """A few raw validation rows (features only), for the model's signature and input example."""
+    """A few raw rows (without the label), for the model's signature and input example."""
 
 
 # --- pure batch functions (run inside Ray Data tasks) ------------------------------------------
@@ -209,6 +210,16 @@ def file_format(files: list[str], declared: str) -> str:
         + (" and others" if len(files) > 1 else "")
         + " from the extension; set data.format to csv or parquet"
     )
+
+
+def local_files(spec: RunSpec) -> list[str]:
+    """The data files on a local disk (none for built-in tables and URIs)."""
+    from cluster.shared import is_local
+
+    check_path(spec.data)
+    if spec.data.path == BUILTIN_DIGITS or not is_local(spec.data.path):
+        return []
+    return resolve_files(spec.data.path.removeprefix("file://"), DATA_EXTENSIONS)[0]
 
 
 def check_path(spec: DataSpec) -> None:
@@ -446,6 +457,89 @@ def fit_stats(train: Any, features: list[str], spec: DataSpec) -> Stats:
     return stats
 
 
+def apply_preprocess(
+    batch: pd.DataFrame, ref: str, columns: list[str], numeric: list[str], skip_bad: bool
+) -> pd.DataFrame:
+    """The user's preprocessing (`data.preprocess`) on a batch of raw rows, then the columns
+    training uses, the numeric ones as float64 (a Ray Data batch function). Rows whose
+    features are not numbers after it are dropped with `skip_bad`, else an error."""
+    from pipelines import user
+
+    out = user.load_callable(ref, "data.preprocess")(batch)[columns]
+    parsed = out.assign(**{c: to_float(out[c]) for c in numeric})
+    bad = parsed[numeric].isna().any(axis=1)
+    if bad.any() and not skip_bad:
+        row = parsed[bad].iloc[0]
+        column = next(c for c in numeric if pd.isna(row[c]))
+        raise ValueError(
+            f"data.preprocess: {bad.sum()} row(s) of a batch have a feature that is empty or "
+            f"not a number after {ref} (e.g. {column}={out.loc[row.name, column]!r}); fix it, "
+            "or set data.on_bad_rows: skip"
+        )
+    return parsed[~bad].reset_index(drop=True)
+
+
+def read_preprocessed(
+    spec: DataSpec, task_cpus: float, read_args: dict[str, Any] | None = None
+) -> tuple[Any, list[str], pd.DataFrame]:
+    """Raw rows through the user's `data.preprocess` (a pandas batch function, Ray Data tasks):
+    the dataset of features + label, the feature columns (the data.features given plus the
+    columns it adds; none given: every column but the label) and five raw rows without the
+    label, the logged model's input example. The function runs on a sample here first, so a
+    broken one is one line before anything else runs."""
+    import ray.data
+
+    from pipelines import user
+
+    ref = spec.preprocess
+    fn = user.load_callable(ref, "data.preprocess")
+    read_args = read_args or {}
+    if spec.path == BUILTIN_DIGITS:
+        from sklearn.datasets import load_digits
+
+        frame = load_digits(as_frame=True).frame.rename(columns={"target": "label"})
+        ds, sample = ray.data.from_pandas(frame), frame.head(1000)
+    else:
+        check_path(spec)
+        files, fs = resolve_files(spec.path, DATA_EXTENSIONS)
+        fmt = file_format(files, spec.format)
+        _, sample = _sample_schema(files, fs, fmt)
+        read = ray.data.read_parquet if fmt == "parquet" else ray.data.read_csv
+        ds = read(files, filesystem=fs, num_cpus=task_cpus, ray_remote_args=read_args)
+    if spec.label not in sample:
+        raise _missing("label", spec.label, list(sample.columns))
+    try:
+        out = fn(sample.copy())
+    except Exception as e:
+        raise DataError(f"data.preprocess: {ref} failed on a sample of the rows: {e!r}") from None
+    if not isinstance(out, pd.DataFrame) or spec.label not in out:
+        what = type(out).__name__ if not isinstance(out, pd.DataFrame) else "no label column"
+        raise DataError(
+            f"data.preprocess: {ref} must return a DataFrame with the label {spec.label!r}; "
+            f"got {what}"
+        )
+    added = [c for c in out.columns if c not in sample.columns]
+    features = [*spec.features, *added] if spec.features else [c for c in out if c != spec.label]
+    checked = check_columns(
+        dataclasses.replace(spec, features=features),
+        pa.Schema.from_pandas(out[[*features, spec.label]], preserve_index=False),
+        out,
+    )
+    numeric = checked + ([spec.label] if spec.task == "regression" else [])
+    ds = ds.map_batches(
+        apply_preprocess,
+        fn_kwargs={
+            "ref": ref,
+            "columns": [*checked, spec.label],
+            "numeric": numeric,
+            "skip_bad": spec.on_bad_rows == "skip",
+        },
+        batch_format="pandas",
+        num_cpus=task_cpus,
+    )
+    return ds, checked, sample.drop(columns=[spec.label]).head(5)
+
+
 def build_datasets(
     spec: DataSpec,
     seed: int,
@@ -456,8 +550,18 @@ def build_datasets(
 ) -> TabularData:
     """Read, validate, split and fit on the driver; return the preprocessed splits, kept in the
     object store (deterministic preprocessing is done once, not again every epoch)."""
-    ds, features = read_raw(spec, task_cpus, read_args)
-    train_raw, val_raw = split(ds, spec, seed, task_cpus, num_workers)
+    raw_example = None
+    if spec.preprocess:
+        ds, features, raw_example = read_preprocessed(spec, task_cpus, read_args)
+    else:
+        ds, features = read_raw(spec, task_cpus, read_args)
+    try:
+        train_raw, val_raw = split(ds, spec, seed, task_cpus, num_workers)
+    except Exception as e:  # the user's preprocessing failed inside a Ray Data task
+        message = next((line for line in str(e).splitlines() if "data.preprocess:" in line), None)
+        if message is None:
+            raise
+        raise DataError(message[message.index("data.preprocess:") :]) from None
     num_train, num_val = train_raw.count(), val_raw.count()
     if num_train + num_val == 0:
         raise DataError(f"data.path: {spec.path} has no rows")
@@ -480,7 +584,9 @@ def build_datasets(
             preprocess_batch, fn_kwargs=kwargs, batch_format="numpy", num_cpus=task_cpus
         ).materialize()
 
-    example = val_raw.limit(5).to_pandas()[features].astype(np.float32)
+    example = raw_example
+    if example is None:
+        example = val_raw.limit(5).to_pandas()[features].astype(np.float32)
     return TabularData(prep(train_raw), prep(val_raw), stats, num_train, num_val, example)
 
 
@@ -500,11 +606,11 @@ def prepare(
         validation=data.validation,
         num_train=data.num_train,
         num_validation=data.num_validation,
-        model_config={
+        facts={
             "in_features": len(data.stats.features),
+            "in_shape": [len(data.stats.features)],
             "out_features": data.stats.out_features,
-            "hidden": tuple(spec.model.hidden),
-            "dropout": spec.model.dropout,
+            **({"num_classes": data.stats.out_features} if data.stats.classes else {}),
         },
         job={"task": spec.data.task, "target_std": data.stats.target_std},
         params={"data.num_train": data.num_train, "data.num_validation": data.num_validation},
@@ -519,7 +625,7 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
 
     from models import TabularPredictor
 
-    stats = prepared.extra.stats
+    stats, example = prepared.extra.stats, prepared.extra.example
     predictor = TabularPredictor(
         net,
         torch.tensor(stats.mean),
@@ -528,7 +634,11 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
         stats.target_std,
         stats.classes,
     ).eval()
-    return predictor, prepared.extra.example, {"pipeline": "tabular"}
+    if spec.data.preprocess:
+        from pipelines.serving import RawRowsModel
+
+        predictor = RawRowsModel(predictor, stats.features, spec.data.preprocess)
+    return predictor, example, {"pipeline": "tabular"}
 
 
 def metric_keys(spec: RunSpec) -> list[str]:

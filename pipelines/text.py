@@ -145,6 +145,12 @@ def list_files(spec: TextDataSpec) -> tuple[str, list[str], pafs.FileSystem]:
     return root, files, fs
 
 
+def local_files(spec: RunSpec) -> list[str]:
+    """The text files on a local disk (none for URIs)."""
+    _, files, fs = list_files(spec.data)
+    return files if isinstance(fs, pafs.LocalFileSystem) else []
+
+
 def _common_dir(files: list[str]) -> str:
     parts = [f.split("/")[:-1] for f in files]
     common = []
@@ -287,34 +293,41 @@ def prepare(
     rows_per_step: int,
     read_args: dict[str, Any] | None = None,
 ) -> Prepared:
-    """The text pipeline's windows, GPT config and facts for training (FLOPs per token for
-    MFU, the unigram entropy that the validation loss is printed beside)."""
-    from dataclasses import asdict
-
+    """The text pipeline's windows and facts for training (the vocabulary and context; for the
+    built-in GPT, FLOPs per token for MFU; the unigram entropy that the validation loss is
+    printed beside)."""
     from models.gpt import flops_per_token, num_params
+    from pipelines.spec import GPTSpec
 
     data = build_datasets(spec, task_cpus, num_workers, rows_per_step, read_args)
-    config = spec.model.config(data.vocab_size)
     print(
         f"trainyard: text: {data.train_files} + {data.validation_files} files "
         f"({data.train_bytes / 1e6:.1f} MB to train on), {data.num_train} + "
-        f"{data.num_validation} windows of {config.context} tokens; unigram entropy "
-        f"{data.unigram_entropy:.3f} nats/token; GPT {num_params(config) / 1e6:.2f}M parameters"
+        f"{data.num_validation} windows of {spec.context} tokens; unigram entropy "
+        f"{data.unigram_entropy:.3f} nats/token"
     )
+    model_facts: dict[str, Any] = {}
+    if isinstance(spec.model, GPTSpec):
+        config = spec.model.config(data.vocab_size)
+        model_facts = {
+            "flops_per_token": flops_per_token(config),
+            "model.flops_per_token": flops_per_token(config),
+            "model.parameters": num_params(config),
+        }
     return Prepared(
         train=data.train,
         validation=data.validation,
         num_train=data.num_train,
         num_validation=data.num_validation,
-        model_config=asdict(config),
+        facts={"vocab_size": data.vocab_size, "context": spec.context},
         job={
             "task": "language_modeling",
             "dtypes": {"x": "int64", "y": "int64"},
-            "context": config.context,
-            "flops_per_token": flops_per_token(config),
+            "context": spec.context,
             "unigram_entropy": data.unigram_entropy,
             "tokens_per_byte": data.tokens_per_byte,
-        },
+        }
+        | {k: v for k, v in model_facts.items() if k == "flops_per_token"},
         params={
             "data.num_train_windows": data.num_train,
             "data.num_validation_windows": data.num_validation,
@@ -322,9 +335,8 @@ def prepare(
             "data.validation_files": data.validation_files,
             "data.train_bytes": data.train_bytes,
             "data.unigram_entropy": round(data.unigram_entropy, 5),
-            "model.parameters": num_params(config),
-            "model.flops_per_token": flops_per_token(config),
-        },
+        }
+        | {k: v for k, v in model_facts.items() if k.startswith("model.")},
     )
 
 

@@ -7,6 +7,7 @@ tracking URI as plain data and log through `RankZeroLogger`, which is a no-op on
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import subprocess
@@ -255,7 +256,10 @@ def log_curves(uri: str, run_id: str, keys: list[str]) -> None:
 
 class _DropPickleNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Saving pytorch model by Pickle")
+        message = record.getMessage()
+        return not message.startswith(
+            ("Saving pytorch model by Pickle", "Passing a Python object as `python_model`")
+        )
 
 
 @contextlib.contextmanager
@@ -264,52 +268,73 @@ def _quiet_model_logging():
     runs code when loaded (the model is pickled on purpose, to take raw rows: see log_model),
     and torch's warning that the input example's array is read-only (pandas 3 hands out
     read-only arrays; MLflow only reads it to check the signature)."""
-    notice, pytorch_logger = _DropPickleNotice(), logging.getLogger("mlflow.pytorch")
-    pytorch_logger.addFilter(notice)
+    notice = _DropPickleNotice()
+    loggers = [logging.getLogger(name) for name in ("mlflow.pytorch", "mlflow.pyfunc")]
+    for logger in loggers:
+        logger.addFilter(notice)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             yield
     finally:
-        pytorch_logger.removeFilter(notice)
+        for logger in loggers:
+            logger.removeFilter(notice)
 
 
 def log_model(
-    uri: str, run_id: str, model: Any, example: Any, metadata: dict[str, str] | None = None
+    uri: str,
+    run_id: str,
+    model: Any,
+    example: Any,
+    metadata: dict[str, str] | None = None,
+    code_paths: list[str] = (),
 ) -> str:
     """Log a model with its signature, input example (a DataFrame of raw rows or an array of
-    token ids) and metadata; return its model URI.
+    inputs) and metadata; return its model URI. Its code is trainyard's `models` package and
+    `code_paths`, the user's modules it needs, so that it loads in a fresh process anywhere.
 
     Call it last: leaving `mlflow.start_run(run_id)` marks the run FINISHED, and `end_run`
     then sets the final status.
     """
     import mlflow
+    import mlflow.pyfunc
     import mlflow.pytorch
     import numpy as np
     import torch
     from mlflow.models import infer_signature
 
     import models
+    import pipelines
 
-    inputs = example.to_numpy(dtype=np.float32) if hasattr(example, "to_numpy") else example
-    with torch.no_grad():
-        prediction = model(torch.from_numpy(inputs)).float().numpy()
+    code = [str(Path(models.__file__).parent), *code_paths]
+    # Named up front: inferring them loads the model again in a subprocess (slow).
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"]
+    if isinstance(model, mlflow.pyfunc.PythonModel):  # raw rows through the user's function
+        prediction = model.predict(None, example)
+        flavor = functools.partial(
+            mlflow.pyfunc.log_model,
+            python_model=model,
+            code_paths=[*code, str(Path(pipelines.__file__).parent)],
+        )
+    else:
+        inputs = example.to_numpy(dtype=np.float32) if hasattr(example, "to_numpy") else example
+        with torch.no_grad():
+            prediction = model(torch.from_numpy(np.array(inputs))).float().numpy()
+        # Pickled with its code, so that pyfunc takes a DataFrame of raw feature rows.
+        flavor = functools.partial(
+            mlflow.pytorch.log_model, model, code_paths=code, serialization_format="pickle"
+        )
     # The fluent API needs the process-wide tracking URI (which MLflow also exports to the
     # environment); put back what was there, so that nothing after this call is redirected.
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(run_id=run_id), _quiet_model_logging():
-            info = mlflow.pytorch.log_model(
-                model,
+            info = flavor(
                 name="model",
                 signature=infer_signature(example, prediction),
                 input_example=example,
-                code_paths=[str(Path(models.__file__).parent)],
-                # Pickled with its code, so that pyfunc takes a DataFrame of raw feature rows.
-                serialization_format="pickle",
-                # Named up front: inferring them loads the model again in a subprocess (slow).
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
+                pip_requirements=requirements,
                 metadata=metadata,
             )
     finally:

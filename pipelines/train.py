@@ -16,13 +16,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.data import quiet_ray_data
-from pipelines.spec import RunSpec, TrainyardError, load_spec
+from pipelines.data import Pipeline, Prepared, quiet_ray_data
+from pipelines.spec import RunSpec, SpecError, TrainyardError, UserModelSpec, load_spec
 
 
 def add_spec_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
@@ -122,16 +123,89 @@ def plan_for(spec: RunSpec, connect: bool):
     return plan_resources(spec.scaling, local_nodes())
 
 
-def pipeline_module(spec: RunSpec):
-    """The module of the spec's pipeline: prepare(), package(), metric_keys()."""
+def pipeline_module(spec: RunSpec) -> Pipeline:
+    """The module that implements the spec's pipeline (pipelines.data.Pipeline)."""
     import importlib
 
     return importlib.import_module(f"pipelines.{spec.pipeline}")
 
 
+def check_code(spec: RunSpec) -> None:
+    """Import every piece of user code the spec names (SpecError, one line, for each problem),
+    after refusing a project directory whose packages would hide trainyard's."""
+    from pipelines import user
+
+    user.check_project(user.project_on_path())
+    for field, ref in user_references(spec).items():
+        if field == "model.name":
+            fn = user.resolve_model(ref)
+            user.check_arguments(fn, spec.model.args_for({"vocab_size": 256}), "model", ref)
+        elif field == "data.dataset":
+            fn = user.load_callable(ref, field)
+            user.check_arguments(fn, spec.data.args, "data", ref)
+        else:
+            user.load_callable(ref, field)
+
+
+def user_references(spec: RunSpec) -> dict[str, str]:
+    """The spec's module:attr references, by field."""
+    refs = {
+        "model.name": spec.model.name,
+        "train.loss": spec.train.loss,
+        "data.dataset": getattr(spec.data, "dataset", None),
+        "data.preprocess": getattr(spec.data, "preprocess", None),
+        "data.augment": getattr(spec.data, "augment", None),
+    }
+    return {k: v for k, v in refs.items() if v and ":" in v}
+
+
+def checked_model(spec: RunSpec, data: Prepared) -> dict[str, Any]:
+    """Build the model once here, from the pipeline's facts and the spec, and run it forward on
+    two training rows through the training loss: a model that cannot be built, or whose output
+    the loss does not take, is one line before any worker starts. Returns its recipe."""
+    import torch
+
+    from pipelines import loop, user
+
+    recipe = user.model_recipe(spec.model, data.facts)
+    net = user.build_model(recipe)
+    params = sum(p.numel() for p in net.parameters())
+    shown = ", ".join(f"{k}={v}" for k, v in recipe["kwargs"].items())
+    print(f"trainyard: model {recipe['name']}({shown}): {params / 1e6:.3g}M parameters")
+    if isinstance(spec.model, UserModelSpec) or spec.train.loss:
+        batch = data.train.take_batch(2, batch_format="numpy")
+        dtypes = data.job.get("dtypes", {})
+        x, y = (
+            torch.tensor(batch[k]).to(getattr(torch, dtypes[k]) if k in dtypes else None)
+            for k in ("x", "y")
+        )
+        loss_fn = loop.training_loss(data.job["task"], spec.train)
+        try:
+            with torch.no_grad():
+                loss = loss_fn(net.eval()(x), y)
+            if loss.dim() != 0:
+                raise ValueError(f"the loss is a tensor of shape {tuple(loss.shape)}, not a scalar")
+        except Exception as e:
+            what = f"{recipe['name']} and " + (spec.train.loss or f"the {data.job['task']} loss")
+            raise SpecError(
+                f"model: {what} fail on two training rows (x {_shape(x)}, y {_shape(y)}): "
+                f"{type(e).__name__}: {e}"
+            ) from None
+    return recipe
+
+
+def _shape(t: Any) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
 def dry_run(spec: RunSpec) -> None:
-    data_files(spec)  # a data path that does not exist fails here
-    plan = plan_for(spec, connect=bool(os.environ.get("RAY_ADDRESS")))
+    """Check the spec, the data paths and the user code; print the spec and the resource
+    plan. A user model is also built (on the prepared data's facts) and its size printed."""
+    check_code(spec)
+    pipeline = pipeline_module(spec)
+    pipeline.local_files(spec)  # a data path that does not exist fails here
+    user_model = isinstance(spec.model, UserModelSpec)
+    plan = plan_for(spec, connect=user_model or bool(os.environ.get("RAY_ADDRESS")))
     print("# resolved run spec")
     print(spec.to_yaml().rstrip())
     print("# resource plan")
@@ -141,6 +215,10 @@ def dry_run(spec: RunSpec) -> None:
         f"{spec.accum_steps} micro-batch(es) of {spec.micro_batch_size}"
         + (f" × {spec.context} tokens" if spec.context else "")
     )
+    if user_model:
+        rows_per_step = spec.micro_batch_size * spec.accum_steps
+        data = pipeline.prepare(spec, plan.data_task_cpus, plan.num_workers, rows_per_step, None)
+        checked_model(spec, data)
 
 
 def _submission_id() -> str | None:
@@ -161,24 +239,6 @@ def default_dir() -> Path:
     return Path.home() / "trainyard" if _submission_id() else Path(".")
 
 
-def data_files(spec: RunSpec) -> list[str]:
-    """The data files on a local disk (none for built-in tables and URIs); raises DataError
-    for a path that does not exist."""
-    from cluster.shared import is_local
-
-    if spec.pipeline == "text":
-        from pipelines.text import list_files
-
-        _, files, fs = list_files(spec.data)
-        return files if isinstance(fs, pafs.LocalFileSystem) else []
-    from pipelines.tabular import BUILTIN_DIGITS, DATA_EXTENSIONS, check_path, resolve_files
-
-    check_path(spec.data)
-    if spec.data.path == BUILTIN_DIGITS or not is_local(spec.data.path):
-        return []
-    return resolve_files(spec.data.path.removeprefix("file://"), DATA_EXTENSIONS)[0]
-
-
 def read_args_for(spec: RunSpec, storage: str, uri: str) -> dict[str, Any] | None:
     """Check on a multi-node cluster that every node sees the checkpoint storage and a local
     MLflow store (refused otherwise); return Ray remote args that read data files only this
@@ -189,7 +249,8 @@ def read_args_for(spec: RunSpec, storage: str, uri: str) -> dict[str, Any] | Non
     from cluster.shared import check_cluster_paths
     from pipelines import tracking
 
-    only_here = check_cluster_paths(storage, tracking.local_store_dir(uri), data_files(spec))
+    local = pipeline_module(spec).local_files(spec)
+    only_here = check_cluster_paths(storage, tracking.local_store_dir(uri), local)
     if not only_here:
         return None
     here = ray.get_runtime_context().get_node_id()
@@ -328,7 +389,6 @@ class NoFirstStep(Exception):
 def latest_checkpoint(storage: str, run_name: str) -> tuple[str, int] | None:
     """The newest checkpoint Ray Train registered for `run_name` under `storage`, with its
     epoch, after checking that it is complete; None if the run has none."""
-    import pyarrow.fs as pafs
     import ray.train
 
     from pipelines.loop import load_state
@@ -395,19 +455,25 @@ def failure_plan() -> dict[str, Any] | None:
     }
 
 
-def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
-    """Train `spec` end to end and return the summary (run id, checkpoint, final metrics).
-    `resume` names a run to continue from its newest checkpoint."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
+@dataclass
+class Place:
+    """Where a run lives: its MLflow store and run, its checkpoint storage, its name."""
 
+    uri: str
+    storage: str
+    run_name: str
+    run_id: str | None
+    """The MLflow run to continue (a run name seen before), else None until one is started."""
+    read_args: dict[str, Any] | None
+    """Ray remote args that read data files only this node has on this node, or None."""
+
+
+def place_run(spec: RunSpec, resume: str | None) -> Place:
+    """The run's MLflow store, checkpoint storage and name (a name seen before continues its
+    MLflow run; --resume also needs a complete checkpoint with epochs left)."""
     from cluster.local import STORAGE_ENV
-    from models import build_model
     from pipelines import tracking
-    from pipelines.loop import STOPPED_TAG, load_state, train_loop_per_worker
 
-    plan = plan_for(spec, connect=True)
     uri = tracking.tracking_uri(default_dir())
     storage = (
         spec.scaling.storage_path
@@ -422,28 +488,28 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
         f"{spec.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     )
     run_id = check_resume(spec, storage, run_name, uri, resume is not None) if named else None
-    max_failures = spec.scaling.max_failures
-    if max_failures is None:
-        max_failures = 2 if len(plan.nodes.cpus) > 1 else 0
-    # 1. Data: read, validate, split and preprocess on the driver (bad input stops here).
-    pipeline = pipeline_module(spec)
-    rows_per_step = spec.micro_batch_size * spec.accum_steps  # per worker
-    data = pipeline.prepare(spec, plan.data_task_cpus, plan.num_workers, rows_per_step, read_args)
-    steps_per_epoch = spec.train.steps_per_epoch or (
-        data.num_train // plan.num_workers // rows_per_step
-    )
+    return Place(uri, storage, run_name, run_id, read_args)
 
-    # 2. One MLflow run for the job, shared with the workers by id; a run name seen before
-    #    continues that run (Ray Train resumes the same name from its newest checkpoint).
+
+def open_run(spec: RunSpec, place: Place, plan: Any, data: Prepared, steps: int) -> str:
+    """Start the job's one MLflow run (or reopen the run of a name seen before) with the spec,
+    the data's sizes and the plan as params; return its id."""
+    import ray
+
+    from pipelines import tracking
+
     tags = {
         "trainyard.pipeline": spec.pipeline,
-        "ray.train.run_name": run_name,
+        "ray.train.run_name": place.run_name,
         "num_workers": str(plan.num_workers),
+        "ray.job_id": ray.get_runtime_context().get_job_id(),
     }
-    tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
-    submission_id = _submission_id()
-    if submission_id:
+    if submission_id := _submission_id():
         tags["ray.submission_id"] = submission_id
+    if place.run_id is not None:
+        tracking.reopen_run(place.uri, place.run_id, tags)
+        print(f"trainyard: continuing MLflow run {place.run_id} ({place.run_name}) at {place.uri}")
+        return place.run_id
     params = (
         spec.flat()
         | data.params
@@ -453,120 +519,192 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
             "plan.global_batch": spec.global_batch,
             "plan.micro_batch_size": spec.micro_batch_size,
             "plan.accum_steps": spec.accum_steps,
-            "plan.steps_per_epoch": steps_per_epoch,
+            "plan.steps_per_epoch": steps,
         }
     )
-    if run_id is None:
-        run_id = tracking.start_run(
-            uri, spec.tracking.experiment, run_name, params, spec.to_yaml(), tags
-        )
-        print(
-            f"trainyard: MLflow run {run_id} ({run_name}) in experiment "
-            f"{spec.tracking.experiment!r} at {uri}"
-        )
-    else:
-        tracking.reopen_run(uri, run_id, tags)
-        print(f"trainyard: continuing MLflow run {run_id} ({run_name}) at {uri}")
-    print(plan.describe())
-    start_timeout_s = spec.scaling.start_timeout_s or (
+    run_id = tracking.start_run(
+        place.uri, spec.tracking.experiment, place.run_name, params, spec.to_yaml(), tags
+    )
+    print(
+        f"trainyard: MLflow run {run_id} ({place.run_name}) in experiment "
+        f"{spec.tracking.experiment!r} at {place.uri}"
+    )
+    return run_id
+
+
+def make_trainer(
+    spec: RunSpec, plan: Any, data: Prepared, job: dict[str, Any], place: Place
+) -> Any:
+    """The TorchTrainer: DDP workers as the plan says, the datasets, failure handling."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.loop import train_loop_per_worker
+
+    max_failures = spec.scaling.max_failures
+    if max_failures is None:
+        max_failures = 2 if len(plan.nodes.cpus) > 1 else 0
+    datasets = {"validation": data.validation}
+    if "train_shards" not in job:  # augmented data comes to each rank as its own shard
+        datasets["train"] = data.train
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.to_dict(), "job": job},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.num_workers,
+            use_gpu=spec.scaling.use_gpu,
+            resources_per_worker=plan.worker_resources(),
+            placement_strategy=plan.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=place.run_name,
+            storage_path=place.storage,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            # A worker group that cannot be placed within start_timeout_s fails the run
+            # (Ray's default retries it forever).
+            failure_config=ray.train.FailureConfig(
+                max_failures=max_failures, controller_failure_limit=0
+            ),
+        ),
+        datasets=datasets,
+        # The same rows to the same rank in the same order every epoch, on every run:
+        # what makes a resumed run continue exactly as an uninterrupted one.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[] if job["cache_shards"] else list(datasets),
+            execution_options=_ordered(),
+        ),
+    )
+
+
+def worker_job(
+    spec: RunSpec, plan: Any, data: Prepared, recipe: dict[str, Any], run_id: str, uri: str
+) -> dict[str, Any]:
+    """The plain facts every worker gets besides the spec: the pipeline's, the model's recipe,
+    the MLflow run, the plan's threads, how the data reaches the workers."""
+    rows_per_step = spec.micro_batch_size * spec.accum_steps
+    job = data.job | {
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "model": recipe,
+        "torch_threads": plan.torch_threads,
+        "steps_per_epoch": spec.train.steps_per_epoch
+        or data.num_train // plan.num_workers // rows_per_step,
+        "cache_shards": cache_shards(data),
+        "num_rows": {"train": data.num_train, "validation": data.num_validation},
+        "inject_failure": failure_plan(),
+        "data_task_cpus": plan.data_task_cpus,
+    }
+    augment = getattr(spec.data, "augment", None)
+    if augment:
+        from pipelines.augment import rank_shards
+
+        job["augment"] = augment
+        job["train_shards"] = rank_shards(data.train, plan.num_workers, plan.data_task_cpus)
+    return job
+
+
+def start_timeout(spec: RunSpec, plan: Any) -> float:
+    return spec.scaling.start_timeout_s or (
         AUTOSCALE_START_TIMEOUT_S if plan.needs_new_nodes else START_TIMEOUT_S
     )
-    notice = waiting_notice(plan, start_timeout_s)
-    if notice:
+
+
+def log_outcome(
+    spec: RunSpec, pipeline: Pipeline, data: Prepared, result: Any, place: Place, run_id: str
+) -> str | None:
+    """Curves, and the trained model as the pipeline serves it (tabular: with its
+    preprocessing, so that it predicts from raw rows; text: with its tokenizer named); the
+    model's URI, or None when tracking.log_model is off."""
+    from pipelines import tracking, user
+    from pipelines.loop import load_state
+
+    with result.checkpoint.as_directory() as d:
+        state = load_state(d)
+    net = user.build_model(state["model_recipe"])
+    net.load_state_dict(state["model"])
+    tracking.log_curves(place.uri, run_id, pipeline.metric_keys(spec))
+    if not spec.tracking.log_model:
+        return None
+    model, example, metadata = pipeline.package(spec, data, net)
+    code = user.source_paths(list(user_references(spec).values()))
+    return tracking.log_model(place.uri, run_id, model, example, metadata, code)
+
+
+def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
+    """Train `spec` end to end and return the summary (run id, checkpoint, final metrics).
+    `resume` names a run to continue from its newest checkpoint."""
+    from pipelines import tracking
+
+    check_code(spec)
+    plan = plan_for(spec, connect=True)
+    place = place_run(spec, resume)
+    # 1. Data: read, validate, split and preprocess on the driver (bad input stops here);
+    #    the model is built once here, so a bad one stops here too.
+    pipeline = pipeline_module(spec)
+    rows_per_step = spec.micro_batch_size * spec.accum_steps  # per worker
+    data = pipeline.prepare(
+        spec, plan.data_task_cpus, plan.num_workers, rows_per_step, place.read_args
+    )
+    recipe = checked_model(spec, data)
+    # 2. One MLflow run for the job, shared with the workers by id.
+    job = worker_job(spec, plan, data, recipe, "", place.uri)
+    run_id = open_run(spec, place, plan, data, job["steps_per_epoch"])
+    job["run_id"] = run_id
+    print(plan.describe())
+    timeout = start_timeout(spec, plan)
+    if notice := waiting_notice(plan, timeout):
         print(notice)
-    configure_ray_train(start_timeout_s)
-    cached = cache_shards(data)
+    configure_ray_train(timeout)
     try:
-        # 3. Train: Ray Train runs the DDP workers, each streaming its shard from Ray Data.
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "spec": spec.to_dict(),
-                "job": data.job
-                | {
-                    "run_id": run_id,
-                    "tracking_uri": uri,
-                    "model_config": data.model_config,
-                    "torch_threads": plan.torch_threads,
-                    "steps_per_epoch": steps_per_epoch,
-                    "cache_shards": cached,
-                    "num_rows": {"train": data.num_train, "validation": data.num_validation},
-                    "inject_failure": failure_plan(),
-                },
-            },
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=plan.num_workers,
-                use_gpu=spec.scaling.use_gpu,
-                resources_per_worker=plan.worker_resources(),
-                placement_strategy=plan.placement_strategy,
-            ),
-            run_config=ray.train.RunConfig(
-                name=run_name,
-                storage_path=storage,
-                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-                checkpoint_config=ray.train.CheckpointConfig(
-                    num_to_keep=spec.train.keep_checkpoints
-                ),
-                # A worker group that cannot be placed within start_timeout_s fails the run
-                # (Ray's default retries it forever).
-                failure_config=ray.train.FailureConfig(
-                    max_failures=max_failures, controller_failure_limit=0
-                ),
-            ),
-            datasets={"train": data.train, "validation": data.validation},
-            # The same rows to the same rank in the same order every epoch, on every run:
-            # what makes a resumed run continue exactly as an uninterrupted one.
-            dataset_config=ray.train.DataConfig(
-                datasets_to_split=[] if cached else "all", execution_options=_ordered()
-            ),
-        )
+        # 3. Train: Ray Train runs the DDP workers, each reading its share from Ray Data.
+        trainer = make_trainer(spec, plan, data, job, place)
         stall = spec.train.stall_timeout_s
         began = time.time()
         result = fit(
             trainer,
             plan,
-            start_timeout_s,
-            stall and start_timeout_s + stall,
-            lambda: tracking.first_step_after(uri, run_id, began),
+            timeout,
+            stall and timeout + stall,
+            lambda: tracking.first_step_after(place.uri, run_id, began),
         )
-        stopped = tracking.run_tag(uri, run_id, STOPPED_TAG)
-        if stopped:
-            raise TrainingStopped(stopped)
+        from pipelines.loop import STOPPED_TAG
 
-        # 4. The model as the pipeline serves it (tabular: with its preprocessing, so that it
-        #    predicts from raw rows; text: with its tokenizer named).
-        with result.checkpoint.as_directory() as d:
-            state = load_state(d)
-        net = build_model(spec.model.name, **state["model_config"])
-        net.load_state_dict(state["model"])
-        tracking.log_curves(uri, run_id, pipeline.metric_keys(spec))
-        model_uri = None
-        if spec.tracking.log_model:
-            model, example, metadata = pipeline.package(spec, data, net)
-            model_uri = tracking.log_model(uri, run_id, model, example, metadata)
+        if stopped := tracking.run_tag(place.uri, run_id, STOPPED_TAG):
+            raise TrainingStopped(stopped)
+        # 4. The model, logged as the pipeline serves it.
+        model_uri = log_outcome(spec, pipeline, data, result, place, run_id)
     except BaseException as e:
-        tracking.end_run(uri, run_id, error=e)
+        tracking.end_run(place.uri, run_id, error=e)
         raise
-    tracking.end_run(uri, run_id)
+    tracking.end_run(place.uri, run_id)
+    return summarize(spec, place, run_id, result, model_uri)
+
+
+def summarize(
+    spec: RunSpec, place: Place, run_id: str, result: Any, model_uri: str | None
+) -> dict[str, Any]:
+    """Print the run's outcome; return it as the summary."""
+    from pipelines import tracking
+
     final = {
         k: v
         for k, v in result.metrics.items()
         if k.startswith("val_") or k in ("tokens_per_s", "mfu")
     }
-    summary = {
+    print("trainyard: done  " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    print(f"  MLflow run:  {run_id}  (UI: {tracking.ui_command(place.uri)})")
+    print(f"  checkpoint:  {result.checkpoint.path}")
+    return {
         "run_id": run_id,
-        "run_name": run_name,
+        "run_name": place.run_name,
         "experiment": spec.tracking.experiment,
-        "tracking_uri": uri,
+        "tracking_uri": place.uri,
         "checkpoint": result.checkpoint.path,
         "model_uri": model_uri,
         "metrics": final,
         "epochs": result.metrics.get("epoch"),
     }
-    print("trainyard: done  " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
-    print(f"  MLflow run:  {run_id}  (UI: {tracking.ui_command(uri)})")
-    print(f"  checkpoint:  {result.checkpoint.path}")
-    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

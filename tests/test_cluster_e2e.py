@@ -1,6 +1,7 @@
 """The cluster path end to end, with real processes on loopback: `trainyard cluster up` (a head and
 two worker nodes, each started by `ray start`, and an MLflow server), jobs sent by
-`trainyard submit` and by plain `ray job submit`, results read back through the MLflow server's
+`trainyard submit` (from trainyard's tree and from a user's project, examples/own-code) and by
+plain `ray job submit` (from the user's project), results read back through the MLflow server's
 REST API, security checks, node-local paths, and `trainyard cluster down`.
 
 The tests share one cluster and run in file order; the last one takes the cluster down.
@@ -33,9 +34,11 @@ def _env(home: Path) -> dict[str, str]:
     return env | {"TRAINYARD_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env['PATH']}"}
 
 
-def _run(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+def _run(
+    args: list[str], env: dict[str, str], timeout: float = 600, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
@@ -179,8 +182,11 @@ def head_only(cluster) -> Path | None:
 
 @pytest.fixture(scope="module")
 def both_jobs(cluster, head_only):
-    """The digits run sent both ways: `trainyard submit` (reading the digits from a CSV only
-    the head has, where the fourth node exists) and plain `ray job submit`."""
+    """The digits run sent by `trainyard submit` from trainyard's tree (reading the digits from
+    a CSV only the head has, where the fourth node exists); from a user's project (a copy of
+    examples/own-code, its modules on no node's path), `trainyard submit` of a Ray Dataset
+    function and a model factory, and plain `ray job submit` of a torch Dataset, a model class,
+    a loss and an augmentation."""
     env = cluster["env"]
     data = ["--set", f"data.path={head_only / 'digits.csv'}"] if head_only else []
     started = time.monotonic()
@@ -188,34 +194,56 @@ def both_jobs(cluster, head_only):
         [str(BIN / "trainyard"), "submit", "configs/digits.yaml", "--set", EPOCHS, *data], env
     )
     ours_s = time.monotonic() - started
+    project = cluster["base"] / "own-code"
+    shutil.copytree(ROOT / "examples" / "own-code", project, ignore=shutil.ignore_patterns("ml*"))
+    own_started = time.monotonic()
+    own = _run(
+        [str(BIN / "trainyard"), "submit", "configs/table.yaml", "--set", EPOCHS], env, cwd=project
+    )
+    own_s = time.monotonic() - own_started
     plain_env = env | {"RAY_AUTH_MODE": "token"}
     plain = _run(
         [
             *(str(BIN / "ray"), "job", "submit", "--address", cluster["state"].dashboard_url),
             *("--working-dir", ".", "--"),
-            *("python", "-m", "pipelines.train", "configs/digits.yaml", "--set", EPOCHS),
+            *("python", "-m", "pipelines.train", "configs/cnn.yaml", "--set", EPOCHS),
         ],
         plain_env,
+        cwd=project,
     )
-    return {"ours": ours, "ours_s": ours_s, "started": started, "plain": plain}
+    print(f"submit from trainyard's tree: {ours_s:.1f} s; from the user's project: {own_s:.1f} s")
+    return {"ours": ours, "ours_s": ours_s, "started": started, "own": own, "plain": plain}
 
 
 def test_both_jobs_succeed(both_jobs):
-    ours, plain = both_jobs["ours"], both_jobs["plain"]
-    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr[-3000:]
-    assert "SUCCEEDED" in ours.stdout
-    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
-    assert "succeeded" in plain.stdout
+    for name in ("ours", "own", "plain"):
+        job = both_jobs[name]
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "SUCCEEDED" in both_jobs["ours"].stdout and "SUCCEEDED" in both_jobs["own"].stdout
+    assert "succeeded" in both_jobs["plain"].stdout
+    # The user's modules were imported on the nodes: the dataset by Ray Data's tasks, the
+    # model by the workers (which ran on two nodes: see below).
+    assert "trainyard: mydata:digits_table: 1437 + 360 rows" in both_jobs["own"].stdout
+    assert "model nets:WideNet(num_classes=10, width=32)" in both_jobs["plain"].stdout
+
+
+def _runs(server: str, experiment: str) -> list[dict]:
+    path = f"/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}"
+    exp_id = _rest(server, path)["experiment"]["experiment_id"]
+    return _rest(server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
 
 
 def test_both_runs_are_in_the_mlflow_server_with_metrics_and_model(cluster, both_jobs):
     server = cluster["state"].mlflow_url
+    runs = _runs(server, "digits") + _runs(server, "own-code")
     experiment = _rest(server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=digits")
     exp_id = experiment["experiment"]["experiment_id"]
-    runs = _rest(server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
-    assert len(runs) == 2
-    models = _rest(server, "/api/2.0/mlflow/logged-models/search", {"experiment_ids": [exp_id]})
+    assert len(runs) == 3
+    own = _runs(server, "own-code")
+    search = {"experiment_ids": [exp_id, own[0]["info"]["experiment_id"]]}
+    models = _rest(server, "/api/2.0/mlflow/logged-models/search", search)
     model_runs = {m["info"]["source_run_id"] for m in models["models"]}
+    digits_model = next(m for m in models["models"] if m["info"]["experiment_id"] == exp_id)
     for run in runs:
         assert run["info"]["status"] == "FINISHED"
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
@@ -232,7 +260,7 @@ def test_both_runs_are_in_the_mlflow_server_with_metrics_and_model(cluster, both
     from sklearn.datasets import load_digits
 
     local = mlflow.artifacts.download_artifacts(
-        artifact_uri=models["models"][0]["info"]["artifact_uri"],
+        artifact_uri=digits_model["info"]["artifact_uri"],
         dst_path=str(cluster["base"] / "model"),
         tracking_uri=server,
     )
@@ -246,7 +274,7 @@ def test_no_secret_in_the_jobs_runtime_env_or_metadata(cluster, both_jobs):
     token, _ = auth.find_token()
     assert token
     jobs = auth.dashboard_get(cluster["state"].dashboard_url, "/api/jobs/")
-    assert len(jobs) >= 2
+    assert len(jobs) >= 3
     for job in jobs:
         exposed = json.dumps({k: job.get(k) for k in ("runtime_env", "metadata", "entrypoint")})
         assert token not in exposed

@@ -32,16 +32,24 @@ def test_token_lookup_order(tmp_path, monkeypatch):
     assert auth.auth_headers() == {"Authorization": "Bearer from-env"}
 
 
-def test_entrypoint_is_the_driver_with_the_config_relative_to_the_project():
-    cmd = jobs.entrypoint(str(ROOT / "configs" / "digits.yaml"), ["train.epochs=2", "a.b=x y"])
+def test_entrypoint_is_the_driver_with_the_config_relative_to_the_project(tmp_path):
+    from pipelines.submit import entrypoint
+
+    cmd = entrypoint(
+        str(ROOT / "configs" / "digits.yaml"), ["train.epochs=2", "a.b=x y"], None, ROOT
+    )
     assert shlex.split(cmd) == [
         *("python", "-m", "pipelines.train", "configs/digits.yaml"),
         *("--set", "train.epochs=2", "--set", "a.b=x y"),
     ]
-    resumed = jobs.entrypoint("configs/digits.yaml", [], resume="digits-1")
+    resumed = entrypoint("configs/digits.yaml", [], resume="digits-1")
     assert shlex.split(resumed)[-2:] == ["--resume", "digits-1"]
+    # The project is the directory submitted from: a user's, with its config inside.
+    (tmp_path / "cfg").mkdir()
+    cmd = entrypoint(str(tmp_path / "cfg" / "run.yaml"), [], None, tmp_path)
+    assert shlex.split(cmd)[3] == "cfg/run.yaml"
     with pytest.raises(TrainyardError, match="inside the project directory"):
-        jobs.entrypoint("/etc/passwd", [])
+        entrypoint("/etc/passwd", [], None, ROOT)
 
 
 def test_only_a_server_uri_without_credentials_is_sent_with_a_job(monkeypatch):
@@ -58,7 +66,7 @@ def test_only_a_server_uri_without_credentials_is_sent_with_a_job(monkeypatch):
 
 def test_the_runtime_env_excludes_local_state_and_carries_no_secret(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cr3t")
-    env = jobs.runtime_env("http://head:5000")
+    env = jobs.runtime_env(ROOT, "http://head:5000")
     assert env["working_dir"] == str(ROOT)
     assert {".venv/", "data/", "results/", "mlflow.db", "mlartifacts/"} <= set(env["excludes"])
     assert "s3cr3t" not in str(env) and env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://head:5000"

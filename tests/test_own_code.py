@@ -1,0 +1,216 @@
+"""Your own model, loss, data and transforms (examples/own-code).
+
+Without Ray: the `module:attr` seam and each of its errors. On the local multi-node cluster, as a
+user runs it (`trainyard train` from a copy of the example project): a torch Dataset read by Ray
+Data tasks, a model class, a focal loss and a per-epoch augmentation, resumed after a failure
+bit for bit; preprocessing on the tabular pipeline; each logged model loaded in a fresh process
+in another directory. (`trainyard submit` and `ray job submit` from the example's directory are
+in test_cluster_e2e.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines import user
+from pipelines.spec import SpecError, UserModelSpec
+from pipelines.train import main
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "own-code"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A user's project directory (a copy of the example) as the current directory; the modules
+    it imports into this process are forgotten afterwards."""
+    root = tmp_path / "project"
+    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns("mlflow.db", "ml*", "results"))
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield root
+    for name in set(sys.modules) - before:
+        if name.split(".")[0] in {"nets", "losses", "prep", "mydata", "badnets"}:
+            del sys.modules[name]
+
+
+def test_module_attr_errors_name_the_field_module_and_attribute(project):
+    (project / "badnets.py").write_text(
+        "from torch import nn\nNOT_CALLABLE = 3\n"
+        "def gives_text():\n    return 'x'\n"
+        "def needs(hidden_size):\n    return nn.Linear(hidden_size, 1)\n"
+    )
+    cases = {
+        "no module named 'nope'": lambda: user.load("nope:X", "model.name"),
+        "has no attribute 'WideNte' (did you mean 'WideNet'?)": lambda: user.load(
+            "nets:WideNte", "model.name"
+        ),
+        "expected module:attr": lambda: user.load("nets.WideNet", "model.name"),
+        "is a int, not a function or class": lambda: user.load_callable(
+            "badnets:NOT_CALLABLE", "train.loss"
+        ),
+        "takes no argument 'depth'; it takes: num_classes, width": lambda: user.model_recipe(
+            UserModelSpec("nets:WideNet", {"depth": 3}), {"num_classes": 10}
+        ),
+        "needs 'hidden_size', which the pipeline does not know": lambda: user.model_recipe(
+            UserModelSpec("badnets:needs"), {"in_features": 64}
+        ),
+        "returned a str, not a torch nn.Module": lambda: user.build_model(
+            {"name": "badnets:gives_text", "kwargs": {}}
+        ),
+    }
+    for expected, attempt in cases.items():
+        with pytest.raises(SpecError) as error:
+            attempt()
+        assert expected in str(error.value)
+        assert "\n" not in str(error.value)
+    # The facts a model takes are passed; the spec's args override them; the rest are not.
+    facts = {"num_classes": 10, "in_features": 64, "in_shape": [1, 8, 8]}
+    recipe = user.model_recipe(UserModelSpec("nets:WideNet", {"width": 8}), facts)
+    assert recipe == {"name": "nets:WideNet", "kwargs": {"num_classes": 10, "width": 8}}
+    assert sum(p.numel() for p in user.build_model(recipe).parameters()) > 0
+    # A project whose packages would hide trainyard's own is refused, with what to rename.
+    (project / "models").mkdir()
+    with pytest.raises(SpecError, match=r"has models/.*rename it \(e.g. models → mymodels\)"):
+        user.check_project(project)
+
+
+def test_bad_user_code_is_one_line_and_exit_2_before_anything_runs(project, capsys):
+    bad = {
+        "model.name=nets:Missing": "model.name: module 'nets'",
+        "train.loss=lossess:focal": "train.loss: cannot import 'lossess:focal': no module named",
+        "data.augment=prep:jiter": "data.augment: module 'prep'",
+        "data.dataset=mydata:digits_table.x": "data.dataset: 'mydata:digits_table' has no attr",
+        "model.args={width: 8, depth: 2}": "model.args: nets:WideNet takes no argument 'depth'",
+    }
+    for override, expected in bad.items():
+        assert main(["configs/cnn.yaml", "--set", override]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("trainyard: error: ") and expected in err, err
+        assert len(err.splitlines()) == 1
+
+
+def test_a_model_the_loss_cannot_take_fails_on_the_driver(ray_cluster, project, capsys):
+    """Built once on the driver and run on two rows: 10 inputs for 64 pixel features."""
+    rc = main(
+        [
+            "configs/preprocess.yaml",
+            "--dry-run",
+            *("--set", "data.preprocess=null"),  # (Ray's workers here do not see the project)
+            *("--set", 'model={name: "nets:small_mlp", args: {in_features: 10}}'),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "model: nets:small_mlp and the classification loss fail on two training rows" in err
+    assert "(x (2, 64) float32, y (2,) int64): RuntimeError: mat1 and mat2 shapes" in err
+
+
+def _train(project: Path, tracking_uri: str, ray_cluster, *args: str, **env: str) -> dict:
+    """`trainyard train` as a user runs it, from the project directory, on the test cluster."""
+    summary = project / f"summary-{len(list(project.glob('summary-*')))}.json"
+    proc = subprocess.run(
+        [str(BIN / "trainyard"), "train", *args, "--summary", str(summary)],
+        cwd=project,
+        env=os.environ
+        | {"RAY_ADDRESS": ray_cluster.address, "MLFLOW_TRACKING_URI": tracking_uri}
+        | env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(summary.read_text()) | {"stdout": proc.stdout}
+
+
+def _predict_elsewhere(tmp_path: Path, tracking_uri: str, model_uri: str, rows: str) -> float:
+    """Accuracy of a logged model loaded by mlflow.pyfunc in a fresh process in another
+    directory (where none of the project's modules are), on the digits as `rows`."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    script = f"""
+import mlflow, numpy as np
+from sklearn.datasets import load_digits
+mlflow.set_tracking_uri({tracking_uri!r})
+model = mlflow.pyfunc.load_model({model_uri!r})
+d = load_digits(as_frame=True)
+x = {rows}
+print(float((np.asarray(model.predict(x)).argmax(1) == d.target.to_numpy()).mean()))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def test_own_dataset_model_loss_and_augment_resume_exactly(
+    ray_cluster, tracking_uri, project, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+
+    draws = tmp_path / "draws.txt"
+    # The example's augmentation, noting one draw of each batch's generator after it.
+    (project / "noted.py").write_text(
+        "from prep import jitter\n"
+        "def jitter_noted(batch, rng):\n"
+        "    out = jitter(batch, rng)\n"
+        f"    with open({str(draws)!r}, 'a') as f:\n"
+        "        f.write(f'{rng.random()!r}\\n')\n"
+        "    return out\n"
+    )
+    common = (
+        "configs/cnn.yaml",
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "data.augment=noted:jitter_noted",
+    )
+    straight = _train(project, tracking_uri, ray_cluster, *common, "--set", "tracking.run_name=cnn")
+    noted = draws.read_text().split()
+    assert len(noted) >= 3 * 2  # every epoch, on each rank's shard
+    assert len(set(noted)) == len(noted)  # a new draw every batch of every epoch
+    resumed = _train(
+        project,
+        tracking_uri,
+        ray_cluster,
+        *common,
+        *("--set", "tracking.run_name=cnn-failed", "--set", "scaling.max_failures=1"),
+        TRAINYARD_INJECT_FAILURE=f"{tmp_path / 'marker'}:2",
+    )
+    client = MlflowClient(tracking_uri)
+    a = client.get_run(straight["run_id"]).data.tags
+    b = client.get_run(resumed["run_id"]).data.tags
+    assert b["trainyard.restarts"] == "1"
+    assert a["param_digests"] == b["param_digests"]  # bit for bit, augmentation included
+    assert straight["metrics"] == resumed["metrics"]
+    # The logged model (the user's class, its module logged with it) predicts elsewhere.
+    images = "(d.frame.drop(columns='target').to_numpy(np.float32) / 16).reshape(-1, 1, 8, 8)"
+    accuracy = _predict_elsewhere(tmp_path, tracking_uri, straight["model_uri"], images)
+    print(f"cnn.yaml, 3 epochs: val_accuracy {straight['metrics']['val_accuracy']:.4f}")
+    assert accuracy > 0.8
+
+
+def test_preprocessing_travels_with_the_logged_model(ray_cluster, tracking_uri, project, tmp_path):
+    run = _train(
+        project, tracking_uri, ray_cluster, "configs/preprocess.yaml", "--set", "train.epochs=5"
+    )
+    assert "mlp(in_features=66" in run["stdout"]  # 64 pixels + the 2 columns prep:add_ink adds
+    assert run["metrics"]["val_accuracy"] > 0.9
+    raw = "d.frame.drop(columns='target')"  # raw rows: no ink, no left_share
+    assert _predict_elsewhere(tmp_path, tracking_uri, run["model_uri"], raw) > 0.9

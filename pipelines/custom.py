@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import user
-from pipelines.data import DataError, Prepared
+from pipelines.data import DataError, Prepared, check_row_counts
 from pipelines.spec import RunSpec, SpecError
 
 ROWS_PER_BLOCK = 4096
@@ -181,17 +181,7 @@ def prepare(
         raise DataError(
             f"{FIELD}: reading rows of {data.dataset} failed: {type(cause).__name__}: {cause}"
         ) from None
-    if num_train // num_workers < rows_per_step:
-        raise DataError(
-            f"data: {num_train} training rows give each of {num_workers} worker(s) fewer than "
-            f"one optimizer step ({rows_per_step} rows each); lower train.batch_size or use "
-            "more data"
-        )
-    if num_val < num_workers:
-        raise DataError(
-            f"data: {num_val} validation rows for {num_workers} worker(s); raise "
-            "data.validation_fraction or give more validation rows"
-        )
+    check_row_counts(num_train, num_val, num_workers, rows_per_step)
     in_shape = list(first["x"].shape[1:])
     y_shape = list(first["y"].shape[1:])
     facts: dict[str, Any] = {"in_shape": in_shape, "in_features": int(np.prod(in_shape))}

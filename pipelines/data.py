@@ -48,6 +48,22 @@ class Prepared:
     """Whatever the pipeline needs again to package the trained model."""
 
 
+def check_row_counts(num_train: int, num_val: int, num_workers: int, rows_per_step: int) -> None:
+    """Refuse splits too small for every worker to take an optimizer step and a validation
+    row (DataError)."""
+    if num_train // num_workers < rows_per_step:
+        raise DataError(
+            f"data: {num_train} training rows give each of {num_workers} worker(s) fewer than "
+            f"one optimizer step ({rows_per_step} rows each); lower train.batch_size or use "
+            "more data"
+        )
+    if num_val < num_workers:
+        raise DataError(
+            f"data: {num_val} validation rows for {num_workers} worker(s); raise "
+            "data.validation_fraction or use more data"
+        )
+
+
 def resolve_files(
     path: str, extensions: tuple[str, ...] | None = None
 ) -> tuple[list[str], pafs.FileSystem]:

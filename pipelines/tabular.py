@@ -20,7 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.data import DataError, Prepared, resolve_files
+from pipelines.data import DataError, Prepared, check_row_counts, resolve_files
 from pipelines.spec import DataSpec, RunSpec
 
 BUILTIN_DIGITS = "builtin:digits"
@@ -566,17 +566,7 @@ def build_datasets(
     if num_train + num_val == 0:
         raise DataError(f"data.path: {spec.path} has no rows")
     stats = fit_stats(train_raw, features, spec)
-    if num_train // num_workers < rows_per_step:
-        raise DataError(
-            f"data: {num_train} training rows give each of {num_workers} worker(s) fewer than "
-            f"one optimizer step ({rows_per_step} rows each); lower train.batch_size or use "
-            "more data"
-        )
-    if num_val < num_workers:
-        raise DataError(
-            f"data: {num_val} validation rows for {num_workers} worker(s); raise "
-            "data.validation_fraction or use more data"
-        )
+    check_row_counts(num_train, num_val, num_workers, rows_per_step)
     kwargs = {"stats": stats.to_dict(), "label": spec.label}
 
     def prep(raw: Any) -> Any:

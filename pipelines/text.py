@@ -10,7 +10,6 @@ class with the `Tokenizer` interface.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import math
 import sysconfig
 import zlib
@@ -65,13 +64,10 @@ def load_tokenizer(name: str) -> Tokenizer:
     """`bytes`, or an instance of the class `package.module:Class`."""
     if name == "bytes":
         return ByteTokenizer()
-    module, sep, attr = name.partition(":")
-    if not sep:
-        raise DataError(f"data.tokenizer: expected bytes or package.module:Class, got {name!r}")
-    try:
-        tokenizer = getattr(importlib.import_module(module), attr)()
-    except (ImportError, AttributeError) as e:
-        raise DataError(f"data.tokenizer: cannot load {name!r}: {e}") from None
+    from pipelines import user
+
+    cls = user.load_callable(name, "data.tokenizer")
+    tokenizer = user.call(cls, {}, "data.tokenizer", name, "the tokenizer")
     if not isinstance(getattr(tokenizer, "vocab_size", None), int):
         raise DataError(f"data.tokenizer: {name!r} has no integer vocab_size")
     return tokenizer

@@ -155,6 +155,7 @@ def user_references(spec: RunSpec) -> dict[str, str]:
         "data.dataset": getattr(spec.data, "dataset", None),
         "data.preprocess": getattr(spec.data, "preprocess", None),
         "data.augment": getattr(spec.data, "augment", None),
+        "data.tokenizer": getattr(spec.data, "tokenizer", None),
     }
     return {k: v for k, v in refs.items() if v and ":" in v}
 

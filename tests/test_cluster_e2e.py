@@ -182,49 +182,46 @@ def head_only(cluster) -> Path | None:
 
 @pytest.fixture(scope="module")
 def both_jobs(cluster, head_only):
-    """The digits run sent by `trainyard submit` from trainyard's tree (reading the digits from
-    a CSV only the head has, where the fourth node exists); from a user's project (a copy of
-    examples/own-code, its modules on no node's path), `trainyard submit` of a Ray Dataset
-    function and a model factory, and plain `ray job submit` of a torch Dataset, a model class,
-    a loss and an augmentation."""
+    """Two runs from a user's project (a copy of examples/own-code: its modules are on no
+    node's path), sent both ways: `trainyard submit` of the digits with the user's
+    preprocessing, read from a CSV only the head has (where the fourth node exists); plain
+    `ray job submit` of a Ray Dataset from the user's function and the user's model factory."""
     env = cluster["env"]
+    project = cluster["base"] / "own-code"
+    shutil.copytree(ROOT / "examples" / "own-code", project, ignore=shutil.ignore_patterns("ml*"))
     data = ["--set", f"data.path={head_only / 'digits.csv'}"] if head_only else []
     started = time.monotonic()
     ours = _run(
-        [str(BIN / "trainyard"), "submit", "configs/digits.yaml", "--set", EPOCHS, *data], env
+        [str(BIN / "trainyard"), "submit", "configs/preprocess.yaml", "--set", EPOCHS, *data],
+        env,
+        cwd=project,
     )
     ours_s = time.monotonic() - started
-    project = cluster["base"] / "own-code"
-    shutil.copytree(ROOT / "examples" / "own-code", project, ignore=shutil.ignore_patterns("ml*"))
-    own_started = time.monotonic()
-    own = _run(
-        [str(BIN / "trainyard"), "submit", "configs/table.yaml", "--set", EPOCHS], env, cwd=project
-    )
-    own_s = time.monotonic() - own_started
     plain_env = env | {"RAY_AUTH_MODE": "token"}
     plain = _run(
         [
             *(str(BIN / "ray"), "job", "submit", "--address", cluster["state"].dashboard_url),
             *("--working-dir", ".", "--"),
-            *("python", "-m", "pipelines.train", "configs/cnn.yaml", "--set", EPOCHS),
+            *("python", "-m", "pipelines.train", "configs/table.yaml", "--set", EPOCHS),
         ],
         plain_env,
         cwd=project,
     )
-    print(f"submit from trainyard's tree: {ours_s:.1f} s; from the user's project: {own_s:.1f} s")
-    return {"ours": ours, "ours_s": ours_s, "started": started, "own": own, "plain": plain}
+    print(f"trainyard submit: {ours_s:.1f} s")
+    return {"ours": ours, "ours_s": ours_s, "started": started, "plain": plain}
 
 
 def test_both_jobs_succeed(both_jobs):
-    for name in ("ours", "own", "plain"):
-        job = both_jobs[name]
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    assert "SUCCEEDED" in both_jobs["ours"].stdout and "SUCCEEDED" in both_jobs["own"].stdout
-    assert "succeeded" in both_jobs["plain"].stdout
-    # The user's modules were imported on the nodes: the dataset by Ray Data's tasks, the
-    # model by the workers (which ran on two nodes: see below).
-    assert "trainyard: mydata:digits_table: 1437 + 360 rows" in both_jobs["own"].stdout
-    assert "model nets:WideNet(num_classes=10, width=32)" in both_jobs["plain"].stdout
+    ours, plain = both_jobs["ours"], both_jobs["plain"]
+    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr[-3000:]
+    assert "SUCCEEDED" in ours.stdout
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    assert "succeeded" in plain.stdout
+    # The user's modules were imported on the cluster: the preprocessing and the dataset by
+    # Ray Data's tasks, the models by the workers (on two nodes: see below).
+    assert "mlp(in_features=66" in ours.stdout  # 64 pixels + the two columns prep:add_ink adds
+    assert "trainyard: mydata:digits_table: 1437 + 360 rows" in plain.stdout
+    assert "model nets:small_mlp(in_features=64, out_features=10, hidden=64)" in plain.stdout
 
 
 def _runs(server: str, experiment: str) -> list[dict]:
@@ -235,15 +232,11 @@ def _runs(server: str, experiment: str) -> list[dict]:
 
 def test_both_runs_are_in_the_mlflow_server_with_metrics_and_model(cluster, both_jobs):
     server = cluster["state"].mlflow_url
-    runs = _runs(server, "digits") + _runs(server, "own-code")
-    experiment = _rest(server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=digits")
-    exp_id = experiment["experiment"]["experiment_id"]
-    assert len(runs) == 3
-    own = _runs(server, "own-code")
-    search = {"experiment_ids": [exp_id, own[0]["info"]["experiment_id"]]}
-    models = _rest(server, "/api/2.0/mlflow/logged-models/search", search)
-    model_runs = {m["info"]["source_run_id"] for m in models["models"]}
-    digits_model = next(m for m in models["models"] if m["info"]["experiment_id"] == exp_id)
+    runs = _runs(server, "own-code")
+    assert len(runs) == 2
+    search = {"experiment_ids": [runs[0]["info"]["experiment_id"]]}
+    models = _rest(server, "/api/2.0/mlflow/logged-models/search", search)["models"]
+    model_runs = {m["info"]["source_run_id"] for m in models}
     for run in runs:
         assert run["info"]["status"] == "FINISHED"
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
@@ -253,14 +246,21 @@ def test_both_runs_are_in_the_mlflow_server_with_metrics_and_model(cluster, both
         # The two DDP workers ran on two different nodes.
         assert tags["num_nodes"] == "2" and len(set(tags["worker_nodes"].split(","))) == 2
         assert run["info"]["run_id"] in model_runs
-    # The model comes back through the server (artifacts are proxied) and predicts digits.
+    # The model with the user's preprocessing comes back through the server (artifacts are
+    # proxied) and predicts digits from raw rows (no ink columns: it adds them itself).
     # (No mlflow.set_tracking_uri: it is process-wide and would outlive this test.)
+    tabular = next(
+        r["info"]["run_id"]
+        for r in runs
+        if {p["key"]: p["value"] for p in r["data"]["params"]}["pipeline"] == "tabular"
+    )
+    preprocessed = next(m for m in models if m["info"]["source_run_id"] == tabular)
     import mlflow
     import numpy as np
     from sklearn.datasets import load_digits
 
     local = mlflow.artifacts.download_artifacts(
-        artifact_uri=digits_model["info"]["artifact_uri"],
+        artifact_uri=preprocessed["info"]["artifact_uri"],
         dst_path=str(cluster["base"] / "model"),
         tracking_uri=server,
     )
@@ -274,7 +274,7 @@ def test_no_secret_in_the_jobs_runtime_env_or_metadata(cluster, both_jobs):
     token, _ = auth.find_token()
     assert token
     jobs = auth.dashboard_get(cluster["state"].dashboard_url, "/api/jobs/")
-    assert len(jobs) >= 3
+    assert len(jobs) >= 2
     for job in jobs:
         exposed = json.dumps({k: job.get(k) for k in ("runtime_env", "metadata", "entrypoint")})
         assert token not in exposed

@@ -3,9 +3,9 @@
 Without Ray: the `module:attr` seam and each of its errors. On the local multi-node cluster, as a
 user runs it (`trainyard train` from a copy of the example project): a torch Dataset read by Ray
 Data tasks, a model class, a focal loss and a per-epoch augmentation, resumed after a failure
-bit for bit; preprocessing on the tabular pipeline; each logged model loaded in a fresh process
-in another directory. (`trainyard submit` and `ray job submit` from the example's directory are
-in test_cluster_e2e.)
+bit for bit, and the logged model loaded in a fresh process in another directory. (From the
+example's directory, test_cluster_e2e sends preprocessing on the tabular pipeline with
+`trainyard submit`, and a Ray Dataset with a model factory with `ray job submit`.)
 """
 
 from __future__ import annotations
@@ -204,13 +204,3 @@ def test_own_dataset_model_loss_and_augment_resume_exactly(
     accuracy = _predict_elsewhere(tmp_path, tracking_uri, straight["model_uri"], images)
     print(f"cnn.yaml, 3 epochs: val_accuracy {straight['metrics']['val_accuracy']:.4f}")
     assert accuracy > 0.8
-
-
-def test_preprocessing_travels_with_the_logged_model(ray_cluster, tracking_uri, project, tmp_path):
-    run = _train(
-        project, tracking_uri, ray_cluster, "configs/preprocess.yaml", "--set", "train.epochs=5"
-    )
-    assert "mlp(in_features=66" in run["stdout"]  # 64 pixels + the 2 columns prep:add_ink adds
-    assert run["metrics"]["val_accuracy"] > 0.9
-    raw = "d.frame.drop(columns='target')"  # raw rows: no ink, no left_share
-    assert _predict_elsewhere(tmp_path, tracking_uri, run["model_uri"], raw) > 0.9

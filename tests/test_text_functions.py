@@ -12,7 +12,7 @@ import torch
 from cluster.hardware import peak_flops
 from pipelines.data import DataError
 from pipelines.loop import BatchStream, lr_factor, make_optimizer, task_loss, throughput, unwrap
-from pipelines.spec import TrainSpec
+from pipelines.spec import SpecError, TrainSpec
 from pipelines.text import (
     ByteTokenizer,
     count_tokens,
@@ -59,9 +59,9 @@ def test_a_users_tokenizer_plugs_in_by_import_path():
         seed=0,
     )
     assert out["x"].dtype == np.uint16 and out["x"].shape[1] == 4
-    with pytest.raises(DataError, match="cannot load"):
+    with pytest.raises(SpecError, match="data.tokenizer: cannot import 'no_such_module:Tok'"):
         load_tokenizer("no_such_module:Tok")
-    with pytest.raises(DataError, match="bytes or package.module:Class"):
+    with pytest.raises(SpecError, match="expected module:attr"):
         load_tokenizer("sentencepiece")
 
 

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="small sizes and 2 repeats, 1 for overhead (a smoke run, ~3 minutes)",
+        help="small sizes, one repeat, no cold-start run (a smoke run, ~2 minutes)",
     )
     parser.add_argument(
         "--out", default=None, help="where results.{json,md,png} go (default: bench/<time>)"

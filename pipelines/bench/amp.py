@@ -61,7 +61,7 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = 3 if quick else 30
-    repeats = 2 if quick else 3
+    repeats = 1 if quick else 3
     cases = []
     for name, model, batches in models(device, quick):
         model.to(device)

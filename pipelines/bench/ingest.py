@@ -85,7 +85,7 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
 
     x, y = digits()
     n_batches = 24 if quick else 200
-    repeats = 2 if quick else 3
+    repeats = 1 if quick else 3
     loaders = {
         k: torch.utils.data.DataLoader(
             Batches(n_batches, x, y),

@@ -20,7 +20,7 @@ def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
 
     every = TrainSpec().log_every_steps
     steps = 2 * every if quick else 40 * every
-    repeats = 2 if quick else 5
+    repeats = 1 if quick else 5
     torch.set_num_threads(max(1, cores))
     g = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))

@@ -27,11 +27,14 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
 
     from cluster.local import free_port
     from pipelines.bench.ddp import ray_loop
+    from pipelines.train import START_TIMEOUT_S, configure_ray_train
+
+    configure_ray_train(START_TIMEOUT_S)  # Ray Train as trainyard runs it
 
     workers = 2 if cores >= 2 else 1
     threads = max(1, cores // workers)
     steps = STEPS["quick" if quick else "full"]
-    repeats = 2 if quick else 3
+    repeats = 1 if quick else 3
     total_cpus = ray.cluster_resources().get("CPU", cores)
     cpus = min(float(threads), total_cpus / workers)
     tmp = Path(tempfile.mkdtemp(prefix="trainyard-bench-trainer-"))

@@ -17,10 +17,11 @@ def add_ink(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def jitter(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Shift each image by up to one pixel and add a little noise (x: N×1×8×8 images)."""
-    x = batch["x"].copy()
-    for i in range(len(x)):
-        dy, dx = rng.integers(-1, 2, size=2)
-        x[i] = np.roll(x[i], (dy, dx), axis=(1, 2))
-    x += rng.normal(0.0, 0.05, size=x.shape).astype(x.dtype)
-    return {"x": x, "y": batch["y"]}
+    """Shift each image by up to one pixel (the border filled with blank) and add a little
+    noise (x: N×1×8×8 images)."""
+    x = batch["x"]
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    shifts = rng.integers(0, 3, size=(len(x), 2))
+    out = np.stack([padded[i, :, dy : dy + 8, dx : dx + 8] for i, (dy, dx) in enumerate(shifts)])
+    out += rng.normal(0.0, 0.02, size=out.shape).astype(out.dtype)
+    return {"x": out, "y": batch["y"]}

@@ -139,7 +139,7 @@ def check_code(spec: RunSpec) -> None:
     for field, ref in user_references(spec).items():
         if field == "model.name":
             fn = user.resolve_model(ref)
-            user.check_arguments(fn, spec.model.args_for({"vocab_size": 256}), "model", ref)
+            user.check_arguments(fn, spec.model.args, "model", ref)
         elif field == "data.dataset":
             fn = user.load_callable(ref, field)
             user.check_arguments(fn, spec.data.args, "data", ref)

@@ -221,7 +221,7 @@ def test_both_jobs_succeed(both_jobs):
     # Ray Data's tasks, the models by the workers (on two nodes: see below).
     assert "mlp(in_features=66" in ours.stdout  # 64 pixels + the two columns prep:add_ink adds
     assert "trainyard: mydata:digits_table: 1437 + 360 rows" in plain.stdout
-    assert "model nets:small_mlp(in_features=64, out_features=10, hidden=64)" in plain.stdout
+    assert "model nets:small_mlp(in_features=64, out_features=10, hidden=128)" in plain.stdout
 
 
 def _runs(server: str, experiment: str) -> list[dict]:

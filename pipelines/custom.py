@@ -31,15 +31,23 @@ FIELD = "data.dataset"
 def as_training_rows(x: Any, y: Any, task: str | None) -> dict[str, np.ndarray]:
     """A batch of inputs and targets as the workers take them: float64 becomes float32;
     classification targets int64, regression targets float32."""
-    x = np.asarray(x)
+    x, y = _dense(x), _dense(y)
     if x.dtype == np.float64:
         x = x.astype(np.float32)
-    y = np.asarray(y)
     if task == "classification":
         y = y.astype(np.int64)
     elif task == "regression" or y.dtype == np.float64:
         y = y.astype(np.float32)
     return {"x": x, "y": y}
+
+
+def _dense(values: Any) -> np.ndarray:
+    """An array of rows; rows that arrive as an object array of lists or arrays (a Ray
+    Dataset built from Python lists) are stacked into one."""
+    values = np.asarray(values)
+    if values.dtype == object:
+        values = np.stack([np.asarray(v) for v in values])
+    return values
 
 
 def read_rows(batch: dict[str, np.ndarray], dataset: Any, task: str | None) -> dict[str, Any]:
@@ -148,7 +156,7 @@ def read_splits(spec: RunSpec, task_cpus: float) -> tuple[Any, Any]:
 
     if isinstance(whole, ray.data.Dataset):
         ds = to_ray(whole, spec, task_cpus).materialize()
-        val, train = ds.train_test_split(data.validation_fraction, shuffle=True, seed=seed)
+        train, val = ds.train_test_split(data.validation_fraction, shuffle=True, seed=seed)
         return train.materialize(), val.materialize()
     if not hasattr(whole, "__len__"):
         to_ray(whole, spec, task_cpus)  # raises the error for what it is

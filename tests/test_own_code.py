@@ -115,6 +115,33 @@ def test_a_model_the_loss_cannot_take_fails_on_the_driver(ray_cluster, project, 
     assert "(x (2, 64) float32, y (2,) int64): RuntimeError: mat1 and mat2 shapes" in err
 
 
+def numbers():
+    """A user function returning a Ray Dataset and taking no split: 100 rows of [i, i²]."""
+    import ray.data
+
+    return ray.data.from_items([{"x": [float(i), float(i * i)], "y": i % 3} for i in range(100)])
+
+
+def test_a_ray_dataset_without_a_split_is_split_here(ray_cluster):
+    from pipelines import custom
+    from pipelines.spec import RunSpec
+
+    spec = RunSpec.from_dict(
+        {"pipeline": "custom", "data": {"dataset": f"{__name__}:numbers", "num_classes": 3}}
+    )
+    data = custom.prepare(spec, task_cpus=0.5, num_workers=2, rows_per_step=32)
+    assert (data.num_train, data.num_validation) == (80, 20)  # validation_fraction 0.2
+    rows = {
+        tuple(x)
+        for part in (data.train, data.validation)
+        for x in part.take_batch(100, batch_format="numpy")["x"].tolist()
+    }
+    assert len(rows) == 100  # every row on exactly one side
+    batch = data.train.take_batch(4, batch_format="numpy")
+    assert batch["x"].dtype == "float32" and batch["y"].dtype == "int64"
+    assert data.facts == {"in_shape": [2], "in_features": 2, "num_classes": 3, "out_features": 3}
+
+
 def _train(project: Path, tracking_uri: str, ray_cluster, *args: str, **env: str) -> dict:
     """`trainyard train` as a user runs it, from the project directory, on the test cluster."""
     summary = project / f"summary-{len(list(project.glob('summary-*')))}.json"

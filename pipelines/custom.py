@@ -155,9 +155,10 @@ def read_splits(spec: RunSpec, task_cpus: float) -> tuple[Any, Any]:
     import ray.data
 
     if isinstance(whole, ray.data.Dataset):
-        ds = to_ray(whole, spec, task_cpus).materialize()
-        train, val = ds.train_test_split(data.validation_fraction, shuffle=True, seed=seed)
-        return train.materialize(), val.materialize()
+        # Materialized, both sides.
+        return to_ray(whole, spec, task_cpus).train_test_split(
+            data.validation_fraction, shuffle=True, seed=seed
+        )
     if not hasattr(whole, "__len__"):
         to_ray(whole, spec, task_cpus)  # raises the error for what it is
     index = np.arange(len(whole))

@@ -706,7 +706,12 @@ def data_passes(
 
 
 def epoch_metrics(
-    w: Worker, epoch: int, result: EpochStats, val_batches: Iterable, started: float
+    w: Worker,
+    epoch: int,
+    result: EpochStats,
+    val_batches: Iterable,
+    val_loss: Callable[..., torch.Tensor],
+    started: float,
 ) -> dict[str, float]:
     """Validation metrics, throughput and the epoch's facts: what every rank reports."""
     job = w.job
@@ -714,7 +719,7 @@ def epoch_metrics(
         w.model,
         val_batches,
         task=job["task"],
-        loss_fn=validation_loss(job["task"], w.spec.train),
+        loss_fn=val_loss,
         amp_dtype=w.amp_dtype,
         target_std=job.get("target_std", 1.0),
     )
@@ -781,6 +786,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tr, job = w.spec.train, w.job
     train_pass, val_batches = data_passes(w)
     train_loss = training_loss(job["task"], tr)
+    val_loss = validation_loss(job["task"], tr)
     # Epochs of a set number of steps stream on across passes; otherwise an epoch is a pass.
     stream = BatchStream(train_pass, w.position) if tr.steps_per_epoch else None
     steps_per_epoch = job["steps_per_epoch"]
@@ -816,7 +822,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             w.log.tags({STOPPED_TAG: message})
             logger.error(message)
             break
-        metrics = epoch_metrics(w, epoch, result, val_batches(), started)
+        metrics = epoch_metrics(w, epoch, result, val_batches(), val_loss, started)
         report(w, epoch, metrics, stream, steps_done)
     watchdog.stop()
 

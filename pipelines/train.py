@@ -578,19 +578,23 @@ def make_trainer(
     )
 
 
+def steps_per_epoch(spec: RunSpec, plan: Any, data: Prepared) -> int:
+    """train.steps_per_epoch, else the optimizer steps of one pass over each worker's share."""
+    rows_per_step = spec.micro_batch_size * spec.accum_steps
+    return spec.train.steps_per_epoch or data.num_train // plan.num_workers // rows_per_step
+
+
 def worker_job(
     spec: RunSpec, plan: Any, data: Prepared, recipe: dict[str, Any], run_id: str, uri: str
 ) -> dict[str, Any]:
     """The plain facts every worker gets besides the spec: the pipeline's, the model's recipe,
     the MLflow run, the plan's threads, how the data reaches the workers."""
-    rows_per_step = spec.micro_batch_size * spec.accum_steps
     job = data.job | {
         "run_id": run_id,
         "tracking_uri": uri,
         "model": recipe,
         "torch_threads": plan.torch_threads,
-        "steps_per_epoch": spec.train.steps_per_epoch
-        or data.num_train // plan.num_workers // rows_per_step,
+        "steps_per_epoch": steps_per_epoch(spec, plan, data),
         "cache_shards": cache_shards(data),
         "num_rows": {"train": data.num_train, "validation": data.num_validation},
         "inject_failure": failure_plan(),
@@ -649,9 +653,8 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
     )
     recipe = checked_model(spec, data)
     # 2. One MLflow run for the job, shared with the workers by id.
-    job = worker_job(spec, plan, data, recipe, "", place.uri)
-    run_id = open_run(spec, place, plan, data, job["steps_per_epoch"])
-    job["run_id"] = run_id
+    run_id = open_run(spec, place, plan, data, steps_per_epoch(spec, plan, data))
+    job = worker_job(spec, plan, data, recipe, run_id, place.uri)
     print(plan.describe())
     timeout = start_timeout(spec, plan)
     if notice := waiting_notice(plan, timeout):

@@ -8,6 +8,7 @@ from torch import nn
 
 from models.gpt import GPT, GPTConfig
 from models.mlp import MLP, MLPConfig, TabularPredictor
+from models.resnet import ResNet, ResNetConfig
 
 
 def mlp(
@@ -29,7 +30,12 @@ def gpt(
     return GPT(GPTConfig(vocab_size, context, n_layer, n_head, n_embd, dropout))
 
 
-MODELS = {"mlp": mlp, "gpt": gpt}
+def resnet(in_channels: int, num_classes: int, depth: int = 18, width: int = 64) -> ResNet:
+    """The CIFAR-style ResNet (`models.resnet`)."""
+    return ResNet(ResNetConfig(in_channels, num_classes, depth, width))
+
+
+MODELS = {"mlp": mlp, "gpt": gpt, "resnet": resnet}
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
@@ -37,4 +43,14 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return MODELS[name](**kwargs)
 
 
-__all__ = ["GPT", "GPTConfig", "MLP", "MLPConfig", "MODELS", "TabularPredictor", "build_model"]
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "MLP",
+    "MLPConfig",
+    "MODELS",
+    "ResNet",
+    "ResNetConfig",
+    "TabularPredictor",
+    "build_model",
+]

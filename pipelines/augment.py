@@ -1,11 +1,10 @@
 """Per-epoch random augmentation on Ray Data, the job DataLoader workers used to do.
 
-The training split gets a row-position column and is cut into one shard per rank on the
-driver. Every pass, each rank maps the user's `fn(batch, rng) -> batch` over its shard with Ray
-Data tasks (on the CPUs the plan keeps for Ray Data, while the workers train) and streams the
-result. Each batch's generator is seeded from (seed, pass, the position of its first row), so a
-pass draws the same whether the run got there straight or resumed from a checkpoint, and every
-pass draws anew.
+The training rows get a row-position column and are cut into one shard per rank on the driver.
+Every pass, each rank maps the pipeline's batch function over its shard with Ray Data tasks (on
+the CPUs the plan keeps for Ray Data, while the workers train) and streams the result. Random
+draws are seeded from (seed, pass, row position), so a pass draws the same whether the run got
+there straight or resumed from a checkpoint, and every pass draws anew.
 """
 
 from __future__ import annotations
@@ -17,14 +16,14 @@ import numpy as np
 ROW = "__row"
 
 
-def rank_shards(train: Any, world: int, task_cpus: float) -> list[Any]:
-    """The (materialized) training split with each row's position, in `world` equal shards."""
+def rank_shards(rows: Any, world: int, task_cpus: float) -> list[Any]:
+    """The (materialized) rows with each row's position, in `world` equal shards."""
     import ray
     import ray.data
 
     number = ray.remote(_numbered).options(num_cpus=task_cpus)
     refs, start = [], 0
-    for bundle in train.iter_internal_ref_bundles():
+    for bundle in rows.iter_internal_ref_bundles():
         for ref, meta in zip(bundle.block_refs, bundle.metadata, strict=True):
             refs.append(number.remote(ref, start))
             start += meta.num_rows
@@ -41,9 +40,10 @@ def _numbered(block: Any, start: int) -> Any:
 
 
 def augment_batch(
-    batch: dict[str, np.ndarray], ref: str, seed: int, pass_number: int
+    batch: dict[str, np.ndarray], seed: int, pass_number: int, ref: str
 ) -> dict[str, np.ndarray]:
-    """The user's augmentation `ref` applied to one batch (a Ray Data batch function)."""
+    """The user's augmentation `ref` (`fn(batch, rng) -> batch`) applied to one batch of model
+    inputs; its generator is seeded from (seed, pass, the batch's first row)."""
     from pipelines import user
 
     fn = user.load_callable(ref, "data.augment")
@@ -57,12 +57,25 @@ def augment_batch(
     return {"x": np.asarray(out["x"]), "y": np.asarray(out["y"])}
 
 
-def augmented(shard: Any, ref: str, seed: int, pass_number: int, task_cpus: float) -> Any:
-    """One pass of a rank's shard through the augmentation (lazy: Ray Data runs it while the
-    rank consumes it)."""
-    return shard.map_batches(
-        augment_batch,
-        fn_kwargs={"ref": ref, "seed": seed, "pass_number": pass_number},
+def plan(train: Any, ref: str | None) -> Any:
+    """The PerEpoch of a user's augmentation `ref` over the training rows (None: none)."""
+    from pipelines.data import PerEpoch
+
+    return PerEpoch(train, "pipelines.augment:augment_batch", {"ref": ref}) if ref else None
+
+
+def one_pass(
+    shard: Any, per_epoch: dict[str, Any], seed: int, pass_number: int, task_cpus: float
+) -> Any:
+    """One pass of a rank's shard through the batch function (lazy: Ray Data runs it while the
+    rank consumes it). `per_epoch`: the PerEpoch's fn, kwargs and remote_args."""
+    from pipelines import user
+
+    # Blocks in a new order every pass (rows are shuffled within a window as they stream).
+    return shard.randomize_block_order(seed=seed * 1000 + pass_number).map_batches(
+        user.load_callable(per_epoch["fn"], "data.augment"),
+        fn_kwargs={"seed": seed, "pass_number": pass_number, **per_epoch["kwargs"]},
         batch_format="numpy",
         num_cpus=task_cpus,
+        **(per_epoch["remote_args"] or {}),
     )

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import user
+from pipelines import augment, user
+from pipelines.arrays import mix64
 from pipelines.data import DataError, Prepared, check_row_counts
 from pipelines.spec import RunSpec, SpecError
 
@@ -71,9 +72,7 @@ def normalize(batch: dict[str, np.ndarray], task: str | None) -> dict[str, np.nd
 
 def in_validation(index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Whether each row position goes to validation: a seeded hash of the position."""
-    from pipelines.tabular import _mix64
-
-    h = _mix64(index.astype(np.uint64) ^ _mix64(np.array([seed], dtype=np.uint64)))
+    h = mix64(index.astype(np.uint64) ^ mix64(np.array([seed], dtype=np.uint64)))
     return h / np.float64(2**64) < fraction
 
 
@@ -213,6 +212,7 @@ def prepare(
         facts=facts,
         job={"task": data.task},
         params={"data.num_train": num_train, "data.num_validation": num_val},
+        per_epoch=augment.plan(train, data.augment),
         extra=val,
     )
 
@@ -228,3 +228,8 @@ def metric_keys(spec: RunSpec) -> list[str]:
     """The metrics plotted into the run's curves."""
     quality = {"classification": ["val_accuracy"], "regression": ["val_rmse", "val_r2"]}
     return ["train_loss", "val_loss", *quality.get(spec.data.task, [])]
+
+
+def figures(spec: RunSpec, prepared: Prepared, net: Any, directory: Any) -> list[Any]:
+    """None beyond the curves."""
+    return []

@@ -5,6 +5,7 @@ used; and Ray Data's console kept quiet."""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -23,8 +24,40 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
+def errors_reported_here():
+    """Ray Data logs a task's exception twice (with its traceback) before raising it; inside
+    this block the caller turns such exceptions into one DataError line, so Ray's logging of
+    them stays out of the console."""
+    names = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 class DataError(TrainyardError):
     """Data that cannot be trained on: missing files or columns, bad rows, too few rows."""
+
+
+@dataclass
+class PerEpoch:
+    """Training rows that Ray Data maps anew every pass (augmentation): each rank gets an equal
+    share of `rows`, numbered by position (column pipelines.augment.ROW), and every pass maps
+    `fn(batch, seed=, pass_number=, **kwargs)` over it in Ray Data tasks while the rank trains."""
+
+    rows: Any
+    """A materialized ray.data.Dataset."""
+    fn: str
+    """`module:fn`, the batch function."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    remote_args: dict[str, Any] | None = None
+    """Ray remote args for its tasks (reading files only one node has on that node)."""
 
 
 @dataclass
@@ -44,6 +77,9 @@ class Prepared:
     "dtypes" (torch dtype names per column), and pipeline facts (context, FLOPs per token, ...)."""
     params: dict[str, Any] = field(default_factory=dict)
     """What else to record as MLflow params (data sizes, statistics)."""
+    per_epoch: PerEpoch | None = None
+    """Set when the training rows are mapped anew every pass (then `train` only serves to
+    check the model on a few rows)."""
     extra: Any = None
     """Whatever the pipeline needs again to package the trained model."""
 
@@ -133,4 +169,8 @@ class Pipeline(Protocol):
 
     def metric_keys(self, spec: Any) -> list[str]:
         """The metrics plotted into the run's curves."""
+        ...
+
+    def figures(self, spec: Any, prepared: Prepared, net: Any, directory: Any) -> list[Any]:
+        """Pictures of the run beyond its curves, written into `directory`: their paths."""
         ...

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import os
+import queue
 import random
 import sys
 import tempfile
@@ -431,6 +432,50 @@ def stacks() -> str:
             return f.read()
 
 
+_END = object()
+
+
+def ahead(
+    make_pass: Callable[[int], Iterable],
+    first: int,
+    last: int | None = None,
+    passes: int = 2,
+    depth: int = 4,
+) -> Callable[[int], Iterable]:
+    """`make_pass` (pass n → its batches) run ahead in background threads: pass `first` at
+    once, and when pass n is asked for, the `passes` after it (up to `last`). Each holds at
+    most `depth` of its batches until it is asked for in turn. Errors surface where the
+    batches are taken."""
+    started: dict[int, queue.Queue] = {}
+
+    def fill(n: int, q: queue.Queue) -> None:
+        try:
+            for batch in make_pass(n):
+                q.put(batch)
+            q.put(_END)
+        except BaseException as e:
+            q.put(e)
+
+    def start(n: int) -> None:
+        if n not in started and (last is None or n <= last):
+            started[n] = queue.Queue(maxsize=depth)
+            threading.Thread(target=fill, args=(n, started[n]), daemon=True).start()
+
+    def batches(q: queue.Queue) -> Iterable:
+        while (item := q.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def train_pass(n: int) -> Iterable:
+        for k in range(n, n + passes + 1):
+            start(k)
+        return batches(started.pop(n))
+
+    start(first)  # alone, so that the passes after it do not take its CPUs
+    return train_pass
+
+
 class BatchStream:
     """Micro-batches from pass after pass over a dataset shard, for epochs of a fixed number of
     steps that end inside a pass: the next epoch goes on where the last one stopped.
@@ -516,6 +561,8 @@ def throughput(
     """samples/s over all ranks; for text also tokens/s, and model FLOPs utilisation where the
     device's peak is known (achieved model FLOP/s over the peak of all `world` devices)."""
     out = {"samples_per_s": result.samples_per_s * world}
+    if unit := job.get("unit"):  # images/s
+        out[f"{unit}_per_s"] = out["samples_per_s"]
     context = job.get("context")
     if context:
         out["tokens_per_s"] = out["samples_per_s"] * context
@@ -564,11 +611,10 @@ class Worker:
 
 def set_up(config: dict[str, Any]) -> Worker:
     """Build this rank's model (the same initial weights on every rank), optimizer, schedule and
-    scaler; load the newest checkpoint where there is one; compile; wrap in DDP; tag the run."""
+    scaler; load the newest checkpoint where there is one (`distribute` then wraps it)."""
     import ray.train
     import ray.train.torch
 
-    from cluster.hardware import device_name, peak_flops
     from pipelines.data import quiet_ray_data
     from pipelines.tracking import RankZeroLogger
 
@@ -585,6 +631,8 @@ def set_up(config: dict[str, Any]) -> Worker:
     model = build_model(job["model"])
     device = ray.train.torch.get_device()
     model.to(device)
+    if job.get("channels_last") and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # convolutions' fast layout on GPUs
     optimizer = make_optimizer(model, spec.train)
     scheduler = make_scheduler(optimizer, spec.train, job["steps_per_epoch"] * spec.train.epochs)
     amp_dtype = resolve_amp(spec.amp.mode, device)
@@ -602,24 +650,33 @@ def set_up(config: dict[str, Any]) -> Worker:
         RankZeroLogger(job["tracking_uri"], job["run_id"], rank),
     )
     resume(w, ray.train.get_checkpoint())
-    if spec.train.compile:
+    return w
+
+
+def distribute(w: Worker) -> None:
+    """Compile the model where asked, wrap it in DDP, and tag the run with where it trains."""
+    import ray
+    import ray.train.torch
+
+    from cluster.hardware import device_name, peak_flops
+
+    if w.spec.train.compile:
         w.model = torch.compile(w.model)
     w.model = ray.train.torch.prepare_model(w.model)
-    nodes = [ray.get_runtime_context().get_node_id()] * world
-    if world > 1:
+    nodes = [ray.get_runtime_context().get_node_id()] * w.world
+    if w.world > 1:
         dist.all_gather_object(nodes, nodes[0])
-    name = device_name(device)
+    name = device_name(w.device)
     w.log.tags(
         {
-            "num_workers": world,
+            "num_workers": w.world,
             "num_nodes": len(set(nodes)),
             "worker_nodes": ",".join(nodes),
-            "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
+            "amp_dtype": str(w.amp_dtype).removeprefix("torch.") if w.amp_dtype else "fp32",
             "device": name,
         }
     )
-    w.peak = peak_flops(name) if device.type == "cuda" else None
-    return w
+    w.peak = peak_flops(name) if w.device.type == "cuda" else None
 
 
 def resume(w: Worker, checkpoint: Any) -> None:
@@ -660,16 +717,6 @@ def data_passes(
     def pass_seed(n: int) -> int:
         return tr.seed + 1000 * n + rank
 
-    if job["cache_shards"]:
-        val_rows = load_share(val_shard, job["num_rows"]["validation"], rank, world, device)
-
-        def val_batches() -> Iterable[dict[str, torch.Tensor]]:
-            return memory_batches(val_rows, eval_batch, dtypes)
-    else:
-
-        def val_batches() -> Iterable[dict[str, torch.Tensor]]:
-            return val_shard.iter_torch_batches(batch_size=eval_batch, dtypes=dtypes)
-
     def streamed(shard: Any, n: int) -> Iterable[dict[str, torch.Tensor]]:
         return shard.iter_torch_batches(
             batch_size=micro,
@@ -680,16 +727,21 @@ def data_passes(
         )
 
     if "train_shards" in job:
-        from pipelines.augment import augmented
+        from pipelines.augment import one_pass
 
         shard = job["train_shards"][rank]
         # Ray Data hands the augmented arrays out read-only (zero-copy from Arrow); the loop
         # only reads them, so torch's warning about it is noise.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-        def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
-            ds = augmented(shard, job["augment"], tr.seed, n, job["data_task_cpus"])
+        def mapped_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
+            ds = one_pass(shard, job["per_epoch"], tr.seed, n, job["data_task_cpus"])
             return streamed(ds, n)
+
+        # Each pass is a new Ray Data execution (seconds to start on a small machine): the
+        # next one starts while this one trains.
+        first = w.position[0] if tr.steps_per_epoch else w.first_epoch
+        train_pass = ahead(mapped_pass, first, None if tr.steps_per_epoch else tr.epochs)
     elif job["cache_shards"]:
         rows = job["num_rows"]["train"]
         train_rows = load_share(ray.train.get_dataset_shard("train"), rows, rank, world, device)
@@ -701,6 +753,17 @@ def data_passes(
 
         def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
             return streamed(train_shard, n)
+
+    # (After the training passes: a first mapped pass starts while this reads.)
+    if job["cache_shards"]:
+        val_rows = load_share(val_shard, job["num_rows"]["validation"], rank, world, device)
+
+        def val_batches() -> Iterable[dict[str, torch.Tensor]]:
+            return memory_batches(val_rows, eval_batch, dtypes)
+    else:
+
+        def val_batches() -> Iterable[dict[str, torch.Tensor]]:
+            return val_shard.iter_torch_batches(batch_size=eval_batch, dtypes=dtypes)
 
     return train_pass, val_batches
 
@@ -784,7 +847,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config` holds {"spec": RunSpec dict, "job": driver facts}."""
     w = set_up(config)
     tr, job = w.spec.train, w.job
-    train_pass, val_batches = data_passes(w)
+    train_pass, val_batches = data_passes(w)  # a first mapped pass starts here, in the background
+    distribute(w)
     train_loss = training_loss(job["task"], tr)
     val_loss = validation_loss(job["task"], tr)
     # Epochs of a set number of steps stream on across passes; otherwise an epoch is a pass.
@@ -868,7 +932,8 @@ def progress_line(epoch: int, epochs: int, metrics: dict[str, float], job: dict[
     else:
         shown = {k: v for k, v in metrics.items() if k.startswith("val_")}
         line += "  " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-        line += f"  samples/s {metrics['samples_per_s']:.0f}"
+        unit = job.get("unit", "samples")
+        line += f"  {unit}/s {metrics['samples_per_s']:.0f}"
     return (
         line + f"  data_wait {100 * metrics['data_wait_share']:.1f}%"
         f"  ({metrics['epoch_seconds']:.2f} s, {metrics['elapsed_s']:.0f} s in all)"

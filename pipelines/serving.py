@@ -1,7 +1,9 @@
-"""A logged model that runs the user's preprocessing before the network: raw rows in.
+"""Logged models that take raw input: rows through the user's preprocessing, or encoded
+images through the decoding and normalization of training.
 
 Imported by MLflow wherever the model is loaded, with the code logged beside it, so it imports
-nothing of trainyard's but `models` (pure torch) and loads the user's function by name.
+nothing of trainyard's but `models` (pure torch) and `pipelines.arrays` (numpy and Pillow), and
+loads the user's function by name.
 """
 
 from __future__ import annotations
@@ -34,3 +36,38 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:
         with torch.no_grad():
             return self.predictor(self.transform(model_input)).float().numpy()
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    """Encoded images in, class names out: each image decoded, converted and resized as in
+    training, normalized with the training split's channel statistics, classified."""
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        size: list[int],
+        mode: str,
+        mean: list[float],
+        std: list[float],
+        classes: list[str],
+    ):
+        self.net = net.eval()
+        self.size, self.mode = tuple(size), mode
+        self.mean, self.std, self.classes = list(mean), list(std), list(classes)
+
+    def inputs(self, model_input: pd.DataFrame) -> torch.Tensor:
+        """The DataFrame's `image` column (bytes, or paths to read) as the network's input."""
+        from pipelines.arrays import decode_image, normalize
+
+        images = []
+        for item in model_input["image"]:
+            if isinstance(item, str):
+                with open(item, "rb") as f:
+                    item = f.read()
+            images.append(decode_image(bytes(item), self.size, self.mode))
+        return torch.from_numpy(normalize(np.stack(images), self.mean, self.std))
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:
+        with torch.no_grad():
+            logits = self.net(self.inputs(model_input)).float()
+        return np.asarray(self.classes, dtype=object)[logits.argmax(-1).numpy()]

@@ -148,6 +148,72 @@ class CustomDataSpec:
         )
 
 
+@dataclass
+class ImageDataSpec:
+    path: str = ""
+    """Class folders, `path/<class>/<image>` (PNG, JPEG, BMP, GIF, TIFF, WebP), local or any
+    pyarrow URI; or `builtin:digits-images`, scikit-learn's digits written as PNG files once.
+    The classes are the folder names, in sorted order."""
+    image_size: list[int] = field(default_factory=lambda: [32, 32])
+    """Height and width every image is resized to, once, when it is decoded."""
+    mode: Literal["RGB", "L"] = "RGB"
+    """Colour (3 channels) or greyscale (1); every image is converted to it."""
+    validation_fraction: float = 0.2
+    """Share of each class held out, chosen by a seeded hash of the file's path below
+    data.path: a file always lands on the same side."""
+    augment: Any = field(default_factory=lambda: {"crop_padding": 4, "flip": True})
+    """Random transforms of the training images, every epoch, in Ray Data tasks: the built-in
+    `{crop_padding: P, flip: true|false}` (a random crop of the image padded with P black
+    pixels, a horizontal flip of half the images), or `module:fn`,
+    `fn(batch, rng) -> batch` with `x` uint8 images (n, height, width, channels) and `y`
+    class indices; or null for none. Each draw is seeded from (train.seed, epoch, image): a
+    resumed run draws what an uninterrupted one would."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """An image that does not decode: stop, naming its file, or skip it (and count it)."""
+    keep_decoded: bool | None = None
+    """Keep the decoded images in Ray's object store (decoded once), or decode them again
+    from data.path every epoch (streamed). None: keep them when they take at most half of the
+    cluster's object store."""
+
+    def __post_init__(self) -> None:
+        _check(
+            bool(self.path), "data.path", self.path, "class folders, a URI or builtin:digits-images"
+        )
+        _check(
+            len(self.image_size) == 2 and all(n >= 1 for n in self.image_size),
+            "data.image_size",
+            self.image_size,
+            "[height, width] in pixels",
+        )
+        _check(
+            0.0 < self.validation_fraction < 1.0,
+            "data.validation_fraction",
+            self.validation_fraction,
+            "a number between 0 and 1",
+        )
+        _check(
+            self.augment_kind in ("builtin", "user", None),
+            "data.augment",
+            self.augment,
+            "{crop_padding: N, flip: true|false}, module:fn or null",
+        )
+
+    @property
+    def augment_kind(self) -> str | None:
+        """`builtin`, `user` (module:fn) or None; anything else is not a valid augment."""
+        a = self.augment
+        if a is None:
+            return None
+        if isinstance(a, str):
+            return "user" if ":" in a else "invalid"
+        if isinstance(a, dict) and set(a) <= {"crop_padding", "flip"}:
+            padding, flip = a.get("crop_padding", 0), a.get("flip", False)
+            if isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0:
+                if isinstance(flip, bool):
+                    return "builtin"
+        return "invalid"
+
+
 def _check_reference(name: str, value: str | None) -> None:
     _check(value is None or ":" in value, name, value, "module:fn or null")
 
@@ -207,6 +273,22 @@ class GPTSpec:
             )
         except ValueError as e:
             raise SpecError(f"model: {e}") from None
+
+
+@dataclass
+class ResNetSpec:
+    name: Literal["resnet"] = "resnet"
+    """A CIFAR-style ResNet (the images pipeline's model, `models.resnet`)."""
+    depth: Literal[10, 18, 34] = 18
+    width: int = 64
+    """Channels of the first stage (later stages double them)."""
+
+    def __post_init__(self) -> None:
+        _check(self.width >= 1, "model.width", self.width, "an integer >= 1")
+
+    def args_for(self, facts: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments for `models.resnet` besides the pipeline's facts."""
+        return {"depth": self.depth, "width": self.width}
 
 
 @dataclass
@@ -358,16 +440,18 @@ PIPELINES: dict[str, tuple[type, type]] = {
     "tabular": (DataSpec, MLPSpec),
     "text": (TextDataSpec, GPTSpec),
     "custom": (CustomDataSpec, MLPSpec),
+    "images": (ImageDataSpec, ResNetSpec),
 }
 
 
 @dataclass
 class RunSpec:
-    pipeline: Literal["tabular", "text", "custom"] = "tabular"
+    pipeline: Literal["tabular", "text", "custom", "images"] = "tabular"
     """`tabular`: CSV/Parquet rows → MLP. `text`: text files → byte-level GPT. `custom`: your
-    own dataset (data.dataset). Any pipeline trains your own model (model.name: module:attr)."""
-    data: DataSpec | TextDataSpec | CustomDataSpec = field(default_factory=DataSpec)
-    model: MLPSpec | GPTSpec | UserModelSpec = field(default_factory=MLPSpec)
+    own dataset (data.dataset). `images`: class folders of images → ResNet. Any pipeline
+    trains your own model (model.name: module:attr)."""
+    data: DataSpec | TextDataSpec | CustomDataSpec | ImageDataSpec = field(default_factory=DataSpec)
+    model: MLPSpec | GPTSpec | ResNetSpec | UserModelSpec = field(default_factory=MLPSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     amp: AmpSpec = field(default_factory=AmpSpec)
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
@@ -460,7 +544,7 @@ class RunSpec:
         _check(pipeline in PIPELINES, "pipeline", pipeline, "one of " + ", ".join(PIPELINES))
         data_cls, model_cls = PIPELINES[pipeline]
         model = raw.get("model") or {}
-        names = {c().name: c for c in (MLPSpec, GPTSpec)}
+        names = {c().name: c for c in (MLPSpec, GPTSpec, ResNetSpec)}
         name = model.get("name", model_cls().name) if isinstance(model, dict) else None
         if name in names:
             model_cls = names[name]

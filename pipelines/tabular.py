@@ -20,6 +20,8 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines import augment
+from pipelines.arrays import mix64
 from pipelines.data import DataError, Prepared, check_row_counts, resolve_files
 from pipelines.spec import DataSpec, RunSpec
 
@@ -67,18 +69,10 @@ class TabularData:
 # --- pure batch functions (run inside Ray Data tasks) ------------------------------------------
 
 
-def _mix64(h: np.ndarray) -> np.ndarray:
-    """The splitmix64 finalizer: scrambles 64-bit integers (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return h ^ (h >> np.uint64(31))
-
-
 def row_hash(df: pd.DataFrame, seed: int) -> np.ndarray:
     """A seeded 64-bit hash of each row's values: the same row always lands on the same side."""
     rows = pd.util.hash_pandas_object(df, index=False).to_numpy(dtype=np.uint64)
-    return _mix64(rows ^ _mix64(np.array([seed], dtype=np.uint64)))
+    return mix64(rows ^ mix64(np.array([seed], dtype=np.uint64)))
 
 
 def mark_validation(group: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
@@ -604,6 +598,7 @@ def prepare(
         },
         job={"task": spec.data.task, "target_std": data.stats.target_std},
         params={"data.num_train": data.num_train, "data.num_validation": data.num_validation},
+        per_epoch=augment.plan(data.train, spec.data.augment),
         extra=data,
     )
 
@@ -635,3 +630,8 @@ def metric_keys(spec: RunSpec) -> list[str]:
     """The metrics plotted into the run's curves."""
     quality = ["val_accuracy"] if spec.data.task == "classification" else ["val_rmse", "val_r2"]
     return ["train_loss", "val_loss", *quality]
+
+
+def figures(spec: RunSpec, prepared: Prepared, net: Any, directory: Any) -> list[Any]:
+    """None beyond the curves."""
+    return []

@@ -347,3 +347,8 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
 def metric_keys(spec: RunSpec) -> list[str]:
     """The metrics plotted into the run's curves."""
     return ["train_loss", "val_loss", "val_bits_per_byte", "tokens_per_s"]
+
+
+def figures(spec: RunSpec, prepared: Prepared, net: Any, directory: Any) -> list[Any]:
+    """None beyond the curves (samples of generated text are `trainyard generate`'s)."""
+    return []

@@ -223,6 +223,11 @@ class RankZeroLogger:
         return count
 
 
+def log_artifact(uri: str, run_id: str, path: str | Path) -> None:
+    """Copy one file into the run's artifacts."""
+    _client(uri).log_artifact(run_id, str(path))
+
+
 def log_curves(uri: str, run_id: str, keys: list[str]) -> None:
     """Plot per-epoch metric histories into `curves.png` in the run (skipped where matplotlib
     is not installed, as with mlflow-skinny)."""

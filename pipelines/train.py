@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -154,10 +155,10 @@ def user_references(spec: RunSpec) -> dict[str, str]:
         "train.loss": spec.train.loss,
         "data.dataset": getattr(spec.data, "dataset", None),
         "data.preprocess": getattr(spec.data, "preprocess", None),
-        "data.augment": getattr(spec.data, "augment", None),
+        "data.augment": getattr(spec.data, "augment", None),  # (or a built-in's dict)
         "data.tokenizer": getattr(spec.data, "tokenizer", None),
     }
-    return {k: v for k, v in refs.items() if v and ":" in v}
+    return {k: v for k, v in refs.items() if isinstance(v, str) and ":" in v}
 
 
 def checked_model(spec: RunSpec, data: Prepared) -> dict[str, Any]:
@@ -370,9 +371,13 @@ def waiting_notice(plan: Any, start_timeout_s: float) -> str | None:
     )
 
 
-def cache_shards(data: Any) -> bool:
-    """Whether the preprocessed splits are small enough for workers to keep in memory."""
-    return data.train.size_bytes() + data.validation.size_bytes() <= CACHE_BYTES
+def cache_shards(data: Prepared) -> bool:
+    """Whether the preprocessed splits that the workers read as they are (not the training
+    rows mapped anew every pass) are small enough for them to keep in memory."""
+    size = data.validation.size_bytes()
+    if data.per_epoch is None:
+        size += data.train.size_bytes()
+    return size <= CACHE_BYTES
 
 
 class TrainingStopped(Exception):
@@ -546,7 +551,7 @@ def make_trainer(
     if max_failures is None:
         max_failures = 2 if len(plan.nodes.cpus) > 1 else 0
     datasets = {"validation": data.validation}
-    if "train_shards" not in job:  # augmented data comes to each rank as its own shard
+    if data.per_epoch is None:  # else each rank gets its own shard, mapped anew every pass
         datasets["train"] = data.train
     return TorchTrainer(
         train_loop_per_worker,
@@ -600,12 +605,17 @@ def worker_job(
         "inject_failure": failure_plan(),
         "data_task_cpus": plan.data_task_cpus,
     }
-    augment = getattr(spec.data, "augment", None)
-    if augment:
+    if data.per_epoch is not None:
         from pipelines.augment import rank_shards
 
-        job["augment"] = augment
-        job["train_shards"] = rank_shards(data.train, plan.num_workers, plan.data_task_cpus)
+        job["per_epoch"] = {
+            "fn": data.per_epoch.fn,
+            "kwargs": data.per_epoch.kwargs,
+            "remote_args": data.per_epoch.remote_args,
+        }
+        job["train_shards"] = rank_shards(
+            data.per_epoch.rows, plan.num_workers, plan.data_task_cpus
+        )
     return job
 
 
@@ -629,6 +639,9 @@ def log_outcome(
     net = user.build_model(state["model_recipe"])
     net.load_state_dict(state["model"])
     tracking.log_curves(place.uri, run_id, pipeline.metric_keys(spec))
+    with tempfile.TemporaryDirectory() as d:
+        for path in pipeline.figures(spec, data, net, Path(d)):
+            tracking.log_artifact(place.uri, run_id, path)
     if not spec.tracking.log_model:
         return None
     model, example, metadata = pipeline.package(spec, data, net)

@@ -41,7 +41,7 @@ def test_unknown_key_names_the_closest(tmp_path):
         ("train: {lr: -1}", r"train\.lr: expected a positive number"),
         ("amp: {mode: fp8}", r"amp\.mode: expected one of auto, bf16, fp16, off"),
         ("model: {hidden: [64, -1]}", r"model\.hidden"),
-        ("model: {name: resnet}", r"model\.name: expected one of mlp, gpt"),
+        ("model: {name: vit}", r"model\.name: expected one of mlp, gpt, resnet"),
         ("scaling: {use_gpu: yes please}", r"scaling\.use_gpu: expected true or false"),
         (
             "train: {batch_size: 63}",

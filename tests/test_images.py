@@ -1,0 +1,248 @@
+"""The images pipeline: class folders decoded once by Ray Data, augmented every epoch, a ResNet.
+
+Pure functions first (decoding mixed files, the seeded crop and flip, the split, the model),
+then the pipeline on the local multi-node cluster: bad files, configs/digits-images.yaml to its
+accuracy target, an interrupted run that streams from the files and still ends bit for bit
+where the uninterrupted one did, and the logged model predicting PNG bytes in a fresh process.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import train
+from PIL import Image
+
+from pipelines.arrays import crop_flip, decode_image, normalize
+from pipelines.images import held_out
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "digits-images.yaml"
+
+
+def encoded(mode: str, size: tuple[int, int], fmt: str, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}.get(mode, 1)
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    if mode == "P":
+        image = image.convert("P")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+MIXED = {  # class folder / file: (mode, (width, height), format)
+    "cat/a.png": ("RGBA", (20, 30), "PNG"),
+    "cat/b.jpg": ("L", (8, 8), "JPEG"),
+    "cat/c.gif": ("P", (12, 12), "GIF"),
+    "cat/d.PNG": ("RGB", (12, 12), "PNG"),
+    "dog/a.bmp": ("RGB", (50, 10), "BMP"),
+    "dog/b.png": ("LA", (16, 16), "PNG"),
+    "dog/c.webp": ("RGB", (9, 31), "WEBP"),
+    "dog/d.tiff": ("L", (12, 40), "TIFF"),
+}
+
+
+def test_mixed_sizes_and_modes_decode_to_one_shape():
+    for mode, size, fmt in MIXED.values():
+        data = encoded(mode, size, fmt)
+        assert decode_image(data, (12, 16), "RGB").shape == (12, 16, 3)
+        grey = decode_image(data, (12, 16), "L")
+        assert grey.shape == (12, 16, 1) and grey.dtype == np.uint8
+    same = encoded("RGB", (16, 12), "PNG")  # already the size: the pixels as they are
+    assert np.array_equal(
+        decode_image(same, (12, 16), "RGB"), np.asarray(Image.open(io.BytesIO(same)))
+    )
+    with pytest.raises(OSError):  # PIL.UnidentifiedImageError
+        decode_image(b"\x89PNG\r\n\x1a\n not really", (12, 16), "RGB")
+
+
+def test_crop_and_flip_draw_per_image_and_pass():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    ids = np.arange(100, 164)
+    first = crop_flip(images, ids, 2, True, seed=0, pass_number=1)
+    assert first.shape == images.shape and first.dtype == np.uint8
+    # The same pass draws the same, whatever batch an image lands in.
+    assert np.array_equal(first, crop_flip(images, ids, 2, True, 0, 1))
+    assert np.array_equal(first[10:20], crop_flip(images[10:20], ids[10:20], 2, True, 0, 1))
+    # Another pass (or seed) draws anew: most images come out differently.
+    for other in (crop_flip(images, ids, 2, True, 0, 2), crop_flip(images, ids, 2, True, 1, 1)):
+        changed = (other != first).reshape(len(ids), -1).any(axis=1)
+        assert changed.mean() > 0.7
+    # Flip only: each image is itself or its mirror, about half of them mirrored.
+    flipped = crop_flip(images, ids, 0, True, 0, 1)
+    mirrored = [np.array_equal(f, i[:, ::-1]) for f, i in zip(flipped, images, strict=True)]
+    assert all(m or np.array_equal(f, i) for m, f, i in zip(mirrored, flipped, images, strict=True))
+    assert 16 < sum(mirrored) < 48
+    x = normalize(first, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    assert x.shape == (64, 3, 8, 8) and x.dtype == np.float32
+    assert x.min() >= -2.0 and x.max() <= 2.0
+
+
+def test_split_is_stratified_and_follows_the_path_below_the_root():
+    relative = [f"{c}/{i}.png" for c in ("a", "b", "c") for i in range(50)]
+    labels = np.repeat([0, 1, 2], 50)
+    held = held_out(relative, labels, 0.2, seed=0)
+    assert [int(held[labels == k].sum()) for k in range(3)] == [10, 10, 10]
+    assert np.array_equal(held, held_out(relative, labels, 0.2, seed=0))
+    assert not np.array_equal(held, held_out(relative, labels, 0.2, seed=1))
+    # A file's side depends on its own path, not on which other files are there.
+    subset = held_out(relative[:100], labels[:100], 0.2, seed=0)
+    assert (subset == held[:100]).mean() > 0.9
+
+
+@pytest.mark.parametrize("depth", [10, 18])
+def test_resnet_shapes_and_channels_last(depth):
+    from models import resnet
+
+    net = resnet(in_channels=3, num_classes=7, depth=depth, width=8)
+    x = torch.randn(4, 3, 24, 20)
+    out = net(x)
+    assert out.shape == (4, 7)
+    net = net.to(memory_format=torch.channels_last)
+    assert torch.allclose(net(x.contiguous(memory_format=torch.channels_last)), out, atol=1e-5)
+
+
+# --- on the cluster -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The built-in data's cache for this module (written once, by the first run)."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["TRAINYARD_CACHE"] = str(path)
+    yield path
+    os.environ.pop("TRAINYARD_CACHE", None)
+
+
+def write_folders(root: Path, bad: bool) -> Path:
+    for name, (mode, size, fmt) in MIXED.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(encoded(mode, size, fmt, seed=len(name)))
+    if bad:
+        (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root
+
+
+def test_a_corrupt_file_stops_the_run_naming_it_or_is_skipped(ray_cluster, tmp_path, capsys):
+    from pipelines import images
+    from pipelines.spec import RunSpec
+    from pipelines.train import main
+
+    root = write_folders(tmp_path / "pets", bad=True)
+    config = tmp_path / "pets.yaml"
+    config.write_text(
+        f"pipeline: images\ndata: {{path: {root}, image_size: [12, 16], "
+        "validation_fraction: 0.5}\n"
+        "model: {name: resnet, depth: 10, width: 4}\n"
+        "train: {epochs: 1, batch_size: 2}\nscaling: {num_workers: 1}\n"
+    )
+    assert main([str(config), "--set", f"scaling.storage_path={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(root / "dog" / "broken.png") in err[0], err
+    assert "data.on_bad_rows=skip" in err[0]
+
+    for keep in (True, False):  # decoded once and kept, or streamed from the files
+        spec = RunSpec.from_dict(
+            {
+                "pipeline": "images",
+                "data": {
+                    "path": str(root),
+                    "image_size": [12, 16],
+                    "validation_fraction": 0.5,
+                    "on_bad_rows": "skip",
+                    "keep_decoded": keep,
+                },
+                "train": {"batch_size": 2},
+                "scaling": {"num_workers": 1},
+            }
+        )
+        data = images.prepare(spec, task_cpus=0.5, num_workers=1, rows_per_step=2)
+        assert (data.num_train, data.num_validation) == (4, 4)
+        assert data.params["data.skipped"] == 1
+        assert "skipped 1 image(s) that do not decode" in capsys.readouterr().out
+        val = data.validation.take_batch(8, batch_format="numpy")
+        assert val["x"].shape == (4, 3, 12, 16) and sorted(val["y"]) == [0, 0, 1, 1]
+        assert data.facts["in_shape"] == [3, 12, 16] and data.extra["classes"] == ["cat", "dog"]
+
+
+@pytest.fixture(scope="module")
+def digits_images(ray_cluster, tracking_uri, cache, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("digits-images")
+    return train(CONFIG, out, "tracking.experiment=test-images", "tracking.run_name=straight")
+
+
+def test_digits_images_reach_the_target_with_its_pictures_in_mlflow(digits_images, tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    assert digits_images["metrics"]["val_accuracy"] >= 0.97
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(digits_images["run_id"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"augmented.png", "confusion.png", "curves.png"} <= artifacts
+    assert run.data.params["data.classes"] == ",".join(map(str, range(10)))
+    assert run.data.params["data.kept_decoded"] == "True"
+    assert run.data.metrics["images_per_s"] > 0
+    assert 0 <= run.data.metrics["data_wait_share"] < 1
+
+
+def test_an_interrupted_streamed_run_ends_where_the_straight_one_did(
+    digits_images, tracking_uri, tmp_path, monkeypatch
+):
+    """Decoded again from the files every epoch (keep_decoded false), failing after epoch 3
+    and resumed by Ray Train from its checkpoint: the same augmentation draws, the same batches,
+    the same weights bit for bit as the uninterrupted run that kept the decoded images."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("TRAINYARD_INJECT_FAILURE", f"{tmp_path / 'marker'}:3")
+    resumed = train(
+        CONFIG,
+        tmp_path,
+        "tracking.experiment=test-images",
+        "tracking.run_name=interrupted",
+        "data.keep_decoded=false",
+        "scaling.max_failures=1",
+    )
+    client = MlflowClient(tracking_uri)
+    a = client.get_run(digits_images["run_id"]).data
+    b = client.get_run(resumed["run_id"]).data
+    assert b.tags["trainyard.restarts"] == "1" and b.params["data.kept_decoded"] == "False"
+    assert a.tags["param_digests"] == b.tags["param_digests"]
+    assert digits_images["metrics"] == resumed["metrics"]
+
+
+def test_the_logged_model_names_the_class_of_png_bytes_in_a_fresh_process(
+    digits_images, tracking_uri, cache, tmp_path
+):
+    files = sorted((cache / "digits-images").glob("*/*.png"))[::9]
+    script = f"""
+import mlflow, pandas as pd
+mlflow.set_tracking_uri({tracking_uri!r})
+model = mlflow.pyfunc.load_model({digits_images["model_uri"]!r})
+files = {[str(f) for f in files]!r}
+names = model.predict(pd.DataFrame({{"image": [open(f, "rb").read() for f in files]}}))
+truth = [f.split("/")[-2] for f in files]
+print(sum(n == t for n, t in zip(names, truth)) / len(files), list(names[:3]))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    accuracy, first = proc.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert float(accuracy) > 0.95  # mostly training images, and class names, not indices
+    assert first.startswith("['")

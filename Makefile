@@ -49,15 +49,17 @@ test: setup
 bench: setup
 	$(BIN)/trainyard bench all
 
-# What .ci/gpu-check carries to a GPU machine that has torch but no Ray, MLflow, pytest or
-# scikit-learn (../shared/gpu/README.md): the wheel kit, pytest's wheels, digits as a CSV.
+# What .ci/gpu-check carries to a GPU machine that has torch but no Ray, MLflow, pytest, Pillow
+# or scikit-learn (../shared/gpu/README.md): the wheel kit, pytest's and Pillow's wheels, digits
+# as a CSV and as PNG files in class folders.
 gpu-kit: setup
 	../shared/gpu/make-kit
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-	  --implementation cp -d .gpu-kit/wheels pytest pluggy iniconfig pygments pytest-timeout
+	  --implementation cp -d .gpu-kit/wheels pytest pluggy iniconfig pygments pytest-timeout pillow
 	@mkdir -p data
 	$(BIN)/python -c "from sklearn.datasets import load_digits; \
 	  load_digits(as_frame=True).frame.rename(columns={'target': 'label'}).to_csv('data/digits.csv', index=False)"
+	TRAINYARD_CACHE=data $(BIN)/python -c "from pipelines.images import digits_images; digits_images()"
 
 lint: setup
 	$(BIN)/ruff check .

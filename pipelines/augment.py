@@ -21,13 +21,19 @@ def rank_shards(rows: Any, world: int, task_cpus: float) -> list[Any]:
     import ray
     import ray.data
 
+    from pipelines.data import settle
+
     number = ray.remote(_numbered).options(num_cpus=task_cpus)
     refs, start = [], 0
     for bundle in rows.iter_internal_ref_bundles():
         for ref, meta in zip(bundle.block_refs, bundle.metadata, strict=True):
             refs.append(number.remote(ref, start))
             start += meta.num_rows
-    return ray.data.from_arrow_refs(refs).materialize().split(world, equal=True)
+    ray.wait(refs, num_returns=len(refs))
+    settle()
+    shards = ray.data.from_arrow_refs(refs).materialize().split(world, equal=True)
+    settle()
+    return shards
 
 
 def _numbered(block: Any, start: int) -> Any:

@@ -9,6 +9,7 @@ import contextlib
 import fnmatch
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,6 +23,17 @@ def quiet_ray_data() -> None:
     runs without bars) out of this process's console; its other warnings still show."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def settle(timeout_s: float = 2.0) -> None:
+    """Wait (briefly) until Ray's view of free CPUs has caught up with tasks that just
+    finished. It lags by up to a second; in that window Ray Data warns that the cluster has no
+    free CPU and "will hang", and a resource check reads the cluster as full."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from pipelines.data import (
     check_row_counts,
     errors_reported_here,
     resolve_files,
+    settle,
 )
 from pipelines.spec import ImageDataSpec, RunSpec
 
@@ -317,12 +318,14 @@ def prepare(
         with errors_reported_here():
             if keep:
                 train = decoded(train_files, options, task_cpus, read_args).materialize()
+                settle()
                 val = decoded(val_files, options, task_cpus, read_args).materialize()
                 num_train, num_val = train.count(), val.count()
             else:
                 # Streamed: one pass here finds the files that decode; each epoch reads them anew.
                 train_files = good_files(train_files, options, task_cpus, read_args)
                 num_train = train_files.num_rows
+                settle()
                 val = decoded(val_files, options, task_cpus, read_args)
                 num_val = val.count()
     except Exception as e:  # a file that does not decode, inside a Ray Data task

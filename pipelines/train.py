@@ -358,9 +358,15 @@ def waiting_notice(plan: Any, start_timeout_s: float) -> str | None:
 
     from cluster.resources import format_resources
 
-    free = ray.available_resources()
     needed = {k: v * plan.num_workers for k, v in plan.worker_resources().items()}
-    short = {k: v for k, v in needed.items() if free.get(k, 0) < v - 1e-9}
+    # Ray's view of free resources lags the data's last tasks by up to a second or two.
+    deadline = time.monotonic() + 3
+    while True:
+        free = ray.available_resources()
+        short = {k: v for k, v in needed.items() if free.get(k, 0) < v - 1e-9}
+        if not short or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     if not short:
         return None
     want = format_resources(short)

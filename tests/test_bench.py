@@ -18,6 +18,7 @@ from pipelines.bench import SUITES
 EXPECTED = {
     "preprocess": {"gil-holding", "gil-releasing"},
     "ingest": {"feeding batches", "training step time", "data-wait share of step time"},
+    "images": {"decode + augment into batches", "data-wait share of a ResNet's step"},
     "trainer": {"steady-state step time", "launch to first step"},
     "amp": None,  # one case per model, named after the device
     "tracking": {"step time", "share of step time in MLflow calls"},
@@ -74,6 +75,12 @@ def test_every_contender_is_measured_and_ratios_match_the_timings(quick_bench):
     assert any(k.startswith("torch.multiprocessing") for k in preprocess)
     feeding = contenders[("ingest", "feeding batches")]
     assert "Ray Data iter_torch_batches" in feeding and "DataLoader(num_workers=0)" in feeding
+    images = contenders[("images", "decode + augment into batches")]
+    assert {
+        "DataLoader(num_workers=0)",
+        "Ray Data: read, decode, augment",
+        "Ray Data: decoded once, augment (trainyard)",
+    } <= set(images)
     assert set(contenders[("trainer", "steady-state step time")]) == {
         "torchrun",
         "Ray Train TorchTrainer",

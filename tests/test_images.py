@@ -246,3 +246,27 @@ print(sum(n == t for n, t in zip(names, truth)) / len(files), list(names[:3]))
     accuracy, first = proc.stdout.strip().splitlines()[-1].split(" ", 1)
     assert float(accuracy) > 0.95  # mostly training images, and class names, not indices
     assert first.startswith("['")
+
+
+def test_resnet18_gpu_config_runs_its_path_shrunk_to_cpu(digits_images, tracking_uri, tmp_path):
+    """The GPU config as written, with the width, budget and device shrunk for this machine:
+    epochs of a set number of steps, streaming on across passes of augmented images."""
+    from mlflow.tracking import MlflowClient
+
+    summary = train(
+        ROOT / "configs" / "images-resnet18.yaml",
+        tmp_path,
+        "model.width=4",
+        "train.batch_size=32",
+        "train.epochs=2",
+        "train.steps_per_epoch=30",
+        "train.compile=false",
+        "amp.mode=auto",
+        "scaling.use_gpu=false",
+        "scaling.num_workers=2",
+        "tracking.log_model=false",
+        "tracking.experiment=test-images-resnet18",
+    )
+    run = MlflowClient(tracking_uri).get_run(summary["run_id"]).data
+    assert run.params["model.depth"] == "18" and run.params["data.mode"] == "RGB"
+    assert run.tags["trainyard.steps_per_rank"] == "60,60"  # 1.3 passes of 1,438 images

@@ -2,9 +2,10 @@
 PyTorch training, measured side by side with what trainyard uses instead, on this machine.
 
 Suites: preprocess (threads / processes / torch.multiprocessing / Ray Data), ingest (DataLoader
-workers / Ray Data), trainer (torchrun / Ray Train), amp (fp32 / bf16 / fp16), tracking (MLflow
-logging / none), overhead (the digits recipe: a plain torchrun script / trainyard on a running
-cluster / trainyard from a cold start); `all` runs them in that order.
+workers / Ray Data), images (DataLoader workers over image folders / Ray Data), trainer
+(torchrun / Ray Train), amp (fp32 / bf16 / fp16), tracking (MLflow logging / none), overhead
+(the digits recipe: a plain torchrun script / trainyard on a running cluster / trainyard from a
+cold start); `all` runs them in that order.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("preprocess", "ingest", "trainer", "amp", "tracking", "overhead")
+SUITES = ("preprocess", "ingest", "images", "trainer", "amp", "tracking", "overhead")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

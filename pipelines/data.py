@@ -83,7 +83,8 @@ class Prepared:
     num_validation: int
     facts: dict[str, Any]
     """What the pipeline knows that a model may take as arguments: in_features, out_features,
-    num_classes, in_shape (tabular, custom); vocab_size, context (text)."""
+    num_classes, in_shape (tabular, custom, images); in_channels (images); vocab_size, context
+    (text)."""
     job: dict[str, Any]
     """Plain facts for the workers: "task" (classification, regression, language_modeling),
     "dtypes" (torch dtype names per column), and pipeline facts (context, FLOPs per token, ...)."""
@@ -155,8 +156,8 @@ def _glob_match(path: str, pattern: str) -> bool:
 
 
 class Pipeline(Protocol):
-    """What a pipeline implements (pipelines.tabular, pipelines.text, pipelines.custom): the
-    driver calls these and never asks which pipeline it runs."""
+    """What a pipeline implements (pipelines.tabular, pipelines.text, pipelines.custom,
+    pipelines.images): the driver calls these and never asks which pipeline it runs."""
 
     def local_files(self, spec: Any) -> list[str]:
         """The data files on a local disk (none for built-in data, URIs and user datasets);

@@ -105,23 +105,17 @@ def train_batch(
 def user_augment(
     images: np.ndarray, labels: np.ndarray, rows: np.ndarray, ref: str, seed: int, pass_number: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The user's `fn(batch, rng) -> batch` on uint8 images; its generator is seeded from (seed,
-    pass, the batch's first image)."""
-    from pipelines import user
+    """The user's `fn(batch, rng) -> batch` on uint8 images (its generator seeded as in
+    pipelines.augment), which it must return as uint8 images."""
+    from pipelines.augment import ROW, augment_batch
 
-    fn = user.load_callable(ref, "data.augment")
-    rng = np.random.default_rng([seed, pass_number, int(rows[0]) if len(rows) else 0])
-    out = fn({"x": images, "y": labels}, rng)
-    if not isinstance(out, dict) or not {"x", "y"} <= set(out):
-        got = sorted(out) if isinstance(out, dict) else type(out).__name__
-        raise TypeError(f"data.augment: {ref} must return a dict with x and y, got {got}")
-    x = np.asarray(out["x"])
-    if x.dtype != np.uint8 or x.ndim != 4:
+    out = augment_batch({"x": images, "y": labels, ROW: rows}, seed, pass_number, ref)
+    if out["x"].dtype != np.uint8 or out["x"].ndim != 4:
         raise TypeError(
             f"data.augment: {ref} must return x as uint8 images (n, height, width, channels), "
-            f"got {x.dtype} {x.shape}"
+            f"got {out['x'].dtype} {out['x'].shape}"
         )
-    return x, np.asarray(out["y"])
+    return out["x"], out["y"]
 
 
 def eval_batch(

@@ -359,8 +359,8 @@ def waiting_notice(plan: Any, start_timeout_s: float) -> str | None:
     from cluster.resources import format_resources
 
     needed = {k: v * plan.num_workers for k, v in plan.worker_resources().items()}
-    # Ray's view of free resources lags the data's last tasks by up to a second or two.
-    deadline = time.monotonic() + 3
+    # Ray's view of free resources lags the data's last tasks by up to a second.
+    deadline = time.monotonic() + 1.5
     while True:
         free = ray.available_resources()
         short = {k: v for k, v in needed.items() if free.get(k, 0) < v - 1e-9}

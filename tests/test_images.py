@@ -88,6 +88,28 @@ def test_crop_and_flip_draw_per_image_and_pass():
     assert x.min() >= -2.0 and x.max() <= 2.0
 
 
+def mirror(batch, rng):
+    """A user's augmentation (data.augment: test_images:mirror)."""
+    return {"x": batch["x"][:, :, ::-1], "y": batch["y"]}
+
+
+def to_float(batch, rng):
+    return {"x": batch["x"] / 255.0, "y": batch["y"]}
+
+
+def test_a_users_augmentation_gets_uint8_images_and_normalization_follows():
+    from pipelines.augment import ROW
+    from pipelines.images import train_batch
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 6, 5, 1), dtype=np.uint8)
+    batch = {"image": images, "label": np.arange(4), ROW: np.arange(4)}
+    stats = {"mean": [0.5], "std": [0.5]}
+    out = train_batch(batch, 0, 1, f"{__name__}:mirror", **stats)
+    assert np.array_equal(out["x"], normalize(images[:, :, ::-1], **stats))
+    with pytest.raises(TypeError, match="must return x as uint8 images"):
+        train_batch(batch, 0, 1, f"{__name__}:to_float", **stats)
+
+
 def test_split_is_stratified_and_follows_the_path_below_the_root():
     relative = [f"{c}/{i}.png" for c in ("a", "b", "c") for i in range(50)]
     labels = np.repeat([0, 1, 2], 50)
@@ -259,7 +281,7 @@ def test_resnet18_gpu_config_runs_its_path_shrunk_to_cpu(digits_images, tracking
         "model.width=4",
         "train.batch_size=32",
         "train.epochs=2",
-        "train.steps_per_epoch=30",
+        "train.steps_per_epoch=25",
         "train.compile=false",
         "amp.mode=auto",
         "scaling.use_gpu=false",
@@ -269,4 +291,4 @@ def test_resnet18_gpu_config_runs_its_path_shrunk_to_cpu(digits_images, tracking
     )
     run = MlflowClient(tracking_uri).get_run(summary["run_id"]).data
     assert run.params["model.depth"] == "18" and run.params["data.mode"] == "RGB"
-    assert run.tags["trainyard.steps_per_rank"] == "60,60"  # 1.3 passes of 1,438 images
+    assert run.tags["trainyard.steps_per_rank"] == "50,50"  # over a pass and a bit of the next

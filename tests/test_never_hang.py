@@ -45,7 +45,7 @@ def test_workers_that_cannot_be_placed_fail_in_time(tracking_uri, busy, tmp_path
 def test_a_busy_cluster_is_waited_for(tracking_uri, busy, tmp_path, capsys):
     from ray.util.placement_group import remove_placement_group
 
-    threading.Timer(6, remove_placement_group, args=(busy,)).start()
+    threading.Timer(9, remove_placement_group, args=(busy,)).start()
     assert main(args(tmp_path)) == 0
     assert "waiting up to 120 s for the workers' resources" in capsys.readouterr().out
 

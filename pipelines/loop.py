@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import os
+import pickle
 import queue
 import random
 import sys
@@ -346,26 +347,63 @@ class CheckpointError(TrainyardError):
     """A checkpoint that is missing, incomplete or corrupt: never resumed from."""
 
 
+HASH_CHUNK = 1024**2
+
+
+class _HashingFile:
+    """A binary file that hashes what is written to it (torch.save writes sequentially)."""
+
+    def __init__(self, f: Any):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file, read in chunks (a checkpoint may be larger than memory allows)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
 def save_state(directory: Path, **state: Any) -> Path:
-    """Write a checkpoint (model, optimizer, scheduler, scaler, epoch, ...) to `directory`:
-    the state file first, then its SHA-256 beside it, so that a checkpoint cut short while
-    being written or copied is recognised as incomplete and never loaded."""
+    """Write a checkpoint (model, optimizer, scheduler, scaler, epoch, ...: tensors and plain
+    values only) to `directory`: the state file first, hashed as it is written, then its
+    SHA-256 beside it, so that a checkpoint cut short while being written or copied is
+    recognised as incomplete and never loaded."""
     path = directory / CHECKPOINT_FILE
-    torch.save(state, path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    (directory / DIGEST_FILE).write_text(digest + "\n")
+    with open(path, "wb") as f:
+        out = _HashingFile(f)
+        torch.save(state, out)
+    (directory / DIGEST_FILE).write_text(out.sha.hexdigest() + "\n")
     return path
 
 
 def load_state(directory: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by `save_state`, after checking that it is complete."""
+    """Load a checkpoint written by `save_state`, after checking that it is complete. Only
+    tensors and plain values are unpickled (`weights_only`): a file that holds anything else,
+    which could run code as it loads, is refused."""
     path = Path(directory) / CHECKPOINT_FILE
     digest = Path(directory) / DIGEST_FILE
     if not path.is_file() or not digest.is_file():
         raise CheckpointError(f"checkpoint {directory} is incomplete (no {path.name} + digest)")
-    if hashlib.sha256(path.read_bytes()).hexdigest() != digest.read_text().strip():
+    if file_digest(path) != digest.read_text().strip():
         raise CheckpointError(f"checkpoint {directory} is corrupt ({path.name} does not match)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {directory} holds more than tensors and plain values, which could run "
+            f"code as it loads; refused ({first[:200]})"
+        ) from None
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -711,7 +749,7 @@ def data_passes(
     job, tr, rank, world, device = w.job, w.spec.train, w.rank, w.world, w.device
     DataContext.get_current().execution_options.preserve_order = True  # the same every run
     dtypes = {k: getattr(torch, v) for k, v in job.get("dtypes", {}).items()} or None
-    micro, eval_batch = w.spec.micro_batch_size, max(w.spec.micro_batch_size, 256)
+    micro, eval_batch = w.spec.micro_batch_size, w.spec.eval_batch_size
     val_shard = ray.train.get_dataset_shard("validation")
 
     def pass_seed(n: int) -> int:

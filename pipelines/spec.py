@@ -334,6 +334,9 @@ class TrainSpec:
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step (gradients are only all-reduced on the last one);
     derived instead when micro_batch_size is set."""
+    eval_batch_size: int | None = None
+    """Samples per worker per validation forward pass; None: the training micro-batch (so that
+    validation never needs more memory than training)."""
     steps_per_epoch: int | None = None
     """Optimizer steps per epoch (between evaluations and checkpoints); the data streams on
     across epochs and starts a new pass when it runs out. None: an epoch is one pass."""
@@ -369,6 +372,7 @@ class TrainSpec:
             "batch_size",
             "tokens_per_step",
             "micro_batch_size",
+            "eval_batch_size",
             "steps_per_epoch",
             "grad_accum_steps",
             "checkpoint_every",
@@ -532,6 +536,11 @@ class RunSpec:
     def micro_batch_size(self) -> int:
         """Samples one worker feeds through the model per forward pass."""
         return self.global_batch // (self.scaling.num_workers * self.accum_steps)
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Samples one worker feeds through the model per validation forward pass."""
+        return self.train.eval_batch_size or self.micro_batch_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

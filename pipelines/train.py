@@ -531,6 +531,7 @@ def open_run(spec: RunSpec, place: Place, plan: Any, data: Prepared, steps: int)
             "plan.global_batch": spec.global_batch,
             "plan.micro_batch_size": spec.micro_batch_size,
             "plan.accum_steps": spec.accum_steps,
+            "plan.eval_batch_size": spec.eval_batch_size,
             "plan.steps_per_epoch": steps,
         }
     )

@@ -113,6 +113,30 @@ def test_checkpoints_are_refused_when_incomplete_or_corrupt(tmp_path):
         load_state(tmp_path)
 
 
+class Payload:
+    """What an attacker who can write to checkpoint storage would put there."""
+
+    def __reduce__(self):
+        return (print, ("this ran as the checkpoint loaded",))
+
+
+def test_checkpoints_hold_tensors_and_plain_values_and_nothing_else_loads(tmp_path, capsys):
+    import hashlib
+
+    state = {"model": {"w": torch.ones(2)}, "epoch": 1, "data_position": (1, 3)}
+    save_state(tmp_path, **state, scheduler={"lr_lambdas": [None], "base_lrs": [0.1]})
+    digest = hashlib.sha256((tmp_path / "state.pt").read_bytes()).hexdigest()
+    assert (tmp_path / "state.sha256").read_text().strip() == digest  # hashed as written
+    assert load_state(tmp_path)["data_position"] == (1, 3)
+    # A checkpoint whose digest matches but whose pickle would run code is refused.
+    torch.save({"model": {}, "epoch": 1, "extra": Payload()}, tmp_path / "state.pt")
+    digest = hashlib.sha256((tmp_path / "state.pt").read_bytes()).hexdigest()
+    (tmp_path / "state.sha256").write_text(digest)
+    with pytest.raises(CheckpointError, match="more than tensors and plain values"):
+        load_state(tmp_path)
+    assert "this ran" not in capsys.readouterr().out
+
+
 def test_epoch_seeds_depend_on_seed_epoch_and_rank_only():
     seed_epoch(0, 3, 1)
     a = torch.rand(4)

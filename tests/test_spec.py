@@ -91,3 +91,6 @@ def test_micro_batch():
         }
     )
     assert spec.micro_batch_size == 16
+    assert spec.eval_batch_size == 16  # validation never takes more memory than training
+    spec.train.eval_batch_size = 8
+    assert spec.eval_batch_size == 8

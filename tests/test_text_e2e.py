@@ -143,4 +143,7 @@ def test_gpt2_small_config_runs_its_path_shrunk_to_cpu(ray_cluster, tracking_uri
     )
     params = MlflowClient(tracking_uri).get_run(summary["run_id"]).data.params
     assert (params["plan.global_batch"], params["plan.accum_steps"]) == ("16", "2")
+    # Validation in the training micro-batch: at GPT-2's vocabulary and context, windows of
+    # 256 would need tens of GB for the logits alone.
+    assert params["plan.eval_batch_size"] == "4"
     assert params["model.size"] == "gpt2-small" and params["train.compile"] == "False"

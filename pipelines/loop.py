@@ -883,6 +883,8 @@ def report(
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config` holds {"spec": RunSpec dict, "job": driver facts}."""
+    import ray.train
+
     w = set_up(config)
     tr, job = w.spec.train, w.job
     train_pass, val_batches = data_passes(w)  # a first mapped pass starts here, in the background
@@ -916,17 +918,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         steps_done += result.steps
         nonfinite_run = result.nonfinite_run
         if result.stopped:  # the same decision on every rank: all leave the loop together
-            message = (
-                f"the training loss was NaN/inf for {nonfinite_run} steps in a row "
-                f"(train.max_nonfinite_steps) in epoch {epoch}; lower train.lr, turn on "
-                "train.grad_clip, or check the data for NaN/inf values"
-            )
-            w.log.tags({STOPPED_TAG: message})
+            message = stop_message(nonfinite_run, epoch)
+            w.log.tags({STOPPED_TAG: message})  # for people; the driver reads the report
+            w.log.flush()
             logger.error(message)
+            ray.train.report({"stopped_epoch": epoch, "nonfinite_steps": nonfinite_run})
             break
         metrics = epoch_metrics(w, epoch, result, val_batches(), val_loss, started)
         report(w, epoch, metrics, stream, steps_done)
     watchdog.stop()
+
+
+def stop_message(nonfinite_steps: int, epoch: int) -> str:
+    """Why a run stopped itself: its loss stayed NaN/inf."""
+    return (
+        f"the training loss was NaN/inf for {nonfinite_steps} steps in a row "
+        f"(train.max_nonfinite_steps) in epoch {epoch}; lower train.lr, turn on "
+        "train.grad_clip, or check the data for NaN/inf values"
+    )
 
 
 def step_logger(

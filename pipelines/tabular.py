@@ -76,10 +76,11 @@ def row_hash(df: pd.DataFrame, seed: int) -> np.ndarray:
 
 
 def mark_validation(group: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
-    """Mark round(fraction × n) rows of one class for validation, chosen by row hash."""
+    """Mark round(fraction × n) rows of one class for validation, chosen by row hash, but
+    never all of them: a class the training split lacks could not be learned (or encoded)."""
     order = np.argsort(row_hash(group, seed), kind="stable")
     flag = np.zeros(len(group), dtype=bool)
-    flag[order[: int(round(fraction * len(group)))]] = True
+    flag[order[: min(int(round(fraction * len(group))), len(group) - 1)]] = True
     return group.assign(**{SPLIT_COLUMN: flag})
 
 
@@ -99,10 +100,45 @@ def to_float(values: pd.Series) -> np.ndarray:
     return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def parse_numeric(batch: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """Convert `columns` to float64, dropping rows where any of them is empty or not a number."""
+def parse_numeric(
+    batch: pd.DataFrame, columns: list[str], label: str | None = None
+) -> pd.DataFrame:
+    """Convert `columns` to float64, dropping rows where any of them is empty, not a number,
+    NaN or ±inf, or whose `label` (a class) is empty."""
     parsed = batch.assign(**{c: to_float(batch[c]) for c in columns})
-    return parsed[~parsed[columns].isna().any(axis=1)].reset_index(drop=True)
+    keep = np.isfinite(parsed[columns].to_numpy(dtype=np.float64)).all(axis=1)
+    if label is not None and label not in columns:
+        keep &= ~_empty(batch[label])
+    return parsed[keep].reset_index(drop=True)
+
+
+def _empty(values: pd.Series) -> np.ndarray:
+    return (values.isna() | (values.astype(str) == "")).to_numpy()
+
+
+def bad_values(
+    df: pd.DataFrame, numeric: list[str], label: str, nulls: dict[str, np.ndarray] | None = None
+) -> tuple[np.ndarray, Any]:
+    """Which rows hold a value training cannot use: a `numeric` column empty, not a number, NaN
+    or ±inf, or the label empty. Returns the mask and `why(row)`, what is wrong with it first.
+    `nulls`: the columns' null masks where the source has nulls apart from NaN (Parquet)."""
+    values = {c: to_float(df[c]) for c in numeric}
+    bad = {c: ~np.isfinite(v) for c, v in values.items()}
+    if label not in numeric:
+        bad[label] = _empty(df[label])
+    mask = np.logical_or.reduce(list(bad.values())) if bad else np.zeros(len(df), bool)
+
+    def why(i: int) -> str:
+        c = next(c for c in bad if bad[c][i])
+        raw = df[c].iloc[i]
+        null = nulls[c][i] if nulls is not None else pd.isna(raw)
+        if c not in values or null or raw == "":
+            return f"{c} is empty"
+        if np.isnan(values[c][i]):
+            return f"{c}={raw!r} is not a number" if isinstance(raw, str) else f"{c} is NaN"
+        return f"{c}={raw!r} is not finite" if isinstance(raw, str) else f"{c}={raw} is not finite"
+
+    return mask, why
 
 
 def preprocess_batch(
@@ -128,11 +164,11 @@ def preprocess_batch(
 def scan_csv_file(
     row: dict[str, Any], filesystem: pafs.FileSystem, numeric: list[str], columns: list[str]
 ) -> dict[str, Any]:
-    """Count the rows of one CSV file that do not parse, and where they are.
+    """Count the rows of one CSV file that training cannot use, and where they are.
 
-    A row is bad when it has the wrong number of fields, or when a `numeric` column is empty or
-    not a number. Returns {"path", "rows", "bad", "where"}, `where` naming the first few
-    lines and what is wrong with them.
+    A row is bad when it has the wrong number of fields, a `numeric` column is empty, not a
+    number or not finite, or the label (the last of `columns`) is empty. Returns {"path",
+    "rows", "bad", "where"}, `where` naming the first few lines and what is wrong with them.
     """
     path = row["path"]
     invalid: list[tuple[int, str]] = []
@@ -149,34 +185,49 @@ def scan_csv_file(
             column_types={c: pa.string() for c in columns}, include_columns=columns
         ),
     )
-    value_errors: list[tuple[int, str]] = []  # (index among parsed rows, reason), the first few
-    value_error_count = 0
-    parsed = 0
-    for batch in reader:
-        df = batch.to_pandas()
-        not_numbers = {c: np.isnan(to_float(df[c])) for c in numeric}
-        mask = np.logical_or.reduce(list(not_numbers.values())) if numeric else np.zeros(0, bool)
-        rows = np.flatnonzero(mask)
-        value_error_count += len(rows)
-        for i in rows[: max(0, MAX_REPORTED_ROWS - len(value_errors))]:
-            c = next(c for c in numeric if not_numbers[c][i])
-            value = df[c].iloc[i]
-            why = (
-                f"{c} is empty"
-                if pd.isna(value) or value == ""
-                else (f"{c}={value!r} is not a number")
-            )
-            value_errors.append((parsed + int(i), why))
-        parsed += len(df)
+    count, value_errors, parsed = _scan(reader, numeric, columns[-1])
     # Line numbers of the parsed rows: every line after the header except the invalid ones.
     lines = np.setdiff1d(np.arange(2, 2 + parsed + len(invalid)), [n for n, _ in invalid])
     located = sorted([(int(lines[i]), why) for i, why in value_errors] + invalid)
     return {
         "path": path,
         "rows": parsed + len(invalid),
-        "bad": value_error_count + len(invalid),
+        "bad": count + len(invalid),
         "where": [f"line {n} ({why})" for n, why in located[:MAX_REPORTED_ROWS]],
     }
+
+
+def scan_parquet_file(
+    row: dict[str, Any], filesystem: pafs.FileSystem, numeric: list[str], columns: list[str]
+) -> dict[str, Any]:
+    """As scan_csv_file, for a Parquet file: rows with a null, NaN or ±inf numeric value or an
+    empty label, by row number (from 1) within the file."""
+    path = row["path"]
+    with filesystem.open_input_file(path) as f:
+        count, value_errors, parsed = _scan(
+            pq.ParquetFile(f).iter_batches(columns=columns), numeric, columns[-1]
+        )
+    return {
+        "path": path,
+        "rows": parsed,
+        "bad": count,
+        "where": [f"row {i + 1} ({why})" for i, why in value_errors],
+    }
+
+
+def _scan(batches: Any, numeric: list[str], label: str) -> tuple[int, list, int]:
+    """Over record batches: the number of bad rows, the first few (index, why), the rows."""
+    errors: list[tuple[int, str]] = []
+    count = parsed = 0
+    for batch in batches:
+        df = batch.to_pandas()
+        nulls = {c: batch.column(c).is_null().to_numpy(zero_copy_only=False) for c in df}
+        mask, why = bad_values(df, numeric, label, nulls)
+        rows = np.flatnonzero(mask)
+        count += len(rows)
+        errors += [(parsed + int(i), why(i)) for i in rows[: MAX_REPORTED_ROWS - len(errors)]]
+        parsed += len(df)
+    return count, errors, parsed
 
 
 def _skip_row(row: Any) -> str:
@@ -323,16 +374,11 @@ def read_raw(
     schema, sample = _sample_schema(files, fs, fmt)
     features = check_columns(spec, schema, sample)
     columns = features + [spec.label]
-    if fmt == "parquet":
-        return ray.data.read_parquet(
-            files, filesystem=fs, columns=columns, num_cpus=task_cpus, ray_remote_args=read_args
-        ), features
-
     numeric = features + ([spec.label] if spec.task == "regression" else [])
     scans = (
         ray.data.from_items([{"path": f} for f in files])
         .map(
-            scan_csv_file,
+            scan_parquet_file if fmt == "parquet" else scan_csv_file,
             fn_kwargs={"filesystem": fs, "numeric": numeric, "columns": columns},
             num_cpus=task_cpus,
             **read_args,
@@ -341,6 +387,11 @@ def read_raw(
     )
     bad = [s for s in scans if s["bad"]]
     total_bad = sum(s["bad"] for s in bad)
+    what = (
+        "Parquet row(s) hold values training cannot use"
+        if fmt == "parquet"
+        else ("CSV row(s) do not parse")
+    )
     if bad and spec.on_bad_rows == "error":
         where = "; ".join(
             f"{s['path']}: {s['bad']} row(s): {', '.join(s['where'])}"
@@ -348,19 +399,30 @@ def read_raw(
             for s in bad[:3]
         )
         raise DataError(
-            f"data: {total_bad} CSV row(s) do not parse: {where}. "
-            "Fix them, or set data.on_bad_rows: skip"
+            f"data: {total_bad} {what}: {where}. Fix them, or set data.on_bad_rows: skip"
         )
+    if bad:
+        print(
+            f"trainyard: skipping {total_bad} {what} (first: {bad[0]['path']} {bad[0]['where'][0]})"
+        )
+    if fmt == "parquet":
+        ds = ray.data.read_parquet(
+            files, filesystem=fs, columns=columns, num_cpus=task_cpus, ray_remote_args=read_args
+        )
+        if bad:
+            ds = ds.map_batches(
+                parse_numeric,
+                fn_kwargs={"columns": numeric, "label": spec.label},
+                batch_format="pandas",
+                num_cpus=task_cpus,
+            )
+        return ds, features
     label_type = schema.field(spec.label).type
     if spec.task == "regression" or pa.types.is_floating(label_type):
         label_type = pa.float64()
     elif not pa.types.is_integer(label_type):
         label_type = pa.string()
     if bad:  # on_bad_rows: skip
-        print(
-            f"trainyard: skipping {total_bad} CSV row(s) that do not parse "
-            f"(first: {bad[0]['path']} {bad[0]['where'][0]})"
-        )
         types = {c: pa.string() for c in numeric} | (
             {} if spec.task == "regression" else {spec.label: label_type}
         )
@@ -373,7 +435,10 @@ def read_raw(
             convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
         )
         ds = ds.map_batches(
-            parse_numeric, fn_kwargs={"columns": numeric}, batch_format="pandas", num_cpus=task_cpus
+            parse_numeric,
+            fn_kwargs={"columns": numeric, "label": spec.label},
+            batch_format="pandas",
+            num_cpus=task_cpus,
         )
         return ds, features
     types = {c: pa.float64() for c in features} | {spec.label: label_type}

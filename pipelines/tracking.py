@@ -130,10 +130,6 @@ def first_step_after(uri: str, run_id: str, since: float) -> bool:
     return any(stamp and float(stamp) > since for stamp in stamps)
 
 
-def run_tag(uri: str, run_id: str, key: str) -> str | None:
-    return _client(uri).get_run(run_id).data.tags.get(key)
-
-
 def end_run(uri: str, run_id: str, error: BaseException | None = None) -> None:
     """Mark the run FINISHED, or FAILED with the error recorded as a tag."""
     client = _client(uri)

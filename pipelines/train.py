@@ -692,10 +692,11 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
             stall and timeout + stall,
             lambda: tracking.first_step_after(place.uri, run_id, began),
         )
-        from pipelines.loop import STOPPED_TAG
+        if "stopped_epoch" in result.metrics:  # the run's last report says it stopped
+            from pipelines.loop import stop_message
 
-        if stopped := tracking.run_tag(place.uri, run_id, STOPPED_TAG):
-            raise TrainingStopped(stopped)
+            m = result.metrics
+            raise TrainingStopped(stop_message(int(m["nonfinite_steps"]), int(m["stopped_epoch"])))
         # 4. The model, logged as the pipeline serves it.
         model_uri = log_outcome(spec, pipeline, data, result, place, run_id)
     except BaseException as e:

@@ -44,6 +44,19 @@ def with_header(header: str, rows: str) -> str:
     return header + "\n" + rows
 
 
+def parquet_with_nan(tmp_path: Path) -> Path:
+    """A regression set as Parquet with one NaN cell (row 18), which nothing parses away."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    b = np.arange(40.0) * 2
+    b[17] = np.nan  # a NaN value (pandas would store a null)
+    table = pa.table({"a": np.arange(40.0), "b": b, "y": np.arange(40.0)})
+    pq.write_table(table, tmp_path / "d.parquet")
+    return tmp_path / "d.parquet"
+
+
 CASES = {
     "missing path": (
         lambda t: "{path: /nonexistent/x.csv}",
@@ -95,6 +108,15 @@ CASES = {
         ),
         "data: 2 CSV row(s) do not parse",
     ),
+    "parquet NaN": (
+        lambda t: data_spec(parquet_with_nan(t), "label: y", "task: regression"),
+        "data: 1 Parquet row(s) hold values training cannot use: "
+        "d.parquet: 1 row(s): row 18 (b is NaN)",
+    ),
+    "infinite value": (
+        lambda t: data_spec(csv(t, with_header("a,b,y", good_rows(39) + "inf,1,0\n")), "label: y"),
+        "1 row(s): line 41 (a='inf' is not finite)",
+    ),
 }
 
 
@@ -137,6 +159,14 @@ def test_skipped_bad_rows_leave_the_good_ones(ray_cluster, tmp_path):
     rows = ds.to_pandas()
     assert features == ["a", "b"] and len(rows) == 20
     assert rows.a.dtype.kind == "f" and rows.b.dtype.kind == "f"
+
+
+def test_skipped_parquet_rows_leave_the_good_ones(ray_cluster, tmp_path):
+    path = parquet_with_nan(tmp_path)
+    spec = DataSpec(path=str(path), label="y", task="regression", on_bad_rows="skip")
+    ds, _ = read_raw(spec, 1.0)
+    rows = ds.to_pandas()
+    assert len(rows) == 39 and 34.0 not in rows.b.tolist()
 
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ from pipelines.tabular import (
     preprocess_batch,
     resolve_files,
     scan_csv_file,
+    scan_parquet_file,
 )
 
 
@@ -62,6 +63,13 @@ def test_validation_marking_is_stratified_and_deterministic():
     assert set(marked.x[marked[SPLIT_COLUMN]]) != set(other_seed.x[other_seed[SPLIT_COLUMN]])
 
 
+def test_a_class_always_keeps_a_training_row():
+    for n, fraction in ((1, 0.6), (2, 0.8), (3, 0.9)):
+        group = pd.DataFrame({"x": np.arange(n), "y": ["rare"] * n})
+        marked = mark_validation(group, fraction=fraction, seed=0)
+        assert (~marked[SPLIT_COLUMN]).sum() >= 1, (n, fraction)
+
+
 def test_parse_numeric_drops_unparseable_rows():
     batch = pd.DataFrame({"a": ["1", "x", "", "4"], "y": ["0", "1", "0", "1"]})
     out = parse_numeric(batch, ["a"])
@@ -80,6 +88,37 @@ def test_scan_reports_bad_rows_with_line_numbers(tmp_path):
         "line 4 (b='x' is not a number)",
         "line 5 (a is empty)",
     ]
+
+
+def test_scans_refuse_infinite_values_empty_labels_and_parquet_nulls(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,label\n1,2,0\ninf,4,1\n5,-Infinity,1\n7,8,\n")
+    out = scan_csv_file(
+        {"path": str(path)}, pafs.LocalFileSystem(), ["a", "b"], ["a", "b", "label"]
+    )
+    assert out["where"] == [
+        "line 3 (a='inf' is not finite)",
+        "line 4 (b='-Infinity' is not finite)",
+        "line 5 (label is empty)",
+    ]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = [1.0, np.nan, 3.0, np.inf, 5.0, None]  # a NaN, an inf and a null
+    table = pa.table({"a": pa.array(values), "label": ["x", "y", None, "x", "y", "x"]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    out = scan_parquet_file(
+        {"path": str(tmp_path / "d.parquet")}, pafs.LocalFileSystem(), ["a"], ["a", "label"]
+    )
+    assert (out["rows"], out["bad"]) == (6, 4)
+    assert out["where"] == [
+        "row 2 (a is NaN)",
+        "row 3 (label is empty)",
+        "row 4 (a=inf is not finite)",
+        "row 6 (a is empty)",
+    ]
+    kept = parse_numeric(table.to_pandas(), ["a"], "label")
+    assert kept.a.tolist() == [1.0, 5.0]
 
 
 def test_resolve_files_file_directory_glob(tmp_path):

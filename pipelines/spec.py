@@ -39,7 +39,8 @@ class DataSpec:
     format: Literal["auto", "csv", "parquet"] = "auto"
     """File format; `auto` decides from the file extension."""
     on_bad_rows: Literal["error", "skip"] = "error"
-    """CSV rows that do not parse: stop with their count and place, or skip them (and say so)."""
+    """Rows that do not parse, or hold an empty, NaN or infinite value (CSV and Parquet): stop
+    with their count and place, or skip them (and say so)."""
     preprocess: str | None = None
     """`module:fn`, a Ray Data batch function (pandas DataFrame in, DataFrame out) applied once
     to the raw rows before the split statistics are fitted; the columns it adds become

@@ -432,7 +432,8 @@ class TrackingSpec:
     run_name: str | None = None
     """MLflow run name and Ray Train run name; None makes a new one from the experiment, the
     time and a random suffix. A name already used in the experiment continues that run (same
-    MLflow run, newest checkpoint)."""
+    MLflow run, newest checkpoint); one whose checkpoints are not under this run's storage is
+    refused."""
     log_model: bool = True
     """Log the trained model (with its preprocessing) to MLflow."""
 

@@ -429,19 +429,25 @@ def check_resume(spec: RunSpec, storage: str, run_name: str, uri: str, resume: b
     from pipelines import tracking
 
     run_id = tracking.find_run(uri, spec.tracking.experiment, run_name)
-    if not resume:
-        return run_id
     if run_id is None:
-        raise TrainyardError(
-            f"--resume {run_name}: no run of that name in MLflow experiment "
-            f"{spec.tracking.experiment!r} at {uri}"
-        )
+        if resume:
+            raise TrainyardError(
+                f"--resume {run_name}: no run of that name in MLflow experiment "
+                f"{spec.tracking.experiment!r} at {uri}"
+            )
+        return None
     found = latest_checkpoint(storage, run_name)
     if found is None:
+        # Continuing the MLflow run would train from scratch into it, and MLflow would drop
+        # every metric whose step the old run already has.
         raise TrainyardError(
-            f"--resume {run_name}: no checkpoint under {storage}/{run_name} (the run stopped "
-            "before its first checkpoint, or its checkpoints are elsewhere: scaling.storage_path)"
+            f"{'--resume' if resume else 'tracking.run_name'} {run_name}: MLflow run {run_id} "
+            f"has that name but no checkpoint under {storage}/{run_name} (it stopped before its "
+            "first checkpoint, or its checkpoints are elsewhere: scaling.storage_path); to "
+            "start afresh, use another tracking.run_name (or none)"
         )
+    if not resume:
+        return run_id
     path, epoch = found
     if epoch >= spec.train.epochs:
         raise TrainyardError(

@@ -229,6 +229,19 @@ def test_resume_refuses_what_cannot_be_resumed(ray_cluster, tracking_uri, tmp_pa
     assert "no run of that name" in capsys.readouterr().err
 
 
+def test_a_run_name_whose_checkpoints_are_elsewhere_is_refused(
+    straight, tracking_uri, tmp_path, capsys
+):
+    """Not a fresh start into the old MLflow run, which would lose the metrics it has."""
+    (run,) = runs_named(tracking_uri, "straight")
+    before = epoch_steps(tracking_uri, run.info.run_id)
+    assert main(args(tmp_path, "straight", 4, *FAST)) == 2  # another storage_path
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"MLflow run {run.info.run_id} has that name" in err[0]
+    assert "no checkpoint under" in err[0] and "another tracking.run_name" in err[0]
+    assert epoch_steps(tracking_uri, run.info.run_id) == before
+
+
 def test_resume_refuses_a_corrupt_checkpoint(straight, tracking_uri):
     state = Path(json.loads((straight / "straight.json").read_text())["checkpoint"]) / "state.pt"
     state.write_bytes(state.read_bytes()[:100])  # as if cut short mid-write

@@ -672,7 +672,7 @@ def set_up(config: dict[str, Any]) -> Worker:
     if job.get("channels_last") and device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # convolutions' fast layout on GPUs
     optimizer = make_optimizer(model, spec.train)
-    scheduler = make_scheduler(optimizer, spec.train, job["steps_per_epoch"] * spec.train.epochs)
+    scheduler = make_scheduler(optimizer, spec.train, job["schedule_steps"])
     amp_dtype = resolve_amp(spec.amp.mode, device)
     w = Worker(
         spec,
@@ -872,6 +872,8 @@ def report(
                 scaler=w.scaler.state_dict(),
                 epoch=epoch,
                 model_recipe=w.job["model"],
+                spec=w.spec.to_dict(),
+                schedule_steps=w.job["schedule_steps"],
                 data_position=stream.position if stream is not None else None,
                 elapsed=metrics["elapsed_s"],
             )

@@ -398,9 +398,10 @@ class NoFirstStep(Exception):
     """No optimizer step came in time; Ray's wait for the run cannot be interrupted."""
 
 
-def latest_checkpoint(storage: str, run_name: str) -> tuple[str, int] | None:
+def latest_checkpoint(storage: str, run_name: str) -> tuple[str, dict[str, Any]] | None:
     """The newest checkpoint Ray Train registered for `run_name` under `storage`, with its
-    epoch, after checking that it is complete; None if the run has none."""
+    state (without the optimizer's), after checking that it is complete; None if the run has
+    none."""
     import ray.train
 
     from pipelines.loop import load_state
@@ -420,42 +421,119 @@ def latest_checkpoint(storage: str, run_name: str) -> tuple[str, int] | None:
     path = f"{run_dir}/{latest['checkpoint_dir_name']}"
     with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
         state = load_state(d)  # CheckpointError if incomplete or corrupt
-    return path, int(state["epoch"])
+    state.pop("optimizer", None)
+    return path, state
 
 
-def check_resume(spec: RunSpec, storage: str, run_name: str, uri: str, resume: bool) -> str | None:
-    """The MLflow run id to continue for `run_name` (None: a new run). With `resume`, the run
-    and a complete checkpoint must exist, with epochs left to train."""
+# What a resumed run must keep as it was: anything else changes what the saved data position,
+# schedule or weights mean. (train.epochs may grow; data.keep_decoded changes no result.)
+KEPT_ON_RESUME = ("pipeline", "model.", "data.", "train.seed", "train.steps_per_epoch")
+KEPT_BATCH = (
+    "scaling.num_workers",
+    "train.batch_size",
+    "train.tokens_per_step",
+    "train.micro_batch_size",
+)
+FREE_ON_RESUME = ("data.keep_decoded",)
+
+
+def resume_changes(saved: dict[str, Any], spec: RunSpec) -> list[str]:
+    """What `spec` changes against the spec a checkpoint was written with that a resumed run
+    cannot take, as `key: old → new` (the batch as workers × micro-batch × accumulation)."""
+    old, new = _flat(saved), _flat(spec.to_dict())
+    changed = [
+        f"{k}: {old.get(k)!r} → {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if k.startswith(KEPT_ON_RESUME + KEPT_BATCH)
+        and k not in FREE_ON_RESUME
+        and old.get(k) != new.get(k)
+    ]
+    was = RunSpec.from_dict(saved)
+    shape = (was.scaling.num_workers, was.micro_batch_size, was.accum_steps)
+    now = (spec.scaling.num_workers, spec.micro_batch_size, spec.accum_steps)
+    if shape != now:
+        changed.append(
+            "workers × micro-batch × accumulation: {} → {}".format(
+                " × ".join(map(str, shape)), " × ".join(map(str, now))
+            )
+        )
+    return changed
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_model_loads(recipe: dict[str, Any], weights: dict[str, Any]) -> None:
+    """Refuse (SpecError) to resume into a model the checkpoint's weights do not fit, naming
+    the first tensor that does not."""
+    from pipelines import user
+
+    own = user.build_model(recipe).state_dict()
+    for name in sorted(set(own) | set(weights)):
+        if name not in own or name not in weights:
+            why = "not in the model as built now" if name not in own else "not in the checkpoint"
+        elif tuple(own[name].shape) != tuple(weights[name].shape):
+            why = (
+                f"{tuple(weights[name].shape)} in the checkpoint, {tuple(own[name].shape)} in "
+                "the model as built now"
+            )
+        else:
+            continue
+        raise SpecError(
+            f"--resume: the checkpoint's weights do not fit {recipe['name']}: tensor {name} is "
+            f"{why}"
+        )
+
+
+def check_resume(
+    spec: RunSpec, storage: str, run_name: str, uri: str, resume: bool
+) -> tuple[str | None, dict[str, Any] | None]:
+    """The MLflow run id to continue for `run_name` (None: a new run) and the state of the
+    checkpoint it continues from. A run name MLflow has must have a complete checkpoint here,
+    written with the same computation (model, data, seed, batch shape, steps per epoch);
+    with `resume`, it must also have epochs left to train."""
     from pipelines import tracking
 
     run_id = tracking.find_run(uri, spec.tracking.experiment, run_name)
+    flag = "--resume" if resume else "tracking.run_name"
     if run_id is None:
         if resume:
             raise TrainyardError(
                 f"--resume {run_name}: no run of that name in MLflow experiment "
                 f"{spec.tracking.experiment!r} at {uri}"
             )
-        return None
+        return None, None
     found = latest_checkpoint(storage, run_name)
     if found is None:
         # Continuing the MLflow run would train from scratch into it, and MLflow would drop
         # every metric whose step the old run already has.
         raise TrainyardError(
-            f"{'--resume' if resume else 'tracking.run_name'} {run_name}: MLflow run {run_id} "
-            f"has that name but no checkpoint under {storage}/{run_name} (it stopped before its "
-            "first checkpoint, or its checkpoints are elsewhere: scaling.storage_path); to "
-            "start afresh, use another tracking.run_name (or none)"
+            f"{flag} {run_name}: MLflow run {run_id} has that name but no checkpoint under "
+            f"{storage}/{run_name} (it stopped before its first checkpoint, or its checkpoints "
+            "are elsewhere: scaling.storage_path); to start afresh, use another "
+            "tracking.run_name (or none)"
         )
-    if not resume:
-        return run_id
-    path, epoch = found
-    if epoch >= spec.train.epochs:
+    path, state = found
+    if state.get("spec") is not None and (changes := resume_changes(state["spec"], spec)):
+        raise TrainyardError(
+            f"{flag} {run_name}: its checkpoint was trained otherwise, and a run cannot change "
+            f"this as it goes on: {'; '.join(changes)}. Put them back, or start a new run"
+        )
+    epoch = int(state["epoch"])
+    if resume and epoch >= spec.train.epochs:
         raise TrainyardError(
             f"--resume {run_name}: its newest checkpoint ({path}) is epoch {epoch} of "
             f"{spec.train.epochs}: nothing left to train (raise train.epochs to go on)"
         )
-    print(f"trainyard: resuming {run_name} after epoch {epoch} from {path}")
-    return run_id
+    print(f"trainyard: continuing {run_name} after epoch {epoch} from {path}")
+    return run_id, state
 
 
 def failure_plan() -> dict[str, Any] | None:
@@ -482,6 +560,8 @@ class Place:
     run_name: str
     run_id: str | None
     """The MLflow run to continue (a run name seen before), else None until one is started."""
+    resumed: dict[str, Any] | None
+    """The state of the checkpoint the run continues from (without the optimizer's), or None."""
     read_args: dict[str, Any] | None
     """Ray remote args that read data files only this node has on this node, or None."""
 
@@ -505,8 +585,10 @@ def place_run(spec: RunSpec, resume: str | None) -> Place:
     run_name = named or (
         f"{spec.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     )
-    run_id = check_resume(spec, storage, run_name, uri, resume is not None) if named else None
-    return Place(uri, storage, run_name, run_id, read_args)
+    run_id, resumed = (
+        check_resume(spec, storage, run_name, uri, resume is not None) if named else (None, None)
+    )
+    return Place(uri, storage, run_name, run_id, resumed, read_args)
 
 
 def open_run(spec: RunSpec, place: Place, plan: Any, data: Prepared, steps: int) -> str:
@@ -525,6 +607,12 @@ def open_run(spec: RunSpec, place: Place, plan: Any, data: Prepared, steps: int)
     if submission_id := _submission_id():
         tags["ray.submission_id"] = submission_id
     if place.run_id is not None:
+        epochs_then = (place.resumed or {}).get("spec", {}).get("train", {}).get("epochs")
+        if epochs_then not in (None, spec.train.epochs):
+            tags["trainyard.epochs_changed"] = (
+                f"{epochs_then} → {spec.train.epochs} after epoch {place.resumed['epoch']}; "
+                f"the learning-rate schedule keeps its {schedule_steps(spec, steps, place)} steps"
+            )
         tracking.reopen_run(place.uri, place.run_id, tags)
         print(f"trainyard: continuing MLflow run {place.run_id} ({place.run_name}) at {place.uri}")
         return place.run_id
@@ -602,17 +690,27 @@ def steps_per_epoch(spec: RunSpec, plan: Any, data: Prepared) -> int:
     return spec.train.steps_per_epoch or data.num_train // plan.num_workers // rows_per_step
 
 
+def schedule_steps(spec: RunSpec, steps: int, place: Place) -> int:
+    """The learning-rate schedule's length in optimizer steps: epochs × steps per epoch, or,
+    for a run continued from a checkpoint, the length it was trained with (so a raised
+    train.epochs goes on from the schedule's end: no jump in the learning rate)."""
+    if place.resumed and place.resumed.get("schedule_steps"):
+        return int(place.resumed["schedule_steps"])
+    return steps * spec.train.epochs
+
+
 def worker_job(
-    spec: RunSpec, plan: Any, data: Prepared, recipe: dict[str, Any], run_id: str, uri: str
+    spec: RunSpec, plan: Any, data: Prepared, recipe: dict[str, Any], run_id: str, place: Place
 ) -> dict[str, Any]:
     """The plain facts every worker gets besides the spec: the pipeline's, the model's recipe,
     the MLflow run, the plan's threads, how the data reaches the workers."""
     job = data.job | {
         "run_id": run_id,
-        "tracking_uri": uri,
+        "tracking_uri": place.uri,
         "model": recipe,
         "torch_threads": plan.torch_threads,
         "steps_per_epoch": steps_per_epoch(spec, plan, data),
+        "schedule_steps": schedule_steps(spec, steps_per_epoch(spec, plan, data), place),
         "cache_shards": cache_shards(data),
         "num_rows": {"train": data.num_train, "validation": data.num_validation},
         "inject_failure": failure_plan(),
@@ -678,9 +776,11 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
         spec, plan.data_task_cpus, plan.num_workers, rows_per_step, place.read_args
     )
     recipe = checked_model(spec, data)
+    if place.resumed is not None:
+        check_model_loads(recipe, place.resumed["model"])
     # 2. One MLflow run for the job, shared with the workers by id.
     run_id = open_run(spec, place, plan, data, steps_per_epoch(spec, plan, data))
-    job = worker_job(spec, plan, data, recipe, run_id, place.uri)
+    job = worker_job(spec, plan, data, recipe, run_id, place)
     print(plan.describe())
     timeout = start_timeout(spec, plan)
     if notice := waiting_notice(plan, timeout):

@@ -30,8 +30,18 @@ EPOCHS = "train.epochs=3"
 
 
 def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-    return env | {"TRAINYARD_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env['PATH']}"}
+    """The cluster's processes and clients see a HOME of their own: the token `cluster up`
+    creates (~/.ray/auth_token) is the test's, never the developer's."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "RAY_AUTH_TOKEN"))
+    }
+    return env | {
+        "HOME": str(home / "user"),
+        "TRAINYARD_HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{env['PATH']}",
+    }
 
 
 def _run(
@@ -62,8 +72,11 @@ def cluster(tmp_path_factory):
         args += [flag, str(port)]
     args += ["--storage", str(base / "results"), "--mlflow-dir", str(base / "mlflow")]
     started = time.monotonic()
+    (base / "home" / "user").mkdir(parents=True)
     up = _run(args, env, timeout=180)
     assert up.returncode == 0, up.stdout + up.stderr
+    token = base / "home" / "user" / ".ray" / "auth_token"
+    assert token.stat().st_mode & 0o777 == 0o600  # the test's own, readable by its owner only
     os.environ["TRAINYARD_HOME"] = env["TRAINYARD_HOME"]
     state = LocalCluster.load()
     os.environ.pop("TRAINYARD_HOME")

@@ -242,6 +242,22 @@ def test_a_run_name_whose_checkpoints_are_elsewhere_is_refused(
     assert epoch_steps(tracking_uri, run.info.run_id) == before
 
 
+def test_resume_refuses_what_would_change_the_computation(straight, tracking_uri, capsys):
+    overrides = ("scaling.num_workers=1", "train.seed=3", "model.hidden=[64]")
+    rc = main(args(straight, "straight", 6, *FAST, *overrides) + ["--resume", "straight"])
+    assert rc == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    for change in (
+        "model.hidden: [256, 128] → [64]",
+        "scaling.num_workers: 2 → 1",
+        "train.seed: 0 → 3",
+        "workers × micro-batch × accumulation: 2 × 32 × 1 → 1 × 64 × 1",
+    ):
+        assert change in line, line
+    (run,) = runs_named(tracking_uri, "straight")
+    assert epoch_steps(tracking_uri, run.info.run_id) == [1, 2, 3, 4]  # untouched
+
+
 def test_resume_refuses_a_corrupt_checkpoint(straight, tracking_uri):
     state = Path(json.loads((straight / "straight.json").read_text())["checkpoint"]) / "state.pt"
     state.write_bytes(state.read_bytes()[:100])  # as if cut short mid-write

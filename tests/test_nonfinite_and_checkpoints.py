@@ -22,7 +22,8 @@ from pipelines.loop import (
     task_loss,
     train_epoch,
 )
-from pipelines.spec import TrainSpec
+from pipelines.spec import SpecError, TrainSpec
+from pipelines.user import build_model
 
 
 def _batches(rank: int, n: int, poison: int | None) -> list[dict[str, torch.Tensor]]:
@@ -145,3 +146,21 @@ def test_epoch_seeds_depend_on_seed_epoch_and_rank_only():
     assert torch.equal(torch.rand(4), a)
     seed_epoch(0, 3, 0)
     assert not torch.equal(torch.rand(4), a)
+
+
+def test_a_continued_run_keeps_its_schedule_and_refuses_weights_that_do_not_fit():
+    from pipelines.spec import RunSpec
+    from pipelines.train import Place, check_model_loads, resume_changes, schedule_steps
+
+    spec = RunSpec.from_dict({"data": {"path": "x"}, "train": {"epochs": 4}})
+    raised = RunSpec.from_dict({"data": {"path": "x"}, "train": {"epochs": 6, "lr": 0.01}})
+    assert resume_changes(spec.to_dict(), raised) == []  # more epochs, another lr: fine
+    place = Place("u", "s", "r", "id", {"schedule_steps": 40, "epoch": 4}, None)
+    assert schedule_steps(raised, 10, place) == 40  # not 60: no jump in the learning rate
+    assert schedule_steps(raised, 10, Place("u", "s", "r", None, None, None)) == 60
+    recipe = {"name": "mlp", "kwargs": {"in_features": 4, "out_features": 3, "hidden": [8]}}
+    weights = build_model(recipe).state_dict()
+    check_model_loads(recipe, weights)
+    wider = {"name": "mlp", "kwargs": {"in_features": 4, "out_features": 3, "hidden": [16]}}
+    with pytest.raises(SpecError, match=r"tensor net.0.bias is \(8,\) in the checkpoint, \(16,\) in the model"):
+        check_model_loads(wider, weights)

@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from cluster.errors import TrainyardError
+from cluster.secrets import redact_text
 
 # Never uploaded: environments, local data and results, MLflow stores, caches, VCS.
 EXCLUDES = [
@@ -193,7 +194,7 @@ def submit(
     except RuntimeError as e:  # the Jobs API answered with an error (e.g. no job agent)
         raise TrainyardError(f"the Jobs API at {address} did not take the job: {e}") from None
     print(f"trainyard: submitted job {job_id} to {address}")
-    print(f"  MLflow: {uri or 'the tracking URI the cluster sets (MLFLOW_TRACKING_URI)'}")
+    print(f"  MLflow: {redact_text(uri) if uri else 'the tracking URI the cluster sets'}")
     return jobs, job_id
 
 

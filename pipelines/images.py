@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from cluster.secrets import redact_text
 from pipelines.arrays import crop_flip, decode_image, keyed_hash, normalize
 from pipelines.data import (
     DataError,
@@ -347,8 +348,8 @@ def prepare(
         remote_args=None if keep else read_args,
     )
     print(
-        f"trainyard: {data.path}: {len(listing.classes)} classes, {num_train} + {num_val} "
-        f"images, {height}×{width} {data.mode}, "
+        f"trainyard: {redact_text(data.path)}: {len(listing.classes)} classes, "
+        f"{num_train} + {num_val} images, {height}×{width} {data.mode}, "
         + ("decoded once, kept in the object store" if keep else "decoded every epoch")
     )
     return Prepared(

@@ -20,6 +20,7 @@ import yaml
 from cluster.errors import SpecError, TrainyardError
 from cluster.errors import check as _check
 from cluster.resources import ScalingSpec
+from cluster.secrets import redact
 
 __all__ = ["RunSpec", "ScalingSpec", "SpecError", "TrainyardError", "load_spec"]
 
@@ -566,12 +567,13 @@ class RunSpec:
         return _build(cls, raw, prefix="", types={"data": data_cls, "model": model_cls})
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The spec as YAML, to show or record: credentials masked (cluster.secrets)."""
+        return yaml.safe_dump(redact(self.to_dict()), sort_keys=False)
 
     def flat(self) -> dict[str, Any]:
-        """The spec as `section.key: value` pairs (MLflow params)."""
+        """The spec as `section.key: value` pairs (MLflow params), credentials masked."""
         out: dict[str, Any] = {}
-        for section, values in self.to_dict().items():
+        for section, values in redact(self.to_dict()).items():
             if isinstance(values, dict):
                 out.update({f"{section}.{k}": v for k, v in values.items()})
             else:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from cluster import jobs
+from cluster.secrets import redact_override
 from pipelines.spec import TrainyardError, load_spec
 from pipelines.train import add_spec_arguments, check_code
 
@@ -45,6 +46,15 @@ def entrypoint(
     return shlex.join(args)
 
 
+def job_metadata(config: str, overrides: list[str]) -> dict[str, str]:
+    """What the Ray job records of the spec: the config and the overrides, credentials
+    masked (the entrypoint still carries them to the driver)."""
+    return {
+        "trainyard.config": config,
+        "trainyard.overrides": " ".join(map(redact_override, overrides)),
+    }
+
+
 def command(args: argparse.Namespace) -> int:
     started = time.monotonic()
     project = Path.cwd()
@@ -55,7 +65,7 @@ def command(args: argparse.Namespace) -> int:
         project,
         args.address,
         args.tracking_uri,
-        metadata={"trainyard.config": args.config, "trainyard.overrides": " ".join(args.overrides)},
+        metadata=job_metadata(args.config, args.overrides),
     )
     if args.no_wait:
         print(f"  follow: ray job logs -f {job_id}   stop: ray job stop {job_id}")

@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from cluster.secrets import redact_text
 from pipelines.data import Pipeline, Prepared, quiet_ray_data
 from pipelines.spec import RunSpec, SpecError, TrainyardError, UserModelSpec, load_spec
 
@@ -532,7 +533,7 @@ def check_resume(
             f"--resume {run_name}: its newest checkpoint ({path}) is epoch {epoch} of "
             f"{spec.train.epochs}: nothing left to train (raise train.epochs to go on)"
         )
-    print(f"trainyard: continuing {run_name} after epoch {epoch} from {path}")
+    print(f"trainyard: continuing {run_name} after epoch {epoch} from {redact_text(path)}")
     return run_id, state
 
 
@@ -614,7 +615,8 @@ def open_run(spec: RunSpec, place: Place, plan: Any, data: Prepared, steps: int)
                 f"the learning-rate schedule keeps its {schedule_steps(spec, steps, place)} steps"
             )
         tracking.reopen_run(place.uri, place.run_id, tags)
-        print(f"trainyard: continuing MLflow run {place.run_id} ({place.run_name}) at {place.uri}")
+        where = redact_text(place.uri)
+        print(f"trainyard: continuing MLflow run {place.run_id} ({place.run_name}) at {where}")
         return place.run_id
     params = (
         spec.flat()
@@ -634,7 +636,7 @@ def open_run(spec: RunSpec, place: Place, plan: Any, data: Prepared, steps: int)
     )
     print(
         f"trainyard: MLflow run {run_id} ({place.run_name}) in experiment "
-        f"{spec.tracking.experiment!r} at {place.uri}"
+        f"{spec.tracking.experiment!r} at {redact_text(place.uri)}"
     )
     return run_id
 
@@ -824,8 +826,8 @@ def summarize(
         if k.startswith("val_") or k in ("tokens_per_s", "mfu")
     }
     print("trainyard: done  " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
-    print(f"  MLflow run:  {run_id}  (UI: {tracking.ui_command(place.uri)})")
-    print(f"  checkpoint:  {result.checkpoint.path}")
+    print(f"  MLflow run:  {run_id}  (UI: {redact_text(tracking.ui_command(place.uri))})")
+    print(f"  checkpoint:  {redact_text(result.checkpoint.path)}")
     return {
         "run_id": run_id,
         "run_name": place.run_name,
@@ -853,7 +855,7 @@ def train_command(args: argparse.Namespace) -> int:
             return 0
         summary = run(spec, args.resume)
     except TrainyardError as e:
-        print(f"trainyard: error: {e}", file=sys.stderr)
+        print(f"trainyard: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except NoFirstStep as e:
         print(f"trainyard: training failed: {e}", file=sys.stderr, flush=True)
@@ -877,7 +879,7 @@ def train_command(args: argparse.Namespace) -> int:
 
         if not isinstance(e, TrainingFailedError | TrainingStopped | WorkersNotPlaced):
             raise
-        print(f"trainyard: training failed: {e}", file=sys.stderr)
+        print(f"trainyard: training failed: {redact_text(str(e))}", file=sys.stderr)
         return 1
     if args.summary:
         Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")

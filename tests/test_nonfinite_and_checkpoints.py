@@ -162,5 +162,7 @@ def test_a_continued_run_keeps_its_schedule_and_refuses_weights_that_do_not_fit(
     weights = build_model(recipe).state_dict()
     check_model_loads(recipe, weights)
     wider = {"name": "mlp", "kwargs": {"in_features": 4, "out_features": 3, "hidden": [16]}}
-    with pytest.raises(SpecError, match=r"tensor net.0.bias is \(8,\) in the checkpoint, \(16,\) in the model"):
+    with pytest.raises(
+        SpecError, match=r"tensor net.0.bias is \(8,\) in the checkpoint, \(16,\) in the model"
+    ):
         check_model_loads(wider, weights)

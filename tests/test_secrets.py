@@ -1,0 +1,49 @@
+"""Credentials in a spec are used by the run and never recorded: MLflow params, the spec.yaml
+artifact and printed spec, the Ray job's metadata, and the error lines trainyard prints."""
+
+from __future__ import annotations
+
+from cluster.secrets import redact, redact_override, redact_text
+from pipelines.spec import RunSpec
+from pipelines.submit import job_metadata
+
+SECRET = "wJalrXUtnFEMIK7MDENG"
+
+
+def test_credentials_in_uris_and_secret_named_keys_are_masked():
+    assert redact_text(f"s3://AKIAEXAMPLE:{SECRET}@bucket/x.csv") == "s3://***@bucket/x.csv"
+    assert redact_text(f"https://{SECRET}@host/x") == "https://***@host/x"
+    url = f"https://h/x.csv?X-Amz-Signature={SECRET}&part=2&token={SECRET}"
+    assert redact_text(url) == "https://h/x.csv?X-Amz-Signature=***&part=2&token=***"
+    assert redact_text("plain/path/x.csv") == "plain/path/x.csv"
+    assert redact({"api_key": SECRET, "n": 3, "inner": {"password": SECRET}}) == {
+        "api_key": "***",
+        "n": 3,
+        "inner": {"password": "***"},
+    }
+    assert redact_override(f"data.args.auth_token={SECRET}") == "data.args.auth_token=***"
+
+
+def test_the_recorded_spec_holds_no_credential_the_run_still_gets():
+    spec = RunSpec.from_dict(
+        {
+            "pipeline": "custom",
+            "data": {"dataset": "mine:Data", "args": {"root": f"s3://K:{SECRET}@b/x"}},
+            "model": {"name": "mine:Net", "args": {"hf_token": SECRET}},
+        }
+    )
+    recorded = [spec.to_yaml(), *map(str, spec.flat().values())]  # spec.yaml, MLflow params
+    assert not any(SECRET in text for text in recorded)
+    assert "s3://***@b/x" in spec.to_yaml() and spec.flat()["model.args"] == {"hf_token": "***"}
+    assert SECRET in str(spec.to_dict())  # what the workers get: the run uses it
+    overrides = [f"data.path=s3://K:{SECRET}@b/x", f"model.args.api_key={SECRET}"]
+    assert SECRET not in str(job_metadata("configs/x.yaml", overrides))
+
+
+def test_error_lines_mask_credentials(capsys):
+    from pipelines.train import main
+
+    ref = f"data.preprocess=https://K:{SECRET}@host/x:fn"  # a mistake that echoes the value
+    assert main(["configs/digits.yaml", "--set", ref]) == 2
+    err = capsys.readouterr().err
+    assert "cannot import 'https://***@host/x:fn'" in err and SECRET not in err

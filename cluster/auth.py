@@ -35,6 +35,15 @@ def find_token() -> tuple[str | None, str]:
     return None, f"RAY_AUTH_TOKEN, {path}"
 
 
+def protect_token() -> None:
+    """Make the token file (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) readable by its owner
+    only: Ray writes it with the default umask when `ray start` or a local `ray.init()`
+    creates it."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or DEFAULT_TOKEN_PATH).expanduser()
+    if path.is_file() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+
+
 def auth_headers() -> dict[str, str]:
     token, _ = find_token()
     return {"Authorization": f"Bearer {token}"} if token else {}

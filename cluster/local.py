@@ -263,9 +263,7 @@ def up(
             # A fresh machine: create the token (~/.ray/auth_token) that the nodes and every
             # client (trainyard submit, ray job submit) share.
             _start([ray, "get-auth-token", "--generate"], env, logs / "token.log", wait=True)
-            token_path = auth.DEFAULT_TOKEN_PATH
-            if token_path.is_file():
-                token_path.chmod(0o600)  # a secret: readable by its owner only
+            auth.protect_token()  # a secret: readable by its owner only
         common = ["--num-cpus", str(cpus), "--disable-usage-stats"]
 
         def agent_port() -> list[str]:

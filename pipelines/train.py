@@ -62,6 +62,8 @@ def init_ray() -> None:
     from ray.data import DataContext
     from ray.data.context import ShuffleStrategy
 
+    from cluster.auth import protect_token
+
     if not ray.is_initialized():
         if not os.environ.get("RAY_ADDRESS"):
             forget_dead_local_cluster()
@@ -72,6 +74,7 @@ def init_ray() -> None:
             lambda record: not record.getMessage().startswith("Token authentication is enabled")
         )
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
+        protect_token()  # a new local Ray may just have written it, with the default umask
         # Just after connecting, this process may not have the cluster's resource view yet:
         # Ray Data would warn that the cluster "does not have any available CPUs" (and that
         # the job will hang) when it has. Wait for the view, briefly.

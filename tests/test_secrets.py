@@ -47,3 +47,14 @@ def test_error_lines_mask_credentials(capsys):
     assert main(["configs/digits.yaml", "--set", ref]) == 2
     err = capsys.readouterr().err
     assert "cannot import 'https://***@host/x:fn'" in err and SECRET not in err
+
+
+def test_the_ray_token_file_is_made_private(tmp_path, monkeypatch):
+    from cluster.auth import protect_token
+
+    token = tmp_path / "auth_token"
+    token.write_text("t" * 32)
+    token.chmod(0o644)  # as Ray writes it under the usual umask
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    protect_token()
+    assert token.stat().st_mode & 0o777 == 0o600

@@ -483,6 +483,23 @@ def split(
     )
 
 
+def check_classes_in_both(classes: list[Any], val: Any, spec: DataSpec) -> None:
+    """Refuse (one line) a class too small to have a validation row: its accuracy would go
+    unmeasured. (Every class keeps a training row: mark_validation.)"""
+    from ray.data.aggregate import Unique
+
+    held = set(np.asarray(val.aggregate(Unique(spec.label))[f"unique({spec.label})"]).tolist())
+    missing = [c for c in classes if c not in held]
+    if missing:
+        shown = ", ".join(map(repr, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise DataError(
+            f"data.label: {len(missing)} class(es) of {spec.label!r} too small to appear in "
+            f"both splits ({shown}: no validation row at data.validation_fraction "
+            f"{spec.validation_fraction}); add rows of them, drop them, or raise "
+            "data.validation_fraction"
+        )
+
+
 def fit_stats(train: Any, features: list[str], spec: DataSpec) -> Stats:
     """Feature means and standard deviations, and the label encoding or target scale, fitted on
     the training split with Ray Data aggregations."""
@@ -626,6 +643,8 @@ def build_datasets(
         raise DataError(f"data.path: {spec.path} has no rows")
     stats = fit_stats(train_raw, features, spec)
     check_row_counts(num_train, num_val, num_workers, rows_per_step)
+    if stats.classes is not None:
+        check_classes_in_both(stats.classes, val_raw, spec)
     kwargs = {"stats": stats.to_dict(), "label": spec.label}
 
     def prep(raw: Any) -> Any:

@@ -108,9 +108,12 @@ CASES = {
         ),
         "data: 2 CSV row(s) do not parse",
     ),
+    "tiny class": (
+        lambda t: data_spec(csv(t, with_header("a,b,y", good_rows(100) + "1,1,7\n")), "label: y"),
+        "data.label: 1 class(es) of 'y' too small to appear in both splits (7: no validation row",
+    ),
     "parquet NaN": (
         lambda t: data_spec(parquet_with_nan(t), "label: y", "task: regression"),
-        "data: 1 Parquet row(s) hold values training cannot use: "
         "d.parquet: 1 row(s): row 18 (b is NaN)",
     ),
     "infinite value": (

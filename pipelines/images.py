@@ -127,8 +127,9 @@ def eval_batch(
 
 
 def held_out(relative: list[str], labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Which files go to validation: round(fraction × n) of each class, chosen by a seeded
-    hash of the file's path below the data root (the same on every machine and run)."""
+    """Which files go to validation: round(fraction × n) of each class (but never all of them),
+    chosen by a seeded hash of the file's path below the data root (the same on every machine
+    and run)."""
     import pandas as pd
 
     h = keyed_hash(pd.util.hash_array(np.asarray(relative, dtype=object)), seed)
@@ -136,7 +137,7 @@ def held_out(relative: list[str], labels: np.ndarray, fraction: float, seed: int
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
         order = members[np.argsort(h[members], kind="stable")]
-        held[order[: int(round(fraction * len(members)))]] = True
+        held[order[: min(int(round(fraction * len(members))), len(members) - 1)]] = True
     return held
 
 
@@ -304,6 +305,15 @@ def prepare(
     data, seed = spec.data, spec.train.seed
     listing = Listing(data)
     held = held_out(listing.relative, listing.labels, data.validation_fraction, seed)
+    unseen = [c for i, c in enumerate(listing.classes) if not held[listing.labels == i].any()]
+    if unseen:
+        shown = ", ".join(unseen[:5]) + (", ..." if len(unseen) > 5 else "")
+        raise DataError(
+            f"data.path: {len(unseen)} class folder(s) too small to appear in both splits "
+            f"({shown}: no validation image at data.validation_fraction "
+            f"{data.validation_fraction}); add images to them, drop them, or raise "
+            "data.validation_fraction"
+        )
     options = decode_options(data, listing.fs)
     # The training files in a seeded random order (folders sort them by class): each rank's
     # share holds every class, and a pass streams them mixed.

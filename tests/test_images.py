@@ -117,6 +117,8 @@ def test_split_is_stratified_and_follows_the_path_below_the_root():
     assert [int(held[labels == k].sum()) for k in range(3)] == [10, 10, 10]
     assert np.array_equal(held, held_out(relative, labels, 0.2, seed=0))
     assert not np.array_equal(held, held_out(relative, labels, 0.2, seed=1))
+    # Every class keeps a training file, however high the fraction.
+    assert not held_out(["a/1.png", "b/1.png"], np.array([0, 1]), 0.9, seed=0).any()
     # A file's side depends on its own path, not on which other files are there.
     subset = held_out(relative[:100], labels[:100], 0.2, seed=0)
     assert (subset == held[:100]).mean() > 0.9

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import time
 import urllib.error
@@ -17,6 +18,8 @@ import urllib.request
 from pathlib import Path
 
 from cluster.errors import TrainyardError
+
+USER_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 
 
 def server_command(
@@ -58,6 +61,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the same store `trainyard train` uses)",
     )
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="require a user name and password (MLflow's basic-auth app); the admin's are "
+        f"{USER_ENV} and {PASSWORD_ENV} from this environment, the variables MLflow clients "
+        "send them from",
+    )
+
+
+def auth_config(directory: Path) -> Path:
+    """basic_auth.ini for MLflow's basic-auth app in `directory` (readable by its owner only):
+    its users in basic_auth.db beside it, nothing allowed without a login, the admin from
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD. (MLflow creates the admin once: a
+    changed password is changed through MLflow, or by removing basic_auth.db.)"""
+    user, password = os.environ.get(USER_ENV), os.environ.get(PASSWORD_ENV)
+    if not user or not password:
+        raise TrainyardError(
+            f"--auth: set {USER_ENV} and {PASSWORD_ENV} (the admin's name and password; every "
+            "client that logs to this server sends them from the same variables)"
+        )
+    path = directory / "basic_auth.ini"
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(
+        "[mlflow]\n"
+        "default_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{directory / 'basic_auth.db'}\n"
+        f"admin_username = {user}\n"
+        f"admin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return path
 
 
 def command(args: argparse.Namespace) -> int:
@@ -70,7 +105,39 @@ def command(args: argparse.Namespace) -> int:
         str(directory / "mlartifacts"),
         args.workers,
     )
-    print(f"trainyard: MLflow server on http://{args.host}:{args.port} (store {directory})")
+    if args.auth:
+        os.environ["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config(directory))
+        # The CSRF key every server worker must share (one per start is enough).
+        os.environ.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
+        cmd += ["--app-name", "basic-auth"]
+    print(
+        f"trainyard: MLflow server on http://{args.host}:{args.port} (store {directory})"
+        + (f", logins required ({USER_ENV}, {PASSWORD_ENV})" if args.auth else "")
+    )
     print(f"  jobs log to it with MLFLOW_TRACKING_URI=http://{args.host}:{args.port}")
     sys.stdout.flush()
     os.execv(cmd[0], cmd)
+
+
+LOGIN_FILE = "~/.trainyard/mlflow.env"
+
+
+def add_login_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--user", default="trainyard", help="the user name (default trainyard)")
+    parser.add_argument("--file", default=LOGIN_FILE, help=f"where to write it ({LOGIN_FILE})")
+
+
+def login_command(args: argparse.Namespace) -> int:
+    """`trainyard mlflow-login`: write a login for `mlflow-server --auth` (a random password)
+    as shell variables, readable by its owner only; an existing file is kept."""
+    path = Path(args.file).expanduser()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{USER_ENV}={args.user}\n{PASSWORD_ENV}={secrets.token_urlsafe(24)}\n")
+        print(f"trainyard: wrote an MLflow login to {path} (readable by you only)")
+    else:
+        print(f"trainyard: {path} exists; kept it")
+    print(f"  use it here:  set -a && . {path} && set +a")
+    return 0

@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     server = commands.add_parser("mlflow-server", help="an MLflow tracking server (foreground)")
     mlflow_server.add_arguments(server)
     server.set_defaults(func=mlflow_server.command)
+    login = commands.add_parser(
+        "mlflow-login", help="a login for `mlflow-server --auth` (~/.trainyard/mlflow.env)"
+    )
+    mlflow_server.add_login_arguments(login)
+    login.set_defaults(func=mlflow_server.login_command)
 
     args = parser.parse_args(argv)
     try:

@@ -51,4 +51,11 @@ def test_ray_cluster_yaml_installs_and_starts_trainyard_with_token_auth():
         assert "TRAINYARD_STORAGE_PATH=s3://" in commands
     assert "--dashboard-host=127.0.0.1" in head
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    # The MLflow server asks for the login that every node's Ray processes carry; the login
+    # comes from a mounted file, never from this config.
+    assert "trainyard mlflow-server --auth" in head
+    assert config["file_mounts"]["~/.trainyard/mlflow.env"] == "~/.trainyard/mlflow.env"
+    for commands in (config["head_start_ray_commands"][-1], worker):
+        assert commands.index(". ~/.trainyard/mlflow.env") < commands.index("ray start")
+    assert "MLFLOW_TRACKING_PASSWORD=" not in CONFIG.read_text()
     assert ".venv" in config["rsync_exclude"]

@@ -58,3 +58,60 @@ def test_the_ray_token_file_is_made_private(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
     protect_token()
     assert token.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_mlflow_server_with_auth_lets_in_only_clients_with_the_login(tmp_path):
+    """`trainyard mlflow-server --auth` (what ray_cluster.yaml runs on the head): no login, no
+    data; a client with MLFLOW_TRACKING_USERNAME/PASSWORD in its environment (as every node's
+    Ray processes have) logs as usual."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    from cluster.local import free_port
+    from cluster.mlflow_server import wait_healthy
+
+    trainyard = [sys.executable, "-m", "pipelines.cli"]
+    env_file = tmp_path / "mlflow.env"  # what ray_cluster.yaml mounts on every node
+    subprocess.run([*trainyard, "mlflow-login", "--file", str(env_file)], check=True, timeout=60)
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    login = dict(line.split("=", 1) for line in env_file.read_text().split())
+    assert set(login) == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+    cli = [*trainyard, "mlflow-server", "--auth", "--dir", str(tmp_path)]
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    refused = subprocess.run(cli, env=bare, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--auth: set MLFLOW_TRACKING_USERNAME" in refused.stderr
+    port = free_port()
+    server = subprocess.Popen(
+        [*cli, "--port", str(port)],
+        env=bare | login,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, timeout_s=90)
+        assert (tmp_path / "basic_auth.ini").stat().st_mode & 0o777 == 0o600
+        try:
+            urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")
+            raise AssertionError("the server answered a request without a login")
+        except urllib.error.HTTPError as e:
+            assert e.code == 401
+        os.environ.update(login)
+        try:
+            client = MlflowClient(url)
+            run = client.create_run(client.create_experiment("behind-a-login"))
+            client.log_metric(run.info.run_id, "loss", 0.5)
+            assert client.get_run(run.info.run_id).data.metrics == {"loss": 0.5}
+        finally:
+            for key in login:
+                os.environ.pop(key)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from cluster.secrets import redact
 from pipelines.spec import RunSpec, TrainSpec, TrainyardError
 from pipelines.user import build_model, load_callable
 
@@ -872,7 +873,7 @@ def report(
                 scaler=w.scaler.state_dict(),
                 epoch=epoch,
                 model_recipe=w.job["model"],
-                spec=w.spec.to_dict(),
+                spec=redact(w.spec.to_dict()),  # what a resumed run must keep
                 schedule_steps=w.job["schedule_steps"],
                 data_position=stream.position if stream is not None else None,
                 elapsed=metrics["elapsed_s"],

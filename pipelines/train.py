@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from cluster.secrets import redact_text
+from cluster.secrets import redact, redact_text
 from pipelines.data import Pipeline, Prepared, quiet_ray_data
 from pipelines.spec import RunSpec, SpecError, TrainyardError, UserModelSpec, load_spec
 
@@ -444,7 +444,7 @@ FREE_ON_RESUME = ("data.keep_decoded",)
 def resume_changes(saved: dict[str, Any], spec: RunSpec) -> list[str]:
     """What `spec` changes against the spec a checkpoint was written with that a resumed run
     cannot take, as `key: old → new` (the batch as workers × micro-batch × accumulation)."""
-    old, new = _flat(saved), _flat(spec.to_dict())
+    old, new = _flat(saved), _flat(redact(spec.to_dict()))  # (checkpoints hold no secret)
     changed = [
         f"{k}: {old.get(k)!r} → {new.get(k)!r}"
         for k in sorted(set(old) | set(new))

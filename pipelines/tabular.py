@@ -407,8 +407,8 @@ def read_raw(
         )
     if fmt == "parquet":
         ds = ray.data.read_parquet(
-            files, filesystem=fs, columns=columns, num_cpus=task_cpus, ray_remote_args=read_args
-        )
+            files, filesystem=fs, num_cpus=task_cpus, ray_remote_args=read_args
+        ).select_columns(columns)  # (read only these: Ray Data pushes it into the read)
         if bad:
             ds = ds.map_batches(
                 parse_numeric,

@@ -57,12 +57,7 @@ class DataSpec:
         _check(bool(self.label), "data.label", self.label, "a column name")
         _check_reference("data.preprocess", self.preprocess)
         _check_reference("data.augment", self.augment)
-        _check(
-            0.0 < self.validation_fraction < 1.0,
-            "data.validation_fraction",
-            self.validation_fraction,
-            "a number between 0 and 1",
-        )
+        _check_fraction(self.validation_fraction)
         if self.features is not None:
             _check(len(self.features) > 0, "data.features", self.features, "a non-empty list")
             _check(
@@ -95,12 +90,7 @@ class TextDataSpec:
         _check(
             bool(self.path), "data.path", self.path, "a path, glob, URI or builtin:python-stdlib"
         )
-        _check(
-            0.0 < self.validation_fraction < 1.0,
-            "data.validation_fraction",
-            self.validation_fraction,
-            "a number between 0 and 1",
-        )
+        _check_fraction(self.validation_fraction)
         _check(
             self.validation_windows is None or self.validation_windows >= 1,
             "data.validation_windows",
@@ -142,12 +132,7 @@ class CustomDataSpec:
             self.num_classes,
             "an integer >= 2 or null",
         )
-        _check(
-            0.0 < self.validation_fraction < 1.0,
-            "data.validation_fraction",
-            self.validation_fraction,
-            "a number between 0 and 1",
-        )
+        _check_fraction(self.validation_fraction)
 
 
 @dataclass
@@ -187,12 +172,7 @@ class ImageDataSpec:
             self.image_size,
             "[height, width] in pixels",
         )
-        _check(
-            0.0 < self.validation_fraction < 1.0,
-            "data.validation_fraction",
-            self.validation_fraction,
-            "a number between 0 and 1",
-        )
+        _check_fraction(self.validation_fraction)
         _check(
             self.augment_kind in ("builtin", "user", None),
             "data.augment",
@@ -214,6 +194,10 @@ class ImageDataSpec:
                 if isinstance(flip, bool):
                     return "builtin"
         return "invalid"
+
+
+def _check_fraction(value: float) -> None:
+    _check(0.0 < value < 1.0, "data.validation_fraction", value, "a number between 0 and 1")
 
 
 def _check_reference(name: str, value: str | None) -> None:

@@ -54,6 +54,25 @@ def train(config, out, *overrides: str) -> dict:
     return json.loads(summary.read_text())
 
 
+def python_elsewhere(script: str, cwd) -> str:
+    """Run `script` in a fresh Python process in `cwd` (a directory with none of a project's
+    modules), without PYTHONPATH, as a user loading a logged model would; assert that it
+    succeeded and return its last line of output."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
 @pytest.fixture
 def storage(tmp_path) -> str:
     return str(tmp_path / "results")

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import train
+from conftest import python_elsewhere, train
 from PIL import Image
 
 from pipelines.arrays import crop_flip, decode_image, normalize
@@ -257,17 +255,7 @@ names = model.predict(pd.DataFrame({{"image": [open(f, "rb").read() for f in fil
 truth = [f.split("/")[-2] for f in files]
 print(sum(n == t for n, t in zip(names, truth)) / len(files), list(names[:3]))
 """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    accuracy, first = proc.stdout.strip().splitlines()[-1].split(" ", 1)
+    accuracy, first = python_elsewhere(script, tmp_path).split(" ", 1)
     assert float(accuracy) > 0.95  # mostly training images, and class names, not indices
     assert first.startswith("['")
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import python_elsewhere
 
 from pipelines import user
 from pipelines.spec import SpecError, UserModelSpec
@@ -173,17 +174,7 @@ d = load_digits(as_frame=True)
 x = {rows}
 print(float((np.asarray(model.predict(x)).argmax(1) == d.target.to_numpy()).mean()))
 """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return float(proc.stdout.strip().splitlines()[-1])
+    return float(python_elsewhere(script, elsewhere))
 
 
 def test_own_dataset_model_loss_and_augment_resume_exactly(

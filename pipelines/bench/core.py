@@ -106,6 +106,14 @@ def repeated(batches: list[Any], steps: int) -> Iterator[Any]:
     return itertools.islice(itertools.cycle(batches), steps)
 
 
+def best(values: dict[str, list[float]], prefix: str) -> str:
+    """The contender starting with `prefix` whose median is highest (the reference a case
+    compares the others with, e.g. the best DataLoader setting)."""
+    return max(
+        (c for c in values if c.startswith(prefix)), key=lambda c: statistics.median(values[c])
+    )
+
+
 def timed(fn: Callable[[], Any]) -> float:
     """Seconds `fn()` takes."""
     start = time.perf_counter()

@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import torch
 
 from pipelines.arrays import crop_flip, decode_image, normalize
-from pipelines.bench.core import Case, alternate, ray_data_reservation, timed
+from pipelines.bench.core import Case, alternate, best, ray_data_reservation, timed
 
 BATCH = 128
 SIZE = (64, 64)
@@ -116,9 +116,7 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     )
     seconds = alternate(contenders, repeats)
     values = {c: [n_batches / s for s in v] for c, v in seconds.items()}
-    best_loader = max(
-        (c for c in values if c.startswith("DataLoader")), key=lambda c: np.median(values[c])
-    )
+    best_loader = best(values, "DataLoader")
     feed = Case("images", "decode + augment into batches", "batches/s", True, best_loader, values)
     feed.notes.append(
         f"{n} PNG files (the digits, cycled) read, decoded, converted to RGB and resized to "

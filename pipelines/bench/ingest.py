@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.bench.core import Case, alternate, ray_data_reservation, timed
+from pipelines.bench.core import Case, alternate, best, ray_data_reservation, timed
 
 BATCH = 256
 
@@ -111,9 +111,7 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     contenders["Ray Data iter_torch_batches"] = lambda: timed(ray_pass)
     seconds = alternate(contenders, repeats)
     values = {c: [n_batches / s for s in v] for c, v in seconds.items()}
-    best_loader = max(
-        (c for c in values if c.startswith("DataLoader")), key=lambda c: np.median(values[c])
-    )
+    best_loader = best(values, "DataLoader")
     feed = Case("ingest", "feeding batches", "batches/s", True, best_loader, values)
     feed.notes.append(
         f"{n_batches} batches of {BATCH} digits upsampled to 32×32 with jitter, noise and blur; "

@@ -193,8 +193,9 @@ def test_cli_spec_error_has_no_traceback(tmp_path):
         "trainyard: error: unknown key train.bacth_size (did you mean train.batch_size?); "
         "valid keys: epochs, batch_size, tokens_per_step, micro_batch_size, lr, weight_decay, "
         "optimizer, momentum, schedule, min_lr_fraction, warmup_fraction, grad_accum_steps, "
-        "steps_per_epoch, compile, grad_clip, label_smoothing, loss, seed, checkpoint_every, "
-        "keep_checkpoints, log_every_steps, max_nonfinite_steps, stall_timeout_s"
+        "eval_batch_size, steps_per_epoch, compile, grad_clip, label_smoothing, loss, seed, "
+        "checkpoint_every, keep_checkpoints, log_every_steps, max_nonfinite_steps, "
+        "stall_timeout_s"
     )
     assert "Traceback" not in proc.stdout + proc.stderr
 

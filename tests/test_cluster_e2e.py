@@ -81,7 +81,14 @@ def cluster(tmp_path_factory):
     state = LocalCluster.load()
     os.environ.pop("TRAINYARD_HOME")
     print(f"cluster up in {time.monotonic() - started:.1f} s")
-    yield {"env": env, "state": state, "base": base, "up": up.stdout}
+    # This process's own calls to the dashboard (cluster.auth) send the cluster's token too.
+    saved = {k: os.environ.pop(k, None) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    try:
+        yield {"env": env, "state": state, "base": base, "up": up.stdout}
+    finally:
+        os.environ.pop("RAY_AUTH_TOKEN_PATH")
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
     _run([str(BIN / "trainyard"), "cluster", "down"], env, timeout=120)
     leftover = _alive(cluster_pids(state.cluster_id))
     for pid in leftover:  # never leave a cluster behind, even when a test failed

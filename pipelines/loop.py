@@ -884,10 +884,10 @@ def report(
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. `config` holds {"spec": RunSpec dict, "job": driver facts}."""
-    import ray.train
-
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
+    """Ray Train entry point. `config` holds {"spec": RunSpec dict, "job": driver facts}.
+    Returns the run's outcome, which rank 0's return carries to the driver through Ray Train
+    (`Result.return_value`): {} or {"stopped": why}."""
     w = set_up(config)
     tr, job = w.spec.train, w.job
     train_pass, val_batches = data_passes(w)  # a first mapped pass starts here, in the background
@@ -922,14 +922,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         nonfinite_run = result.nonfinite_run
         if result.stopped:  # the same decision on every rank: all leave the loop together
             message = stop_message(nonfinite_run, epoch)
-            w.log.tags({STOPPED_TAG: message})  # for people; the driver reads the report
-            w.log.flush()
+            w.log.tags({STOPPED_TAG: message})  # for people; the driver reads the return value
             logger.error(message)
-            ray.train.report({"stopped_epoch": epoch, "nonfinite_steps": nonfinite_run})
-            break
+            watchdog.stop()
+            return {"stopped": message}
         metrics = epoch_metrics(w, epoch, result, val_batches(), val_loss, started)
         report(w, epoch, metrics, stream, steps_done)
     watchdog.stop()
+    return {}
 
 
 def stop_message(nonfinite_steps: int, epoch: int) -> str:

@@ -803,11 +803,9 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
             stall and timeout + stall,
             lambda: tracking.first_step_after(place.uri, run_id, began),
         )
-        if "stopped_epoch" in result.metrics:  # the run's last report says it stopped
-            from pipelines.loop import stop_message
-
-            m = result.metrics
-            raise TrainingStopped(stop_message(int(m["nonfinite_steps"]), int(m["stopped_epoch"])))
+        # Rank 0's return value (through Ray Train, not MLflow) says whether it stopped itself.
+        if stopped := (result.return_value or {}).get("stopped"):
+            raise TrainingStopped(stopped)
         # 4. The model, logged as the pipeline serves it.
         model_uri = log_outcome(spec, pipeline, data, result, place, run_id)
     except BaseException as e:

@@ -405,17 +405,21 @@ def read_raw(
         print(
             f"trainyard: skipping {total_bad} {what} (first: {bad[0]['path']} {bad[0]['where'][0]})"
         )
+
+    def drop_bad(ds: Any) -> Any:  # on_bad_rows: skip
+        return ds.map_batches(
+            parse_numeric,
+            fn_kwargs={"columns": numeric, "label": spec.label},
+            batch_format="pandas",
+            num_cpus=task_cpus,
+        )
+
     if fmt == "parquet":
         ds = ray.data.read_parquet(
             files, filesystem=fs, num_cpus=task_cpus, ray_remote_args=read_args
         ).select_columns(columns)  # (read only these: Ray Data pushes it into the read)
         if bad:
-            ds = ds.map_batches(
-                parse_numeric,
-                fn_kwargs={"columns": numeric, "label": spec.label},
-                batch_format="pandas",
-                num_cpus=task_cpus,
-            )
+            ds = drop_bad(ds)
         return ds, features
     label_type = schema.field(spec.label).type
     if spec.task == "regression" or pa.types.is_floating(label_type):
@@ -434,13 +438,7 @@ def read_raw(
             parse_options=pacsv.ParseOptions(invalid_row_handler=_skip_row),
             convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
         )
-        ds = ds.map_batches(
-            parse_numeric,
-            fn_kwargs={"columns": numeric, "label": spec.label},
-            batch_format="pandas",
-            num_cpus=task_cpus,
-        )
-        return ds, features
+        return drop_bad(ds), features
     types = {c: pa.float64() for c in features} | {spec.label: label_type}
     ds = ray.data.read_csv(
         files,

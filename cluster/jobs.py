@@ -115,12 +115,16 @@ def job_tracking_uri(flag: str | None) -> str | None:
     return uri
 
 
-def runtime_env(working_dir: str | Path, tracking_uri: str | None) -> dict:
-    """The job's runtime environment: the project directory and the MLflow server, no secrets."""
+def runtime_env(
+    working_dir: str | Path, tracking_uri: str | None, py_modules: list[str] = ()
+) -> dict:
+    """The job's runtime environment: the project directory, the MLflow server and
+    `py_modules` (uploaded packages, whose contents the dashboard does not show)."""
     env_vars = {"PYTHONUNBUFFERED": "1"}
     if tracking_uri:
         env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
-    return {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
+    env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
+    return env | ({"py_modules": list(py_modules)} if py_modules else {})
 
 
 def client(address: str):
@@ -179,6 +183,7 @@ def submit(
     address: str | None = None,
     tracking_uri: str | None = None,
     metadata: dict[str, str] | None = None,
+    py_modules: list[str] = (),
 ) -> tuple[object, str]:
     """Submit `entrypoint` with `working_dir` as the job's working directory; return the
     client and the submission id."""
@@ -188,7 +193,7 @@ def submit(
     try:
         job_id = jobs.submit_job(
             entrypoint=entrypoint,
-            runtime_env=runtime_env(working_dir, uri),
+            runtime_env=runtime_env(working_dir, uri, py_modules),
             metadata=metadata or {},
         )
     except RuntimeError as e:  # the Jobs API answered with an error (e.g. no job agent)

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from cluster import signing
 from cluster.errors import TrainyardError
 
 USER_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
@@ -129,7 +130,8 @@ def add_login_arguments(parser: argparse.ArgumentParser) -> None:
 
 def login_command(args: argparse.Namespace) -> int:
     """`trainyard mlflow-login`: write a login for `mlflow-server --auth` (a random password)
-    as shell variables, readable by its owner only; an existing file is kept."""
+    as shell variables, readable by its owner only, and make the model-signing key if there is
+    none (both are what ray_cluster.yaml copies to every node); existing files are kept."""
     path = Path(args.file).expanduser()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,4 +142,7 @@ def login_command(args: argparse.Namespace) -> int:
     else:
         print(f"trainyard: {path} exists; kept it")
     print(f"  use it here:  set -a && . {path} && set +a")
+    signing.model_key()
+    where = signing.KEY_ENV if os.environ.get(signing.KEY_ENV) else signing.KEY_FILE
+    print(f"  trainyard signs the models it logs with the key in {where}")
     return 0

@@ -6,8 +6,9 @@ trainyard generate RUN_ID_OR_MODEL_URI --prompt "def " [--max-bytes N] [--temper
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import tempfile
+from pathlib import Path
 
 from pipelines.spec import TrainyardError
 
@@ -16,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
         metavar="RUN_ID_OR_MODEL_URI",
-        help="an MLflow run id (its model is used) or a model URI (runs:/..., models:/...)",
+        help="an MLflow run id (its model is used), a model URI (runs:/..., models:/...) or "
+        "a model's directory",
     )
     parser.add_argument("--prompt", default="def ", help="text to continue (default: 'def ')")
     parser.add_argument(
@@ -28,39 +30,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
     parser.add_argument(
+        "--trust-model",
+        action="store_true",
+        help="load a model trainyard did not sign (loading runs the code pickled in it)",
+    )
+    parser.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)",
     )
 
 
 def model_uri(value: str) -> str:
-    """A model URI as given, or the model logged in the run with id `value`."""
-    return value if ":/" in value else f"runs:/{value}/model"
+    """A model URI or a model's directory as given, or the model logged in the run with id
+    `value`."""
+    return value if ":/" in value or Path(value).is_dir() else f"runs:/{value}/model"
 
 
-def load(uri: str, tracking_uri: str):
-    """The model at `uri` and its tokenizer, checked to be a trainyard text model."""
-    import mlflow
+def load(uri: str, tracking_uri: str, trust: bool = False):
+    """The model at `uri` and its tokenizer, checked to be a text model trainyard signed
+    before it is unpickled or its tokenizer imported."""
     import mlflow.pytorch
-    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
 
     from pipelines.text import load_tokenizer
+    from pipelines.tracking import fetch_model
 
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        metadata = mlflow.models.get_model_info(uri).metadata or {}
+    with tempfile.TemporaryDirectory() as d:
+        local = fetch_model(uri, tracking_uri, d, trust)
+        metadata = Model.load(str(local)).metadata or {}
         if metadata.get("pipeline") != "text":
             raise TrainyardError(
                 f"{uri} is not a text model (pipeline: {metadata.get('pipeline', 'unknown')}); "
                 "generate samples from models trained with `pipeline: text`"
             )
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
-    except MlflowException as e:
-        raise TrainyardError(f"cannot load {uri} from {tracking_uri}: {e.message}") from None
-    finally:
-        mlflow.set_tracking_uri(previous)
-    return model.eval(), load_tokenizer(metadata["tokenizer"])
+        model = mlflow.pytorch.load_model(str(local), map_location="cpu")
+        return model.eval(), load_tokenizer(metadata["tokenizer"])
 
 
 def generate(
@@ -94,7 +98,7 @@ def command(args: argparse.Namespace) -> int:
     if args.temperature < 0:
         raise TrainyardError("--temperature: expected a number >= 0")
     uri = args.tracking_uri or tracking.tracking_uri(".")
-    model, tokenizer = load(model_uri(args.model), uri)
+    model, tokenizer = load(model_uri(args.model), uri, args.trust_model)
     text = generate(
         model, tokenizer, args.prompt, args.max_bytes, args.temperature, args.top_k, args.seed
     )

@@ -4,12 +4,20 @@ The job's working directory is the project it is submitted from (the current dir
 user's code, configs and modules named as module:attr); its entrypoint is the same driver as
 `trainyard train`, `python -m pipelines.train CONFIG --set ...`, which runs from the trainyard
 installed on the cluster's nodes (or from the project, when the project is trainyard itself).
+
+Anyone who can see the dashboard reads a job's entrypoint, metadata and runtime environment.
+Overrides that hold a credential therefore travel as a file inside a package of their own
+(`py_modules`, uploaded like the working directory), which the entrypoint names
+(`--set-from PACKAGE`); the metadata records them masked.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import secrets
 import shlex
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,11 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     jobs.add_arguments(parser)
 
 
+OVERRIDES_FILE = "overrides.json"
+
+
 def entrypoint(
-    config: str, overrides: list[str], resume: str | None = None, project: str | Path = "."
+    config: str,
+    overrides: list[str],
+    resume: str | None = None,
+    project: str | Path = ".",
+    set_from: str | None = None,
 ) -> str:
     """`python -m pipelines.train CONFIG --set ... [--resume NAME]`, with CONFIG relative to
-    the project directory (the job's working directory)."""
+    the project directory (the job's working directory); `set_from` names the package that
+    holds the overrides instead."""
     project = Path(project).resolve()
     path = Path(config).resolve()
     try:
@@ -39,11 +55,38 @@ def entrypoint(
             "which is what the job receives as its working_dir"
         ) from None
     args = ["python", "-m", "pipelines.train", relative.as_posix()]
-    for override in overrides:
-        args += ["--set", override]
+    if set_from:
+        args += ["--set-from", set_from]
+    else:
+        for override in overrides:
+            args += ["--set", override]
     if resume:
         args += ["--resume", resume]
     return shlex.join(args)
+
+
+def holds_credentials(overrides: list[str]) -> bool:
+    return any(redact_override(o) != o for o in overrides)
+
+
+def overrides_package(overrides: list[str], directory: str | Path) -> Path:
+    """A package, new under `directory`, whose OVERRIDES_FILE lists `overrides`."""
+    package = Path(directory) / f"trainyard_overrides_{secrets.token_hex(6)}"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / OVERRIDES_FILE).write_text(json.dumps(overrides))
+    return package
+
+
+def read_overrides(package: str) -> list[str]:
+    """The overrides a job received in `package` (see overrides_package)."""
+    import importlib.resources
+
+    try:
+        text = (importlib.resources.files(package) / OVERRIDES_FILE).read_text()
+    except ModuleNotFoundError:
+        raise TrainyardError(f"--set-from: no package {package} on this job's path") from None
+    return list(json.loads(text))
 
 
 def job_metadata(config: str, overrides: list[str]) -> dict[str, str]:
@@ -60,13 +103,18 @@ def command(args: argparse.Namespace) -> int:
     project = Path.cwd()
     # A bad spec, or user code that does not import, fails here, before anything is uploaded.
     check_code(load_spec(args.config, args.overrides))  # and refuses a clashing project
-    client, job_id = jobs.submit(
-        entrypoint(args.config, args.overrides, args.resume, project),
-        project,
-        args.address,
-        args.tracking_uri,
-        metadata=job_metadata(args.config, args.overrides),
-    )
+    with tempfile.TemporaryDirectory() as scratch:  # uploaded by jobs.submit
+        package = None
+        if holds_credentials(args.overrides):
+            package = overrides_package(args.overrides, scratch)
+        client, job_id = jobs.submit(
+            entrypoint(args.config, args.overrides, args.resume, project, package and package.name),
+            project,
+            args.address,
+            args.tracking_uri,
+            metadata=job_metadata(args.config, args.overrides),
+            py_modules=[str(package)] if package else [],
+        )
     if args.no_wait:
         print(f"  follow: ray job logs -f {job_id}   stop: ray job stop {job_id}")
         return 0

@@ -340,4 +340,43 @@ def log_model(
             )
     finally:
         mlflow.set_tracking_uri(previous)
+    sign_model(info.model_uri, info.model_id, uri)
     return info.model_uri
+
+
+def sign_model(model_uri: str, model_id: str, uri: str) -> None:
+    """Sign the files of the logged model as the store holds them (see cluster.signing)."""
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+
+    from cluster import signing
+
+    with tempfile.TemporaryDirectory() as d:
+        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=d, tracking_uri=uri)
+        MlflowClient(uri).log_model_artifact(model_id, str(signing.sign(local)))
+
+
+def fetch_model(model_uri: str, uri: str, into: str | Path, trust: bool = False) -> Path:
+    """Download the model at `model_uri` (any MLflow model URI, or a local directory) into
+    `into` and return its directory, checked to be a model trainyard signed with this key
+    before anything in it is unpickled; `trust` loads an unsigned one."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from cluster import signing
+    from pipelines.spec import TrainyardError
+
+    try:
+        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(into), tracking_uri=uri)
+    except (MlflowException, OSError) as e:
+        message = getattr(e, "message", e)
+        raise TrainyardError(f"cannot load {model_uri} from {uri}: {message}") from None
+    if not trust:
+        try:
+            signing.verify(local)
+        except signing.UntrustedModel as e:
+            raise TrainyardError(
+                f"{model_uri}: refused to load: {e}. Loading a model runs the code pickled in it; "
+                "if you trust whoever wrote it, pass --trust-model"
+            ) from None
+    return Path(local)

@@ -49,6 +49,12 @@ def add_spec_arguments(parser: argparse.ArgumentParser, config_help: str) -> Non
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_spec_arguments(parser, "run spec (YAML)")
     parser.add_argument(
+        "--set-from",
+        metavar="PACKAGE",
+        help="also the overrides listed in this package (how `trainyard submit` sends the ones "
+        "that hold credentials, out of the job's visible entrypoint)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="validate the spec, print it and the resource plan, and exit",
@@ -850,6 +856,10 @@ def main(argv: list[str] | None = None) -> int:
 def train_command(args: argparse.Namespace) -> int:
     """Run `trainyard train`; user mistakes become one line on stderr and exit code 2."""
     try:
+        if args.set_from:
+            from pipelines.submit import read_overrides
+
+            args.overrides = [*args.overrides, *read_overrides(args.set_from)]
         spec = load_spec(args.config, args.overrides)
         if args.dry_run:
             dry_run(spec)

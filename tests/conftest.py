@@ -10,6 +10,10 @@ import threading
 
 import pytest
 
+# Models logged by the tests are signed with a key of the session's, never the developer's
+# ~/.trainyard/model.key (subprocesses inherit it; the README's blocks make their own).
+os.environ.setdefault("TRAINYARD_MODEL_KEY", os.urandom(16).hex())
+
 
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory) -> str:

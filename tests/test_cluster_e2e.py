@@ -302,16 +302,26 @@ def test_no_secret_in_the_jobs_runtime_env_or_metadata(cluster, both_jobs):
 
 
 def test_a_failing_job_exits_nonzero_with_its_error(cluster):
+    """Its data path carries a credential: the driver gets it from the job's own package, and
+    nothing the dashboard shows of the job holds it."""
+    secret = "wJalrXUtnFEMIK7MDENG"
     out = _run(
         [
             *(str(BIN / "trainyard"), "submit", "configs/digits.yaml"),
-            *("--set", "data.path=/nonexistent/digits.csv"),
+            *("--set", f"data.path=/nonexistent/digits.csv?token={secret}"),
         ],
         cluster["env"],
     )
     assert out.returncode == 1
     assert "FAILED" in out.stderr
-    assert "trainyard: error: data.path: no such file or directory: /nonexistent" in out.stderr
+    # ("?" makes it a glob pattern)
+    assert "trainyard: error: data.path: no files match /nonexistent/digits.csv?token=***" in (
+        out.stderr
+    )
+    job = out.stdout.split("submitted job ", 1)[1].split()[0]
+    shown = auth.dashboard_get(cluster["state"].dashboard_url, f"/api/jobs/{job}")
+    assert "--set-from trainyard_overrides_" in shown["entrypoint"]
+    assert secret not in json.dumps(shown) + out.stdout + out.stderr
 
 
 def test_a_bad_spec_is_refused_before_submitting(cluster):

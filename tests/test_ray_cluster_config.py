@@ -55,6 +55,7 @@ def test_ray_cluster_yaml_installs_and_starts_trainyard_with_token_auth():
     # comes from a mounted file, never from this config.
     assert "trainyard mlflow-server --auth" in head
     assert config["file_mounts"]["~/.trainyard/mlflow.env"] == "~/.trainyard/mlflow.env"
+    assert config["file_mounts"]["~/.trainyard/model.key"] == "~/.trainyard/model.key"
     for commands in (config["head_start_ray_commands"][-1], worker):
         assert commands.index(". ~/.trainyard/mlflow.env") < commands.index("ray start")
     assert "MLFLOW_TRACKING_PASSWORD=" not in CONFIG.read_text()

@@ -40,6 +40,22 @@ def test_the_recorded_spec_holds_no_credential_the_run_still_gets():
     assert SECRET not in str(job_metadata("configs/x.yaml", overrides))
 
 
+def test_submitted_overrides_with_credentials_travel_in_a_package_of_their_own(
+    tmp_path, monkeypatch
+):
+    """What `trainyard submit` sends: an entrypoint without the values, and the package its
+    driver reads them from (the e2e job test runs it on a cluster)."""
+    from pipelines.submit import entrypoint, holds_credentials, overrides_package, read_overrides
+
+    overrides = ["train.epochs=3", f"data.path=s3://K:{SECRET}@b/x"]
+    assert holds_credentials(overrides) and not holds_credentials(overrides[:1])
+    package = overrides_package(overrides, tmp_path)
+    command = entrypoint("configs/digits.yaml", overrides, project=".", set_from=package.name)
+    assert SECRET not in command and command.endswith(f"--set-from {package.name}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert read_overrides(package.name) == overrides
+
+
 def test_error_lines_mask_credentials(capsys):
     from pipelines.train import main
 
@@ -115,3 +131,39 @@ def test_an_mlflow_server_with_auth_lets_in_only_clients_with_the_login(tmp_path
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_a_model_is_trusted_only_with_its_files_as_signed_with_this_key(tmp_path, monkeypatch):
+    import pytest
+
+    from cluster import signing
+
+    monkeypatch.delenv(signing.KEY_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    model = tmp_path / "model"
+    (model / "code").mkdir(parents=True)
+    (model / "MLmodel").write_text("metadata: {tokenizer: bytes}\n")
+    (model / "code" / "tok.py").write_text("x = 1\n")
+    signing.sign(model)
+    key = tmp_path / "home" / ".trainyard" / "model.key"
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_text().strip()) == 64
+    signing.verify(model)
+
+    def refused(because: str) -> None:
+        with pytest.raises(signing.UntrustedModel, match=because):
+            signing.verify(model)
+
+    (model / "MLmodel").write_text("metadata: {tokenizer: 'os:system'}\n")
+    refused("files changed since it was signed: MLmodel")
+    (model / "MLmodel").write_text("metadata: {tokenizer: bytes}\n")
+    (model / "code" / "evil.py").write_text("import os\n")
+    refused("files added since it was signed: code/evil.py")
+    (model / "code" / "evil.py").unlink()
+    signing.verify(model)
+    monkeypatch.setenv(signing.KEY_ENV, "someone else's key")
+    refused("its signature is not from this key")
+    signing.sign(model)  # a store writer with their own key cannot pass for ours
+    monkeypatch.delenv(signing.KEY_ENV)
+    refused("its signature is not from this key")
+    (model / signing.SIGNATURE_FILE).unlink()
+    refused("it is not signed")

@@ -118,6 +118,29 @@ def test_generate_continues_the_prompt_from_mlflow(tiny_run, tracking_uri, capsy
     assert rc == 2 and err.startswith("trainyard: error: cannot load") and err.count("\n") == 1
 
 
+def test_generate_refuses_a_model_changed_after_trainyard_signed_it(
+    tiny_run, tracking_uri, tmp_path, capsys
+):
+    """Someone with write access to the store points the tokenizer at code of theirs: the
+    model is refused before anything in it is unpickled or imported."""
+    import mlflow.artifacts
+
+    from cluster.signing import SIGNATURE_FILE
+
+    copy = Path(mlflow.artifacts.download_artifacts(tiny_run["model_uri"], dst_path=str(tmp_path)))
+    mlmodel = copy / "MLmodel"
+    mlmodel.write_text(mlmodel.read_text().replace("tokenizer: bytes", "tokenizer: os:getcwd"))
+    rc, _, err = run_cli(["generate", str(copy), "--prompt", "x"], capsys)
+    assert rc == 2 and err.count("\n") == 1
+    assert "refused to load: files changed since it was signed: MLmodel" in err
+    mlmodel.write_text(mlmodel.read_text().replace("tokenizer: os:getcwd", "tokenizer: bytes"))
+    (copy / SIGNATURE_FILE).unlink()
+    rc, _, err = run_cli(["generate", str(copy), "--prompt", "x"], capsys)
+    assert rc == 2 and "it is not signed (trainyard did not log it)" in err
+    rc, out, _ = run_cli(["generate", str(copy), "--prompt", "x", "--trust-model"], capsys)
+    assert rc == 0 and out.startswith("x")
+
+
 def test_gpt2_small_config_runs_its_path_shrunk_to_cpu(ray_cluster, tracking_uri, tmp_path):
     """The GPU config as written, with the model, budget and device shrunk for this machine:
     tokens_per_step and micro_batch_size give 2 accumulation steps per worker."""

@@ -25,6 +25,9 @@ from pathlib import Path
 KEY_ENV = "TRAINYARD_MODEL_KEY"
 KEY_FILE = "~/.trainyard/model.key"
 SIGNATURE_FILE = "trainyard.sig"
+# Written by MLflow into a model downloaded through the registry (models:/NAME/...): the name
+# and version, which nothing executes.
+REGISTRY_FILE = "registered_model_meta"
 
 
 class UntrustedModel(Exception):
@@ -55,12 +58,13 @@ def model_key() -> bytes:
 
 
 def file_digests(directory: str | Path) -> dict[str, str]:
-    """SHA-256 of every file below `directory` but the signature, by relative path."""
+    """SHA-256 of every file below `directory` but the signature (and the registry's note), by
+    relative path."""
     root = Path(directory)
     digests = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         name = path.relative_to(root).as_posix()
-        if name == SIGNATURE_FILE:
+        if name in (SIGNATURE_FILE, REGISTRY_FILE):
             continue
         digest = hashlib.sha256()
         with open(path, "rb") as f:

@@ -71,7 +71,7 @@ def _add_cluster(commands) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from cluster import mlflow_server
-    from pipelines import bench, generate, submit
+    from pipelines import bench, generate, predict, submit
 
     parser = argparse.ArgumentParser(
         prog="trainyard",
@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     submission = commands.add_parser("submit", help="run a spec on a cluster as a Ray job")
     submit.add_arguments(submission)
     submission.set_defaults(func=submit.command)
+    infer = commands.add_parser("predict", help="batch inference on Ray Data from a model")
+    predict.add_arguments(infer)
+    infer.set_defaults(func=predict.command)
     sample = commands.add_parser("generate", help="sample text from a trained text model")
     generate.add_arguments(sample)
     sample.set_defaults(func=generate.command)

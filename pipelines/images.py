@@ -424,7 +424,7 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
         extra["stats"]["std"],
         extra["classes"],
     )
-    return model, pd.DataFrame({"image": example}), {"pipeline": "images"}
+    return model, pd.DataFrame({"image": example}), {"pipeline": "images", "classes": model.classes}
 
 
 def metric_keys(spec: RunSpec) -> list[str]:

@@ -55,9 +55,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.size, self.mode = tuple(size), mode
         self.mean, self.std, self.classes = list(mean), list(std), list(classes)
 
-    def inputs(self, model_input: pd.DataFrame) -> torch.Tensor:
-        """The DataFrame's `image` column (bytes, or paths to read) as the network's input."""
-        from pipelines.arrays import decode_image, normalize
+    def decode(self, model_input: pd.DataFrame) -> np.ndarray:
+        """The DataFrame's `image` column (bytes, or paths to read) as uint8 (n, h, w, c)."""
+        from pipelines.arrays import decode_image
 
         images = []
         for item in model_input["image"]:
@@ -65,9 +65,18 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 with open(item, "rb") as f:
                     item = f.read()
             images.append(decode_image(bytes(item), self.size, self.mode))
-        return torch.from_numpy(normalize(np.stack(images), self.mean, self.std))
+        return np.stack(images)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Decoded images (uint8 (n, h, w, c)) normalized and through the network (on its
+        device): the logits over `classes`."""
+        from pipelines.arrays import normalize
+
+        device = next(self.net.parameters()).device
+        x = torch.from_numpy(normalize(images, self.mean, self.std)).to(device)
+        with torch.no_grad():
+            return self.net(x).float().cpu().numpy()
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:
-        with torch.no_grad():
-            logits = self.net(self.inputs(model_input)).float()
-        return np.asarray(self.classes, dtype=object)[logits.argmax(-1).numpy()]
+        logits = self.logits(self.decode(model_input))
+        return np.asarray(self.classes, dtype=object)[logits.argmax(-1)]

@@ -705,7 +705,10 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
         from pipelines.serving import RawRowsModel
 
         predictor = RawRowsModel(predictor, stats.features, spec.data.preprocess)
-    return predictor, example, {"pipeline": "tabular"}
+    metadata = {"pipeline": "tabular", "task": spec.data.task, "label": spec.data.label}
+    if stats.classes is not None:  # index i of the output is classes[i]
+        metadata["classes"] = [c.item() if hasattr(c, "item") else c for c in stats.classes]
+    return predictor, example, metadata
 
 
 def metric_keys(spec: RunSpec) -> list[str]:

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,46 @@ def start_run(
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     client.log_text(run_id, spec_yaml, "spec.yaml")
     return run_id
+
+
+PREDICT_EXPERIMENT = "trainyard-predict"
+
+
+def start_predict_run(uri: str, source_run: str | None, model_uri: str, data: str, out: str) -> str:
+    """A run for one `trainyard predict`, in the experiment of the run that logged the model
+    (else PREDICT_EXPERIMENT); return its id."""
+    from mlflow.exceptions import MlflowException
+
+    from cluster.secrets import redact_text
+
+    client = _client(uri)
+    experiment_id = None
+    if source_run:
+        try:
+            experiment_id = client.get_run(source_run).info.experiment_id
+        except MlflowException:
+            pass  # a model from another store
+    if experiment_id is None:
+        exp = client.get_experiment_by_name(PREDICT_EXPERIMENT)
+        experiment_id = exp.experiment_id if exp else client.create_experiment(PREDICT_EXPERIMENT)
+    tags = {"trainyard.kind": "predict"}
+    if source_run:
+        tags["trainyard.model_run"] = source_run
+    run = client.create_run(experiment_id, run_name=f"predict-{int(time.time())}", tags=tags)
+    for key, value in {"model_uri": model_uri, "data": data, "out": out}.items():
+        client.log_param(run.info.run_id, key, redact_text(value))
+    return run.info.run_id
+
+
+def finish_predict_run(uri: str, run_id: str, summary: dict[str, Any]) -> None:
+    """Log what a prediction did (rows, skipped, seconds, rows/s, workers) and end its run."""
+    from mlflow.entities import Metric
+
+    client = _client(uri)
+    now = int(time.time() * 1000)
+    keys = ("rows", "skipped", "seconds", "rows_per_s", "workers")
+    client.log_batch(run_id, metrics=[Metric(k, float(summary[k]), now, 0) for k in keys])
+    end_run(uri, run_id)
 
 
 def find_run(uri: str, experiment: str, run_name: str) -> str | None:
@@ -342,6 +383,27 @@ def log_model(
         mlflow.set_tracking_uri(previous)
     sign_model(info.model_uri, info.model_id, uri)
     return info.model_uri
+
+
+def register_model(uri: str, model_uri: str, name: str, alias: str | None = None) -> str:
+    """Register the model at `model_uri` as a new version of `name` (and point `alias` at it);
+    return the version's URI, models:/NAME/VERSION."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.spec import TrainyardError
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        version = mlflow.register_model(model_uri, name).version
+        if alias:
+            MlflowClient(uri).set_registered_model_alias(name, alias, version)
+    except mlflow.exceptions.MlflowException as e:
+        raise TrainyardError(f"tracking.register_as: {name!r}: {e.message}") from None
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return f"models:/{name}/{version}"
 
 
 def sign_model(model_uri: str, model_id: str, uri: str) -> None:

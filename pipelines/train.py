@@ -814,15 +814,23 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
             raise TrainingStopped(stopped)
         # 4. The model, logged as the pipeline serves it.
         model_uri = log_outcome(spec, pipeline, data, result, place, run_id)
+        registered = spec.tracking.register_as and tracking.register_model(
+            place.uri, model_uri, spec.tracking.register_as, spec.tracking.alias
+        )
     except BaseException as e:
         tracking.end_run(place.uri, run_id, error=e)
         raise
     tracking.end_run(place.uri, run_id)
-    return summarize(spec, place, run_id, result, model_uri)
+    return summarize(spec, place, run_id, result, model_uri, registered or None)
 
 
 def summarize(
-    spec: RunSpec, place: Place, run_id: str, result: Any, model_uri: str | None
+    spec: RunSpec,
+    place: Place,
+    run_id: str,
+    result: Any,
+    model_uri: str | None,
+    registered: str | None = None,
 ) -> dict[str, Any]:
     """Print the run's outcome; return it as the summary."""
     from pipelines import tracking
@@ -835,6 +843,9 @@ def summarize(
     print("trainyard: done  " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
     print(f"  MLflow run:  {run_id}  (UI: {redact_text(tracking.ui_command(place.uri))})")
     print(f"  checkpoint:  {redact_text(result.checkpoint.path)}")
+    if registered:
+        alias = spec.tracking.alias
+        print(f"  registered:  {registered}" + (f"  (alias {alias})" if alias else ""))
     return {
         "run_id": run_id,
         "run_name": place.run_name,
@@ -842,6 +853,7 @@ def summarize(
         "tracking_uri": place.uri,
         "checkpoint": result.checkpoint.path,
         "model_uri": model_uri,
+        "registered_model": registered,
         "metrics": final,
         "epochs": result.metrics.get("epoch"),
     }

@@ -24,6 +24,8 @@ def digits_run(ray_cluster, tracking_uri, tmp_path_factory) -> dict:
         out,
         "scaling.placement_strategy=SPREAD",
         "tracking.experiment=test-digits",
+        "tracking.register_as=test-digits",
+        "tracking.alias=champion",
     )
 
 
@@ -108,3 +110,90 @@ def test_regression_on_a_users_csv_beats_the_mean(ray_cluster, tracking_uri, tmp
     predicted = np.asarray(model.predict(rows)).reshape(-1)
     truth = df.price_k.head(200).to_numpy()
     assert np.sqrt(np.mean((predicted - truth) ** 2)) < 0.3 * df.price_k.std()
+
+
+def predict_cli(*args: str, capsys) -> tuple[int, str, str]:
+    from pipelines import cli
+
+    rc = cli.main(["predict", *map(str, args)])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_predict_writes_what_the_model_predicts_in_the_inputs_order(
+    digits_run, tracking_uri, tmp_path, capsys
+):
+    """`trainyard predict` through the registry alias and by run id, Parquet and CSV out, two
+    input files: each row's class and probabilities are what pyfunc.predict gives for it, in
+    the input's order, with the kept columns beside them."""
+    import json
+
+    assert digits_run["registered_model"] == "models:/test-digits/1"
+    frame = load_digits(as_frame=True).frame.rename(columns={"target": "label"})
+    frame.insert(0, "id", np.arange(len(frame)))
+    data = tmp_path / "data"
+    data.mkdir()
+    frame.iloc[:1000].to_csv(data / "a.csv", index=False)
+    frame.iloc[1000:].to_csv(data / "b.csv", index=False)
+    rc, out, err = predict_cli(
+        "models:/test-digits@champion", data, "--out", tmp_path / "p", "--keep", "id,label",
+        "--summary", tmp_path / "p.json", capsys=capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    parquet = pd.read_parquet(tmp_path / "p")
+    assert parquet["id"].tolist() == list(range(len(frame)))
+    assert parquet["label"].tolist() == frame["label"].tolist()
+    mlflow.set_tracking_uri(tracking_uri)
+    logits = np.asarray(
+        mlflow.pyfunc.load_model(digits_run["model_uri"]).predict(
+            frame.drop(columns=["id", "label"]).astype("float32")
+        )
+    )
+    assert parquet["prediction"].tolist() == logits.argmax(1).tolist()
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    columns = [f"probability_{c}" for c in range(10)]
+    np.testing.assert_allclose(parquet[columns].to_numpy(), probs, rtol=1e-5, atol=1e-6)
+    assert (parquet["prediction"] == parquet["label"]).mean() > 0.97
+
+    rc, _, err = predict_cli(
+        digits_run["run_id"], data, "--out", tmp_path / "c", "--format", "csv", "--keep", "id",
+        "--batch-size", "100", "--workers", "2", capsys=capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    shards = sorted((tmp_path / "c").glob("*.csv"))
+    csv = pd.concat([pd.read_csv(f) for f in shards], ignore_index=True)
+    assert csv["id"].tolist() == list(range(len(frame)))
+    assert csv["prediction"].tolist() == parquet["prediction"].tolist()
+
+    summary = json.loads((tmp_path / "p.json").read_text())
+    run = MlflowClient(tracking_uri).get_run(summary["run_id"])
+    assert run.data.tags["trainyard.kind"] == "predict"
+    assert run.data.tags["trainyard.model_run"] == digits_run["run_id"]
+    assert run.data.metrics["rows"] == len(frame) and run.data.metrics["rows_per_s"] > 0
+    experiment = MlflowClient(tracking_uri).get_experiment(run.info.experiment_id)
+    assert experiment.name == "test-digits" and run.info.status == "FINISHED"
+
+
+def test_predict_mistakes_are_one_line(digits_run, tmp_path, capsys):
+    frame = load_digits(as_frame=True).frame
+    frame.drop(columns=["pixel_0_0"]).to_csv(tmp_path / "short.csv", index=False)
+    bad = frame.astype({"pixel_0_1": object})
+    bad.loc[5, "pixel_0_1"] = "dark"
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x.parquet").write_text("")
+    model = digits_run["model_uri"]
+    cases = {
+        ("0" * 32, tmp_path / "short.csv", tmp_path / "o1"): "cannot load runs:/000",
+        ("models:/no-such-model@champion", tmp_path / "short.csv", tmp_path / "o2"): (
+            "cannot load models:/no-such-model@champion"
+        ),
+        (model, tmp_path / "short.csv", tmp_path / "o3"): "has no column(s) pixel_0_0",
+        (model, tmp_path / "none.csv", tmp_path / "o4"): "no such file or directory",
+        (model, tmp_path / "short.csv", tmp_path / "taken"): "has files already",
+        (model, tmp_path / "bad.csv", tmp_path / "o5"): "DATA: ",
+    }
+    for (source, data, out), says in cases.items():
+        rc, _, err = predict_cli(source, data, "--out", out, capsys=capsys)
+        assert rc == 2 and says in err and err.count("\n") == 1, err

@@ -368,13 +368,23 @@ def log_model(
         )
     # The fluent API needs the process-wide tracking URI (which MLflow also exports to the
     # environment); put back what was there, so that nothing after this call is redirected.
+    signature = infer_signature(example, prediction)
+    if (metadata or {}).get("pipeline") == "text":
+        # Token ids (batch, time) of any length up to the context, not the example's length.
+        from mlflow.types import TensorSpec
+        from mlflow.types.schema import Schema
+
+        ids, logits = signature.inputs.inputs[0], signature.outputs.inputs[0]
+        signature.inputs = Schema([TensorSpec(ids.type, (-1, -1), ids.name)])
+        vocab = logits.shape[-1]
+        signature.outputs = Schema([TensorSpec(logits.type, (-1, -1, vocab), logits.name)])
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(run_id=run_id), _quiet_model_logging():
             info = flavor(
                 name="model",
-                signature=infer_signature(example, prediction),
+                signature=signature,
                 input_example=example,
                 pip_requirements=requirements,
                 metadata=metadata,

@@ -260,6 +260,48 @@ print(sum(n == t for n, t in zip(names, truth)) / len(files), list(names[:3]))
     assert first.startswith("['")
 
 
+def test_predict_classifies_image_files_as_the_model_does(
+    digits_images, tracking_uri, cache, tmp_path, capsys
+):
+    """`trainyard predict` over a folder of PNGs with one broken file: left out and counted
+    with --on-bad-rows skip, one line naming it without; the rest, in order, classified as
+    pyfunc.predict classifies their bytes."""
+    import json
+    import shutil
+
+    import mlflow
+    import pandas as pd
+
+    from pipelines import cli
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, f in enumerate(sorted((cache / "digits-images").glob("*/*.png"))[::9]):
+        shutil.copy(f, images / f"{i:04d}-{f.parent.name}.png")
+    (images / "0100-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    files = sorted(images.glob("*.png"))
+    args = ["predict", digits_images["model_uri"], str(images), "--batch-size", "16"]
+    assert cli.main([*args, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert f"DATA: {images}/0100-broken.png does not decode as an image" in err
+    assert err.count("\n") == 1
+    summary = tmp_path / "summary.json"
+    skip = ["--on-bad-rows", "skip", "--summary", str(summary)]
+    assert cli.main([*args, "--out", str(tmp_path / "out"), *skip]) == 0
+    assert json.loads(summary.read_text())["skipped"] == 1
+    out = pd.read_parquet(tmp_path / "out")
+    good = [f for f in files if "broken" not in f.name]
+    assert out["path"].tolist() == [str(f) for f in good]
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(digits_images["model_uri"])
+    expected = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in good]}))
+    assert out["prediction"].tolist() == list(expected)
+    probabilities = out[[f"probability_{c}" for c in range(10)]].to_numpy()
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-6)
+    truth = [f.stem.split("-")[1] for f in good]
+    assert np.mean(out["prediction"].to_numpy() == np.asarray(truth)) > 0.95
+
+
 def test_resnet18_gpu_config_runs_its_path_shrunk_to_cpu(digits_images, tracking_uri, tmp_path):
     """The GPU config as written, with the width, budget and device shrunk for this machine:
     epochs of a set number of steps, streaming on across passes of augmented images."""

@@ -141,6 +141,41 @@ def test_generate_refuses_a_model_changed_after_trainyard_signed_it(
     assert rc == 0 and out.startswith("x")
 
 
+def test_predict_scores_text_files_as_the_model_predicts_their_bytes(
+    tiny_run, tracking_uri, tmp_path, capsys
+):
+    """`trainyard predict` of a text model: per file, the mean next-byte loss over windows of
+    the model's context, what pyfunc.predict's logits give for the same windows."""
+    import mlflow
+    import pandas as pd
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = {"a.py": b"def f(x):\n    return x + 1\n" * 9, "b.txt": b"import json\n" * 3}
+    for name, data in texts.items():
+        (corpus / name).write_bytes(data)
+    rc, _, err = run_cli(
+        ["predict", tiny_run["model_uri"], str(corpus), "--out", str(tmp_path / "o")], capsys
+    )
+    assert rc == 0, err
+    out = pd.read_parquet(tmp_path / "o")
+    assert out["path"].tolist() == [str(corpus / n) for n in sorted(texts)]
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(tiny_run["model_uri"])
+    for (name, data), row in zip(sorted(texts.items()), out.itertuples(), strict=True):
+        ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+        nll = 0.0
+        for start in range(0, len(ids) - 1, 64):  # the run's model.context
+            window = ids[start : start + 65]
+            logits = np.asarray(model.predict(window[None, :-1]), dtype=np.float64)[0]
+            logits -= logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
+        assert row.bytes == row.tokens == len(data)
+        assert row.loss == pytest.approx(nll / (len(data) - 1), rel=1e-4)
+        assert row.bits_per_byte == pytest.approx(nll / np.log(2) / len(data), rel=1e-4)
+
+
 def test_gpt2_small_config_runs_its_path_shrunk_to_cpu(ray_cluster, tracking_uri, tmp_path):
     """The GPU config as written, with the model, budget and device shrunk for this machine:
     tokens_per_step and micro_batch_size give 2 accumulation steps per worker."""

@@ -162,7 +162,7 @@ def test_predict_scores_text_files_as_the_model_predicts_their_bytes(
     assert out["path"].tolist() == [str(corpus / n) for n in sorted(texts)]
     mlflow.set_tracking_uri(tracking_uri)
     model = mlflow.pyfunc.load_model(tiny_run["model_uri"])
-    for (name, data), row in zip(sorted(texts.items()), out.itertuples(), strict=True):
+    for (_, data), row in zip(sorted(texts.items()), out.itertuples(), strict=True):
         ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
         nll = 0.0
         for start in range(0, len(ids) - 1, 64):  # the run's model.context

@@ -42,6 +42,8 @@ from pipelines.spec import TrainyardError
 TABLE_EXTENSIONS = (".csv", ".csv.gz", ".csv.bz2", ".parquet", ".pq")
 TEXT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
 DEFAULT_BATCH = {"tabular": 4096, "images": 64, "text": 4, None: 1024}
+IO_CPUS = 0.1
+"""What each reading and writing task holds of a CPU; every actor leaves at least this free."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,10 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("parquet", "csv"), default="parquet")
     parser.add_argument("--batch-size", type=int, help="rows per model call")
     parser.add_argument(
-        "--workers", type=int, help="actors, each with the model (default: CPUs less one)"
+        "--workers", type=int, help="actors, each with the model (default: one per CPU)"
     )
     parser.add_argument(
-        "--cpus-per-worker", type=float, default=1.0, help="CPUs each actor holds (default 1)"
+        "--cpus-per-worker",
+        type=float,
+        default=0.9,
+        help="CPUs each actor holds (default 0.9, one torch thread: the rest of its CPU is "
+        "for the tasks that read and write)",
     )
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each actor holds")
     parser.add_argument(
@@ -297,7 +303,7 @@ def read_input(kind: str | None, data: str, inputs: dict | None, keep: list[str]
     files, fs = resolve_files(data, TABLE_EXTENSIONS)
     parquet = all(f.endswith((".parquet", ".pq")) for f in files)
     read = ray.data.read_parquet if parquet else ray.data.read_csv
-    ds = read(files, filesystem=fs)
+    ds = read(files, filesystem=fs, num_cpus=IO_CPUS)
     columns = ds.schema().names
     wanted = [c for c in [*(inputs or []), *keep] if c not in columns]
     if wanted:
@@ -308,21 +314,27 @@ def read_input(kind: str | None, data: str, inputs: dict | None, keep: list[str]
     return ds
 
 
-def default_workers(cpus_per_worker: float, gpus_per_worker: float) -> int:
-    """Actors that fit the cluster and leave a CPU to read with (where there are two)."""
+def plan_workers(workers: int | None, cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """The actors to start: `workers`, else one per CPU (per GPU share with GPUs). Refused when
+    they would leave reading and writing no CPU: the run would wait forever."""
     import ray
 
     total = ray.cluster_resources()
-    cpus = total.get("CPU", 1)
-    fit = int(max(cpus - 1, 1) // max(cpus_per_worker, 1e-9))
-    if gpus_per_worker:
-        fit = min(fit, int(total.get("GPU", 0) // gpus_per_worker))
-        if fit < 1:
-            raise TrainyardError(
-                f"--gpus-per-worker {gpus_per_worker:g}: the cluster has "
-                f"{total.get('GPU', 0):g} GPU(s)"
-            )
-    return max(1, fit)
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    if gpus_per_worker and gpus < gpus_per_worker:
+        raise TrainyardError(
+            f"--gpus-per-worker {gpus_per_worker:g}: the cluster has {gpus:g} GPU(s)"
+        )
+    if workers is None:
+        workers = int(min(cpus, (cpus - IO_CPUS) // cpus_per_worker))
+        if gpus_per_worker:
+            workers = min(workers, int(gpus // gpus_per_worker))
+    if workers < 1 or workers * cpus_per_worker > cpus - IO_CPUS:
+        raise TrainyardError(
+            f"--workers {workers} x --cpus-per-worker {cpus_per_worker:g} leaves no CPU of the "
+            f"cluster's {cpus:g} to read and write with (they need {IO_CPUS:g}); use fewer"
+        )
+    return workers
 
 
 def check_out(out: str) -> None:
@@ -370,7 +382,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
         )
     init_ray()
     quiet_ray_data()
-    workers = args.workers or default_workers(args.cpus_per_worker, args.gpus_per_worker)
+    workers = plan_workers(args.workers, args.cpus_per_worker, args.gpus_per_worker)
     batch_size = args.batch_size or DEFAULT_BATCH.get(kind, DEFAULT_BATCH[None])
     context = DataContext.get_current()
     preserved = context.execution_options.preserve_order
@@ -387,7 +399,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
                 "kind": kind,
                 "inputs": inputs,
                 "keep": keep,
-                "threads": int(max(1, args.cpus_per_worker)),
+                "threads": max(1, round(args.cpus_per_worker)),
                 "use_gpu": args.gpus_per_worker > 0,
                 "skip_bad": args.on_bad_rows == "skip",
             },
@@ -404,7 +416,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
         )
         with errors_reported_here():
             write = predicted.write_parquet if args.format == "parquet" else predicted.write_csv
-            write(args.out)
+            write(args.out, ray_remote_args={"num_cpus": IO_CPUS})
         seconds = time.monotonic() - started
         rows = read_back_count(args.out, args.format)
     except Exception as e:

@@ -82,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     train_parser = commands.add_parser("train", help="train a run spec (YAML) here")
     train.add_arguments(train_parser)
     train_parser.set_defaults(func=train.train_command)
-    submission = commands.add_parser("submit", help="run a spec on a cluster as a Ray job")
+    submission = commands.add_parser(
+        "submit",
+        help="run a spec on a cluster as a Ray job",
+        epilog="trainyard submit --predict MODEL DATA --out PATH [predict's flags] runs "
+        "`trainyard predict` as a Ray job instead",
+    )
     submit.add_arguments(submission)
     submission.set_defaults(func=submit.command)
     infer = commands.add_parser("predict", help="batch inference on Ray Data from a model")
@@ -106,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     mlflow_server.add_login_arguments(login)
     login.set_defaults(func=mlflow_server.login_command)
 
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:2] == ["submit", "--predict"]:
+            return submit.predict_command(argv[2:])
+        args = parser.parse_args(argv)
         return args.func(args)
     except TrainyardError as e:
         print(f"trainyard: error: {e}", file=sys.stderr)

@@ -39,7 +39,6 @@ import pandas as pd
 from pipelines.data import DataError, errors_reported_here, quiet_ray_data, resolve_files
 from pipelines.spec import TrainyardError
 
-TABLE_EXTENSIONS = (".csv", ".csv.gz", ".csv.bz2", ".parquet", ".pq")
 TEXT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
 DEFAULT_BATCH = {"tabular": 4096, "images": 64, "text": 4, None: 1024}
 IO_CPUS = 0.1
@@ -296,22 +295,42 @@ def read_input(kind: str | None, data: str, inputs: dict | None, keep: list[str]
         files, _ = resolve_files(data, extensions if kind == "images" else TEXT_EXTENSIONS)
         if keep:
             raise DataError(f"--keep: {kind} models write the file's path; nothing else to keep")
-        blocks = max(1, min(len(files) // 64, 200))
+        blocks = max(1, min(len(files) // 512, 200))
         return ray.data.from_pandas(
             [pd.DataFrame({"path": part}) for part in np.array_split(files, blocks)]
         )
-    files, fs = resolve_files(data, TABLE_EXTENSIONS)
-    parquet = all(f.endswith((".parquet", ".pq")) for f in files)
-    read = ray.data.read_parquet if parquet else ray.data.read_csv
-    ds = read(files, filesystem=fs, num_cpus=IO_CPUS)
-    columns = ds.schema().names
+    from pipelines.tabular import DATA_EXTENSIONS, _sample_schema, file_format
+
+    files, fs = resolve_files(data, DATA_EXTENSIONS)
+    fmt = file_format(files, "auto")
+    columns = _sample_schema(files, fs, fmt)[0].names
     wanted = [c for c in [*(inputs or []), *keep] if c not in columns]
     if wanted:
         raise DataError(
             f"DATA: {data} has no column(s) {', '.join(wanted)}; the model takes "
             f"{', '.join(inputs or columns)}"
         )
-    return ds
+    # Each file read by a task of its own that holds IO_CPUS: Ray Data's readers first list
+    # the files in a task that holds a whole CPU, which a pool holding 0.9 of every CPU
+    # leaves waiting forever.
+    return ray.data.from_items([{"path": f} for f in files]).map_batches(
+        read_table_file,
+        fn_kwargs={"filesystem": fs, "fmt": fmt},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=IO_CPUS,
+    )
+
+
+def read_table_file(batch: Any, filesystem: Any, fmt: str) -> Any:
+    """One CSV or Parquet file (a batch of one path) as an Arrow table."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    path = batch["path"][0].as_py()
+    if fmt == "parquet":
+        return pq.read_table(path, filesystem=filesystem)
+    return pacsv.read_csv(filesystem.open_input_stream(path, compression="detect"))
 
 
 def plan_workers(workers: int | None, cpus_per_worker: float, gpus_per_worker: float) -> int:

@@ -119,3 +119,40 @@ def command(args: argparse.Namespace) -> int:
         print(f"  follow: ray job logs -f {job_id}   stop: ray job stop {job_id}")
         return 0
     return jobs.follow(client, job_id, args.start_timeout, started)
+
+
+def predict_command(argv: list[str]) -> int:
+    """`trainyard submit --predict MODEL DATA --out PATH ...`: `trainyard predict` as a Ray job
+    (`python -m pipelines.predict ...` in the project directory), followed like a training
+    job. The job writes where every node can: --out must be absolute or a URI."""
+    from cluster.secrets import redact_text
+    from pipelines import predict
+
+    started = time.monotonic()
+    parser = argparse.ArgumentParser(prog="trainyard submit --predict")
+    jobs.add_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    checked = argparse.ArgumentParser(prog="trainyard submit --predict")
+    predict.add_arguments(checked)
+    predicted = checked.parse_args(rest)  # a mistake in predict's arguments: exit 2 here
+    if "://" not in predicted.out and not Path(predicted.out).is_absolute():
+        raise TrainyardError(
+            f"--out {predicted.out}: a job runs in a copy of the project; give an absolute path "
+            "on storage every node sees, or a URI"
+        )
+    if any(redact_text(a) != a for a in rest):
+        raise TrainyardError(
+            "the arguments carry credentials, which the job's entrypoint would show: give them "
+            "to the cluster's environment"
+        )
+    client, job_id = jobs.submit(
+        shlex.join(["python", "-m", "pipelines.predict", *rest]),
+        Path.cwd(),
+        args.address,
+        args.tracking_uri,
+        metadata={"trainyard.kind": "predict"},
+    )
+    if args.no_wait:
+        print(f"  follow: ray job logs -f {job_id}   stop: ray job stop {job_id}")
+        return 0
+    return jobs.follow(client, job_id, args.start_timeout, started)

@@ -323,6 +323,20 @@ def _quiet_model_logging():
             logger.removeFilter(notice)
 
 
+@contextlib.contextmanager
+def _fluent(uri: str):
+    """MLflow's fluent API, and its downloads of `models:/` URIs, use the process-wide tracking
+    URI (which MLflow also exports to the environment): `uri` inside, what was there after."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def log_model(
     uri: str,
     run_id: str,
@@ -366,8 +380,6 @@ def log_model(
         flavor = functools.partial(
             mlflow.pytorch.log_model, model, code_paths=code, serialization_format="pickle"
         )
-    # The fluent API needs the process-wide tracking URI (which MLflow also exports to the
-    # environment); put back what was there, so that nothing after this call is redirected.
     signature = infer_signature(example, prediction)
     if (metadata or {}).get("pipeline") == "text":
         # Token ids (batch, time) of any length up to the context, not the example's length.
@@ -378,19 +390,14 @@ def log_model(
         signature.inputs = Schema([TensorSpec(ids.type, (-1, -1), ids.name)])
         vocab = logits.shape[-1]
         signature.outputs = Schema([TensorSpec(logits.type, (-1, -1, vocab), logits.name)])
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        with mlflow.start_run(run_id=run_id), _quiet_model_logging():
-            info = flavor(
-                name="model",
-                signature=signature,
-                input_example=example,
-                pip_requirements=requirements,
-                metadata=metadata,
-            )
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with _fluent(uri), mlflow.start_run(run_id=run_id), _quiet_model_logging():
+        info = flavor(
+            name="model",
+            signature=signature,
+            input_example=example,
+            pip_requirements=requirements,
+            metadata=metadata,
+        )
     sign_model(info.model_uri, info.model_id, uri)
     return info.model_uri
 
@@ -403,16 +410,13 @@ def register_model(uri: str, model_uri: str, name: str, alias: str | None = None
 
     from pipelines.spec import TrainyardError
 
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
     try:
-        version = mlflow.register_model(model_uri, name).version
+        with _fluent(uri):
+            version = mlflow.register_model(model_uri, name).version
         if alias:
             MlflowClient(uri).set_registered_model_alias(name, alias, version)
     except mlflow.exceptions.MlflowException as e:
         raise TrainyardError(f"tracking.register_as: {name!r}: {e.message}") from None
-    finally:
-        mlflow.set_tracking_uri(previous)
     return f"models:/{name}/{version}"
 
 
@@ -424,7 +428,8 @@ def sign_model(model_uri: str, model_id: str, uri: str) -> None:
     from cluster import signing
 
     with tempfile.TemporaryDirectory() as d:
-        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=d, tracking_uri=uri)
+        with _fluent(uri):
+            local = mlflow.artifacts.download_artifacts(model_uri, dst_path=d)
         MlflowClient(uri).log_model_artifact(model_id, str(signing.sign(local)))
 
 
@@ -439,7 +444,8 @@ def fetch_model(model_uri: str, uri: str, into: str | Path, trust: bool = False)
     from pipelines.spec import TrainyardError
 
     try:
-        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(into), tracking_uri=uri)
+        with _fluent(uri):
+            local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(into))
     except (MlflowException, OSError) as e:
         message = getattr(e, "message", e)
         raise TrainyardError(f"cannot load {model_uri} from {uri}: {message}") from None

@@ -290,6 +290,38 @@ def test_both_runs_are_in_the_mlflow_server_with_metrics_and_model(cluster, both
     assert accuracy > 0.8
 
 
+def test_a_submitted_prediction_writes_where_every_node_sees(cluster, both_jobs):
+    """`trainyard submit --predict` of the model the first job logged (from the MLflow
+    server, its signature checked on the cluster) by two actors, the shards in a directory
+    every node sees, in the input's order."""
+    import pandas as pd
+    from sklearn.datasets import load_digits
+
+    runs = _runs(cluster["state"].mlflow_url, "own-code")
+    tabular = next(
+        r["info"]["run_id"]
+        for r in runs
+        if {p["key"]: p["value"] for p in r["data"]["params"]}["pipeline"] == "tabular"
+    )
+    rows = cluster["base"] / "rows.csv"
+    digits = load_digits(as_frame=True).frame.rename(columns={"target": "label"}).head(300)
+    digits.to_csv(rows, index=False)
+    out = cluster["base"] / "predictions"
+    job = _run(
+        [
+            *(str(BIN / "trainyard"), "submit", "--predict", tabular, str(rows)),
+            *("--out", str(out), "--keep", "label", "--workers", "2"),
+        ],
+        cluster["env"],
+        cwd=cluster["base"] / "own-code",
+    )
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "predicted 300 rows" in job.stdout
+    predicted = pd.read_parquet(out)
+    assert predicted["label"].tolist() == digits["label"].tolist()
+    assert (predicted["prediction"] == predicted["label"]).mean() > 0.8
+
+
 def test_no_secret_in_the_jobs_runtime_env_or_metadata(cluster, both_jobs):
     token, _ = auth.find_token()
     assert token

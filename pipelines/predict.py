@@ -36,7 +36,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.data import DataError, errors_reported_here, quiet_ray_data, resolve_files
+from pipelines.data import (
+    DataError,
+    errors_reported_here,
+    quiet_ray_data,
+    resolve_files,
+    settle,
+)
 from pipelines.spec import TrainyardError
 
 TEXT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
@@ -433,6 +439,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
             f"trainyard: predicting with {source} ({kind or 'pyfunc'}), {workers} worker(s) "
             f"x {args.cpus_per_worker:g} CPU{gpus}"
         )
+        settle()  # Ray's view of free CPUs lags tasks that just ended
         with errors_reported_here():
             write = predicted.write_parquet if args.format == "parquet" else predicted.write_csv
             write(args.out, ray_remote_args={"num_cpus": IO_CPUS})

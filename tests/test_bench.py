@@ -19,6 +19,7 @@ EXPECTED = {
     "preprocess": {"gil-holding", "gil-releasing"},
     "ingest": {"feeding batches", "training step time", "data-wait share of step time"},
     "images": {"decode + augment into batches", "data-wait share of a ResNet's step"},
+    "predict": {"images: batch inference", "tabular: batch inference"},
     "trainer": {"steady-state step time", "launch to first step"},
     "amp": None,  # one case per model, named after the device
     "tracking": {"step time", "share of step time in MLflow calls"},
@@ -81,6 +82,10 @@ def test_every_contender_is_measured_and_ratios_match_the_timings(quick_bench):
         "Ray Data: read, decode, augment",
         "Ray Data: decoded once, augment (trainyard)",
     } <= set(images)
+    for kind in ("images", "tabular"):
+        predict = set(contenders[("predict", f"{kind}: batch inference")])
+        assert {"pyfunc.predict, one process", "trainyard predict (Ray Data actors)"} < predict
+        assert any(k.startswith("ThreadPoolExecutor(") for k in predict)
     assert set(contenders[("trainer", "steady-state step time")]) == {
         "torchrun",
         "Ray Train TorchTrainer",

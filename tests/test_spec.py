@@ -43,6 +43,12 @@ def test_unknown_key_names_the_closest(tmp_path):
         ("model: {hidden: [64, -1]}", r"model\.hidden"),
         ("model: {name: vit}", r"model\.name: expected one of mlp, gpt, resnet"),
         ("scaling: {use_gpu: yes please}", r"scaling\.use_gpu: expected true or false"),
+        ("tracking: {alias: champion}", r"tracking\.alias: expected a tracking\.register_as"),
+        ("tracking: {register_as: d, alias: v2}", r"tracking\.alias: expected letters, digits"),
+        (
+            "tracking: {register_as: d, log_model: false}",
+            r"tracking\.register_as: expected log_model: true",
+        ),
         (
             "train: {batch_size: 63}",
             r"train\.batch_size: expected a global batch \(63 samples\) that is a multiple of",

@@ -41,7 +41,6 @@ from pipelines.data import (
     errors_reported_here,
     quiet_ray_data,
     resolve_files,
-    settle,
 )
 from pipelines.spec import TrainyardError
 
@@ -91,6 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--trust-model",
         action="store_true",
         help="load a model trainyard did not sign (loading runs the code pickled in it)",
+    )
+    parser.add_argument(
+        "--start-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="how long to wait for the pool's CPUs/GPUs to be free (default 120)",
     )
     parser.add_argument("--summary", metavar="PATH", help="write a JSON summary here")
     parser.add_argument(
@@ -362,6 +368,25 @@ def plan_workers(workers: int | None, cpus_per_worker: float, gpus_per_worker: f
     return workers
 
 
+def wait_for_room(cpus: float, gpus: float, timeout_s: float) -> None:
+    """Wait until the cluster has `cpus` and `gpus` free (other jobs may hold them), at most
+    `timeout_s`; then a pool that could not start is an error, not a wait without end."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free = ray.available_resources()
+        if free.get("CPU", 0) >= cpus - 1e-6 and free.get("GPU", 0) >= gpus - 1e-6:
+            return
+        if time.monotonic() > deadline:
+            raise TrainyardError(
+                f"the cluster has had {free.get('CPU', 0):g} free CPU(s) and "
+                f"{free.get('GPU', 0):g} GPU(s) for {timeout_s:g} s; the pool needs {cpus:g} and "
+                f"{gpus:g} (other jobs hold the rest): wait for them, or pass fewer --workers"
+            )
+        time.sleep(0.5)
+
+
 def check_out(out: str) -> None:
     """Refuse to write into a directory that has files (nothing overwritten, nothing mixed)."""
     import pyarrow.fs as pafs
@@ -439,7 +464,11 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
             f"trainyard: predicting with {source} ({kind or 'pyfunc'}), {workers} worker(s) "
             f"x {args.cpus_per_worker:g} CPU{gpus}"
         )
-        settle()  # Ray's view of free CPUs lags tasks that just ended
+        wait_for_room(
+            workers * args.cpus_per_worker + IO_CPUS,
+            workers * args.gpus_per_worker,
+            args.start_timeout,
+        )
         with errors_reported_here():
             write = predicted.write_parquet if args.format == "parquet" else predicted.write_csv
             write(args.out, ray_remote_args={"num_cpus": IO_CPUS})

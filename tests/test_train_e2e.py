@@ -197,3 +197,22 @@ def test_predict_mistakes_are_one_line(digits_run, tmp_path, capsys):
     for (source, data, out), says in cases.items():
         rc, _, err = predict_cli(source, data, "--out", out, capsys=capsys)
         assert rc == 2 and says in err and err.count("\n") == 1, err
+
+
+def test_predict_on_a_busy_cluster_says_so_in_bounded_time(digits_run, tmp_path, capsys):
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    load_digits(as_frame=True).frame.head(50).to_csv(tmp_path / "rows.csv", index=False)
+    held = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="SPREAD")  # another job's
+    ray.get(held.ready(), timeout=60)
+    try:
+        rc, _, err = predict_cli(
+            digits_run["model_uri"], tmp_path / "rows.csv", "--out", tmp_path / "o",
+            "--workers", "2", "--start-timeout", "2", capsys=capsys,
+        )  # fmt: skip
+    finally:
+        remove_placement_group(held)
+    # (Ray's own log lines, streamed from its processes, may come before trainyard's one)
+    assert rc == 2 and err.splitlines()[-1].startswith("trainyard: error: the cluster has had")
+    assert "for 2 s; the pool needs 1.9" in err and "pass fewer --workers" in err

@@ -8,16 +8,17 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from pathlib import Path
 
 from pipelines.spec import TrainyardError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        metavar="RUN_ID_OR_MODEL_URI",
-        help="an MLflow run id (its model is used), a model URI (runs:/..., models:/...) or "
+    from pipelines.tracking import add_model_arguments
+
+    add_model_arguments(
+        parser,
+        "RUN_ID_OR_MODEL_URI",
+        "an MLflow run id (its model is used), a model URI (runs:/..., models:/...) or "
         "a model's directory",
     )
     parser.add_argument("--prompt", default="def ", help="text to continue (default: 'def ')")
@@ -29,21 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
-    parser.add_argument(
-        "--trust-model",
-        action="store_true",
-        help="load a model trainyard did not sign (loading runs the code pickled in it)",
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)",
-    )
-
-
-def model_uri(value: str) -> str:
-    """A model URI or a model's directory as given, or the model logged in the run with id
-    `value`."""
-    return value if ":/" in value or Path(value).is_dir() else f"runs:/{value}/model"
 
 
 def load(uri: str, tracking_uri: str, trust: bool = False):
@@ -98,7 +84,7 @@ def command(args: argparse.Namespace) -> int:
     if args.temperature < 0:
         raise TrainyardError("--temperature: expected a number >= 0")
     uri = args.tracking_uri or tracking.tracking_uri(".")
-    model, tokenizer = load(model_uri(args.model), uri, args.trust_model)
+    model, tokenizer = load(tracking.model_uri(args.model), uri, args.trust_model)
     text = generate(
         model, tokenizer, args.prompt, args.max_bytes, args.temperature, args.top_k, args.seed
     )

@@ -52,11 +52,12 @@ IO_CPUS = 0.1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        metavar="MODEL",
-        help="a run id, runs:/..., models:/NAME/VERSION, models:/NAME@ALIAS, or a model's "
-        "directory",
+    from pipelines.tracking import add_model_arguments
+
+    add_model_arguments(
+        parser,
+        "MODEL",
+        "a run id, runs:/..., models:/NAME/VERSION, models:/NAME@ALIAS, or a model's directory",
     )
     parser.add_argument(
         "data",
@@ -88,11 +89,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="an image that does not decode: stop (default) or leave it out, counted",
     )
     parser.add_argument(
-        "--trust-model",
-        action="store_true",
-        help="load a model trainyard did not sign (loading runs the code pickled in it)",
-    )
-    parser.add_argument(
         "--start-timeout",
         type=float,
         default=120.0,
@@ -100,10 +96,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long to wait for the pool's CPUs/GPUs to be free (default 120)",
     )
     parser.add_argument("--summary", metavar="PATH", help="write a JSON summary here")
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)",
-    )
 
 
 # --- the actor ------------------------------------------------------------------------------------
@@ -285,12 +277,10 @@ def model_files(directory: Path) -> dict[str, bytes]:
     }
 
 
-def signature_inputs(directory: Path) -> dict[str, Any] | None:
+def signature_inputs(mlmodel: Any) -> dict[str, Any] | None:
     """The columns the model's signature takes, with their numpy types (object where the
     signature names none), or None (no named columns)."""
-    from mlflow.models import Model
-
-    signature = Model.load(str(directory)).signature
+    signature = mlmodel.signature
     if signature is None or not signature.inputs.has_input_names():
         return None
     types = signature.inputs.numpy_types()
@@ -409,7 +399,6 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy, DataContext
 
     from pipelines import tracking
-    from pipelines.generate import model_uri
     from pipelines.train import init_ray
 
     keep = [c for c in args.keep.split(",") if c]
@@ -419,12 +408,12 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
         raise TrainyardError("--workers: expected an integer >= 1")
     check_out(args.out)
     uri = args.tracking_uri or tracking.tracking_uri(".")
-    source = model_uri(args.model)
+    source = tracking.model_uri(args.model)
     with tempfile.TemporaryDirectory() as d:
         local = tracking.fetch_model(source, uri, d, args.trust_model)
         mlmodel = Model.load(str(local))
         files = model_files(local)
-        inputs = signature_inputs(local)
+    inputs = signature_inputs(mlmodel)
     kind = (mlmodel.metadata or {}).get("pipeline")
     if kind == "custom":
         raise TrainyardError(

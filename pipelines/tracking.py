@@ -433,6 +433,27 @@ def sign_model(model_uri: str, model_id: str, uri: str) -> None:
         MlflowClient(uri).log_model_artifact(model_id, str(signing.sign(local)))
 
 
+def add_model_arguments(parser: Any, metavar: str, help: str) -> None:
+    """A logged model to load, --trust-model and --tracking-uri: what `generate` and `predict`
+    take."""
+    parser.add_argument("model", metavar=metavar, help=help)
+    parser.add_argument(
+        "--trust-model",
+        action="store_true",
+        help="load a model trainyard did not sign (loading runs the code pickled in it)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)",
+    )
+
+
+def model_uri(value: str) -> str:
+    """A model URI or a model's directory as given, or the model logged in the run with id
+    `value`."""
+    return value if ":/" in value or Path(value).is_dir() else f"runs:/{value}/model"
+
+
 def fetch_model(model_uri: str, uri: str, into: str | Path, trust: bool = False) -> Path:
     """Download the model at `model_uri` (any MLflow model URI, or a local directory) into
     `into` and return its directory, checked to be a model trainyard signed with this key

@@ -221,7 +221,15 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
     """The trained model as it is (it takes the dataset's x), five validation inputs as the
     example, and its metadata."""
     example = prepared.extra.take_batch(5, batch_format="numpy")["x"]
-    return net.eval(), example, {"pipeline": "custom", "dataset": spec.data.dataset}
+    return (
+        net.eval(),
+        example,
+        {
+            "pipeline": "custom",
+            "dataset": spec.data.dataset,
+            "task": spec.data.task,
+        },
+    )
 
 
 def metric_keys(spec: RunSpec) -> list[str]:

@@ -25,11 +25,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-bytes", type=int, default=200, help="bytes to generate after the prompt"
     )
+    add_sampling_arguments(parser)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """How continuations are sampled (`generate`, and `predict --generate`)."""
     parser.add_argument(
         "--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy"
     )
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    if args.temperature < 0:
+        raise TrainyardError("--temperature: expected a number >= 0")
+    if args.top_k is not None and args.top_k < 1:
+        raise TrainyardError("--top-k: expected an integer >= 1")
 
 
 def load(uri: str, tracking_uri: str, trust: bool = False):
@@ -63,17 +75,33 @@ def generate(
     seed: int = 0,
 ) -> str:
     """The prompt and up to `max_bytes` bytes sampled after it (invalid UTF-8 replaced)."""
+    if not prompt:
+        raise TrainyardError("--prompt: give at least one character to continue")
+    new = continuation(model, tokenizer, prompt.encode(), max_bytes, temperature, top_k, seed)
+    return (prompt.encode() + new).decode("utf-8", errors="replace")
+
+
+def continuation(
+    model,
+    tokenizer,
+    prompt: bytes,
+    max_bytes: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> bytes:
+    """Up to `max_bytes` bytes sampled after `prompt` (not empty), on the model's device; the
+    same prompt and seed give the same bytes."""
     import numpy as np
     import torch
 
-    if not prompt:
-        raise TrainyardError("--prompt: give at least one character to continue")
-    prompt_bytes = prompt.encode()
-    ids = torch.from_numpy(np.asarray(tokenizer.encode(prompt_bytes), dtype=np.int64))[None, :]
-    generator = torch.Generator().manual_seed(seed)
-    out = model.generate(ids, max_bytes, temperature=temperature, top_k=top_k, generator=generator)
-    text = tokenizer.decode(out[0].tolist())[: len(prompt_bytes) + max_bytes]
-    return text.decode("utf-8", errors="replace")
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(np.asarray(tokenizer.encode(prompt), dtype=np.int64), device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(
+        ids[None, :], max_bytes, temperature=temperature, top_k=top_k, generator=generator
+    )
+    return tokenizer.decode(out[0, len(ids) :].tolist())[:max_bytes]
 
 
 def command(args: argparse.Namespace) -> int:
@@ -81,8 +109,7 @@ def command(args: argparse.Namespace) -> int:
 
     if args.max_bytes < 1:
         raise TrainyardError("--max-bytes: expected an integer >= 1")
-    if args.temperature < 0:
-        raise TrainyardError("--temperature: expected a number >= 0")
+    check_sampling(args)
     uri = args.tracking_uri or tracking.tracking_uri(".")
     model, tokenizer = load(tracking.model_uri(args.model), uri, args.trust_model)
     text = generate(

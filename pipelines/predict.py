@@ -5,19 +5,24 @@
 
 MODEL is a run id, `runs:/...`, `models:/NAME/VERSION`, `models:/NAME@ALIAS` or a model's
 directory; the driver fetches it once and checks trainyard's signature (cluster.signing) before
-anything in it is unpickled. Ray Data reads DATA as the model's pipeline reads it (rows of a
-CSV/Parquet table, image files, text files), a pool of actors that each load the model once
+anything in it is unpickled. Ray Data reads DATA, a pool of actors that each load the model once
 predicts batch after batch, and the predictions are written as Parquet or CSV shards to --out
 in the input's order (the shards' names sort in that order). One MLflow run in the model's
 experiment, tagged `trainyard.kind=predict`, records the model, the data, the output and
 rows/s.
 
-What each kind of model writes:
-- tabular: `prediction` (the class, or the value in the label's units) and, for classes,
-  `probability_<class>`; the `--keep` columns beside them;
-- images: `path`, `prediction` (the class name), `probability_<class>`;
-- text: `path`, `bytes`, `tokens`, `loss` (nats per token) and `bits_per_byte`;
-- any other MLflow pyfunc model: `prediction` (or one column per output column).
+What each kind of model reads, and writes (beside the `--keep` columns of a table):
+- tabular: rows of a CSV/Parquet table with the raw feature columns, as in training;
+  `prediction` (the class, or the value in the label's units) and, for classes,
+  `probability_<class>`;
+- images: image files (a folder tree, a glob), or a table with a column `image` (the encoded
+  bytes) or `path`; `prediction` (the class name) and `probability_<class>`, and the `path`;
+- text: text files, or a table with a column `text`; `bytes`, `tokens`, `loss` (nats per
+  token) and `bits_per_byte` of each, or with `--generate N` its `continuation` (N bytes);
+- custom (your own dataset): a table with a column `x` (each row the dataset's x, nested
+  lists) or one numeric column per element of x; `prediction` and, for a classifier,
+  `probability_<class index>`;
+- any other MLflow pyfunc model: rows of a table; `prediction` (or one column per output).
 """
 
 from __future__ import annotations
@@ -29,8 +34,12 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +52,11 @@ from pipelines.data import (
     quiet_ray_data,
     resolve_files,
 )
+from pipelines.generate import add_sampling_arguments, check_sampling
 from pipelines.spec import TrainyardError
 
 TEXT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
-DEFAULT_BATCH = {"tabular": 4096, "images": 64, "text": 4, None: 1024}
+DEFAULT_BATCH = {"tabular": 4096, "images": 64, "text": 4, "custom": 256, None: 1024}
 IO_CPUS = 0.1
 """What each reading and writing task holds of a CPU; every actor leaves at least this free."""
 
@@ -62,8 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "data",
         metavar="DATA",
-        help="a CSV/Parquet file, directory or glob (tabular and plain pyfunc models), image "
-        "files (image models) or text files (text models); local or a URI",
+        help="a CSV/Parquet file, directory or glob; or image files (image models) or text "
+        "files (text models); local or a URI",
     )
     parser.add_argument("--out", required=True, help="a new directory (or URI) for the shards")
     parser.add_argument("--format", choices=("parquet", "csv"), default="parquet")
@@ -95,7 +105,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="how long to wait for the pool's CPUs/GPUs to be free (default 120)",
     )
+    parser.add_argument(
+        "--progress",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds between progress lines (default 10; 0: none)",
+    )
+    parser.add_argument(
+        "--generate",
+        type=int,
+        metavar="N",
+        help="text models: N bytes sampled after each text, instead of its loss",
+    )
+    add_sampling_arguments(parser)
     parser.add_argument("--summary", metavar="PATH", help="write a JSON summary here")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What each actor needs to know besides the model: the model's kind and inputs, the
+    columns to keep, and the options that change what it computes."""
+
+    kind: str | None
+    inputs: dict[str, Any] | None = None
+    """Tabular and pyfunc models: the signature's columns and their numpy types."""
+    shape: tuple[int, ...] | None = None
+    """Custom models: the shape of one row's x (the signature's tensor, less its batch axis)."""
+    dtype: Any = None
+    keep: tuple[str, ...] = ()
+    skip_bad: bool = False
+    generate: dict[str, Any] | None = None
+    """Text models: {max_bytes, temperature, top_k, seed}; None scores the texts."""
 
 
 # --- the actor ------------------------------------------------------------------------------------
@@ -105,16 +146,7 @@ class Predictor:
     """One actor of the pool: the model loaded once from its files, then batch after batch of
     input rows (a DataFrame) in, output rows out."""
 
-    def __init__(
-        self,
-        files_ref: list,
-        kind: str | None,
-        inputs: dict[str, Any] | None,
-        keep: list[str],
-        threads: int,
-        use_gpu: bool,
-        skip_bad: bool,
-    ):
+    def __init__(self, files_ref: list, job: Job, counter: Any, threads: int, use_gpu: bool):
         import ray
         import torch
 
@@ -122,25 +154,81 @@ class Predictor:
         # process, about writes that nothing here makes.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         torch.set_num_threads(max(1, threads))
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.kind, self.inputs, self.keep, self.skip_bad = kind, inputs, keep, skip_bad
+        self.job, self.counter = job, counter
         self.directory = tempfile.mkdtemp(prefix="trainyard-model-")
         for name, data in ray.get(files_ref[0]).items():
             path = Path(self.directory, name)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-        self.model, self.metadata = load_model(self.directory, kind, self.device)
+        device = torch.device("cuda" if use_gpu else "cpu")
+        self.model, self.metadata = load_model(self.directory, job.kind, device)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import ray
         import torch
 
+        job, kept = self.job, slice(None)
         with torch.no_grad():
-            if self.kind == "images":
-                return predict_images(self.model, batch, self.skip_bad)
-            if self.kind == "text":
-                return score_texts(self.model, batch)
-            out = predict_rows(self.model, self.metadata, batch, self.inputs)
-        return pd.concat([batch[self.keep].reset_index(drop=True), out], axis=1)
+            if job.kind == "images":
+                kept, out = predict_images(self.model, batch, job.skip_bad)
+            elif job.kind == "text" and job.generate is not None:
+                out = continue_texts(self.model, batch, job.generate)
+            elif job.kind == "text":
+                out = score_texts(self.model, batch)
+            elif job.kind == "custom":
+                out = predict_arrays(self.model, self.metadata, batch, job)
+            else:
+                out = predict_rows(self.model, self.metadata, batch, job.inputs)
+        kept_rows = batch[list(job.keep)].iloc[kept].reset_index(drop=True)
+        # Waited for: when the write returns, the counts are complete.
+        ray.get(self.counter.add.remote(len(batch), len(out)))
+        return pd.concat([kept_rows, out], axis=1)
+
+
+class Counter:
+    """Rows the actors have taken and written (a Ray actor that holds no CPU): what the
+    progress lines show, and, less, the rows left out."""
+
+    def __init__(self) -> None:
+        self.rows_in = self.rows_out = 0
+
+    def add(self, rows_in: int, rows_out: int) -> None:
+        self.rows_in += rows_in
+        self.rows_out += rows_out
+
+    def counts(self) -> tuple[int, int]:
+        return self.rows_in, self.rows_out
+
+
+@contextmanager
+def progress_lines(counter: Any, total: int | None, every: float) -> Iterator[None]:
+    """A line every `every` seconds (none when 0) with the rows predicted so far."""
+    import ray
+
+    stop = threading.Event()
+
+    def report() -> None:
+        started = time.monotonic()
+        while not stop.wait(every):
+            try:
+                done = ray.get(counter.counts.remote(), timeout=every)[0]
+            except Exception:  # a busy cluster: the next line will tell
+                continue
+            of = f" of {total} ({100 * done / total:.0f}%)" if total else ""
+            print(
+                f"trainyard: {done}{of} rows predicted, {time.monotonic() - started:.0f} s",
+                flush=True,
+            )
+
+    thread = threading.Thread(target=report, name="trainyard-progress", daemon=True)
+    if every > 0:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
 
 
 def load_model(directory: str, kind: str | None, device: Any) -> tuple[Any, dict]:
@@ -153,6 +241,8 @@ def load_model(directory: str, kind: str | None, device: Any) -> tuple[Any, dict
     if kind == "images":
         model = mlflow.pyfunc.load_model(directory).unwrap_python_model()
         model.net.to(device)
+    elif kind == "custom":
+        model = mlflow.pytorch.load_model(directory, map_location=device).eval()
     elif kind == "text":
         from pipelines.text import load_tokenizer
 
@@ -203,50 +293,67 @@ def predict_rows(model: Any, metadata: dict, batch: pd.DataFrame, inputs: dict |
     return pd.DataFrame({"prediction": raw.reshape(len(batch))})
 
 
-def predict_images(model: Any, batch: pd.DataFrame, skip_bad: bool) -> pd.DataFrame:
-    """Image files (column `path`) decoded and sized as in training, then classified; a file
-    that does not decode raises, naming it, or (`skip_bad`) is left out."""
+def read_bytes(path: str) -> bytes:
+    """A file's bytes, local or at a URI."""
     import pyarrow.fs as pafs
 
+    if "://" not in path:
+        with open(path, "rb") as f:
+            return f.read()
+    fs, name = pafs.FileSystem.from_uri(path)
+    with fs.open_input_file(name) as f:
+        return f.readall()
+
+
+def predict_images(model: Any, batch: pd.DataFrame, skip_bad: bool) -> tuple[list[int], Any]:
+    """Images (column `image`: encoded bytes, or `path`: files) decoded and sized as in
+    training, then classified: the positions of the rows that decoded, and their predictions
+    (with the `path` where the rows have one). An image that does not decode raises, naming
+    it, or (`skip_bad`) is left out."""
     from pipelines.arrays import decode_image
 
-    images, paths = [], []
-    for path in batch["path"]:
+    has_bytes = "image" in batch
+    images, kept = [], []
+    for i, value in enumerate(batch["image" if has_bytes else "path"]):
         try:
-            fs, name = pafs.FileSystem.from_uri(path) if "://" in path else (None, path)
-            if fs is None:
-                with open(name, "rb") as f:
-                    data = f.read()
-            else:
-                with fs.open_input_file(name) as f:
-                    data = f.readall()
+            data = value if has_bytes else read_bytes(value)
             images.append(decode_image(data, model.size, model.mode))
-            paths.append(path)
+            kept.append(i)
         except Exception as e:
             if not skip_bad:
+                what = f"an `image` value of {len(value or b'')} bytes" if has_bytes else value
                 raise ValueError(
-                    f"DATA: {path} does not decode as an image ({type(e).__name__}: {e}); "
+                    f"DATA: {what} does not decode as an image ({type(e).__name__}: {e}); "
                     "fix or remove it, or pass --on-bad-rows skip"
                 ) from None
+    out = pd.DataFrame({"path": batch["path"].iloc[kept].to_numpy()}) if "path" in batch else None
     if not images:
-        return pd.DataFrame({"path": pd.Series([], dtype=object)})
-    logits = model.logits(np.stack(images))
-    return pd.concat([pd.DataFrame({"path": paths}), labelled(logits, model.classes)], axis=1)
+        return kept, out if out is not None else pd.DataFrame()
+    predicted = labelled(model.logits(np.stack(images)), model.classes)
+    return kept, predicted if out is None else pd.concat([out, predicted], axis=1)
+
+
+def texts(batch: pd.DataFrame) -> tuple[dict[str, Any], list[bytes]]:
+    """The batch's texts as bytes (column `text`, or files at `path`), and the columns that
+    name them in the output (the path)."""
+    if "text" in batch:
+        return {}, [str(t).encode() if t is not None else b"" for t in batch["text"]]
+    paths = list(batch["path"])
+    return {"path": paths}, [read_bytes(p) for p in paths]
 
 
 def score_texts(model: Any, batch: pd.DataFrame) -> pd.DataFrame:
-    """Text files (column `path`): the model's loss on each, in non-overlapping windows of its
-    context, as nats per token and bits per byte."""
+    """The model's loss on each text, in non-overlapping windows of its context, as nats per
+    token and bits per byte."""
     import torch
     import torch.nn.functional as F
 
     net, tokenizer = model
     context = net.config.context
     device = next(net.parameters()).device
+    names, datas = texts(batch)
     rows = []
-    for path in batch["path"]:
-        with open(path, "rb") as f:
-            data = f.read()
+    for data in datas:
         ids = torch.as_tensor(np.asarray(tokenizer.encode(data), dtype=np.int64), device=device)
         nll, count = 0.0, 0
         for start in range(0, max(len(ids) - 1, 0), context):
@@ -256,14 +363,65 @@ def score_texts(model: Any, batch: pd.DataFrame) -> pd.DataFrame:
             count += len(window) - 1
         rows.append(
             {
-                "path": path,
                 "bytes": len(data),
                 "tokens": len(ids),
                 "loss": nll / count if count else math.nan,
                 "bits_per_byte": nll / math.log(2) / len(data) if count else math.nan,
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(names | pd.DataFrame(rows, columns=SCORES).to_dict("list"))
+
+
+SCORES = ["bytes", "tokens", "loss", "bits_per_byte"]
+
+
+def continue_texts(model: Any, batch: pd.DataFrame, sampling: dict[str, Any]) -> pd.DataFrame:
+    """`sampling["max_bytes"]` bytes sampled after each text (invalid UTF-8 replaced); the same
+    text and seed give the same continuation, whatever the batch."""
+    from pipelines.generate import continuation
+
+    net, tokenizer = model
+    names, datas = texts(batch)
+    out = []
+    for data in datas:
+        if not data:
+            raise ValueError("DATA: an empty text; give each at least one character to continue")
+        out.append(continuation(net, tokenizer, data, **sampling).decode(errors="replace"))
+    return pd.DataFrame(names | {"continuation": out})
+
+
+def predict_arrays(model: Any, metadata: dict, batch: pd.DataFrame, job: Job) -> pd.DataFrame:
+    """A custom pipeline's model on rows of its x: column `x` (nested lists), else the numeric
+    columns in order, shaped as the signature's tensor."""
+    if "x" in batch:
+        x = np.stack([nested(v) for v in batch["x"]])
+    else:
+        x = batch.drop(columns=list(job.keep)).to_numpy()
+    try:
+        x = x.astype(job.dtype).reshape(-1, *job.shape)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"DATA: rows do not fit the model's x of shape {job.shape}: {e}") from None
+    device = next(model.parameters()).device
+    raw = model(torch_tensor(x).to(device)).detach().float().cpu().numpy()
+    if metadata.get("task") == "classification":
+        return labelled(raw, list(range(raw.shape[1])))
+    if raw.ndim == 2 and raw.shape[1] > 1:
+        return pd.DataFrame({f"prediction_{i}": raw[:, i] for i in range(raw.shape[1])})
+    return pd.DataFrame({"prediction": raw.reshape(len(batch))})
+
+
+def nested(value: Any) -> np.ndarray:
+    """One row's nested lists (as pandas gives a Parquet list column: arrays of arrays) as one
+    array."""
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return np.stack([nested(v) for v in value])
+    return np.asarray(value)
+
+
+def torch_tensor(x: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x))
 
 
 # --- the driver -----------------------------------------------------------------------------------
@@ -287,42 +445,89 @@ def signature_inputs(mlmodel: Any) -> dict[str, Any] | None:
     return dict(zip(signature.inputs.input_names(), types, strict=True))
 
 
-def read_input(kind: str | None, data: str, inputs: dict | None, keep: list[str]) -> Any:
-    """DATA as a Ray Dataset of the rows the actors take."""
+def input_files(kind: str | None, data: str) -> tuple[list[str], Any, bool]:
+    """DATA's files, their filesystem, and whether they are tables (CSV/Parquet): always for
+    tabular and pyfunc models; for image and text models, when DATA names tables rather than
+    images or texts."""
+    from pipelines.images import EXTENSIONS
+    from pipelines.tabular import DATA_EXTENSIONS
+
+    own = {"images": EXTENSIONS + tuple(e.upper() for e in EXTENSIONS), "text": TEXT_EXTENSIONS}
+    if kind not in own:
+        return *resolve_files(data, DATA_EXTENSIONS), True
+    try:
+        files, fs = resolve_files(data, own[kind])
+    except DataError as e:
+        try:
+            files, fs = resolve_files(data, DATA_EXTENSIONS)
+        except DataError:
+            raise e from None
+    return files, fs, all(f.endswith(DATA_EXTENSIONS) for f in files)
+
+
+def read_input(data: str, job: Job) -> tuple[Any, int | None]:
+    """DATA as a Ray Dataset of the rows the actors take (a column `path` of files, or the
+    rows of CSV/Parquet files), and how many rows that is where known without reading them
+    (CSV files are not counted)."""
+    import pyarrow.dataset as pads
     import ray.data
 
-    if kind in ("images", "text"):
-        from pipelines.images import EXTENSIONS
+    from pipelines.tabular import file_format, sample_schema
 
-        extensions = EXTENSIONS + tuple(e.upper() for e in EXTENSIONS)
-        files, _ = resolve_files(data, extensions if kind == "images" else TEXT_EXTENSIONS)
-        if keep:
-            raise DataError(f"--keep: {kind} models write the file's path; nothing else to keep")
+    files, fs, table = input_files(job.kind, data)
+    if not table:
+        if job.keep:
+            raise DataError(f"--keep: {data} is files, not a table; there are no columns to keep")
         blocks = max(1, min(len(files) // 512, 200))
-        return ray.data.from_pandas(
-            [pd.DataFrame({"path": part}) for part in np.array_split(files, blocks)]
-        )
-    from pipelines.tabular import DATA_EXTENSIONS, _sample_schema, file_format
-
-    files, fs = resolve_files(data, DATA_EXTENSIONS)
+        parts = np.array_split(files, blocks)
+        return ray.data.from_pandas([pd.DataFrame({"path": part}) for part in parts]), len(files)
     fmt = file_format(files, "auto")
-    columns = _sample_schema(files, fs, fmt)[0].names
-    wanted = [c for c in [*(inputs or []), *keep] if c not in columns]
-    if wanted:
-        raise DataError(
-            f"DATA: {data} has no column(s) {', '.join(wanted)}; the model takes "
-            f"{', '.join(inputs or columns)}"
-        )
+    check_columns(data, sample_schema(files, fs, fmt)[0], job)
     # Each file read by a task of its own that holds IO_CPUS: Ray Data's readers first list
     # the files in a task that holds a whole CPU, which a pool holding 0.9 of every CPU
     # leaves waiting forever.
-    return ray.data.from_items([{"path": f} for f in files]).map_batches(
+    ds = ray.data.from_items([{"path": f} for f in files]).map_batches(
         read_table_file,
         fn_kwargs={"filesystem": fs, "fmt": fmt},
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=IO_CPUS,
     )
+    rows = pads.dataset(files, filesystem=fs, format=fmt).count_rows() if fmt == "parquet" else None
+    return ds, rows
+
+
+def check_columns(data: str, schema: Any, job: Job) -> None:
+    """A table that lacks what the model reads from it is one line, before anything runs."""
+    import pyarrow as pa
+
+    columns = schema.names
+    missing = [c for c in job.keep if c not in columns]
+    needs = {"images": ("image", "path"), "text": ("text",)}.get(job.kind)
+    if needs and not set(needs) & set(columns):
+        what = {"images": "image bytes or file paths", "text": "texts"}[job.kind]
+        raise DataError(f"DATA: {data} has no column {' or '.join(needs)} ({what}) to read")
+    if job.kind == "custom" and "x" not in columns:
+        numeric = [
+            c.name
+            for c in schema
+            if c.name not in job.keep
+            and (pa.types.is_integer(c.type) or pa.types.is_floating(c.type))
+        ]
+        size = math.prod(job.shape)
+        if len(numeric) != size or len(numeric) != len(columns) - len(job.keep):
+            raise DataError(
+                f"DATA: the model takes x of shape {list(job.shape)}: give a column x, or "
+                f"{size} numeric columns (besides --keep); {data} has {len(numeric)} numeric of "
+                f"{len(columns) - len(job.keep)}"
+            )
+    if job.kind in (None, "tabular"):
+        missing += [c for c in job.inputs or [] if c not in columns]
+    if missing:
+        raise DataError(
+            f"DATA: {data} has no column(s) {', '.join(missing)}; the model takes "
+            f"{', '.join(job.inputs or columns)}"
+        )
 
 
 def read_table_file(batch: Any, filesystem: Any, fmt: str) -> Any:
@@ -333,7 +538,11 @@ def read_table_file(batch: Any, filesystem: Any, fmt: str) -> Any:
     path = batch["path"][0].as_py()
     if fmt == "parquet":
         return pq.read_table(path, filesystem=filesystem)
-    return pacsv.read_csv(filesystem.open_input_stream(path, compression="detect"))
+    # Quoted values may hold newlines (a column of texts does).
+    return pacsv.read_csv(
+        filesystem.open_input_stream(path, compression="detect"),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+    )
 
 
 def plan_workers(workers: int | None, cpus_per_worker: float, gpus_per_worker: float) -> int:
@@ -413,13 +622,8 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
         local = tracking.fetch_model(source, uri, d, args.trust_model)
         mlmodel = Model.load(str(local))
         files = model_files(local)
-    inputs = signature_inputs(mlmodel)
-    kind = (mlmodel.metadata or {}).get("pipeline")
-    if kind == "custom":
-        raise TrainyardError(
-            f"{source}: a custom pipeline's model takes its dataset's arrays; load it with "
-            "mlflow.pytorch.load_model and feed it yourself"
-        )
+    job = plan_job(mlmodel, source, keep, args)
+    kind = job.kind
     init_ray()
     quiet_ray_data()
     workers = plan_workers(args.workers, args.cpus_per_worker, args.gpus_per_worker)
@@ -431,18 +635,16 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     failure = None
     try:
-        ds = read_input(kind, args.data, inputs, keep)
-        rows_in = ds.count() if kind in ("images", "text") else None
+        ds, total = read_input(args.data, job)
+        counter = ray.remote(num_cpus=0)(Counter).remote()
         predicted = ds.map_batches(
             Predictor,
             fn_constructor_kwargs={
                 "files_ref": [ray.put(files)],
-                "kind": kind,
-                "inputs": inputs,
-                "keep": keep,
+                "job": job,
+                "counter": counter,
                 "threads": max(1, round(args.cpus_per_worker)),
                 "use_gpu": args.gpus_per_worker > 0,
-                "skip_bad": args.on_bad_rows == "skip",
             },
             compute=ActorPoolStrategy(size=workers),
             batch_size=batch_size,
@@ -460,11 +662,13 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
             workers * args.gpus_per_worker,
             args.start_timeout,
         )
-        with errors_reported_here():
+        with errors_reported_here(), progress_lines(counter, total, args.progress):
             write = predicted.write_parquet if args.format == "parquet" else predicted.write_csv
             write(args.out, ray_remote_args={"num_cpus": IO_CPUS})
         seconds = time.monotonic() - started
         rows = read_back_count(args.out, args.format)
+        rows_in, rows_out = ray.get(counter.counts.remote())
+        ray.kill(counter)
     except Exception as e:
         failure = data_error(e)
         tracking.end_run(uri, run_id, error=failure or e)
@@ -477,7 +681,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
         # they end now and free their CPUs (seen: one held 0.9 CPU until the process ended).
         gc.collect()
         raise failure
-    skipped = (rows_in - rows) if rows_in is not None else 0
+    skipped = rows_in - rows_out
     summary = {
         "run_id": run_id,
         "model_uri": source,
@@ -495,6 +699,40 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
         + f" -> {args.out}"
     )
     return summary
+
+
+def plan_job(mlmodel: Any, source: str, keep: list[str], args: argparse.Namespace) -> Job:
+    """What the actors do with this model, from its metadata and signature and the options;
+    options the model cannot take are one line."""
+    kind = (mlmodel.metadata or {}).get("pipeline")
+    generate = None
+    if args.generate is not None:
+        if kind != "text":
+            raise TrainyardError(f"--generate: {source} is not a text model ({kind or 'pyfunc'})")
+        if args.generate < 1:
+            raise TrainyardError("--generate: expected an integer >= 1")
+        check_sampling(args)
+        generate = {
+            "max_bytes": args.generate,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "seed": args.seed,
+        }
+    shape = dtype = None
+    if kind == "custom":
+        spec = mlmodel.signature.inputs.inputs[0] if mlmodel.signature else None
+        if spec is None or not hasattr(spec, "shape"):
+            raise TrainyardError(f"{source}: a custom model without a tensor signature")
+        shape, dtype = tuple(spec.shape[1:]), spec.type
+    return Job(
+        kind=kind,
+        inputs=signature_inputs(mlmodel) if kind in (None, "tabular") else None,
+        shape=shape,
+        dtype=dtype,
+        keep=tuple(keep),
+        skip_bad=args.on_bad_rows == "skip",
+        generate=generate,
+    )
 
 
 def read_back_count(out: str, fmt: str) -> int:

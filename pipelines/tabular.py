@@ -277,7 +277,7 @@ def check_path(spec: DataSpec) -> None:
         resolve_files(spec.path, DATA_EXTENSIONS)
 
 
-def _sample_schema(
+def sample_schema(
     files: list[str], fs: pafs.FileSystem, fmt: str
 ) -> tuple[pa.Schema, pd.DataFrame]:
     """The schema and a sample of rows of the first file that has rows, read on the driver."""
@@ -290,7 +290,9 @@ def _sample_schema(
         try:
             reader = pacsv.open_csv(
                 fs.open_input_stream(path, compression="detect"),
-                parse_options=pacsv.ParseOptions(invalid_row_handler=_skip_row),
+                parse_options=pacsv.ParseOptions(
+                    invalid_row_handler=_skip_row, newlines_in_values=True
+                ),
             )
             batch = reader.read_next_batch()
         except StopIteration:
@@ -371,7 +373,7 @@ def read_raw(
     check_path(spec)
     files, fs = resolve_files(spec.path, DATA_EXTENSIONS)
     fmt = file_format(files, spec.format)
-    schema, sample = _sample_schema(files, fs, fmt)
+    schema, sample = sample_schema(files, fs, fmt)
     features = check_columns(spec, schema, sample)
     columns = features + [spec.label]
     numeric = features + ([spec.label] if spec.task == "regression" else [])
@@ -577,7 +579,7 @@ def read_preprocessed(
         check_path(spec)
         files, fs = resolve_files(spec.path, DATA_EXTENSIONS)
         fmt = file_format(files, spec.format)
-        _, sample = _sample_schema(files, fs, fmt)
+        _, sample = sample_schema(files, fs, fmt)
         read = ray.data.read_parquet if fmt == "parquet" else ray.data.read_csv
         ds = read(files, filesystem=fs, num_cpus=task_cpus, ray_remote_args=read_args)
     if spec.label not in sample:

@@ -300,6 +300,19 @@ def test_predict_classifies_image_files_as_the_model_does(
     np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-6)
     truth = [f.stem.split("-")[1] for f in good]
     assert np.mean(out["prediction"].to_numpy() == np.asarray(truth)) > 0.95
+    # The same images as a table of their bytes, an id kept beside each prediction: the
+    # broken row is left out and the ids stay with their rows.
+    table = tmp_path / "images.parquet"
+    ids = [f"img-{i}" for i in range(len(files))]
+    pd.DataFrame({"id": ids, "image": [f.read_bytes() for f in files]}).to_parquet(table)
+    from_table = tmp_path / "from-table"
+    args = [*args[:2], str(table), "--keep", "id", "--on-bad-rows", "skip", "--format", "csv"]
+    assert cli.main([*args, "--out", str(from_table)]) == 0
+    out = pd.concat([pd.read_csv(p) for p in sorted(from_table.iterdir())])
+    assert out["id"].tolist() == [
+        i for i, f in zip(ids, files, strict=True) if "broken" not in f.name
+    ]
+    assert out["prediction"].tolist() == [int(c) for c in expected]
 
 
 def test_resnet18_gpu_config_runs_its_path_shrunk_to_cpu(digits_images, tracking_uri, tmp_path):

@@ -222,3 +222,61 @@ def test_own_dataset_model_loss_and_augment_resume_exactly(
     accuracy = _predict_elsewhere(tmp_path, tracking_uri, straight["model_uri"], images)
     print(f"cnn.yaml, 3 epochs: val_accuracy {straight['metrics']['val_accuracy']:.4f}")
     assert accuracy > 0.8
+    # `trainyard predict` from rows of its x (64 numeric columns, the 1x8x8 image in order),
+    # an id kept: the classes and probabilities pyfunc.predict gives for the same arrays.
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from sklearn.datasets import load_digits
+
+    pixels = load_digits().data[:300].astype(np.float32) / 16
+    rows = pd.DataFrame(pixels, columns=[f"p{i}" for i in range(64)]).assign(id=range(300))
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    out = tmp_path / "predicted"
+    env = {"RAY_ADDRESS": ray_cluster.address, "MLFLOW_TRACKING_URI": tracking_uri}
+    predict = [str(BIN / "trainyard"), "predict", straight["model_uri"], str(tmp_path / "rows.csv")]
+    proc = subprocess.run(
+        [*predict, "--keep", "id", "--out", str(out)],
+        cwd=project,
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    predicted = pd.read_parquet(out)
+    mlflow.set_tracking_uri(tracking_uri)
+    logits = mlflow.pyfunc.load_model(straight["model_uri"]).predict(pixels.reshape(-1, 1, 8, 8))
+    assert predicted["id"].tolist() == list(range(300))
+    assert predicted["prediction"].tolist() == np.asarray(logits).argmax(1).tolist()
+    probabilities = predicted[[f"probability_{c}" for c in range(10)]].to_numpy()
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-6)
+
+
+def test_predict_reads_a_custom_models_x_from_nested_lists_or_numeric_columns(tmp_path):
+    """A Parquet column of nested lists (pandas gives arrays of arrays) and one numeric column
+    per element of x feed the model the same arrays."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from pipelines.predict import Job, predict_arrays
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x = np.arange(20, dtype=np.float32).reshape(5, 1, 2, 2) / 10
+    pd.DataFrame({"x": [row.tolist() for row in x]}).to_parquet(tmp_path / "x.parquet")
+    nested = pd.read_parquet(tmp_path / "x.parquet")
+    columns = pd.DataFrame(x.reshape(5, 4), columns=list("abcd")).assign(id=range(5))
+    job = Job("custom", shape=(1, 2, 2), dtype=np.dtype("float32"), keep=("id",))
+    expected = net(torch.from_numpy(x)).detach().numpy()
+    for batch in (nested, columns):
+        out = predict_arrays(net, {"task": "classification"}, batch, job)
+        assert out["prediction"].tolist() == expected.argmax(1).tolist()
+        np.testing.assert_allclose(
+            out["probability_2"], torch.softmax(torch.tensor(expected), 1)[:, 2], rtol=1e-5
+        )
+    with pytest.raises(
+        ValueError, match=r"DATA: rows do not fit the model's x of shape \(1, 2, 2\)"
+    ):
+        predict_arrays(net, {}, columns.drop(columns="d"), job)

@@ -174,6 +174,53 @@ def test_predict_scores_text_files_as_the_model_predicts_their_bytes(
         assert row.bytes == row.tokens == len(data)
         assert row.loss == pytest.approx(nll / (len(data) - 1), rel=1e-4)
         assert row.bits_per_byte == pytest.approx(nll / np.log(2) / len(data), rel=1e-4)
+    # The same texts as a column of a table score the same; with --generate each row gets
+    # what `trainyard generate` samples after it, whatever the batch.
+    table = tmp_path / "texts.csv"
+    pd.DataFrame({"id": [7, 8], "text": [t.decode() for _, t in sorted(texts.items())]}).to_csv(
+        table, index=False
+    )
+    rc, _, err = run_cli(
+        [
+            "predict",
+            tiny_run["model_uri"],
+            str(table),
+            "--keep",
+            "id",
+            "--out",
+            str(tmp_path / "t"),
+        ],
+        capsys,
+    )
+    assert rc == 0, err
+    scored = pd.read_parquet(tmp_path / "t")
+    assert scored["id"].tolist() == [7, 8] and "path" not in scored
+    np.testing.assert_allclose(scored["loss"], out["loss"], rtol=1e-6)
+    generate = ["--generate", "12", "--temperature", "0.5", "--seed", "3", "--batch-size", "1"]
+    args = ["predict", tiny_run["model_uri"], str(table), "--out", str(tmp_path / "g"), *generate]
+    rc, _, err = run_cli(args, capsys)
+    assert rc == 0, err
+    continued = pd.read_parquet(tmp_path / "g")["continuation"].tolist()
+    for (_, data), text in zip(sorted(texts.items()), continued, strict=True):
+        rc, sampled, _ = run_cli(
+            ["generate", tiny_run["model_uri"], "--prompt", data.decode(), "--max-bytes", "12"]
+            + ["--temperature", "0.5", "--seed", "3"],
+            capsys,
+        )
+        assert sampled == data.decode() + text + "\n" and len(text.encode()) <= 12
+    rc, _, err = run_cli(
+        [
+            "predict",
+            tiny_run["model_uri"],
+            str(corpus / "a.py"),
+            "--out",
+            str(tmp_path / "x"),
+            "--keep",
+            "id",
+        ],
+        capsys,
+    )
+    assert rc == 2 and err.strip().endswith("is files, not a table; there are no columns to keep")
 
 
 def test_gpt2_small_config_runs_its_path_shrunk_to_cpu(ray_cluster, tracking_uri, tmp_path):

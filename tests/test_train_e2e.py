@@ -156,11 +156,13 @@ def test_predict_writes_what_the_model_predicts_in_the_inputs_order(
     np.testing.assert_allclose(parquet[columns].to_numpy(), probs, rtol=1e-5, atol=1e-6)
     assert (parquet["prediction"] == parquet["label"]).mean() > 0.97
 
-    rc, _, err = predict_cli(
+    rc, out, err = predict_cli(
         digits_run["run_id"], data, "--out", tmp_path / "c", "--format", "csv", "--keep", "id",
-        "--batch-size", "100", "--workers", "2", capsys=capsys,
+        "--batch-size", "100", "--workers", "2", "--progress", "0.5", capsys=capsys,
     )  # fmt: skip
     assert rc == 0, err
+    progress = [ln for ln in out.splitlines() if ln.endswith(" s") and "rows predicted" in ln]
+    assert progress and progress[0].startswith("trainyard: ") and f" of {len(frame)} (" not in out
     shards = sorted((tmp_path / "c").glob("*.csv"))
     csv = pd.concat([pd.read_csv(f) for f in shards], ignore_index=True)
     assert csv["id"].tolist() == list(range(len(frame)))
@@ -203,6 +205,10 @@ def test_predict_mistakes_are_one_line(digits_run, tmp_path, capsys):
         lines = err.splitlines()
         assert rc == 2 and lines[-1].startswith("trainyard: error: ") and says in lines[-1], err
         assert "Traceback" not in err and sum("trainyard" in ln for ln in lines) == 1, err
+    rc, _, err = predict_cli(model, tmp_path / "short.csv", "--out", tmp_path / "o6",
+                             "--generate", "5", capsys=capsys)  # fmt: skip
+    assert rc == 2 and err.startswith("trainyard: error: --generate: ") and err.count("\n") == 1
+    assert err.endswith("is not a text model (tabular)\n")
 
 
 def test_predict_on_a_busy_cluster_says_so_in_bounded_time(digits_run, tmp_path, capsys):

@@ -89,6 +89,17 @@ def table_inputs(directory: Path, n: int, files: int = 8) -> list[Path]:
     return paths
 
 
+def one_thread(fn: Any) -> None:
+    """`fn()` with torch on one thread: what each of trainyard's actors has. Twice this rate is
+    the most two cores could give with no start-up and no overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def by_hand(model_uri: str, kind: str, inputs: list[Path], out: Path, pool: int | None) -> None:
     """What a user writes without Ray: load the model, read batches, predict them (in this
     thread, or `pool` threads), write the predictions to one Parquet file."""
@@ -151,6 +162,9 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
                 f"ThreadPoolExecutor({cores})": lambda k=kind, d=data: by_hand(
                     uris[k], k, d, scratch / f"out-{next(outs)}.parquet", cores
                 ),
+                "one process, torch on 1 thread": lambda k=kind, d=data: one_thread(
+                    lambda: by_hand(uris[k], k, d, scratch / f"out-{next(outs)}.parquet", None)
+                ),
                 "trainyard predict (Ray Data actors)": ours,
             }
             seconds = alternate({c: lambda f=f: timed(f) for c, f in contenders.items()}, repeats)
@@ -163,7 +177,8 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
                 f"{sizes[kind]} {'PNG files' if kind == 'images' else 'rows in 8 Parquet files'}"
                 f", batches of {IMAGE_BATCH if kind == 'images' else ROW_BATCH}; each contender "
                 "loads the model, reads the inputs and writes the predictions to Parquet. "
-                f"trainyard predict runs its default pool (one actor per CPU, {cores} here)"
+                f"trainyard predict runs its default pool (one actor per CPU, {cores} here, each "
+                f"with torch on 1 thread): at best {cores}x the 1-thread process, less start-up"
             )
             cases.append(case)
         return cases

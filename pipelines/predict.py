@@ -164,7 +164,6 @@ class Predictor:
         self.model, self.metadata = load_model(self.directory, job.kind, device)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        import ray
         import torch
 
         job, kept = self.job, slice(None)
@@ -180,24 +179,22 @@ class Predictor:
             else:
                 out = predict_rows(self.model, self.metadata, batch, job.inputs)
         kept_rows = batch[list(job.keep)].iloc[kept].reset_index(drop=True)
-        # Waited for: when the write returns, the counts are complete.
-        ray.get(self.counter.add.remote(len(batch), len(out)))
+        self.counter.add.remote(len(batch))  # not waited for: progress only
         return pd.concat([kept_rows, out], axis=1)
 
 
 class Counter:
-    """Rows the actors have taken and written (a Ray actor that holds no CPU): what the
-    progress lines show, and, less, the rows left out."""
+    """Rows the actors have predicted (a Ray actor that holds no CPU): what the progress lines
+    show."""
 
     def __init__(self) -> None:
-        self.rows_in = self.rows_out = 0
+        self.rows = 0
 
-    def add(self, rows_in: int, rows_out: int) -> None:
-        self.rows_in += rows_in
-        self.rows_out += rows_out
+    def add(self, rows: int) -> None:
+        self.rows += rows
 
-    def counts(self) -> tuple[int, int]:
-        return self.rows_in, self.rows_out
+    def count(self) -> int:
+        return self.rows
 
 
 @contextmanager
@@ -211,7 +208,7 @@ def progress_lines(counter: Any, total: int | None, every: float) -> Iterator[No
         started = time.monotonic()
         while not stop.wait(every):
             try:
-                done = ray.get(counter.counts.remote(), timeout=every)[0]
+                done = ray.get(counter.count.remote(), timeout=every)
             except Exception:  # a busy cluster: the next line will tell
                 continue
             of = f" of {total} ({100 * done / total:.0f}%)" if total else ""
@@ -467,8 +464,9 @@ def input_files(kind: str | None, data: str) -> tuple[list[str], Any, bool]:
 
 def read_input(data: str, job: Job) -> tuple[Any, int | None]:
     """DATA as a Ray Dataset of the rows the actors take (a column `path` of files, or the
-    rows of CSV/Parquet files), and how many rows that is where known without reading them
-    (CSV files are not counted)."""
+    rows of CSV/Parquet files), and how many rows that is: files are counted, Parquet rows
+    from the files' footers, CSV rows only for image models (their rows may be skipped, and
+    such a table holds paths), else None."""
     import pyarrow.dataset as pads
     import ray.data
 
@@ -493,8 +491,8 @@ def read_input(data: str, job: Job) -> tuple[Any, int | None]:
         batch_format="pyarrow",
         num_cpus=IO_CPUS,
     )
-    rows = pads.dataset(files, filesystem=fs, format=fmt).count_rows() if fmt == "parquet" else None
-    return ds, rows
+    counted = fmt == "parquet" or job.kind == "images"
+    return ds, pads.dataset(files, filesystem=fs, format=fmt).count_rows() if counted else None
 
 
 def check_columns(data: str, schema: Any, job: Job) -> None:
@@ -667,7 +665,6 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
             write(args.out, ray_remote_args={"num_cpus": IO_CPUS})
         seconds = time.monotonic() - started
         rows = read_back_count(args.out, args.format)
-        rows_in, rows_out = ray.get(counter.counts.remote())
         ray.kill(counter)
     except Exception as e:
         failure = data_error(e)
@@ -681,7 +678,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
         # they end now and free their CPUs (seen: one held 0.9 CPU until the process ended).
         gc.collect()
         raise failure
-    skipped = rows_in - rows_out
+    skipped = total - rows if kind == "images" else 0
     summary = {
         "run_id": run_id,
         "model_uri": source,

@@ -120,6 +120,17 @@ class Nodes:
         n = len(self.cpus) - self.addable
         return Nodes(self.cpus[:n], self.gpus[:n], self.other[:n] if self.other else ())
 
+    def scaled(self, share: float) -> Nodes:
+        """`share` of every node's CPUs and GPUs (what one of several runs at once may use)."""
+        if share == 1:
+            return self
+        return Nodes(
+            tuple(c * share for c in self.cpus),
+            tuple(g * share for g in self.gpus),
+            self.other,
+            self.addable,
+        )
+
     @property
     def total_cpus(self) -> float:
         return sum(self.cpus)

@@ -1,5 +1,5 @@
-"""The `trainyard` command: train, submit, generate, bench, cluster up|down|status,
-mlflow-server."""
+"""The `trainyard` command: train, submit, tune, predict, generate, bench, cluster
+up|down|status, mlflow-server, mlflow-login."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _add_cluster(commands) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from cluster import mlflow_server
-    from pipelines import bench, generate, predict, submit
+    from pipelines import bench, generate, predict, submit, tune
 
     parser = argparse.ArgumentParser(
         prog="trainyard",
@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     submit.add_arguments(submission)
     submission.set_defaults(func=submit.command)
+    search = commands.add_parser(
+        "tune", help="a hyper-parameter search over a spec (Ray Tune), trials as MLflow runs"
+    )
+    tune.add_arguments(search)
+    search.set_defaults(func=tune.command)
     infer = commands.add_parser("predict", help="batch inference on Ray Data from a model")
     predict.add_arguments(infer)
     infer.set_defaults(func=predict.command)

@@ -171,12 +171,53 @@ def first_step_after(uri: str, run_id: str, since: float) -> bool:
     return any(stamp and float(stamp) > since for stamp in stamps)
 
 
-def end_run(uri: str, run_id: str, error: BaseException | None = None) -> None:
-    """Mark the run FINISHED, or FAILED with the error recorded as a tag."""
+def end_run(
+    uri: str, run_id: str, error: BaseException | None = None, stopped: str | None = None
+) -> None:
+    """Mark the run FINISHED; FAILED with the error recorded as a tag; or KILLED, stopped
+    early by a search's scheduler (`stopped` says when, as the tag trainyard.stopped_early)."""
     client = _client(uri)
     if error is not None:
         client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
-    client.set_terminated(run_id, status="FAILED" if error is not None else "FINISHED")
+    if stopped is not None:
+        client.set_tag(run_id, "trainyard.stopped_early", stopped)
+        if "error" in client.get_run(run_id).data.tags:  # the stop's, seen by the run
+            client.delete_tag(run_id, "error")
+    status = "FAILED" if error is not None else "KILLED" if stopped is not None else "FINISHED"
+    client.set_terminated(run_id, status=status)
+
+
+def child_runs(uri: str, parent: str, key: str) -> dict[str, Any]:
+    """The runs whose parent is `parent` (tag mlflow.parentRunId), by their tag `key`."""
+    client = _client(uri)
+    experiment = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    return {r.data.tags[key]: r for r in runs if key in r.data.tags}
+
+
+def logged_model_uri(uri: str, run_id: str) -> str | None:
+    """The URI of the model the run logged (trainyard logs one per run), if any."""
+    client = _client(uri)
+    experiment = client.get_run(run_id).info.experiment_id
+    models = client.search_logged_models(
+        experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'"
+    )
+    return f"models:/{models[0].model_id}" if models else None
+
+
+def log_batch(
+    uri: str, run_id: str, params: dict[str, Any], metrics: dict[str, float], tags: dict
+) -> None:
+    """Params, metrics (at step 0) and tags, in one request."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    _client(uri).log_batch(
+        run_id,
+        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+    )
 
 
 class RankZeroLogger:

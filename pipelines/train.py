@@ -124,14 +124,26 @@ def forget_dead_local_cluster() -> None:
         )
 
 
-def plan_for(spec: RunSpec, connect: bool):
-    """The resource plan on the cluster (connecting to it) or, without one, on this machine."""
+def plan_for(spec: RunSpec, connect: bool, share: float = 1.0):
+    """The resource plan on the cluster (connecting to it) or, without one, on this machine;
+    with `share` < 1, on that share of it (one of several trials at once)."""
     from cluster.resources import cluster_nodes, local_nodes, plan_resources
 
     if connect:
         init_ray()
-        return plan_resources(spec.scaling, cluster_nodes())
-    return plan_resources(spec.scaling, local_nodes())
+        return plan_resources(spec.scaling, cluster_nodes().scaled(share))
+    return plan_resources(spec.scaling, local_nodes().scaled(share))
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A run as one trial of a search (pipelines.tune): its share of the cluster, the MLflow
+    tags that make it a child of the search's run, and the Ray Train callbacks that report
+    its epochs to Tune."""
+
+    share: float
+    tags: dict[str, str]
+    callbacks: tuple[Any, ...] = ()
 
 
 def pipeline_module(spec: RunSpec) -> Pipeline:
@@ -601,7 +613,9 @@ def place_run(spec: RunSpec, resume: str | None) -> Place:
     return Place(uri, storage, run_name, run_id, resumed, read_args)
 
 
-def open_run(spec: RunSpec, place: Place, plan: Any, data: Prepared, steps: int) -> str:
+def open_run(
+    spec: RunSpec, place: Place, plan: Any, data: Prepared, steps: int, trial: Trial | None
+) -> str:
     """Start the job's one MLflow run (or reopen the run of a name seen before) with the spec,
     the data's sizes and the plan as params; return its id."""
     import ray
@@ -613,7 +627,7 @@ def open_run(spec: RunSpec, place: Place, plan: Any, data: Prepared, steps: int)
         "ray.train.run_name": place.run_name,
         "num_workers": str(plan.num_workers),
         "ray.job_id": ray.get_runtime_context().get_job_id(),
-    }
+    } | (trial.tags if trial else {})
     if submission_id := _submission_id():
         tags["ray.submission_id"] = submission_id
     if place.run_id is not None:
@@ -651,7 +665,12 @@ def open_run(spec: RunSpec, place: Place, plan: Any, data: Prepared, steps: int)
 
 
 def make_trainer(
-    spec: RunSpec, plan: Any, data: Prepared, job: dict[str, Any], place: Place
+    spec: RunSpec,
+    plan: Any,
+    data: Prepared,
+    job: dict[str, Any],
+    place: Place,
+    callbacks: tuple[Any, ...] = (),
 ) -> Any:
     """The TorchTrainer: DDP workers as the plan says, the datasets, failure handling."""
     import ray.train
@@ -684,6 +703,7 @@ def make_trainer(
             failure_config=ray.train.FailureConfig(
                 max_failures=max_failures, controller_failure_limit=0
             ),
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
         # The same rows to the same rank in the same order every epoch, on every run:
@@ -771,13 +791,14 @@ def log_outcome(
     return tracking.log_model(place.uri, run_id, model, example, metadata, code)
 
 
-def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
+def run(spec: RunSpec, resume: str | None = None, trial: Trial | None = None) -> dict[str, Any]:
     """Train `spec` end to end and return the summary (run id, checkpoint, final metrics).
-    `resume` names a run to continue from its newest checkpoint."""
+    `resume` names a run to continue from its newest checkpoint; `trial` makes it one trial of
+    a search."""
     from pipelines import tracking
 
     check_code(spec)
-    plan = plan_for(spec, connect=True)
+    plan = plan_for(spec, connect=True, share=trial.share if trial else 1.0)
     place = place_run(spec, resume)
     # 1. Data: read, validate, split and preprocess on the driver (bad input stops here);
     #    the model is built once here, so a bad one stops here too.
@@ -790,7 +811,7 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
     if place.resumed is not None:
         check_model_loads(recipe, place.resumed["model"])
     # 2. One MLflow run for the job, shared with the workers by id.
-    run_id = open_run(spec, place, plan, data, steps_per_epoch(spec, plan, data))
+    run_id = open_run(spec, place, plan, data, steps_per_epoch(spec, plan, data), trial)
     job = worker_job(spec, plan, data, recipe, run_id, place)
     print(plan.describe())
     timeout = start_timeout(spec, plan)
@@ -799,7 +820,7 @@ def run(spec: RunSpec, resume: str | None = None) -> dict[str, Any]:
     configure_ray_train(timeout)
     try:
         # 3. Train: Ray Train runs the DDP workers, each reading its share from Ray Data.
-        trainer = make_trainer(spec, plan, data, job, place)
+        trainer = make_trainer(spec, plan, data, job, place, trial.callbacks if trial else ())
         stall = spec.train.stall_timeout_s
         began = time.time()
         result = fit(

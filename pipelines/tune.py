@@ -1,0 +1,535 @@
+"""`trainyard tune`: a hyper-parameter search over a run spec with Ray Tune.
+
+    trainyard tune CONFIG [--set ...] [--trials N] [--dry-run] [--resume NAME] [--summary PATH]
+    python -m pipelines.tune CONFIG ...      (what `trainyard submit --tune` runs as a Ray job)
+
+The spec's `tune` section says what to search (`search`: dotted spec keys, each with a
+distribution), how many trials, the metric and whether ASHA stops poor trials early. Each trial
+is a full trainyard run (Ray Data, a TorchTrainer with DDP + AMP, checkpoints) on its share of
+the cluster, launched from a Tune function trainable with Ray Train's TuneReportCallback, so its
+epochs reach Tune's scheduler. Its MLflow run is a child (`mlflow.parentRunId`) of the search's
+run, which records the space, every trial's outcome, a plot of the trials against the metric,
+the best trial's params and metric and its model (registered with `tracking.register_as`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.secrets import redact_text
+from pipelines.spec import RunSpec, SpecError, TrainyardError, load_spec, set_dotted
+from pipelines.train import add_spec_arguments
+
+TRIAL_MIN_WORKER_CPUS = 0.5
+"""The least CPU `max_concurrent: auto` gives a trial's worker: more trials at once than that
+allows only make every trial slower."""
+FIXED_SECTIONS = ("scaling", "tracking", "tune")
+"""Sections a search may not vary: each trial's resources and tracking are planned before it."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_spec_arguments(parser, "run spec (YAML) with a tune section")
+    parser.add_argument("--trials", type=int, help="trials to run (default: tune.trials)")
+    parser.add_argument(
+        "--set-from",
+        metavar="PACKAGE",
+        help="also the overrides listed in this package (see `trainyard train --set-from`)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the search, print the space, the concurrency and each trial's "
+        "resources, and exit",
+    )
+    parser.add_argument("--summary", metavar="PATH", help="write a JSON summary of the search")
+
+
+# --- the search, planned ---------------------------------------------------------------------
+
+
+def objective(spec: RunSpec) -> tuple[str, str]:
+    """The metric the search optimizes and its mode: the spec's, else the task's own."""
+    task = getattr(spec.data, "task", None) if spec.pipeline != "text" else None
+    default = {"classification": "val_accuracy", "regression": "val_r2"}.get(task, "val_loss")
+    metric = spec.tune.metric or default
+    lower = "loss" in metric or metric.endswith(("rmse", "mae", "mse", "bits_per_byte"))
+    return metric, spec.tune.mode or ("min" if lower else "max")
+
+
+def candidates(dist: dict[str, Any]) -> list[Any]:
+    """Values that span a distribution: every choice, else both ends."""
+    ((kind, args),) = dist.items()
+    if kind == "choice":
+        return list(args)
+    return [args[0], args[1] - 1] if kind == "randint" else list(args)
+
+
+def check_search(spec: RunSpec) -> None:
+    """Every search key names a spec key that takes every value its distribution can draw:
+    else one line naming the key, before anything runs."""
+    if not spec.tune.search:
+        raise SpecError("tune.search: nothing to search; give at least one key, e.g. train.lr")
+    base = spec.to_dict()
+    for key, dist in spec.tune.search.items():
+        if key.split(".")[0] in FIXED_SECTIONS:
+            raise SpecError(
+                f"tune.search.{key}: the {', '.join(FIXED_SECTIONS)} sections are the search's "
+                "own (each trial's resources and tracking are planned before it starts)"
+            )
+        for value in candidates(dist):
+            raw = copy.deepcopy(base)
+            try:
+                set_dotted(raw, key, value, f"tune.search.{key}")
+                RunSpec.from_dict(raw)
+            except SpecError as e:
+                raise SpecError(f"tune.search.{key}: {e}") from None
+
+
+def param_space(spec: RunSpec) -> dict[str, Any]:
+    """Tune's domains for the search keys."""
+    from ray import tune
+
+    domains = {
+        "choice": tune.choice,
+        "uniform": tune.uniform,
+        "loguniform": tune.loguniform,
+        "randint": tune.randint,
+    }
+    space = {}
+    for key, dist in spec.tune.search.items():
+        ((kind, args),) = dist.items()
+        space[key] = domains[kind](args) if kind == "choice" else domains[kind](*args)
+    return space
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    trials: int
+    """Trials at once."""
+    plan: Any
+    """Each trial's resource plan, on its share of the cluster."""
+
+    @property
+    def share(self) -> float:
+        return 1 / self.trials
+
+
+def plan_concurrency(spec: RunSpec, trials: int, nodes: Any) -> Concurrency:
+    """How many trials run at once, and each one's resources: `tune.max_concurrent`, or (auto)
+    as many as give each trial's workers at least scaling.cpus_per_worker (else
+    TRIAL_MIN_WORKER_CPUS) with Ray Data's share kept, and never more than the trials."""
+    from cluster.resources import plan_resources
+
+    wanted = spec.tune.max_concurrent
+    if wanted != "auto":
+        try:
+            return Concurrency(wanted, plan_resources(spec.scaling, nodes.scaled(1 / wanted)))
+        except SpecError as e:
+            raise SpecError(
+                f"tune.max_concurrent: {wanted} trials at once leave each "
+                f"{nodes.total_cpus / wanted:g} CPU(s); {e}"
+            ) from None
+    least = spec.scaling.cpus_per_worker or TRIAL_MIN_WORKER_CPUS
+    best = None
+    for k in range(1, trials + 1):
+        try:
+            plan = plan_resources(spec.scaling, nodes.scaled(1 / k))
+        except SpecError:
+            break
+        if plan.cpus_per_worker + 1e-9 < least:
+            break
+        best = Concurrency(k, plan)
+    if best is None:  # not even one trial fits: the same error a plain run gives
+        plan_resources(spec.scaling, nodes)
+        raise AssertionError("unreachable")
+    return best
+
+
+def describe(spec: RunSpec, trials: int, concurrency: Concurrency) -> str:
+    metric, mode = objective(spec)
+    t = spec.tune
+    scheduler = (
+        f"ASHA (grace period {t.grace_period} epoch(s), reduction factor {t.reduction_factor})"
+        if t.scheduler == "asha"
+        else "FIFO (every trial to the end)"
+    )
+    lines = [
+        f"search: {trials} trial(s), {concurrency.trials} at once, {mode} {metric}, {scheduler}",
+        *(f"  {key}: {json.dumps(dist)}" for key, dist in t.search.items()),
+        "each trial: " + concurrency.plan.describe().replace("\n", "\n  "),
+    ]
+    return "\n".join(lines)
+
+
+# --- one trial (runs in Tune's trial actor) ----------------------------------------------------
+
+
+def run_trial(config: dict[str, Any], base: dict[str, Any], search: dict[str, str]) -> None:
+    """A Tune function trainable: the base spec with this trial's values, trained as a full
+    trainyard run whose MLflow run is a child of the search's and whose epochs Tune sees."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.train import Trial, run
+
+    trial_id = tune.get_context().get_trial_id()
+    # This process is Ray's: its working directory and environment are not the driver's.
+    os.environ["MLFLOW_TRACKING_URI"] = search["uri"]
+    raw = copy.deepcopy(base)
+    for key, value in config.items():
+        set_dotted(raw, key, value, "tune.search")
+    number = int(trial_id.rsplit("_", 1)[-1])
+    raw["scaling"]["storage_path"] = search["storage"]
+    raw["tracking"] |= {
+        "run_name": f"{search['name']}-trial-{number:02d}",
+        "register_as": None,
+        "alias": None,
+    }
+    tags = {
+        "mlflow.parentRunId": search["run_id"],
+        "trainyard.tune_parent": search["run_id"],
+        "trainyard.trial_id": trial_id,
+    }
+    trial = Trial(float(search["share"]), tags, (TuneReportCallback(),))
+    run(RunSpec.from_dict(raw), trial=trial)
+
+
+# --- the search ---------------------------------------------------------------------------------
+
+
+def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
+    """Run the search; return its summary."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from cluster.local import STORAGE_ENV
+    from cluster.resources import cluster_nodes
+    from pipelines import tracking
+    from pipelines.train import check_code, default_dir, init_ray
+
+    check_code(spec)
+    check_search(spec)
+    init_ray()
+    concurrency = plan_concurrency(spec, trials, cluster_nodes())
+    print(describe(spec, trials, concurrency))
+    metric, mode = objective(spec)
+    uri = tracking.tracking_uri(default_dir())
+    storage = (
+        spec.scaling.storage_path
+        or os.environ.get(STORAGE_ENV)
+        or str((default_dir() / "results").resolve())
+    )
+    name = resume or (
+        spec.tracking.run_name
+        or f"{spec.tracking.experiment}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    parent = open_search_run(spec, uri, name, trials, concurrency, resume is not None)
+    context = {
+        "run_id": parent,
+        "name": name,
+        "share": str(concurrency.share),
+        "uri": uri,
+        "storage": storage,
+    }
+    trainable = tune.with_parameters(run_trial, base=spec.to_dict(), search=context)
+    # The trial's own process only launches the trainer, and asks for no CPU: the workers
+    # hold the CPUs (Tune refuses an empty request; a byte of memory is not one).
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
+    # Trials run where training workers do (user code imports alike), not in Tune's trial
+    # directories (Tune passes this on to them).
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    scheduler = (
+        ASHAScheduler(
+            # Beyond the last epoch: ASHA stops a trial that reaches max_t, which here would
+            # end it before it logs its model.
+            max_t=spec.train.epochs + 1,
+            grace_period=min(spec.tune.grace_period, spec.train.epochs),
+            reduction_factor=spec.tune.reduction_factor,
+        )
+        if spec.tune.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    started = time.monotonic()
+    if resume:
+        path = f"{storage}/{name}"
+        if not tune.Tuner.can_restore(path):
+            raise TrainyardError(f"--resume {name}: no search to continue at {path}")
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=False, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(spec),
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                num_samples=trials,
+                search_alg=BasicVariantGenerator(random_state=spec.tune.seed),
+                scheduler=scheduler,
+                max_concurrent_trials=concurrency.trials,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=0,
+                callbacks=[trial_lines(metric, spec.train.epochs)],
+            ),
+        )
+    try:
+        results = tuner.fit()
+        summary = record_search(spec, uri, parent, results, metric, mode)
+    except BaseException as e:
+        tracking.end_run(uri, parent, error=e)
+        raise
+    tracking.end_run(uri, parent)
+    return summary | {"name": name, "seconds": round(time.monotonic() - started, 1)}
+
+
+def trial_lines(metric: str, epochs: int) -> Any:
+    """A Tune callback that prints one line as each trial ends: finished, stopped early (Tune
+    calls both complete; a stopped one has fewer than `epochs`), or failed."""
+    from ray.tune import Callback
+
+    class Lines(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any):
+            done = (trial.last_result or {}).get("training_iteration", 0) >= epochs
+            self.line(trial, "finished" if done else "stopped early")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any):
+            self.line(trial, "FAILED")
+
+        @staticmethod
+        def line(trial: Any, outcome: str) -> None:
+            last = trial.last_result or {}
+            value = last.get(metric)
+            shown = f"{metric} {value:.4f}" if _number(value) else "no metric"
+            values = ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
+            print(
+                f"trainyard: trial {trial.trial_id} {outcome} after "
+                f"{last.get('training_iteration', 0)} epoch(s): {shown}  ({values})",
+                flush=True,
+            )
+
+    return Lines()
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else json.dumps(value)
+
+
+def open_search_run(
+    spec: RunSpec, uri: str, name: str, trials: int, concurrency: Concurrency, resumed: bool
+) -> str:
+    """The search's MLflow run (a continued search's, found by name), with the space and the
+    search's settings as params; its id."""
+    from pipelines import tracking
+
+    if resumed:
+        run_id = tracking.find_run(uri, spec.tracking.experiment, name)
+        if run_id is None:
+            raise TrainyardError(
+                f"--resume {name}: no search of that name in MLflow experiment "
+                f"{spec.tracking.experiment!r}"
+            )
+        tracking.reopen_run(uri, run_id, {})
+        return run_id
+    metric, mode = objective(spec)
+    params = {
+        "tune.trials": trials,
+        "tune.max_concurrent": concurrency.trials,
+        "tune.metric": metric,
+        "tune.mode": mode,
+        "tune.scheduler": spec.tune.scheduler,
+        "tune.grace_period": spec.tune.grace_period,
+        "tune.reduction_factor": spec.tune.reduction_factor,
+        **{f"search.{k}": json.dumps(v) for k, v in spec.tune.search.items()},
+    }
+    tags = {"trainyard.kind": "tune", "ray.train.run_name": name}
+    run_id = tracking.start_run(uri, spec.tracking.experiment, name, params, spec.to_yaml(), tags)
+    print(f"trainyard: MLflow run {run_id} ({name}) holds the search; each trial is a child run")
+    return run_id
+
+
+def record_search(
+    spec: RunSpec, uri: str, parent: str, results: Any, metric: str, mode: str
+) -> dict[str, Any]:
+    """Close every trial's MLflow run as it ended (a trial ASHA stopped is KILLED, tagged
+    with its epochs), and record the best trial on the parent; return the summary."""
+    from pipelines import tracking
+
+    children = tracking.child_runs(uri, parent, "trainyard.trial_id")
+    trials = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or _trial_id(result.path)
+        run = children.get(trial_id)
+        epochs = metrics.get("training_iteration", 0)
+        status = run.info.status if run else "FAILED"
+        if result.error is not None:
+            status = "FAILED"
+            if run is not None and run.info.status == "RUNNING":
+                tracking.end_run(uri, run.info.run_id, error=result.error)
+        elif run is not None and status != "FINISHED":
+            # The scheduler stopped it: Tune ended its process, mid-run (RUNNING) or while
+            # the run saw its trainer go (FAILED, with that as its error).
+            tracking.end_run(uri, run.info.run_id, stopped=f"after epoch {epochs}")
+            status = "STOPPED"
+        trials.append(
+            {
+                "trial_id": trial_id,
+                "run_id": run.info.run_id if run else None,
+                "status": status,
+                "epochs": epochs,
+                metric: metrics.get(metric),
+                "config": result.config,
+                "model_uri": run and tracking.logged_model_uri(uri, run.info.run_id),
+                "error": redact_text(str(result.error).splitlines()[0]) if result.error else None,
+            }
+        )
+    finished = [t for t in trials if t["status"] == "FINISHED" and _number(t[metric])]
+    best = (max if mode == "max" else min)(finished, key=lambda t: t[metric], default=None)
+    counts = {s: sum(t["status"] == s for t in trials) for s in ("FINISHED", "STOPPED", "FAILED")}
+    params, metrics, tags = {}, {f"trials_{k.lower()}": v for k, v in counts.items()}, {}
+    registered = None
+    if best is not None:
+        params = {f"best.{k}": _short(v) for k, v in best["config"].items()}
+        metrics[f"best_{metric}"] = best[metric]
+        tags = {"trainyard.best_run": best["run_id"]}
+        if best["model_uri"]:
+            tags["trainyard.best_model_uri"] = best["model_uri"]
+            if spec.tracking.register_as:
+                registered = tracking.register_model(
+                    uri, best["model_uri"], spec.tracking.register_as, spec.tracking.alias
+                )
+    tracking.log_batch(uri, parent, params, metrics, tags)
+    with tempfile.TemporaryDirectory() as d:
+        if (plot := plot_trials(spec, trials, metric, Path(d) / "trials.png")) is not None:
+            tracking.log_artifact(uri, parent, plot)
+        table = Path(d) / "trials.json"
+        table.write_text(json.dumps(trials, indent=2, default=str))
+        tracking.log_artifact(uri, parent, table)
+    return {
+        "run_id": parent,
+        "metric": metric,
+        "mode": mode,
+        "best": best,
+        "registered_model": registered,
+        "trials": trials,
+        "counts": counts,
+    }
+
+
+def _trial_id(path: str | None) -> str | None:
+    """A trial's id from its directory's name (`run_trial_<id>_<n>_<values>_<time>`)."""
+    found = path and re.search(r"_([0-9a-f]{5}_\d{5})_", Path(path).name)
+    return found.group(1) if found else None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plot_trials(spec: RunSpec, trials: list[dict], metric: str, path: Path) -> Path | None:
+    """One scatter per search key: each trial's value against its metric, finished trials
+    filled, stopped ones hollow; None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(spec.tune.search)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        kind = next(iter(spec.tune.search[key]))
+        for status, style in (("FINISHED", "o"), ("STOPPED", "x")):
+            shown = [t for t in trials if t["status"] == status and _number(t[metric])]
+            xs = [t["config"].get(key) for t in shown]
+            if kind == "choice":
+                xs = [json.dumps(x) for x in xs]
+            ax.scatter(xs, [t[metric] for t in shown], marker=style, label=status.lower())
+        if kind == "loguniform":
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --- command ----------------------------------------------------------------------------------
+
+
+def dry_run(spec: RunSpec, trials: int) -> None:
+    """Check the search and print it: on the cluster in RAY_ADDRESS, else on this machine."""
+    from cluster.resources import cluster_nodes, local_nodes
+    from pipelines.train import check_code, init_ray
+
+    check_code(spec)
+    check_search(spec)
+    if os.environ.get("RAY_ADDRESS"):
+        init_ray()
+        nodes = cluster_nodes()
+    else:
+        nodes = local_nodes()
+    print(describe(spec, trials, plan_concurrency(spec, trials, nodes)))
+
+
+def command(args: argparse.Namespace) -> int:
+    try:
+        if args.set_from:
+            from pipelines.submit import read_overrides
+
+            args.overrides = [*args.overrides, *read_overrides(args.set_from)]
+        spec = load_spec(args.config, args.overrides)
+        trials = args.trials if args.trials is not None else spec.tune.trials
+        if trials < 1:
+            raise SpecError("--trials: expected an integer >= 1")
+        if args.dry_run:
+            dry_run(spec, trials)
+            return 0
+        summary = search(spec, trials, args.resume)
+    except TrainyardError as e:
+        print(f"trainyard: error: {redact_text(str(e))}", file=sys.stderr)
+        return 2
+    best = summary["best"]
+    counts = summary["counts"]
+    print(
+        f"trainyard: search done in {summary['seconds']:.0f} s: {counts['FINISHED']} finished, "
+        f"{counts['STOPPED']} stopped early, {counts['FAILED']} failed"
+    )
+    if best:
+        values = ", ".join(f"{k}={_short(v)}" for k, v in best["config"].items())
+        print(f"  best: {summary['metric']} {best[summary['metric']]:.4f}  ({values})")
+        print(f"  best run: {best['run_id']}  model: {best['model_uri']}")
+    if summary["registered_model"]:
+        print(f"  registered: {summary['registered_model']}")
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return 0 if best else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trainyard tune", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -138,7 +138,7 @@ def plan_concurrency(spec: RunSpec, trials: int, nodes: Any) -> Concurrency:
         except SpecError as e:
             raise SpecError(
                 f"tune.max_concurrent: {wanted} trials at once leave each "
-                f"{nodes.total_cpus / wanted:g} CPU(s); {e}"
+                f"{nodes.total_cpus / wanted:.3g} CPU(s) of the cluster's {nodes.total_cpus:g}: {e}"
             ) from None
     least = spec.scaling.cpus_per_worker or TRIAL_MIN_WORKER_CPUS
     best = None
@@ -275,9 +275,11 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
                 metric=metric,
                 mode=mode,
                 num_samples=trials,
-                search_alg=BasicVariantGenerator(random_state=spec.tune.seed),
+                # (Tune ignores max_concurrent_trials beside a search algorithm given.)
+                search_alg=BasicVariantGenerator(
+                    random_state=spec.tune.seed, max_concurrent=concurrency.trials
+                ),
                 scheduler=scheduler,
-                max_concurrent_trials=concurrency.trials,
             ),
             run_config=tune.RunConfig(
                 name=name,
@@ -308,7 +310,9 @@ def trial_lines(metric: str, epochs: int) -> Any:
             self.line(trial, "finished" if done else "stopped early")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any):
-            self.line(trial, "FAILED")
+            error = trial.get_error()
+            lines = str(error.cause if hasattr(error, "cause") else error).strip().splitlines()
+            self.line(trial, f"FAILED ({redact_text(lines[-1]) if lines else 'no error'})")
 
         @staticmethod
         def line(trial: Any, outcome: str) -> None:

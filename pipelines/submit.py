@@ -29,6 +29,12 @@ from pipelines.train import add_spec_arguments, check_code
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_spec_arguments(parser, "run spec (YAML) inside the project directory")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="run the spec's search (`trainyard tune`) as the job, instead of one training run",
+    )
+    parser.add_argument("--trials", type=int, help="with --tune: trials to run")
     jobs.add_arguments(parser)
 
 
@@ -41,10 +47,13 @@ def entrypoint(
     resume: str | None = None,
     project: str | Path = ".",
     set_from: str | None = None,
+    tune: bool = False,
+    trials: int | None = None,
 ) -> str:
     """`python -m pipelines.train CONFIG --set ... [--resume NAME]`, with CONFIG relative to
     the project directory (the job's working directory); `set_from` names the package that
-    holds the overrides instead."""
+    holds the overrides instead. With `tune`, the search's driver (`python -m pipelines.tune
+    ... [--trials N]`) instead."""
     project = Path(project).resolve()
     path = Path(config).resolve()
     try:
@@ -54,7 +63,10 @@ def entrypoint(
             f"{config}: the config must be inside the project directory {project}, "
             "which is what the job receives as its working_dir"
         ) from None
-    args = ["python", "-m", "pipelines.train", relative.as_posix()]
+    module = "pipelines.tune" if tune else "pipelines.train"
+    args = ["python", "-m", module, relative.as_posix()]
+    if trials is not None:
+        args += ["--trials", str(trials)]
     if set_from:
         args += ["--set-from", set_from]
     else:
@@ -102,17 +114,33 @@ def command(args: argparse.Namespace) -> int:
     started = time.monotonic()
     project = Path.cwd()
     # A bad spec, or user code that does not import, fails here, before anything is uploaded.
-    check_code(load_spec(args.config, args.overrides))  # and refuses a clashing project
+    spec = load_spec(args.config, args.overrides)
+    check_code(spec)  # and refuses a clashing project
+    if args.tune:
+        from pipelines.tune import check_search
+
+        check_search(spec)
+    elif args.trials is not None:
+        raise TrainyardError("--trials: only with --tune")
     with tempfile.TemporaryDirectory() as scratch:  # uploaded by jobs.submit
         package = None
         if holds_credentials(args.overrides):
             package = overrides_package(args.overrides, scratch)
         client, job_id = jobs.submit(
-            entrypoint(args.config, args.overrides, args.resume, project, package and package.name),
+            entrypoint(
+                args.config,
+                args.overrides,
+                args.resume,
+                project,
+                package and package.name,
+                args.tune,
+                args.trials,
+            ),
             project,
             args.address,
             args.tracking_uri,
-            metadata=job_metadata(args.config, args.overrides),
+            metadata=job_metadata(args.config, args.overrides)
+            | ({"trainyard.kind": "tune"} if args.tune else {}),
             py_modules=[str(package)] if package else [],
         )
     if args.no_wait:

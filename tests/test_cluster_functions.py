@@ -44,6 +44,11 @@ def test_entrypoint_is_the_driver_with_the_config_relative_to_the_project(tmp_pa
     ]
     resumed = entrypoint("configs/digits.yaml", [], resume="digits-1")
     assert shlex.split(resumed)[-2:] == ["--resume", "digits-1"]
+    search = entrypoint("configs/digits-tune.yaml", ["train.epochs=2"], None, ROOT, None, True, 4)
+    assert shlex.split(search) == [
+        *("python", "-m", "pipelines.tune", "configs/digits-tune.yaml", "--trials", "4"),
+        *("--set", "train.epochs=2"),
+    ]
     # The project is the directory submitted from: a user's, with its config inside.
     (tmp_path / "cfg").mkdir()
     cmd = entrypoint(str(tmp_path / "cfg" / "run.yaml"), [], None, tmp_path)

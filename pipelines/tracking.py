@@ -157,8 +157,9 @@ def reopen_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
     from mlflow.entities import RunTag
 
     client = _client(uri)
-    if "error" in client.get_run(run_id).data.tags:
-        client.delete_tag(run_id, "error")  # the previous attempt's; this one may succeed
+    for tag in ("error", "trainyard.stopped_early"):
+        if tag in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, tag)  # the previous attempt's; this one may succeed
     client.update_run(run_id, status="RUNNING")
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
@@ -192,6 +193,8 @@ def child_runs(uri: str, parent: str, key: str) -> dict[str, Any]:
     client = _client(uri)
     experiment = client.get_run(parent).info.experiment_id
     runs = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    # Newest last, so that a trial run again (a continued search) is found by its new run.
+    runs = sorted(runs, key=lambda r: r.info.start_time)
     return {r.data.tags[key]: r for r in runs if key in r.data.tags}
 
 

@@ -192,7 +192,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], search: dict[str, st
     number = int(trial_id.rsplit("_", 1)[-1])
     raw["scaling"]["storage_path"] = search["storage"]
     raw["tracking"] |= {
-        "run_name": f"{search['name']}-trial-{number:02d}",
+        "run_name": restart_name(raw, f"{search['name']}-trial-{number:02d}", search),
         "register_as": None,
         "alias": None,
     }
@@ -203,6 +203,20 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], search: dict[str, st
     }
     trial = Trial(float(search["share"]), tags, (TuneReportCallback(),))
     run(RunSpec.from_dict(raw), trial=trial)
+
+
+def restart_name(raw: dict[str, Any], name: str, search: dict[str, str]) -> str:
+    """The trial's run name: `name`, which a continued search's trial reuses to go on from its
+    newest checkpoint; where an interrupted trial left none, that run is closed (KILLED) and
+    the trial starts afresh under a new name."""
+    from pipelines import tracking
+    from pipelines.train import latest_checkpoint
+
+    run_id = tracking.find_run(search["uri"], raw["tracking"]["experiment"], name)
+    if run_id is None or latest_checkpoint(search["storage"], name) is not None:
+        return name
+    tracking.end_run(search["uri"], run_id, stopped="interrupted before its first checkpoint")
+    return f"{name}-{time.strftime('%H%M%S')}"
 
 
 # --- the search ---------------------------------------------------------------------------------
@@ -252,6 +266,8 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     scheduler = (
         ASHAScheduler(
+            # Epochs, as each report says (a continued trial's reports start again at 1).
+            time_attr="epoch",
             # Beyond the last epoch: ASHA stops a trial that reaches max_t, which here would
             # end it before it logs its model.
             max_t=spec.train.epochs + 1,
@@ -291,12 +307,32 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
         )
     try:
         results = tuner.fit()
+        if unended := unended_trials(results.experiment_path):  # ^C: Tune saved its state
+            tracking.end_run(uri, parent, stopped="interrupted")
+            raise SearchInterrupted(
+                f"search {name} interrupted with {unended} of {len(results)} trial(s) not "
+                f"ended; continue it with --resume {name}"
+            )
         summary = record_search(spec, uri, parent, results, metric, mode)
+    except SearchInterrupted:
+        raise
     except BaseException as e:
         tracking.end_run(uri, parent, error=e)
         raise
     tracking.end_run(uri, parent)
     return summary | {"name": name, "seconds": round(time.monotonic() - started, 1)}
+
+
+def unended_trials(path: str) -> int:
+    """Trials of the search saved at `path` that have not ended (pending or running): what
+    a stop by ^C leaves, for --resume. (The results Tune returns call them terminated.)"""
+    from ray.tune import ExperimentAnalysis
+
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(path).trials)
+
+
+class SearchInterrupted(TrainyardError):
+    """The search was stopped (^C) before every trial ended; Tune saved its state."""
 
 
 def trial_lines(metric: str, epochs: int) -> Any:
@@ -306,7 +342,7 @@ def trial_lines(metric: str, epochs: int) -> Any:
 
     class Lines(Callback):
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any):
-            done = (trial.last_result or {}).get("training_iteration", 0) >= epochs
+            done = (trial.last_result or {}).get("epoch", 0) >= epochs
             self.line(trial, "finished" if done else "stopped early")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any):
@@ -322,7 +358,7 @@ def trial_lines(metric: str, epochs: int) -> Any:
             values = ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
             print(
                 f"trainyard: trial {trial.trial_id} {outcome} after "
-                f"{last.get('training_iteration', 0)} epoch(s): {shown}  ({values})",
+                f"{last.get('epoch', 0)} epoch(s): {shown}  ({values})",
                 flush=True,
             )
 
@@ -379,7 +415,7 @@ def record_search(
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or _trial_id(result.path)
         run = children.get(trial_id)
-        epochs = metrics.get("training_iteration", 0)
+        epochs = metrics.get("epoch", 0)
         status = run.info.status if run else "FAILED"
         if result.error is not None:
             status = "FAILED"
@@ -509,6 +545,9 @@ def command(args: argparse.Namespace) -> int:
             dry_run(spec, trials)
             return 0
         summary = search(spec, trials, args.resume)
+    except SearchInterrupted as e:
+        print(f"trainyard: {e}", file=sys.stderr)
+        return 1
     except TrainyardError as e:
         print(f"trainyard: error: {redact_text(str(e))}", file=sys.stderr)
         return 2

@@ -588,18 +588,25 @@ class Place:
     """Ray remote args that read data files only this node has on this node, or None."""
 
 
-def place_run(spec: RunSpec, resume: str | None) -> Place:
-    """The run's MLflow store, checkpoint storage and name (a name seen before continues its
-    MLflow run; --resume also needs a complete checkpoint with epochs left)."""
+def storage_path(spec: RunSpec) -> str:
+    """Where checkpoints go: scaling.storage_path, else what the cluster sets, else
+    ./results (~/trainyard/results in a Ray job)."""
     from cluster.local import STORAGE_ENV
-    from pipelines import tracking
 
-    uri = tracking.tracking_uri(default_dir())
-    storage = (
+    return (
         spec.scaling.storage_path
         or os.environ.get(STORAGE_ENV)
         or str((default_dir() / "results").resolve())
     )
+
+
+def place_run(spec: RunSpec, resume: str | None) -> Place:
+    """The run's MLflow store, checkpoint storage and name (a name seen before continues its
+    MLflow run; --resume also needs a complete checkpoint with epochs left)."""
+    from pipelines import tracking
+
+    uri = tracking.tracking_uri(default_dir())
+    storage = storage_path(spec)
     read_args = read_args_for(spec, storage, uri)
     named = resume or spec.tracking.run_name
     # A generated name is new by construction (two runs in the same second must not share

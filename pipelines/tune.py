@@ -228,10 +228,9 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from cluster.local import STORAGE_ENV
     from cluster.resources import cluster_nodes
     from pipelines import tracking
-    from pipelines.train import check_code, default_dir, init_ray
+    from pipelines.train import check_code, default_dir, init_ray, storage_path
 
     check_code(spec)
     check_search(spec)
@@ -240,11 +239,7 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
     print(describe(spec, trials, concurrency))
     metric, mode = objective(spec)
     uri = tracking.tracking_uri(default_dir())
-    storage = (
-        spec.scaling.storage_path
-        or os.environ.get(STORAGE_ENV)
-        or str((default_dir() / "results").resolve())
-    )
+    storage = storage_path(spec)
     name = resume or (
         spec.tracking.run_name
         or f"{spec.tracking.experiment}-tune-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -64,11 +64,14 @@ class Case:
 
 
 def alternate(
-    contenders: dict[str, Callable[[], float]], repeats: int, warmup: int = 1
+    contenders: dict[str, Callable[[], float]], repeats: int, warmup: int | None = None
 ) -> dict[str, list[float]]:
-    """Run every contender `warmup` times (discarded), then `repeats` rounds in which each
-    runs once, in an order rotated every round, so that drift in the machine (another
-    process, thermal state) falls on all of them alike. Each call returns its measurement."""
+    """Run every contender `warmup` times (discarded; None: once, except for a single round,
+    which is --quick's smoke run, not a measurement), then `repeats` rounds in which each runs
+    once, in an order rotated every round, so that drift in the machine (another process,
+    thermal state) falls on all of them alike. Each call returns its measurement."""
+    if warmup is None:
+        warmup = 1 if repeats > 1 else 0
     names = list(contenders)
     for _ in range(warmup):
         for name in names:

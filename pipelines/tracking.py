@@ -208,6 +208,14 @@ def logged_model_uri(uri: str, run_id: str) -> str | None:
     return f"models:/{models[0].model_id}" if models else None
 
 
+def link_model(uri: str, run_id: str, model_uri: str) -> None:
+    """Show a model another run logged (models:/m-...) among this run's models, too."""
+    from mlflow.entities import LoggedModelOutput
+
+    model_id = model_uri.removeprefix("models:/")
+    _client(uri).log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
+
+
 def log_batch(
     uri: str, run_id: str, params: dict[str, Any], metrics: dict[str, float], tags: dict
 ) -> None:

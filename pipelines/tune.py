@@ -444,6 +444,7 @@ def record_search(
         tags = {"trainyard.best_run": best["run_id"]}
         if best["model_uri"]:
             tags["trainyard.best_model_uri"] = best["model_uri"]
+            tracking.link_model(uri, parent, best["model_uri"])
             if spec.tracking.register_as:
                 registered = tracking.register_model(
                     uri, best["model_uri"], spec.tracking.register_as, spec.tracking.alias

@@ -104,6 +104,8 @@ def test_a_search_stops_poor_trials_survives_a_failing_one_and_keeps_the_best(
     assert parent.info.status == "FINISHED" and parent.data.tags["trainyard.kind"] == "tune"
     assert json.loads(parent.data.params["search.train.lr"]) == {"choice": [3e-3, 3e-5, 1e30]}
     assert parent.data.params["best.train.lr"] == "0.003"
+    (linked,) = parent.outputs.model_outputs  # the best trial's model, shown on the parent
+    assert f"models:/{linked.model_id}" == summary["best"]["model_uri"]
     assert parent.data.metrics["best_val_accuracy"] == summary["best"]["val_accuracy"] > 0.9
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "trials.png",

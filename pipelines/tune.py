@@ -225,7 +225,6 @@ def restart_name(raw: dict[str, Any], name: str, search: dict[str, str]) -> str:
 def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
     """Run the search; return its summary."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
     from cluster.resources import cluster_nodes
@@ -259,19 +258,7 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
     # Trials run where training workers do (user code imports alike), not in Tune's trial
     # directories (Tune passes this on to them).
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    scheduler = (
-        ASHAScheduler(
-            # Epochs, as each report says (a continued trial's reports start again at 1).
-            time_attr="epoch",
-            # Beyond the last epoch: ASHA stops a trial that reaches max_t, which here would
-            # end it before it logs its model.
-            max_t=spec.train.epochs + 1,
-            grace_period=min(spec.tune.grace_period, spec.train.epochs),
-            reduction_factor=spec.tune.reduction_factor,
-        )
-        if spec.tune.scheduler == "asha"
-        else FIFOScheduler()
-    )
+    scheduler = scheduler_for(spec)
     started = time.monotonic()
     if resume:
         path = f"{storage}/{name}"
@@ -316,6 +303,31 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
         raise
     tracking.end_run(uri, parent)
     return summary | {"name": name, "seconds": round(time.monotonic() - started, 1)}
+
+
+def scheduler_for(spec: RunSpec) -> Any:
+    """FIFO, or ASHA over the epochs each report names (a continued trial's reports start
+    again at 1), which never stops a trial at its last epoch: it has trained by then, and
+    stopping it would only lose the model it is about to log."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+    if spec.tune.scheduler == "fifo":
+        return FIFOScheduler()
+    last = spec.train.epochs
+
+    class KeepsLastEpoch(ASHAScheduler):
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            if result.get("epoch", 0) >= last:
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+    # max_t beyond the last epoch: ASHA stops any trial that reaches max_t.
+    return KeepsLastEpoch(
+        time_attr="epoch",
+        max_t=last + 1,
+        grace_period=min(spec.tune.grace_period, last),
+        reduction_factor=spec.tune.reduction_factor,
+    )
 
 
 def unended_trials(path: str) -> int:

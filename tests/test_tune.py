@@ -13,7 +13,7 @@ import pytest
 from cluster.resources import Nodes
 from pipelines import cli
 from pipelines.spec import SpecError, load_spec
-from pipelines.tune import check_search, objective, plan_concurrency
+from pipelines.tune import check_search, objective, plan_concurrency, scheduler_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits-tune.yaml"
@@ -59,6 +59,11 @@ def test_concurrency_gives_each_trial_a_share_its_workers_can_use():
     assert objective(load_spec(CONFIG, ["tune.metric=val_loss"])) == ("val_loss", "min")
     with pytest.raises(SpecError, match="nothing to search"):
         check_search(load_spec(CONFIG, ["tune.search={}"]))
+    # The scheduler is saved with the search for --resume: it must pickle.
+    from ray import cloudpickle
+
+    asha = cloudpickle.loads(cloudpickle.dumps(scheduler_for(spec)))
+    assert asha._time_attr == "epoch" and asha._max_t == spec.train.epochs + 1
 
 
 def test_a_search_stops_poor_trials_survives_a_failing_one_and_keeps_the_best(

@@ -167,7 +167,8 @@ def describe(spec: RunSpec, trials: int, concurrency: Concurrency) -> str:
     lines = [
         f"search: {trials} trial(s), {concurrency.trials} at once, {mode} {metric}, {scheduler}",
         *(f"  {key}: {json.dumps(dist)}" for key, dist in t.search.items()),
-        "each trial: " + concurrency.plan.describe().replace("\n", "\n  "),
+        f"each trial, on 1/{concurrency.trials} of the cluster: "
+        + concurrency.plan.describe().removeprefix("cluster: ").replace("\n", "\n  "),
     ]
     return "\n".join(lines)
 

@@ -284,10 +284,14 @@ def predict_rows(model: Any, metadata: dict, batch: pd.DataFrame, inputs: dict |
         return labelled(np.asarray(raw), metadata["classes"])
     if isinstance(raw, pd.DataFrame):
         return raw.add_prefix("prediction_").reset_index(drop=True)
-    raw = np.asarray(raw)
+    return predictions(np.asarray(raw), len(batch))
+
+
+def predictions(raw: np.ndarray, rows: int) -> pd.DataFrame:
+    """Outputs without classes: `prediction`, or `prediction_<i>` for several per row."""
     if raw.ndim == 2 and raw.shape[1] > 1:
         return pd.DataFrame({f"prediction_{i}": raw[:, i] for i in range(raw.shape[1])})
-    return pd.DataFrame({"prediction": raw.reshape(len(batch))})
+    return pd.DataFrame({"prediction": raw.reshape(rows)})
 
 
 def read_bytes(path: str) -> bytes:
@@ -366,10 +370,8 @@ def score_texts(model: Any, batch: pd.DataFrame) -> pd.DataFrame:
                 "bits_per_byte": nll / math.log(2) / len(data) if count else math.nan,
             }
         )
-    return pd.DataFrame(names | pd.DataFrame(rows, columns=SCORES).to_dict("list"))
-
-
-SCORES = ["bytes", "tokens", "loss", "bits_per_byte"]
+    scores = pd.DataFrame(rows, columns=["bytes", "tokens", "loss", "bits_per_byte"])
+    return pd.concat([pd.DataFrame(names), scores], axis=1)
 
 
 def continue_texts(model: Any, batch: pd.DataFrame, sampling: dict[str, Any]) -> pd.DataFrame:
@@ -402,9 +404,7 @@ def predict_arrays(model: Any, metadata: dict, batch: pd.DataFrame, job: Job) ->
     raw = model(torch_tensor(x).to(device)).detach().float().cpu().numpy()
     if metadata.get("task") == "classification":
         return labelled(raw, list(range(raw.shape[1])))
-    if raw.ndim == 2 and raw.shape[1] > 1:
-        return pd.DataFrame({f"prediction_{i}": raw[:, i] for i in range(raw.shape[1])})
-    return pd.DataFrame({"prediction": raw.reshape(len(batch))})
+    return predictions(raw, len(batch))
 
 
 def nested(value: Any) -> np.ndarray:

@@ -157,8 +157,9 @@ def reopen_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
     from mlflow.entities import RunTag
 
     client = _client(uri)
+    before = client.get_run(run_id).data.tags
     for tag in ("error", "trainyard.stopped_early"):
-        if tag in client.get_run(run_id).data.tags:
+        if tag in before:
             client.delete_tag(run_id, tag)  # the previous attempt's; this one may succeed
     client.update_run(run_id, status="RUNNING")
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

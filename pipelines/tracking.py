@@ -199,16 +199,6 @@ def child_runs(uri: str, parent: str, key: str) -> dict[str, Any]:
     return {r.data.tags[key]: r for r in runs if key in r.data.tags}
 
 
-def logged_model_uri(uri: str, run_id: str) -> str | None:
-    """The URI of the model the run logged (trainyard logs one per run), if any."""
-    client = _client(uri)
-    experiment = client.get_run(run_id).info.experiment_id
-    models = client.search_logged_models(
-        experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'"
-    )
-    return f"models:/{models[0].model_id}" if models else None
-
-
 def link_model(uri: str, run_id: str, model_uri: str) -> None:
     """Show a model another run logged (models:/m-...) among this run's models, too."""
     from mlflow.entities import LoggedModelOutput

@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from cluster.secrets import redact, redact_text
-from pipelines.data import Pipeline, Prepared, quiet_ray_data
+from pipelines.data import Pipeline, Prepared, check_row_counts, quiet_ray_data
 from pipelines.spec import RunSpec, SpecError, TrainyardError, UserModelSpec, load_spec
 
 
@@ -144,6 +144,8 @@ class Trial:
     share: float
     tags: dict[str, str]
     callbacks: tuple[Any, ...] = ()
+    data: Prepared | None = None
+    """The search's prepared data, where no trial's values change it (else it prepares its own)."""
 
 
 def pipeline_module(spec: RunSpec) -> Pipeline:
@@ -780,22 +782,38 @@ def log_outcome(
     """Curves, and the trained model as the pipeline serves it (tabular: with its
     preprocessing, so that it predicts from raw rows; text: with its tokenizer named); the
     model's URI, or None when tracking.log_model is off."""
-    from pipelines import tracking, user
+    from pipelines import tracking
     from pipelines.loop import load_state
 
     with result.checkpoint.as_directory() as d:
-        state = load_state(d)
-    net = user.build_model(state["model_recipe"])
-    net.load_state_dict(state["model"])
+        net = trained_model(load_state(d))
     tracking.log_curves(place.uri, run_id, pipeline.metric_keys(spec))
     with tempfile.TemporaryDirectory() as d:
         for path in pipeline.figures(spec, data, net, Path(d)):
             tracking.log_artifact(place.uri, run_id, path)
     if not spec.tracking.log_model:
         return None
+    return log_trained_model(spec, pipeline, data, net, place.uri, run_id)
+
+
+def trained_model(state: dict[str, Any]) -> Any:
+    """The network a checkpoint's state holds."""
+    from pipelines import user
+
+    net = user.build_model(state["model_recipe"])
+    net.load_state_dict(state["model"])
+    return net
+
+
+def log_trained_model(
+    spec: RunSpec, pipeline: Pipeline, data: Prepared, net: Any, uri: str, run_id: str
+) -> str:
+    """Log `net` to the run as the pipeline serves it, with the user code it needs; its URI."""
+    from pipelines import tracking, user
+
     model, example, metadata = pipeline.package(spec, data, net)
     code = user.source_paths(list(user_references(spec).values()))
-    return tracking.log_model(place.uri, run_id, model, example, metadata, code)
+    return tracking.log_model(uri, run_id, model, example, metadata, code)
 
 
 def run(spec: RunSpec, resume: str | None = None, trial: Trial | None = None) -> dict[str, Any]:
@@ -811,9 +829,13 @@ def run(spec: RunSpec, resume: str | None = None, trial: Trial | None = None) ->
     #    the model is built once here, so a bad one stops here too.
     pipeline = pipeline_module(spec)
     rows_per_step = spec.micro_batch_size * spec.accum_steps  # per worker
-    data = pipeline.prepare(
-        spec, plan.data_task_cpus, plan.num_workers, rows_per_step, place.read_args
-    )
+    if trial and trial.data:
+        data = trial.data
+        check_row_counts(data.num_train, data.num_validation, plan.num_workers, rows_per_step)
+    else:
+        data = pipeline.prepare(
+            spec, plan.data_task_cpus, plan.num_workers, rows_per_step, place.read_args
+        )
     recipe = checked_model(spec, data)
     if place.resumed is not None:
         check_model_loads(recipe, place.resumed["model"])

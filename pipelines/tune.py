@@ -23,11 +23,13 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cluster.secrets import redact_text
+from pipelines.data import Prepared
 from pipelines.spec import RunSpec, SpecError, TrainyardError, load_spec, set_dotted
 from pipelines.train import add_spec_arguments
 
@@ -80,20 +82,44 @@ def check_search(spec: RunSpec) -> None:
     else one line naming the key, before anything runs."""
     if not spec.tune.search:
         raise SpecError("tune.search: nothing to search; give at least one key, e.g. train.lr")
-    base = spec.to_dict()
-    for key, dist in spec.tune.search.items():
+    for key in spec.tune.search:
         if key.split(".")[0] in FIXED_SECTIONS:
             raise SpecError(
                 f"tune.search.{key}: the {', '.join(FIXED_SECTIONS)} sections are the search's "
                 "own (each trial's resources and tracking are planned before it starts)"
             )
+    for _ in variants(spec):
+        pass
+
+
+def variants(spec: RunSpec) -> Iterator[RunSpec]:
+    """The spec with each search key set to each value that spans its distribution (SpecError,
+    one line naming the key, for a value the spec does not take)."""
+    base = spec.to_dict()
+    for key, dist in spec.tune.search.items():
         for value in candidates(dist):
-            raw = copy.deepcopy(base)
             try:
-                set_dotted(raw, key, value, f"tune.search.{key}")
-                RunSpec.from_dict(raw)
+                yield RunSpec.from_dict(with_values(base, {key: value}, f"tune.search.{key}"))
             except SpecError as e:
                 raise SpecError(f"tune.search.{key}: {e}") from None
+
+
+def with_values(base: dict[str, Any], values: dict[str, Any], field: str = "tune.search") -> dict:
+    """A copy of the raw spec `base` with the dotted keys set to `values`."""
+    raw = copy.deepcopy(base)
+    for key, value in values.items():
+        set_dotted(raw, key, value, field)
+    return raw
+
+
+def shares_data(spec: RunSpec) -> bool:
+    """Whether every trial trains on the same prepared data: no search key changes what the
+    pipeline prepares (the data section, the seed that splits it, a text model's context)."""
+
+    def prepared_from(s: RunSpec) -> tuple:
+        return s.data, s.train.seed, s.context
+
+    return all(prepared_from(v) == prepared_from(spec) for v in variants(spec))
 
 
 def param_space(spec: RunSpec) -> dict[str, Any]:
@@ -176,9 +202,12 @@ def describe(spec: RunSpec, trials: int, concurrency: Concurrency) -> str:
 # --- one trial (runs in Tune's trial actor) ----------------------------------------------------
 
 
-def run_trial(config: dict[str, Any], base: dict[str, Any], search: dict[str, str]) -> None:
+def run_trial(
+    config: dict[str, Any], base: dict[str, Any], search: dict[str, str], data: Prepared | None
+) -> None:
     """A Tune function trainable: the base spec with this trial's values, trained as a full
-    trainyard run whose MLflow run is a child of the search's and whose epochs Tune sees."""
+    trainyard run (on the search's prepared `data`, if given) whose MLflow run is a child of
+    the search's and whose epochs Tune sees. It logs no model: the search logs the best's."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -187,13 +216,12 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], search: dict[str, st
     trial_id = tune.get_context().get_trial_id()
     # This process is Ray's: its working directory and environment are not the driver's.
     os.environ["MLFLOW_TRACKING_URI"] = search["uri"]
-    raw = copy.deepcopy(base)
-    for key, value in config.items():
-        set_dotted(raw, key, value, "tune.search")
+    raw = with_values(base, config)
     number = int(trial_id.rsplit("_", 1)[-1])
     raw["scaling"]["storage_path"] = search["storage"]
     raw["tracking"] |= {
         "run_name": restart_name(raw, f"{search['name']}-trial-{number:02d}", search),
+        "log_model": False,
         "register_as": None,
         "alias": None,
     }
@@ -202,7 +230,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], search: dict[str, st
         "trainyard.tune_parent": search["run_id"],
         "trainyard.trial_id": trial_id,
     }
-    trial = Trial(float(search["share"]), tags, (TuneReportCallback(),))
+    trial = Trial(float(search["share"]), tags, (TuneReportCallback(),), data)
     run(RunSpec.from_dict(raw), trial=trial)
 
 
@@ -230,7 +258,7 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
 
     from cluster.resources import cluster_nodes
     from pipelines import tracking
-    from pipelines.train import check_code, default_dir, init_ray, storage_path
+    from pipelines.train import check_code, default_dir, init_ray, read_args_for, storage_path
 
     check_code(spec)
     check_search(spec)
@@ -245,6 +273,9 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
         or f"{spec.tracking.experiment}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     parent = open_search_run(spec, uri, name, trials, concurrency, resume is not None)
+    # Data every trial shares is prepared once, here: bad input stops the search before any
+    # trial starts, and no trial pays for it again.
+    data = shares_data(spec) and prepare(spec, concurrency.plan, read_args_for(spec, storage, uri))
     context = {
         "run_id": parent,
         "name": name,
@@ -252,7 +283,9 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
         "uri": uri,
         "storage": storage,
     }
-    trainable = tune.with_parameters(run_trial, base=spec.to_dict(), search=context)
+    trainable = tune.with_parameters(
+        run_trial, base=spec.to_dict(), search=context, data=data or None
+    )
     # The trial's own process only launches the trainer, and asks for no CPU: the workers
     # hold the CPUs (Tune refuses an empty request; a byte of memory is not one).
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
@@ -297,6 +330,8 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
                 f"ended; continue it with --resume {name}"
             )
         summary = record_search(spec, uri, parent, results, metric, mode)
+        if summary["best"] and spec.tracking.log_model:
+            record_best_model(spec, uri, parent, summary, storage, concurrency.plan, data)
     except SearchInterrupted:
         raise
     except BaseException as e:
@@ -304,6 +339,14 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
         raise
     tracking.end_run(uri, parent)
     return summary | {"name": name, "seconds": round(time.monotonic() - started, 1)}
+
+
+def prepare(spec: RunSpec, plan: Any, read_args: dict[str, Any] | None = None) -> Prepared:
+    """The spec's data, prepared for a trial's share of the cluster (each trial checks that it
+    holds an optimizer step of its own batch size)."""
+    from pipelines.train import pipeline_module
+
+    return pipeline_module(spec).prepare(spec, plan.data_task_cpus, plan.num_workers, 1, read_args)
 
 
 def scheduler_for(spec: RunSpec) -> Any:
@@ -442,7 +485,8 @@ def record_search(
                 "epochs": epochs,
                 metric: metrics.get(metric),
                 "config": result.config,
-                "model_uri": run and tracking.logged_model_uri(uri, run.info.run_id),
+                "run_name": run.info.run_name if run else None,
+                "model_uri": None,
                 "error": redact_text(str(result.error).splitlines()[0]) if result.error else None,
             }
         )
@@ -450,18 +494,10 @@ def record_search(
     best = (max if mode == "max" else min)(finished, key=lambda t: t[metric], default=None)
     counts = {s: sum(t["status"] == s for t in trials) for s in ("FINISHED", "STOPPED", "FAILED")}
     params, metrics, tags = {}, {f"trials_{k.lower()}": v for k, v in counts.items()}, {}
-    registered = None
     if best is not None:
         params = {f"best.{k}": _short(v) for k, v in best["config"].items()}
         metrics[f"best_{metric}"] = best[metric]
         tags = {"trainyard.best_run": best["run_id"]}
-        if best["model_uri"]:
-            tags["trainyard.best_model_uri"] = best["model_uri"]
-            tracking.link_model(uri, parent, best["model_uri"])
-            if spec.tracking.register_as:
-                registered = tracking.register_model(
-                    uri, best["model_uri"], spec.tracking.register_as, spec.tracking.alias
-                )
     tracking.log_batch(uri, parent, params, metrics, tags)
     with tempfile.TemporaryDirectory() as d:
         if (plot := plot_trials(spec, trials, metric, Path(d) / "trials.png")) is not None:
@@ -474,10 +510,47 @@ def record_search(
         "metric": metric,
         "mode": mode,
         "best": best,
-        "registered_model": registered,
+        "registered_model": None,
         "trials": trials,
         "counts": counts,
     }
+
+
+def record_best_model(
+    spec: RunSpec,
+    uri: str,
+    parent: str,
+    summary: dict[str, Any],
+    storage: str,
+    plan: Any,
+    data: Prepared | None,
+) -> None:
+    """Log the best trial's model, from its last checkpoint, to its run (trials log none, so
+    that a search pays for one model, not one per trial); link it to the search's run and
+    register it as tracking.register_as."""
+    from pipelines import tracking
+    from pipelines.train import (
+        latest_checkpoint,
+        log_trained_model,
+        pipeline_module,
+        trained_model,
+    )
+
+    best = summary["best"]
+    best_spec = RunSpec.from_dict(with_values(spec.to_dict(), best["config"]))
+    found = latest_checkpoint(storage, best["run_name"])
+    if found is None:
+        raise TrainyardError(f"the best trial's run {best['run_name']} left no checkpoint")
+    data = data or prepare(best_spec, plan)
+    net = trained_model(found[1])
+    pipeline = pipeline_module(best_spec)
+    best["model_uri"] = log_trained_model(best_spec, pipeline, data, net, uri, best["run_id"])
+    tracking.link_model(uri, parent, best["model_uri"])
+    tracking.log_batch(uri, parent, {}, {}, {"trainyard.best_model_uri": best["model_uri"]})
+    if spec.tracking.register_as:
+        summary["registered_model"] = tracking.register_model(
+            uri, best["model_uri"], spec.tracking.register_as, spec.tracking.alias
+        )
 
 
 def _trial_id(path: str | None) -> str | None:

@@ -13,7 +13,7 @@ import pytest
 from cluster.resources import Nodes
 from pipelines import cli
 from pipelines.spec import SpecError, load_spec
-from pipelines.tune import check_search, objective, plan_concurrency, scheduler_for
+from pipelines.tune import check_search, objective, plan_concurrency, scheduler_for, shares_data
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits-tune.yaml"
@@ -56,6 +56,10 @@ def test_concurrency_gives_each_trial_a_share_its_workers_can_use():
     assert plan_concurrency(two_workers, 8, two_cores).trials == 1
     assert plan_concurrency(spec, 8, three_nodes).plan.cpus_per_worker == 0.5
     assert objective(spec) == ("val_accuracy", "max")
+    # Trials share the search's prepared data unless a search key changes what is prepared.
+    assert shares_data(spec)
+    for key in ("data.validation_fraction: {uniform: [0.1, 0.3]}", "train.seed: {choice: [0, 1]}"):
+        assert not shares_data(load_spec(CONFIG, [f"tune.search={{{key}}}"])), key
     assert objective(load_spec(CONFIG, ["tune.metric=val_loss"])) == ("val_loss", "min")
     with pytest.raises(SpecError, match="nothing to search"):
         check_search(load_spec(CONFIG, ["tune.search={}"]))

@@ -232,6 +232,11 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
     )
 
 
+def describe_data(spec: RunSpec) -> None:
+    """Nothing beyond the spec."""
+    return None
+
+
 def metric_keys(spec: RunSpec) -> list[str]:
     """The metrics plotted into the run's curves."""
     quality = {"classification": ["val_accuracy"], "regression": ["val_rmse", "val_r2"]}

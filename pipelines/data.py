@@ -184,6 +184,11 @@ class Pipeline(Protocol):
         """The metrics plotted into the run's curves."""
         ...
 
+    def describe_data(self, spec: Any) -> str | None:
+        """What --dry-run shows of the data beyond the spec (tabular: each feature's kind),
+        read on the driver without Ray; None for nothing."""
+        ...
+
     def figures(self, spec: Any, prepared: Prepared, net: Any, directory: Any) -> list[Any]:
         """Pictures of the run beyond its curves, written into `directory`: their paths."""
         ...

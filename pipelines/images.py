@@ -427,6 +427,11 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
     return model, pd.DataFrame({"image": example}), {"pipeline": "images", "classes": model.classes}
 
 
+def describe_data(spec: RunSpec) -> None:
+    """Nothing beyond the spec."""
+    return None
+
+
 def metric_keys(spec: RunSpec) -> list[str]:
     """The metrics plotted into the run's curves."""
     return ["train_loss", "val_loss", "val_accuracy", "images_per_s", "data_wait_share"]

@@ -18,20 +18,45 @@ import torch
 
 
 class RawRowsModel(mlflow.pyfunc.PythonModel):
-    """`data.preprocess` (module:fn, a DataFrame function), then the trained predictor on the
-    feature columns, in order: what `mlflow.pyfunc.load_model(uri).predict(raw_rows)` runs."""
+    """Raw rows through `data.preprocess` (module:fn, a DataFrame function) and/or the fitted
+    encoding of mixed feature columns (pipelines.features), then the trained predictor: what
+    `mlflow.pyfunc.load_model(uri).predict(raw_rows)` runs."""
 
-    def __init__(self, predictor: torch.nn.Module, features: list[str], preprocess: str):
+    def __init__(
+        self,
+        predictor: torch.nn.Module,
+        features: list[str],
+        preprocess: str | None = None,
+        encoder: Any = None,
+    ):
         self.predictor = predictor.eval()
         self.features = list(features)
         self.preprocess = preprocess
+        self.encoder = encoder
+
+    @property
+    def requirements(self) -> list[str]:
+        """What loading it needs besides torch, numpy and pandas: Ray Data for the encoder."""
+        if self.encoder is None:
+            return []
+        import pyarrow
+        import ray
+
+        return [f"ray[data]=={ray.__version__}", f"pyarrow=={pyarrow.__version__}"]
 
     def transform(self, model_input: pd.DataFrame) -> torch.Tensor:
-        module, _, attr = self.preprocess.partition(":")
-        fn = importlib.import_module(module)
-        for part in attr.split("."):
-            fn = getattr(fn, part)
-        return torch.from_numpy(fn(model_input.copy())[self.features].to_numpy(dtype=np.float32))
+        rows = model_input.copy()
+        if self.preprocess:
+            module, _, attr = self.preprocess.partition(":")
+            fn = importlib.import_module(module)
+            for part in attr.split("."):
+                fn = getattr(fn, part)
+            rows = fn(rows)
+        if self.encoder is not None:
+            from pipelines.features import encode
+
+            return torch.from_numpy(encode(rows, self.encoder, self.features))
+        return torch.from_numpy(rows[self.features].to_numpy(dtype=np.float32))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:
         with torch.no_grad():

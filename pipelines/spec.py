@@ -52,9 +52,32 @@ class DataSpec:
     epoch: `fn(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict`, the batch as
     the workers get it (model input `x`, target `y`). `rng` is seeded from (train.seed, pass,
     row position): a resumed run draws what an uninterrupted one would."""
+    categorical: Any = "auto"
+    """`auto`: text, dictionary and boolean feature columns are categories; or a list of the
+    feature columns to treat as categories (numbers too, e.g. codes)."""
+    max_onehot: int = 32
+    """A category column with up to this many distinct training values is one-hot encoded;
+    one with more is hashed into this many buckets, then one-hot encoded."""
+    missing: Literal["error", "impute"] = "error"
+    """Empty feature values: stop with the column, count and first rows (`error`), or fill
+    them (`impute`: the training median for numbers, a category of their own for categories)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path", self.path, "a path, glob, URI or builtin:digits")
+        _check(
+            self.categorical == "auto"
+            or isinstance(self.categorical, list)
+            and all(isinstance(c, str) and c for c in self.categorical),
+            "data.categorical",
+            self.categorical,
+            "auto or a list of feature columns",
+        )
+        _check(
+            isinstance(self.max_onehot, int) and self.max_onehot >= 2,
+            "data.max_onehot",
+            self.max_onehot,
+            "an integer >= 2",
+        )
         _check(bool(self.label), "data.label", self.label, "a column name")
         _check_reference("data.preprocess", self.preprocess)
         _check_reference("data.augment", self.augment)

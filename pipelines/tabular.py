@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pipelines import augment
 from pipelines.arrays import mix64
 from pipelines.data import DataError, Prepared, check_row_counts, resolve_files
+from pipelines.features import FeaturePlan, as_text, blank, is_category_type
 from pipelines.spec import DataSpec, RunSpec
 
 BUILTIN_DIGITS = "builtin:digits"
@@ -45,9 +46,12 @@ class Stats:
     """Sorted class labels (classification); index i of the model output is `classes[i]`."""
     target_mean: float = 0.0
     target_std: float = 1.0
+    encoder: Any = None
+    """The fitted encoding of mixed features (pipelines.features), or None: numbers only,
+    standardized by `mean` and `std` (then the identity for an encoded table)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "encoder"}
 
     @property
     def out_features(self) -> int:
@@ -64,6 +68,7 @@ class TabularData:
     num_validation: int
     example: pd.DataFrame
     """A few raw rows (without the label), for the model's signature and input example."""
+    plan: FeaturePlan | None = None
 
 
 # --- pure batch functions (run inside Ray Data tasks) ------------------------------------------
@@ -101,14 +106,27 @@ def to_float(values: pd.Series) -> np.ndarray:
 
 
 def parse_numeric(
-    batch: pd.DataFrame, columns: list[str], label: str | None = None
+    batch: pd.DataFrame,
+    columns: list[str],
+    label: str | None = None,
+    required: list[str] = (),
+    blanks_ok: bool = False,
 ) -> pd.DataFrame:
-    """Convert `columns` to float64, dropping rows where any of them is empty, not a number,
-    NaN or ±inf, or whose `label` (a class) is empty."""
+    """Convert `columns` to float64, dropping rows where any of them is empty (unless
+    `blanks_ok`: data.missing impute), not a number, NaN or ±inf, or whose `label` (a class)
+    or a `required` column (a category, data.missing error) is empty."""
     parsed = batch.assign(**{c: to_float(batch[c]) for c in columns})
-    keep = np.isfinite(parsed[columns].to_numpy(dtype=np.float64)).all(axis=1)
-    if label is not None and label not in columns:
-        keep &= ~_empty(batch[label])
+    finite = np.isfinite(parsed[columns].to_numpy(dtype=np.float64))
+    features = [c for c in columns if c != label]
+    if blanks_ok and features:  # (never the label)
+        finite[:, [columns.index(c) for c in features]] |= np.stack(
+            [_empty(batch[c]) for c in features], axis=1
+        )
+    keep = finite.all(axis=1)
+    for c in [label] if label is not None and label not in columns else []:
+        keep &= ~_empty(batch[c])
+    for c in required:
+        keep &= ~_empty(batch[c])
     return parsed[keep].reset_index(drop=True)
 
 
@@ -117,15 +135,25 @@ def _empty(values: pd.Series) -> np.ndarray:
 
 
 def bad_values(
-    df: pd.DataFrame, numeric: list[str], label: str, nulls: dict[str, np.ndarray] | None = None
+    df: pd.DataFrame,
+    numeric: list[str],
+    label: str,
+    nulls: dict[str, np.ndarray] | None = None,
+    required: list[str] = (),
+    blanks_ok: bool = False,
 ) -> tuple[np.ndarray, Any]:
-    """Which rows hold a value training cannot use: a `numeric` column empty, not a number, NaN
-    or ±inf, or the label empty. Returns the mask and `why(row)`, what is wrong with it first.
-    `nulls`: the columns' null masks where the source has nulls apart from NaN (Parquet)."""
+    """Which rows hold a value training cannot use: a `numeric` column empty (unless
+    `blanks_ok`), not a number, NaN or ±inf, or the label or a `required` column empty.
+    Returns the mask and `why(row)`, what is wrong with it first. `nulls`: the columns' null
+    masks where the source has nulls apart from NaN (Parquet)."""
     values = {c: to_float(df[c]) for c in numeric}
     bad = {c: ~np.isfinite(v) for c, v in values.items()}
-    if label not in numeric:
-        bad[label] = _empty(df[label])
+    if blanks_ok:
+        bad = {c: b & ~_empty(df[c]) if c != label else b for c, b in bad.items()}
+    for c in [label] if label not in numeric else []:
+        bad[c] = _empty(df[label])
+    for c in required:
+        bad[c] = _empty(df[c])
     mask = np.logical_or.reduce(list(bad.values())) if bad else np.zeros(len(df), bool)
 
     def why(i: int) -> str:
@@ -147,22 +175,39 @@ def preprocess_batch(
     """Raw columns → {"x": standardized float32 features, "y": class index or scaled target}."""
     x = np.stack([np.asarray(batch[f], dtype=np.float64) for f in stats["features"]], axis=1)
     x = (x - np.asarray(stats["mean"])) / np.asarray(stats["std"])
-    raw = batch[label]
+    return {"x": x.astype(np.float32), "y": targets(np.asarray(batch[label]), stats)}
+
+
+def encode_batch(
+    batch: pd.DataFrame, encoder: Any, stats: dict[str, Any], label: str
+) -> dict[str, np.ndarray]:
+    """Raw rows of mixed columns → {"x": their encoding (pipelines.features), "y": ...}."""
+    from pipelines.features import encode
+
+    x = encode(batch, encoder, stats["features"])
+    return {"x": x, "y": targets(batch[label].to_numpy(), stats)}
+
+
+def targets(raw: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
+    """Labels as class indices (classification), or the target standardized."""
     if stats["classes"] is not None:
         classes = np.asarray(stats["classes"])
         y = np.searchsorted(classes, raw)
         unknown = (y >= len(classes)) | (classes[np.minimum(y, len(classes) - 1)] != raw)
         if unknown.any():
             raise ValueError(f"label values not seen in training: {sorted(set(raw[unknown]))[:5]}")
-        y = y.astype(np.int64)
-    else:
-        y = (np.asarray(raw, dtype=np.float64) - stats["target_mean"]) / stats["target_std"]
-        y = y.astype(np.float32)
-    return {"x": x.astype(np.float32), "y": y}
+        return y.astype(np.int64)
+    y = (np.asarray(raw, dtype=np.float64) - stats["target_mean"]) / stats["target_std"]
+    return y.astype(np.float32)
 
 
 def scan_csv_file(
-    row: dict[str, Any], filesystem: pafs.FileSystem, numeric: list[str], columns: list[str]
+    row: dict[str, Any],
+    filesystem: pafs.FileSystem,
+    numeric: list[str],
+    columns: list[str],
+    required: list[str] = (),
+    blanks_ok: bool = False,
 ) -> dict[str, Any]:
     """Count the rows of one CSV file that training cannot use, and where they are.
 
@@ -185,7 +230,7 @@ def scan_csv_file(
             column_types={c: pa.string() for c in columns}, include_columns=columns
         ),
     )
-    count, value_errors, parsed = _scan(reader, numeric, columns[-1])
+    count, value_errors, parsed = _scan(reader, numeric, columns[-1], required, blanks_ok)
     # Line numbers of the parsed rows: every line after the header except the invalid ones.
     lines = np.setdiff1d(np.arange(2, 2 + parsed + len(invalid)), [n for n, _ in invalid])
     located = sorted([(int(lines[i]), why) for i, why in value_errors] + invalid)
@@ -198,14 +243,23 @@ def scan_csv_file(
 
 
 def scan_parquet_file(
-    row: dict[str, Any], filesystem: pafs.FileSystem, numeric: list[str], columns: list[str]
+    row: dict[str, Any],
+    filesystem: pafs.FileSystem,
+    numeric: list[str],
+    columns: list[str],
+    required: list[str] = (),
+    blanks_ok: bool = False,
 ) -> dict[str, Any]:
     """As scan_csv_file, for a Parquet file: rows with a null, NaN or ±inf numeric value or an
     empty label, by row number (from 1) within the file."""
     path = row["path"]
     with filesystem.open_input_file(path) as f:
         count, value_errors, parsed = _scan(
-            pq.ParquetFile(f).iter_batches(columns=columns), numeric, columns[-1]
+            pq.ParquetFile(f).iter_batches(columns=columns),
+            numeric,
+            columns[-1],
+            required,
+            blanks_ok,
         )
     return {
         "path": path,
@@ -215,14 +269,16 @@ def scan_parquet_file(
     }
 
 
-def _scan(batches: Any, numeric: list[str], label: str) -> tuple[int, list, int]:
+def _scan(
+    batches: Any, numeric: list[str], label: str, required: list[str], blanks_ok: bool
+) -> tuple[int, list, int]:
     """Over record batches: the number of bad rows, the first few (index, why), the rows."""
     errors: list[tuple[int, str]] = []
     count = parsed = 0
     for batch in batches:
         df = batch.to_pandas()
         nulls = {c: batch.column(c).is_null().to_numpy(zero_copy_only=False) for c in df}
-        mask, why = bad_values(df, numeric, label, nulls)
+        mask, why = bad_values(df, numeric, label, nulls, required, blanks_ok)
         rows = np.flatnonzero(mask)
         count += len(rows)
         errors += [(parsed + int(i), why(i)) for i in rows[: MAX_REPORTED_ROWS - len(errors)]]
@@ -314,11 +370,23 @@ def _missing(kind: str, name: str, columns: list[str]) -> DataError:
 
 
 def _is_numeric(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
-def check_columns(spec: DataSpec, schema: pa.Schema, sample: pd.DataFrame) -> list[str]:
-    """Validate label and feature columns against the schema; return the feature columns."""
+def _mostly_numbers(values: pd.Series) -> bool:
+    """Whether most of a text column's non-blank values are numbers: a CSV column read as
+    text because of a few bad values (a bad-rows problem, reported with line numbers by the
+    scan), not a column of categories."""
+    values = values[~blank(values)]
+    return bool(len(values)) and pd.to_numeric(values, errors="coerce").notna().mean() >= 0.5
+
+
+def check_columns(
+    spec: DataSpec, schema: pa.Schema, sample: pd.DataFrame
+) -> tuple[list[str], FeaturePlan]:
+    """Validate label and feature columns against the schema; return the feature columns and
+    their kinds: numbers, or categories (data.categorical: auto takes text, dictionary and
+    boolean columns; a list names them)."""
     columns = list(schema.names)
     if spec.label not in columns:
         raise _missing("label", spec.label, columns)
@@ -328,36 +396,55 @@ def check_columns(spec: DataSpec, schema: pa.Schema, sample: pd.DataFrame) -> li
     for f in features:
         if f not in columns:
             raise _missing("features", f, columns)
-    to_check = features + ([spec.label] if spec.task == "regression" else [])
+    if spec.categorical != "auto":
+        for c in spec.categorical:
+            if c not in features:
+                raise _missing("categorical", c, features)
+
+    def sampled(c: str) -> pd.Series:
+        return sample[c] if c in sample else pd.Series([], dtype=object)
+
+    def category(c: str) -> bool:
+        if spec.categorical != "auto":
+            return c in spec.categorical
+        t = schema.field(c).type
+        return is_category_type(t) and (pa.types.is_boolean(t) or not _mostly_numbers(sampled(c)))
+
+    categorical = [c for c in features if category(c)]
+    numeric = [c for c in features if c not in categorical]
+    to_check = numeric + ([spec.label] if spec.task == "regression" else [])
     for c in to_check:
         t = schema.field(c).type
-        if _is_numeric(t):
-            continue
-        # A CSV column read as text because of a few bad values is a bad-rows problem, reported
-        # with line numbers by the scan; a column that is mostly text is not a feature.
-        values = sample[c] if c in sample else pd.Series([], dtype=object)
-        numeric = pd.to_numeric(values, errors="coerce").notna().mean() if len(values) else 0.0
-        if not pa.types.is_string(t) and not pa.types.is_large_string(t) or numeric < 0.5:
-            example = next((v for v in values if pd.isna(pd.to_numeric(v, errors="coerce"))), None)
-            what = "the label" if c == spec.label else "feature column"
-            raise DataError(
-                f"data: {what} {c!r} is not numeric (type {t}"
-                + (f", e.g. {example!r}" if example is not None else "")
-                + (
-                    "); regression needs a numeric label"
-                    if c == spec.label
-                    else "); encode it as numbers or leave it out of data.features"
-                )
+        if _is_numeric(t) or (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            continue  # (text: mostly numbers, its bad values found by the scan)
+        values = sampled(c)
+        example = next((v for v in values if pd.isna(pd.to_numeric(v, errors="coerce"))), None)
+        what = "the label" if c == spec.label else "feature column"
+        raise DataError(
+            f"data: {what} {c!r} is not numeric (type {t}"
+            + (f", e.g. {example!r}" if example is not None else "")
+            + (
+                "); regression needs a numeric label"
+                if c == spec.label
+                else "); list it in data.categorical, or leave it out of data.features"
             )
-    return features
+        )
+    if spec.task == "regression" and not _is_numeric(schema.field(spec.label).type):
+        if not _mostly_numbers(sampled(spec.label)):
+            raise DataError(
+                f"data: the label {spec.label!r} is not numeric (type "
+                f"{schema.field(spec.label).type}); regression needs a numeric label"
+            )
+    booleans = [c for c in categorical if pa.types.is_boolean(schema.field(c).type)]
+    return features, FeaturePlan(numeric, categorical, [], booleans)
 
 
 def read_raw(
     spec: DataSpec, task_cpus: float, read_args: dict[str, Any] | None = None
-) -> tuple[Any, list[str]]:
+) -> tuple[Any, list[str], FeaturePlan]:
     """Read the data as a Ray Dataset of raw rows (features + label) and return it with the
-    feature columns. CSV files are scanned for bad rows first. `read_args` are Ray remote args
-    for the tasks that open the files (to read files that only one node has on that node)."""
+    feature columns and their kinds. CSV files are scanned for bad rows first. `read_args` are
+    Ray remote args for the tasks that open the files (to read files only this node has)."""
     import ray.data
 
     read_args = read_args or {}
@@ -367,21 +454,26 @@ def read_raw(
 
         frame = load_digits(as_frame=True).frame.rename(columns={"target": "label"})
         schema = pa.Schema.from_pandas(frame, preserve_index=False)
-        features = check_columns(spec, schema, frame)
-        return ray.data.from_pandas(frame[features + [spec.label]]), features
+        features, plan = check_columns(spec, schema, frame)
+        return ray.data.from_pandas(frame[features + [spec.label]]), features, plan
 
     check_path(spec)
     files, fs = resolve_files(spec.path, DATA_EXTENSIONS)
     fmt = file_format(files, spec.format)
     schema, sample = sample_schema(files, fs, fmt)
-    features = check_columns(spec, schema, sample)
+    features, plan = check_columns(spec, schema, sample)
     columns = features + [spec.label]
-    numeric = features + ([spec.label] if spec.task == "regression" else [])
+    numeric = plan.numeric + ([spec.label] if spec.task == "regression" else [])
+    # Blank categories are bad rows unless imputed; blank numbers too.
+    checks = {
+        "required": [] if spec.missing == "impute" else plan.categorical,
+        "blanks_ok": spec.missing == "impute",
+    }
     scans = (
         ray.data.from_items([{"path": f} for f in files])
         .map(
             scan_parquet_file if fmt == "parquet" else scan_csv_file,
-            fn_kwargs={"filesystem": fs, "numeric": numeric, "columns": columns},
+            fn_kwargs={"filesystem": fs, "numeric": numeric, "columns": columns, **checks},
             num_cpus=task_cpus,
             **read_args,
         )
@@ -402,6 +494,7 @@ def read_raw(
         )
         raise DataError(
             f"data: {total_bad} {what}: {where}. Fix them, or set data.on_bad_rows: skip"
+            + ("" if spec.missing == "impute" else " (empty values: or data.missing: impute)")
         )
     if bad:
         print(
@@ -411,7 +504,7 @@ def read_raw(
     def drop_bad(ds: Any) -> Any:  # on_bad_rows: skip
         return ds.map_batches(
             parse_numeric,
-            fn_kwargs={"columns": numeric, "label": spec.label},
+            fn_kwargs={"columns": numeric, "label": spec.label, **checks},
             batch_format="pandas",
             num_cpus=task_cpus,
         )
@@ -422,14 +515,14 @@ def read_raw(
         ).select_columns(columns)  # (read only these: Ray Data pushes it into the read)
         if bad:
             ds = drop_bad(ds)
-        return ds, features
+        return ds, features, plan
     label_type = schema.field(spec.label).type
     if spec.task == "regression" or pa.types.is_floating(label_type):
         label_type = pa.float64()
     elif not pa.types.is_integer(label_type):
         label_type = pa.string()
     if bad:  # on_bad_rows: skip
-        types = {c: pa.string() for c in numeric} | (
+        types = {c: pa.string() for c in numeric + plan.categorical} | (
             {} if spec.task == "regression" else {spec.label: label_type}
         )
         ds = ray.data.read_csv(
@@ -440,8 +533,12 @@ def read_raw(
             parse_options=pacsv.ParseOptions(invalid_row_handler=_skip_row),
             convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
         )
-        return drop_bad(ds), features
-    types = {c: pa.float64() for c in features} | {spec.label: label_type}
+        return drop_bad(ds), features, plan
+    types = (
+        {c: pa.float64() for c in plan.numeric}
+        | {c: pa.string() for c in plan.categorical}
+        | {spec.label: label_type}
+    )
     ds = ray.data.read_csv(
         files,
         filesystem=fs,
@@ -449,7 +546,7 @@ def read_raw(
         ray_remote_args=read_args,
         convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
     )
-    return ds, features
+    return ds, features, plan
 
 
 def split(
@@ -557,7 +654,7 @@ def apply_preprocess(
 
 def read_preprocessed(
     spec: DataSpec, task_cpus: float, read_args: dict[str, Any] | None = None
-) -> tuple[Any, list[str], pd.DataFrame]:
+) -> tuple[Any, list[str], pd.DataFrame, FeaturePlan]:
     """Raw rows through the user's `data.preprocess` (a pandas batch function, Ray Data tasks):
     the dataset of features + label, the feature columns (the data.features given plus the
     columns it adds; none given: every column but the label) and five raw rows without the
@@ -596,12 +693,12 @@ def read_preprocessed(
         )
     added = [c for c in out.columns if c not in sample.columns]
     features = [*spec.features, *added] if spec.features else [c for c in out if c != spec.label]
-    checked = check_columns(
+    checked, plan = check_columns(
         dataclasses.replace(spec, features=features),
         pa.Schema.from_pandas(out[[*features, spec.label]], preserve_index=False),
         out,
     )
-    numeric = checked + ([spec.label] if spec.task == "regression" else [])
+    numeric = plan.numeric + ([spec.label] if spec.task == "regression" else [])
     ds = ds.map_batches(
         apply_preprocess,
         fn_kwargs={
@@ -613,7 +710,7 @@ def read_preprocessed(
         batch_format="pandas",
         num_cpus=task_cpus,
     )
-    return ds, checked, sample.drop(columns=[spec.label]).head(5)
+    return ds, checked, sample.drop(columns=[spec.label]).head(5), plan
 
 
 def build_datasets(
@@ -628,9 +725,9 @@ def build_datasets(
     object store (deterministic preprocessing is done once, not again every epoch)."""
     raw_example = None
     if spec.preprocess:
-        ds, features, raw_example = read_preprocessed(spec, task_cpus, read_args)
+        ds, features, raw_example, plan = read_preprocessed(spec, task_cpus, read_args)
     else:
-        ds, features = read_raw(spec, task_cpus, read_args)
+        ds, features, plan = read_raw(spec, task_cpus, read_args)
     try:
         train_raw, val_raw = split(ds, spec, seed, task_cpus, num_workers)
     except Exception as e:  # the user's preprocessing failed inside a Ray Data task
@@ -641,21 +738,42 @@ def build_datasets(
     num_train, num_val = train_raw.count(), val_raw.count()
     if num_train + num_val == 0:
         raise DataError(f"data.path: {spec.path} has no rows")
-    stats = fit_stats(train_raw, features, spec)
+    encoded = plan.categorical or spec.missing == "impute"
+    stats = fit_stats(train_raw, [] if encoded else features, spec)
     check_row_counts(num_train, num_val, num_workers, rows_per_step)
+    if encoded:
+        from pipelines.features import encode, fit_encoder
+
+        encoder = fit_encoder(train_raw, plan, spec.max_onehot)
+        example = val_raw.limit(5).to_pandas()[features]
+        # Numbers as float64 and categories as text: a blank (NaN, None) is then a value the
+        # model's signature accepts.
+        example = example.astype({c: np.float64 for c in plan.numeric})
+        example = example.assign(**{c: as_text(example[c]) for c in plan.categorical + plan.hashed})
+        width = encode(example, encoder, features).shape[1]
+        stats.features, stats.encoder = features, encoder
+        stats.mean, stats.std = [0.0] * width, [1.0] * width
+    else:
+        example = val_raw.limit(5).to_pandas()[features].astype(np.float32)
     if stats.classes is not None:
         check_classes_in_both(stats.classes, val_raw, spec)
     kwargs = {"stats": stats.to_dict(), "label": spec.label}
+    if encoded:
+        kwargs["encoder"] = stats.encoder
 
     def prep(raw: Any) -> Any:
         return raw.map_batches(
-            preprocess_batch, fn_kwargs=kwargs, batch_format="numpy", num_cpus=task_cpus
+            encode_batch if encoded else preprocess_batch,
+            fn_kwargs=kwargs,
+            batch_format="pandas" if encoded else "numpy",
+            num_cpus=task_cpus,
         ).materialize()
 
-    example = raw_example
-    if example is None:
-        example = val_raw.limit(5).to_pandas()[features].astype(np.float32)
-    return TabularData(prep(train_raw), prep(val_raw), stats, num_train, num_val, example)
+    if raw_example is not None:
+        example = raw_example
+    data = TabularData(prep(train_raw), prep(val_raw), stats, num_train, num_val, example)
+    data.plan = plan if encoded else None
+    return data
 
 
 def prepare(
@@ -675,13 +793,17 @@ def prepare(
         num_train=data.num_train,
         num_validation=data.num_validation,
         facts={
-            "in_features": len(data.stats.features),
-            "in_shape": [len(data.stats.features)],
+            "in_features": len(data.stats.mean),
+            "in_shape": [len(data.stats.mean)],
             "out_features": data.stats.out_features,
             **({"num_classes": data.stats.out_features} if data.stats.classes else {}),
         },
         job={"task": spec.data.task, "target_std": data.stats.target_std},
-        params={"data.num_train": data.num_train, "data.num_validation": data.num_validation},
+        params={
+            "data.num_train": data.num_train,
+            "data.num_validation": data.num_validation,
+            **(data.plan.params() if data.plan else {}),
+        },
         per_epoch=augment.plan(data.train, spec.data.augment),
         extra=data,
     )
@@ -703,14 +825,37 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
         stats.target_std,
         stats.classes,
     ).eval()
-    if spec.data.preprocess:
+    if spec.data.preprocess or stats.encoder is not None:
         from pipelines.serving import RawRowsModel
 
-        predictor = RawRowsModel(predictor, stats.features, spec.data.preprocess)
+        predictor = RawRowsModel(predictor, stats.features, spec.data.preprocess, stats.encoder)
     metadata = {"pipeline": "tabular", "task": spec.data.task, "label": spec.data.label}
     if stats.classes is not None:  # index i of the output is classes[i]
         metadata["classes"] = [c.item() if hasattr(c, "item") else c for c in stats.classes]
     return predictor, example, metadata
+
+
+def describe_data(spec: RunSpec) -> str:
+    """Each feature column's kind and blanks, as a sample of the data shows them (the run
+    decides one-hot or hashed on the training split's distinct values)."""
+    data = spec.data
+    if data.path == BUILTIN_DIGITS:
+        from sklearn.datasets import load_digits
+
+        sample = load_digits(as_frame=True).frame.rename(columns={"target": "label"})
+        schema, where = pa.Schema.from_pandas(sample, preserve_index=False), data.path
+    else:
+        files, fs = resolve_files(data.path, DATA_EXTENSIONS)
+        schema, sample = sample_schema(files, fs, file_format(files, data.format))
+        where = f"the first {len(sample)} rows of {files[0]}"
+    features, plan = check_columns(data, schema, sample)
+    categories = plan.categorical
+    plan.missing = {c: int(blank(sample[c]).sum()) for c in features}
+    plan.distinct = {c: int(as_text(sample[c]).nunique()) for c in categories}
+    plan.hashed = [c for c in categories if plan.distinct[c] > data.max_onehot]
+    plan.categorical = [c for c in categories if c not in plan.hashed]
+    plan.buckets = data.max_onehot
+    return f"# features (as {where} show them; missing: {data.missing})\n" + plan.describe(features)
 
 
 def metric_keys(spec: RunSpec) -> list[str]:

@@ -344,6 +344,11 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
     return net.eval(), example, {"pipeline": "text", "tokenizer": spec.data.tokenizer}
 
 
+def describe_data(spec: RunSpec) -> None:
+    """Nothing beyond the spec."""
+    return None
+
+
 def metric_keys(spec: RunSpec) -> list[str]:
     """The metrics plotted into the run's curves."""
     return ["train_loss", "val_loss", "val_bits_per_byte", "tokens_per_s"]

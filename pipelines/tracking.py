@@ -408,6 +408,7 @@ def log_model(
     code = [str(Path(models.__file__).parent), *code_paths]
     # Named up front: inferring them loads the model again in a subprocess (slow).
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"]
+    requirements += getattr(model, "requirements", [])
     if isinstance(model, mlflow.pyfunc.PythonModel):  # raw rows through the user's function
         prediction = model.predict(None, example)
         flavor = functools.partial(

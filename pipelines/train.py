@@ -234,6 +234,8 @@ def dry_run(spec: RunSpec) -> None:
     plan = plan_for(spec, connect=user_model or bool(os.environ.get("RAY_ADDRESS")))
     print("# resolved run spec")
     print(spec.to_yaml().rstrip())
+    if described := pipeline.describe_data(spec):
+        print(described)
     print("# resource plan")
     print(plan.describe())
     print(

@@ -72,18 +72,25 @@ CASES = {
         ),
         "data.features: column 'c' is not in the data",
     ),
-    "text feature": (
+    "blank category": (
         lambda t: data_spec(
             csv(
                 t,
                 with_header(
                     "a,color,y",
-                    "".join(f"{i},{'red' if i % 3 else 'blue'},{i % 2}\n" for i in range(40)),
+                    "".join(f"{i},{'' if i == 7 else 'red'},{i % 2}\n" for i in range(40)),
                 ),
             ),
             "label: y",
         ),
-        "data: feature column 'color' is not numeric",
+        "1 row(s): line 9 (color is empty). Fix them, or set data.on_bad_rows: skip (empty "
+        "values: or data.missing: impute)",
+    ),
+    "categorical not a feature": (
+        lambda t: data_spec(
+            csv(t, with_header("a,b,y", good_rows())), "label: y", "categorical: [colour]"
+        ),
+        "data.categorical: column 'colour' is not in the data",
     ),
     "empty": (
         lambda t: data_spec(csv(t, with_header("a,b,y", "")), "label: y"),
@@ -158,7 +165,7 @@ def test_skipped_bad_rows_leave_the_good_ones(ray_cluster, tmp_path):
     path = csv(
         tmp_path, "a,b,y\n" + good_rows(10) + "1,2,3,4\n" + good_rows(10) + "5,oops,1\n" + "6,,0\n"
     )
-    ds, features = read_raw(DataSpec(path=str(path), label="y", on_bad_rows="skip"), 1.0)
+    ds, features, _ = read_raw(DataSpec(path=str(path), label="y", on_bad_rows="skip"), 1.0)
     rows = ds.to_pandas()
     assert features == ["a", "b"] and len(rows) == 20
     assert rows.a.dtype.kind == "f" and rows.b.dtype.kind == "f"
@@ -167,7 +174,7 @@ def test_skipped_bad_rows_leave_the_good_ones(ray_cluster, tmp_path):
 def test_skipped_parquet_rows_leave_the_good_ones(ray_cluster, tmp_path):
     path = parquet_with_nan(tmp_path)
     spec = DataSpec(path=str(path), label="y", task="regression", on_bad_rows="skip")
-    ds, _ = read_raw(spec, 1.0)
+    ds, _, _ = read_raw(spec, 1.0)
     rows = ds.to_pandas()
     assert len(rows) == 39 and 34.0 not in rows.b.tolist()
 
@@ -219,7 +226,7 @@ def test_parquet_directory_and_glob_are_read(ray_cluster, tmp_path):
         )
         part.to_parquet(folder / f"part-{i}.parquet")
     for path in (folder, folder / "part-*.parquet"):
-        ds, features = read_raw(DataSpec(path=str(path), label="target"), 1.0)
+        ds, features, _ = read_raw(DataSpec(path=str(path), label="target"), 1.0)
         assert features == ["f1", "f2"] and ds.count() == 15
-    ds, _ = read_raw(DataSpec(path=str(folder / "part-[01].parquet"), label="target"), 1.0)
+    ds, _, _ = read_raw(DataSpec(path=str(folder / "part-[01].parquet"), label="target"), 1.0)
     assert ds.count() == 10

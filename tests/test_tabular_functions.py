@@ -138,3 +138,24 @@ def test_resolve_files_file_directory_glob(tmp_path):
         resolve_files(str(tmp_path / "missing.csv"))
     with pytest.raises(DataError, match="no files match"):
         resolve_files(str(tmp_path / "*.json"))
+
+
+def test_categories_read_alike_from_csv_text_and_arrow_booleans_and_hash_stably():
+    from pipelines.features import CategoriesAsText, to_matrix
+
+    df = pd.DataFrame(
+        {
+            "flag": [True, "true", " False", None, ""],
+            "city": ["a", "b", "a", None, "zz"],
+        }
+    )
+    out = CategoriesAsText(["flag", "city"], ["city"], 4).transform_batch(df.copy())
+    out = out.astype(object).where(out.notna(), None)  # (blanks are null: None or NaN)
+    assert out["flag"].tolist() == ["true", "true", "false", None, None]
+    cities = out["city"].tolist()
+    assert cities[0] == cities[2] and cities[3] is None
+    assert all(c in {"#0", "#1", "#2", "#3"} for c in cities if c is not None)
+    again = CategoriesAsText(["city"], ["city"], 4).transform_batch(df[["city"]].copy())
+    assert again["city"].fillna("").tolist() == [c or "" for c in cities]  # stable buckets
+    x = to_matrix(pd.DataFrame({"n": [1.5, 2.0], "c": [[0, 1], [1, 0]]}), ["n", "c"])
+    assert x.dtype == np.float32 and x.tolist() == [[1.5, 0, 1], [2.0, 1, 0]]

@@ -201,19 +201,30 @@ def targets(raw: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
     return y.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class RowRules:
+    """What a row must hold for training (see bad_values)."""
+
+    numeric: list[str]
+    columns: list[str]
+    """The columns read, the label last."""
+    required: list[str] = ()
+    blanks_ok: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.columns[-1]
+
+
 def scan_csv_file(
-    row: dict[str, Any],
-    filesystem: pafs.FileSystem,
-    numeric: list[str],
-    columns: list[str],
-    required: list[str] = (),
-    blanks_ok: bool = False,
+    row: dict[str, Any], filesystem: pafs.FileSystem, rules: RowRules
 ) -> dict[str, Any]:
     """Count the rows of one CSV file that training cannot use, and where they are.
 
-    A row is bad when it has the wrong number of fields, a `numeric` column is empty, not a
-    number or not finite, or the label (the last of `columns`) is empty. Returns {"path",
-    "rows", "bad", "where"}, `where` naming the first few lines and what is wrong with them.
+    A row is bad when it has the wrong number of fields, or breaks `rules`: a numeric column
+    empty (unless blanks are imputed), not a number or not finite, the label or a required
+    column empty. Returns {"path", "rows", "bad", "where"}, `where` naming the first few lines
+    and what is wrong with them.
     """
     path = row["path"]
     invalid: list[tuple[int, str]] = []
@@ -227,10 +238,10 @@ def scan_csv_file(
         read_options=pacsv.ReadOptions(use_threads=False),
         parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
         convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in columns}, include_columns=columns
+            column_types={c: pa.string() for c in rules.columns}, include_columns=rules.columns
         ),
     )
-    count, value_errors, parsed = _scan(reader, numeric, columns[-1], required, blanks_ok)
+    count, value_errors, parsed = _scan(reader, rules)
     # Line numbers of the parsed rows: every line after the header except the invalid ones.
     lines = np.setdiff1d(np.arange(2, 2 + parsed + len(invalid)), [n for n, _ in invalid])
     located = sorted([(int(lines[i]), why) for i, why in value_errors] + invalid)
@@ -243,23 +254,14 @@ def scan_csv_file(
 
 
 def scan_parquet_file(
-    row: dict[str, Any],
-    filesystem: pafs.FileSystem,
-    numeric: list[str],
-    columns: list[str],
-    required: list[str] = (),
-    blanks_ok: bool = False,
+    row: dict[str, Any], filesystem: pafs.FileSystem, rules: RowRules
 ) -> dict[str, Any]:
     """As scan_csv_file, for a Parquet file: rows with a null, NaN or ±inf numeric value or an
     empty label, by row number (from 1) within the file."""
     path = row["path"]
     with filesystem.open_input_file(path) as f:
         count, value_errors, parsed = _scan(
-            pq.ParquetFile(f).iter_batches(columns=columns),
-            numeric,
-            columns[-1],
-            required,
-            blanks_ok,
+            pq.ParquetFile(f).iter_batches(columns=rules.columns), rules
         )
     return {
         "path": path,
@@ -269,16 +271,16 @@ def scan_parquet_file(
     }
 
 
-def _scan(
-    batches: Any, numeric: list[str], label: str, required: list[str], blanks_ok: bool
-) -> tuple[int, list, int]:
+def _scan(batches: Any, rules: RowRules) -> tuple[int, list, int]:
     """Over record batches: the number of bad rows, the first few (index, why), the rows."""
     errors: list[tuple[int, str]] = []
     count = parsed = 0
     for batch in batches:
         df = batch.to_pandas()
         nulls = {c: batch.column(c).is_null().to_numpy(zero_copy_only=False) for c in df}
-        mask, why = bad_values(df, numeric, label, nulls, required, blanks_ok)
+        mask, why = bad_values(
+            df, rules.numeric, rules.label, nulls, rules.required, rules.blanks_ok
+        )
         rows = np.flatnonzero(mask)
         count += len(rows)
         errors += [(parsed + int(i), why(i)) for i in rows[: MAX_REPORTED_ROWS - len(errors)]]
@@ -465,15 +467,13 @@ def read_raw(
     columns = features + [spec.label]
     numeric = plan.numeric + ([spec.label] if spec.task == "regression" else [])
     # Blank categories are bad rows unless imputed; blank numbers too.
-    checks = {
-        "required": [] if spec.missing == "impute" else plan.categorical,
-        "blanks_ok": spec.missing == "impute",
-    }
+    impute = spec.missing == "impute"
+    rules = RowRules(numeric, columns, [] if impute else plan.categorical, impute)
     scans = (
         ray.data.from_items([{"path": f} for f in files])
         .map(
             scan_parquet_file if fmt == "parquet" else scan_csv_file,
-            fn_kwargs={"filesystem": fs, "numeric": numeric, "columns": columns, **checks},
+            fn_kwargs={"filesystem": fs, "rules": rules},
             num_cpus=task_cpus,
             **read_args,
         )
@@ -504,7 +504,12 @@ def read_raw(
     def drop_bad(ds: Any) -> Any:  # on_bad_rows: skip
         return ds.map_batches(
             parse_numeric,
-            fn_kwargs={"columns": numeric, "label": spec.label, **checks},
+            fn_kwargs={
+                "columns": numeric,
+                "label": spec.label,
+                "required": rules.required,
+                "blanks_ok": impute,
+            },
             batch_format="pandas",
             num_cpus=task_cpus,
         )

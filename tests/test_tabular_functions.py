@@ -9,6 +9,7 @@ from pipelines.tabular import (
     DATA_EXTENSIONS,
     SPLIT_COLUMN,
     DataError,
+    RowRules,
     mark_validation,
     parse_numeric,
     preprocess_batch,
@@ -80,7 +81,7 @@ def test_scan_reports_bad_rows_with_line_numbers(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("a,b,label\n1,2,0\n3,4,5,1\n5,x,1\n,6,0\n7,8,1\n")
     out = scan_csv_file(
-        {"path": str(path)}, pafs.LocalFileSystem(), ["a", "b"], ["a", "b", "label"]
+        {"path": str(path)}, pafs.LocalFileSystem(), RowRules(["a", "b"], ["a", "b", "label"])
     )
     assert out["rows"] == 5 and out["bad"] == 3
     assert out["where"] == [
@@ -94,7 +95,7 @@ def test_scans_refuse_infinite_values_empty_labels_and_parquet_nulls(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("a,b,label\n1,2,0\ninf,4,1\n5,-Infinity,1\n7,8,\n")
     out = scan_csv_file(
-        {"path": str(path)}, pafs.LocalFileSystem(), ["a", "b"], ["a", "b", "label"]
+        {"path": str(path)}, pafs.LocalFileSystem(), RowRules(["a", "b"], ["a", "b", "label"])
     )
     assert out["where"] == [
         "line 3 (a='inf' is not finite)",
@@ -108,7 +109,9 @@ def test_scans_refuse_infinite_values_empty_labels_and_parquet_nulls(tmp_path):
     table = pa.table({"a": pa.array(values), "label": ["x", "y", None, "x", "y", "x"]})
     pq.write_table(table, tmp_path / "d.parquet")
     out = scan_parquet_file(
-        {"path": str(tmp_path / "d.parquet")}, pafs.LocalFileSystem(), ["a"], ["a", "label"]
+        {"path": str(tmp_path / "d.parquet")},
+        pafs.LocalFileSystem(),
+        RowRules(["a"], ["a", "label"]),
     )
     assert (out["rows"], out["bad"]) == (6, 4)
     assert out["where"] == [

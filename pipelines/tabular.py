@@ -844,6 +844,8 @@ def describe_data(spec: RunSpec) -> str:
     """Each feature column's kind and blanks, as a sample of the data shows them (the run
     decides one-hot or hashed on the training split's distinct values)."""
     data = spec.data
+    if data.preprocess:  # (the features are what it returns: known once the run reads rows)
+        return f"# features: the columns {data.preprocess} returns, planned when the run starts"
     if data.path == BUILTIN_DIGITS:
         from sklearn.datasets import load_digits
 

@@ -272,10 +272,12 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
         spec.tracking.run_name
         or f"{spec.tracking.experiment}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    # Data every trial shares is prepared once, here: bad input stops the search before its
+    # run or any trial starts, and no trial pays for it again.
+    data = None
+    if shares_data(spec):
+        data = prepare(spec, concurrency.plan, read_args_for(spec, storage, uri))
     parent = open_search_run(spec, uri, name, trials, concurrency, resume is not None)
-    # Data every trial shares is prepared once, here: bad input stops the search before any
-    # trial starts, and no trial pays for it again.
-    data = shares_data(spec) and prepare(spec, concurrency.plan, read_args_for(spec, storage, uri))
     context = {
         "run_id": parent,
         "name": name,
@@ -283,9 +285,7 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
         "uri": uri,
         "storage": storage,
     }
-    trainable = tune.with_parameters(
-        run_trial, base=spec.to_dict(), search=context, data=data or None
-    )
+    trainable = tune.with_parameters(run_trial, base=spec.to_dict(), search=context, data=data)
     # The trial's own process only launches the trainer, and asks for no CPU: the workers
     # hold the CPUs (Tune refuses an empty request; a byte of memory is not one).
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})

@@ -53,10 +53,14 @@ class FeaturePlan:
     distinct: dict[str, int] = field(default_factory=dict)
     """Distinct training values per category column."""
 
-    @property
-    def mixed(self) -> bool:
-        """Whether the plan needs the encoder: any category, or blanks to fill."""
-        return bool(self.categorical or self.hashed or any(self.missing.values()))
+    def observe(self, missing: dict[str, int], distinct: dict[str, int], max_onehot: int) -> None:
+        """Take what the training split (or a sample) shows: blanks per column, distinct values
+        per category column; a category column with more than `max_onehot` is hashed into
+        that many buckets, the others one-hot."""
+        categories = self.categorical + self.hashed
+        self.missing, self.distinct, self.buckets = missing, distinct, max_onehot
+        self.hashed = [c for c in categories if distinct[c] > max_onehot]
+        self.categorical = [c for c in categories if c not in self.hashed]
 
     def kind(self, column: str) -> str:
         if column in self.hashed:
@@ -159,11 +163,11 @@ def fit_encoder(train: Any, plan: FeaturePlan, max_onehot: int) -> Any:
         *(Quantile(c, q=0.5) for c in plan.numeric),
         *(CountDistinct(c, ignore_nulls=True) for c in categories),
     )
-    plan.missing = {c: int(out["count()"] - out[f"present({c})"]) for c in columns}
-    plan.distinct = {c: int(out[f"count_distinct({c})"]) for c in categories}
-    plan.hashed = [c for c in categories if plan.distinct[c] > max_onehot]
-    plan.categorical = [c for c in categories if c not in plan.hashed]
-    plan.buckets = max_onehot
+    plan.observe(
+        {c: int(out["count()"] - out[f"present({c})"]) for c in columns},
+        {c: int(out[f"count_distinct({c})"]) for c in categories},
+        max_onehot,
+    )
     stages: list[Any] = [CategoriesAsText(categories, plan.hashed, max_onehot)]
     for c in plan.numeric:
         median = out[f"quantile({c})"]

@@ -105,29 +105,26 @@ def to_float(values: pd.Series) -> np.ndarray:
     return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def parse_numeric(
-    batch: pd.DataFrame,
-    columns: list[str],
-    label: str | None = None,
-    required: list[str] = (),
-    blanks_ok: bool = False,
-) -> pd.DataFrame:
-    """Convert `columns` to float64, dropping rows where any of them is empty (unless
-    `blanks_ok`: data.missing impute), not a number, NaN or ±inf, or whose `label` (a class)
-    or a `required` column (a category, data.missing error) is empty."""
-    parsed = batch.assign(**{c: to_float(batch[c]) for c in columns})
-    finite = np.isfinite(parsed[columns].to_numpy(dtype=np.float64))
-    features = [c for c in columns if c != label]
-    if blanks_ok and features:  # (never the label)
-        finite[:, [columns.index(c) for c in features]] |= np.stack(
-            [_empty(batch[c]) for c in features], axis=1
-        )
-    keep = finite.all(axis=1)
-    for c in [label] if label is not None and label not in columns else []:
-        keep &= ~_empty(batch[c])
-    for c in required:
-        keep &= ~_empty(batch[c])
-    return parsed[keep].reset_index(drop=True)
+@dataclass(frozen=True)
+class RowRules:
+    """What a row must hold for training (see bad_values)."""
+
+    numeric: list[str]
+    columns: list[str]
+    """The columns read, the label last."""
+    required: list[str] = ()
+    blanks_ok: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.columns[-1]
+
+
+def parse_numeric(batch: pd.DataFrame, rules: RowRules) -> pd.DataFrame:
+    """Convert the rules' numeric columns to float64, dropping the rows bad_values refuses."""
+    bad, _ = bad_values(batch, rules)
+    parsed = batch.assign(**{c: to_float(batch[c]) for c in rules.numeric})
+    return parsed[~bad].reset_index(drop=True)
 
 
 def _empty(values: pd.Series) -> np.ndarray:
@@ -135,24 +132,21 @@ def _empty(values: pd.Series) -> np.ndarray:
 
 
 def bad_values(
-    df: pd.DataFrame,
-    numeric: list[str],
-    label: str,
-    nulls: dict[str, np.ndarray] | None = None,
-    required: list[str] = (),
-    blanks_ok: bool = False,
+    df: pd.DataFrame, rules: RowRules, nulls: dict[str, np.ndarray] | None = None
 ) -> tuple[np.ndarray, Any]:
-    """Which rows hold a value training cannot use: a `numeric` column empty (unless
-    `blanks_ok`), not a number, NaN or ±inf, or the label or a `required` column empty.
-    Returns the mask and `why(row)`, what is wrong with it first. `nulls`: the columns' null
-    masks where the source has nulls apart from NaN (Parquet)."""
-    values = {c: to_float(df[c]) for c in numeric}
+    """Which rows hold a value training cannot use: a numeric column empty (unless the rules'
+    `blanks_ok`: data.missing impute), not a number, NaN or ±inf, or the label or a required
+    column (a category, data.missing error) empty. Returns the mask and `why(row)`, what is
+    wrong with it first. `nulls`: the columns' null masks where the source has nulls apart
+    from NaN (Parquet)."""
+    label = rules.label
+    values = {c: to_float(df[c]) for c in rules.numeric}
     bad = {c: ~np.isfinite(v) for c, v in values.items()}
-    if blanks_ok:
+    if rules.blanks_ok:  # (never the label's)
         bad = {c: b & ~_empty(df[c]) if c != label else b for c, b in bad.items()}
-    for c in [label] if label not in numeric else []:
+    for c in [label] if label not in rules.numeric else []:
         bad[c] = _empty(df[label])
-    for c in required:
+    for c in rules.required:
         bad[c] = _empty(df[c])
     mask = np.logical_or.reduce(list(bad.values())) if bad else np.zeros(len(df), bool)
 
@@ -199,21 +193,6 @@ def targets(raw: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
         return y.astype(np.int64)
     y = (np.asarray(raw, dtype=np.float64) - stats["target_mean"]) / stats["target_std"]
     return y.astype(np.float32)
-
-
-@dataclass(frozen=True)
-class RowRules:
-    """What a row must hold for training (see bad_values)."""
-
-    numeric: list[str]
-    columns: list[str]
-    """The columns read, the label last."""
-    required: list[str] = ()
-    blanks_ok: bool = False
-
-    @property
-    def label(self) -> str:
-        return self.columns[-1]
 
 
 def scan_csv_file(
@@ -278,9 +257,7 @@ def _scan(batches: Any, rules: RowRules) -> tuple[int, list, int]:
     for batch in batches:
         df = batch.to_pandas()
         nulls = {c: batch.column(c).is_null().to_numpy(zero_copy_only=False) for c in df}
-        mask, why = bad_values(
-            df, rules.numeric, rules.label, nulls, rules.required, rules.blanks_ok
-        )
+        mask, why = bad_values(df, rules, nulls)
         rows = np.flatnonzero(mask)
         count += len(rows)
         errors += [(parsed + int(i), why(i)) for i in rows[: MAX_REPORTED_ROWS - len(errors)]]
@@ -417,8 +394,9 @@ def check_columns(
     to_check = numeric + ([spec.label] if spec.task == "regression" else [])
     for c in to_check:
         t = schema.field(c).type
-        if _is_numeric(t) or (pa.types.is_string(t) or pa.types.is_large_string(t)):
-            continue  # (text: mostly numbers, its bad values found by the scan)
+        text = pa.types.is_string(t) or pa.types.is_large_string(t)
+        if _is_numeric(t) or text and _mostly_numbers(sampled(c)):
+            continue  # (text of numbers: its bad values are found by the scan)
         values = sampled(c)
         example = next((v for v in values if pd.isna(pd.to_numeric(v, errors="coerce"))), None)
         what = "the label" if c == spec.label else "feature column"
@@ -431,12 +409,6 @@ def check_columns(
                 else "); list it in data.categorical, or leave it out of data.features"
             )
         )
-    if spec.task == "regression" and not _is_numeric(schema.field(spec.label).type):
-        if not _mostly_numbers(sampled(spec.label)):
-            raise DataError(
-                f"data: the label {spec.label!r} is not numeric (type "
-                f"{schema.field(spec.label).type}); regression needs a numeric label"
-            )
     booleans = [c for c in categorical if pa.types.is_boolean(schema.field(c).type)]
     return features, FeaturePlan(numeric, categorical, [], booleans)
 
@@ -494,7 +466,7 @@ def read_raw(
         )
         raise DataError(
             f"data: {total_bad} {what}: {where}. Fix them, or set data.on_bad_rows: skip"
-            + ("" if spec.missing == "impute" else " (empty values: or data.missing: impute)")
+            + ("" if impute else " (empty values: or data.missing: impute)")
         )
     if bad:
         print(
@@ -504,12 +476,7 @@ def read_raw(
     def drop_bad(ds: Any) -> Any:  # on_bad_rows: skip
         return ds.map_batches(
             parse_numeric,
-            fn_kwargs={
-                "columns": numeric,
-                "label": spec.label,
-                "required": rules.required,
-                "blanks_ok": impute,
-            },
+            fn_kwargs={"rules": rules},
             batch_format="pandas",
             num_cpus=task_cpus,
         )
@@ -856,12 +823,11 @@ def describe_data(spec: RunSpec) -> str:
         schema, sample = sample_schema(files, fs, file_format(files, data.format))
         where = f"the first {len(sample)} rows of {files[0]}"
     features, plan = check_columns(data, schema, sample)
-    categories = plan.categorical
-    plan.missing = {c: int(blank(sample[c]).sum()) for c in features}
-    plan.distinct = {c: int(as_text(sample[c]).nunique()) for c in categories}
-    plan.hashed = [c for c in categories if plan.distinct[c] > data.max_onehot]
-    plan.categorical = [c for c in categories if c not in plan.hashed]
-    plan.buckets = data.max_onehot
+    plan.observe(
+        {c: int(blank(sample[c]).sum()) for c in features},
+        {c: int(as_text(sample[c]).nunique()) for c in plan.categorical},
+        data.max_onehot,
+    )
     return f"# features (as {where} show them; missing: {data.missing})\n" + plan.describe(features)
 
 

@@ -73,7 +73,7 @@ def test_a_class_always_keeps_a_training_row():
 
 def test_parse_numeric_drops_unparseable_rows():
     batch = pd.DataFrame({"a": ["1", "x", "", "4"], "y": ["0", "1", "0", "1"]})
-    out = parse_numeric(batch, ["a"])
+    out = parse_numeric(batch, RowRules(["a"], ["a", "y"]))
     assert out.a.tolist() == [1.0, 4.0]
 
 
@@ -120,7 +120,7 @@ def test_scans_refuse_infinite_values_empty_labels_and_parquet_nulls(tmp_path):
         "row 4 (a=inf is not finite)",
         "row 6 (a is empty)",
     ]
-    kept = parse_numeric(table.to_pandas(), ["a"], "label")
+    kept = parse_numeric(table.to_pandas(), RowRules(["a"], ["a", "label"]))
     assert kept.a.tolist() == [1.0, 5.0]
 
 

@@ -329,9 +329,9 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
                 f"search {name} interrupted with {unended} of {len(results)} trial(s) not "
                 f"ended; continue it with --resume {name}"
             )
-        summary = record_search(spec, uri, parent, results, metric, mode)
-        if summary["best"] and spec.tracking.log_model:
-            record_best_model(spec, uri, parent, summary, storage, concurrency.plan, data)
+        summary = record_search(
+            spec, uri, parent, results, metric, mode, storage, concurrency.plan, data
+        )
     except SearchInterrupted:
         raise
     except BaseException as e:
@@ -454,10 +454,19 @@ def open_search_run(
 
 
 def record_search(
-    spec: RunSpec, uri: str, parent: str, results: Any, metric: str, mode: str
+    spec: RunSpec,
+    uri: str,
+    parent: str,
+    results: Any,
+    metric: str,
+    mode: str,
+    storage: str,
+    plan: Any,
+    data: Prepared | None,
 ) -> dict[str, Any]:
     """Close every trial's MLflow run as it ended (a trial ASHA stopped is KILLED, tagged
-    with its epochs), and record the best trial on the parent; return the summary."""
+    with its epochs), and record the best trial on the parent, with its model (logged here:
+    see log_best_model); return the summary."""
     from pipelines import tracking
 
     children = tracking.child_runs(uri, parent, "trainyard.trial_id")
@@ -494,10 +503,19 @@ def record_search(
     best = (max if mode == "max" else min)(finished, key=lambda t: t[metric], default=None)
     counts = {s: sum(t["status"] == s for t in trials) for s in ("FINISHED", "STOPPED", "FAILED")}
     params, metrics, tags = {}, {f"trials_{k.lower()}": v for k, v in counts.items()}, {}
+    registered = None
     if best is not None:
         params = {f"best.{k}": _short(v) for k, v in best["config"].items()}
         metrics[f"best_{metric}"] = best[metric]
         tags = {"trainyard.best_run": best["run_id"]}
+        if spec.tracking.log_model:
+            best["model_uri"] = log_best_model(spec, uri, best, storage, plan, data)
+            tags["trainyard.best_model_uri"] = best["model_uri"]
+            tracking.link_model(uri, parent, best["model_uri"])
+            if spec.tracking.register_as:
+                registered = tracking.register_model(
+                    uri, best["model_uri"], spec.tracking.register_as, spec.tracking.alias
+                )
     tracking.log_batch(uri, parent, params, metrics, tags)
     with tempfile.TemporaryDirectory() as d:
         if (plot := plot_trials(spec, trials, metric, Path(d) / "trials.png")) is not None:
@@ -510,25 +528,18 @@ def record_search(
         "metric": metric,
         "mode": mode,
         "best": best,
-        "registered_model": None,
+        "registered_model": registered,
         "trials": trials,
         "counts": counts,
     }
 
 
-def record_best_model(
-    spec: RunSpec,
-    uri: str,
-    parent: str,
-    summary: dict[str, Any],
-    storage: str,
-    plan: Any,
-    data: Prepared | None,
-) -> None:
+def log_best_model(
+    spec: RunSpec, uri: str, best: dict[str, Any], storage: str, plan: Any, data: Prepared | None
+) -> str:
     """Log the best trial's model, from its last checkpoint, to its run (trials log none, so
-    that a search pays for one model, not one per trial); link it to the search's run and
-    register it as tracking.register_as."""
-    from pipelines import tracking
+    that a search pays for one model, not one per trial); its URI. `data`: the search's
+    prepared data, else the best trial's is prepared again."""
     from pipelines.train import (
         latest_checkpoint,
         log_trained_model,
@@ -536,21 +547,13 @@ def record_best_model(
         trained_model,
     )
 
-    best = summary["best"]
     best_spec = RunSpec.from_dict(with_values(spec.to_dict(), best["config"]))
     found = latest_checkpoint(storage, best["run_name"])
     if found is None:
         raise TrainyardError(f"the best trial's run {best['run_name']} left no checkpoint")
     data = data or prepare(best_spec, plan)
     net = trained_model(found[1])
-    pipeline = pipeline_module(best_spec)
-    best["model_uri"] = log_trained_model(best_spec, pipeline, data, net, uri, best["run_id"])
-    tracking.link_model(uri, parent, best["model_uri"])
-    tracking.log_batch(uri, parent, {}, {}, {"trainyard.best_model_uri": best["model_uri"]})
-    if spec.tracking.register_as:
-        summary["registered_model"] = tracking.register_model(
-            uri, best["model_uri"], spec.tracking.register_as, spec.tracking.alias
-        )
+    return log_trained_model(best_spec, pipeline_module(best_spec), data, net, uri, best["run_id"])
 
 
 def _trial_id(path: str | None) -> str | None:

@@ -7,8 +7,22 @@ process anywhere.
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
+
+
+class ByteTokenizer:
+    """Every byte is a token: vocabulary 256, nothing unknown, nothing to train. (Here, not in
+    pipelines.text, so that a logged text model unpickles it without trainyard's data code.)"""
+
+    vocab_size = 256
+
+    def encode(self, data: bytes) -> np.ndarray:
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def decode(self, ids: Any) -> bytes:
+        return bytes(np.asarray(ids, dtype=np.uint8).tolist())
 
 
 def mix64(h: np.ndarray) -> np.ndarray:

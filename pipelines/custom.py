@@ -218,18 +218,21 @@ def prepare(
 
 
 def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict[str, str]]:
-    """The trained model as it is (it takes the dataset's x), five validation inputs as the
-    example, and its metadata."""
+    """The trained model behind the casting of its x (it takes arrays, or tables of x's
+    numbers: pipelines.serving.ArrayModel), five validation inputs as the example, and its
+    metadata."""
+    from pipelines.serving import ArrayModel
+
     example = prepared.extra.take_batch(5, batch_format="numpy")["x"]
-    return (
-        net.eval(),
-        example,
-        {
-            "pipeline": "custom",
-            "dataset": spec.data.dataset,
-            "task": spec.data.task,
-        },
-    )
+    model = ArrayModel(net, list(example.shape[1:]), example.dtype.str)
+    metadata = {
+        "pipeline": "custom",
+        "dataset": spec.data.dataset,
+        "task": spec.data.task,
+        "x_shape": list(model.shape),
+        "x_dtype": model.dtype.str,
+    }
+    return model, example, metadata
 
 
 def describe_data(spec: RunSpec) -> None:

@@ -47,10 +47,9 @@ def check_sampling(args: argparse.Namespace) -> None:
 def load(uri: str, tracking_uri: str, trust: bool = False):
     """The model at `uri` and its tokenizer, checked to be a text model trainyard signed
     before it is unpickled or its tokenizer imported."""
-    import mlflow.pytorch
     from mlflow.models import Model
 
-    from pipelines.text import load_tokenizer
+    from pipelines.serving import load as load_model
     from pipelines.tracking import fetch_model
 
     with tempfile.TemporaryDirectory() as d:
@@ -61,8 +60,8 @@ def load(uri: str, tracking_uri: str, trust: bool = False):
                 f"{uri} is not a text model (pipeline: {metadata.get('pipeline', 'unknown')}); "
                 "generate samples from models trained with `pipeline: text`"
             )
-        model = mlflow.pytorch.load_model(str(local), map_location="cpu")
-        return model.eval(), load_tokenizer(metadata["tokenizer"])
+        model = load_model(str(local))
+        return model.net, model.tokenizer
 
 
 def generate(

@@ -229,25 +229,13 @@ def progress_lines(counter: Any, total: int | None, every: float) -> Iterator[No
 
 
 def load_model(directory: str, kind: str | None, device: Any) -> tuple[Any, dict]:
-    """The model in `directory` as `kind`'s functions below take it, and its metadata."""
-    import mlflow.pyfunc
-    import mlflow.pytorch
+    """The model in `directory` as pipelines.serving loads it (its network on `device`), and
+    its metadata."""
     from mlflow.models import Model
 
-    metadata = Model.load(directory).metadata or {}
-    if kind == "images":
-        model = mlflow.pyfunc.load_model(directory).unwrap_python_model()
-        model.net.to(device)
-    elif kind == "custom":
-        model = mlflow.pytorch.load_model(directory, map_location=device).eval()
-    elif kind == "text":
-        from pipelines.text import load_tokenizer
+    from pipelines.serving import load
 
-        net = mlflow.pytorch.load_model(directory, map_location=device).eval()
-        model = (net, load_tokenizer(metadata["tokenizer"]))
-    else:
-        model = mlflow.pyfunc.load_model(directory)
-    return model, metadata
+    return load(directory, device), Model.load(directory).metadata or {}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -266,18 +254,25 @@ def labelled(logits: np.ndarray, classes: list) -> pd.DataFrame:
 
 
 def predict_rows(model: Any, metadata: dict, batch: pd.DataFrame, inputs: dict | None) -> Any:
-    """Tabular (and plain pyfunc) models: their predict on the input columns, each cast to the
-    type of the model's signature; a value that does not convert is a DATA error."""
+    """Tabular (and plain pyfunc) models on the input columns: trainyard's own take them as
+    read and check them themselves (pipelines.serving); other pyfunc models get each column
+    cast to their signature's type. A value the model cannot take is a DATA error."""
     from mlflow.exceptions import MlflowException
 
+    from pipelines.serving import RawRowsModel
+
     frame = batch
-    if inputs:
+    if isinstance(model, RawRowsModel):
+        frame = batch[list(inputs)] if inputs else batch
+    elif inputs:
         try:
             frame = pd.DataFrame({c: np.array(batch[c], dtype=t) for c, t in inputs.items()})
         except (TypeError, ValueError) as e:
             raise ValueError(f"DATA: a column does not convert to the model's types: {e}") from None
     try:
-        raw = model.predict(frame)
+        raw = (
+            model.predict(None, frame) if isinstance(model, RawRowsModel) else model.predict(frame)
+        )
     except MlflowException as e:
         raise ValueError(f"DATA: {e.message.splitlines()[-1]}") from None
     if metadata.get("pipeline") == "tabular" and metadata.get("classes") is not None:
@@ -294,24 +289,13 @@ def predictions(raw: np.ndarray, rows: int) -> pd.DataFrame:
     return pd.DataFrame({"prediction": raw.reshape(rows)})
 
 
-def read_bytes(path: str) -> bytes:
-    """A file's bytes, local or at a URI."""
-    import pyarrow.fs as pafs
-
-    if "://" not in path:
-        with open(path, "rb") as f:
-            return f.read()
-    fs, name = pafs.FileSystem.from_uri(path)
-    with fs.open_input_file(name) as f:
-        return f.readall()
-
-
 def predict_images(model: Any, batch: pd.DataFrame, skip_bad: bool) -> tuple[list[int], Any]:
     """Images (column `image`: encoded bytes, or `path`: files) decoded and sized as in
     training, then classified: the positions of the rows that decoded, and their predictions
     (with the `path` where the rows have one). An image that does not decode raises, naming
     it, or (`skip_bad`) is left out."""
     from pipelines.arrays import decode_image
+    from pipelines.serving import read_bytes
 
     has_bytes = "image" in batch
     images, kept = [], []
@@ -334,44 +318,10 @@ def predict_images(model: Any, batch: pd.DataFrame, skip_bad: bool) -> tuple[lis
     return kept, predicted if out is None else pd.concat([out, predicted], axis=1)
 
 
-def texts(batch: pd.DataFrame) -> tuple[dict[str, Any], list[bytes]]:
-    """The batch's texts as bytes (column `text`, or files at `path`), and the columns that
-    name them in the output (the path)."""
-    if "text" in batch:
-        return {}, [str(t).encode() if t is not None else b"" for t in batch["text"]]
-    paths = list(batch["path"])
-    return {"path": paths}, [read_bytes(p) for p in paths]
-
-
 def score_texts(model: Any, batch: pd.DataFrame) -> pd.DataFrame:
-    """The model's loss on each text, in non-overlapping windows of its context, as nats per
-    token and bits per byte."""
-    import torch
-    import torch.nn.functional as F
-
-    net, tokenizer = model
-    context = net.config.context
-    device = next(net.parameters()).device
-    names, datas = texts(batch)
-    rows = []
-    for data in datas:
-        ids = torch.as_tensor(np.asarray(tokenizer.encode(data), dtype=np.int64), device=device)
-        nll, count = 0.0, 0
-        for start in range(0, max(len(ids) - 1, 0), context):
-            window = ids[start : start + context + 1]
-            logits = net(window[None, :-1])[0].float()
-            nll += F.cross_entropy(logits, window[1:], reduction="sum").item()
-            count += len(window) - 1
-        rows.append(
-            {
-                "bytes": len(data),
-                "tokens": len(ids),
-                "loss": nll / count if count else math.nan,
-                "bits_per_byte": nll / math.log(2) / len(data) if count else math.nan,
-            }
-        )
-    scores = pd.DataFrame(rows, columns=["bytes", "tokens", "loss", "bits_per_byte"])
-    return pd.concat([pd.DataFrame(names), scores], axis=1)
+    """The model's loss on each text (column `text`, or files at `path`), in non-overlapping
+    windows of its context, as nats per token and bits per byte (pipelines.serving.TextModel)."""
+    return model.predict(None, batch)
 
 
 def continue_texts(model: Any, batch: pd.DataFrame, sampling: dict[str, Any]) -> pd.DataFrame:
@@ -379,46 +329,32 @@ def continue_texts(model: Any, batch: pd.DataFrame, sampling: dict[str, Any]) ->
     text and seed give the same continuation, whatever the batch."""
     from pipelines.generate import continuation
 
-    net, tokenizer = model
-    names, datas = texts(batch)
+    names, datas = model.texts(batch)
     out = []
     for data in datas:
         if not data:
             raise ValueError("DATA: an empty text; give each at least one character to continue")
-        out.append(continuation(net, tokenizer, data, **sampling).decode(errors="replace"))
+        out.append(
+            continuation(model.net, model.tokenizer, data, **sampling).decode(
+                "utf-8", errors="replace"
+            )
+        )
     return pd.DataFrame(names | {"continuation": out})
 
 
 def predict_arrays(model: Any, metadata: dict, batch: pd.DataFrame, job: Job) -> pd.DataFrame:
-    """A custom pipeline's model on rows of its x: column `x` (nested lists), else the numeric
-    columns in order, shaped as the signature's tensor."""
-    if "x" in batch:
-        x = np.stack([nested(v) for v in batch["x"]])
-    else:
-        x = batch.drop(columns=list(job.keep)).to_numpy()
+    """A custom pipeline's model (pipelines.serving.ArrayModel) on rows of its x: column `x`
+    (nested lists), else the numeric columns in order."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        x = x.astype(job.dtype).reshape(-1, *job.shape)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"DATA: rows do not fit the model's x of shape {job.shape}: {e}") from None
-    device = next(model.parameters()).device
-    raw = model(torch_tensor(x).to(device)).detach().float().cpu().numpy()
+        x = model.arrays(batch, job.keep)
+    except MlflowException as e:
+        raise ValueError(f"DATA: {e.message}") from None
+    raw = model.outputs(x)
     if metadata.get("task") == "classification":
         return labelled(raw, list(range(raw.shape[1])))
     return predictions(raw, len(batch))
-
-
-def nested(value: Any) -> np.ndarray:
-    """One row's nested lists (as pandas gives a Parquet list column: arrays of arrays) as one
-    array."""
-    if isinstance(value, np.ndarray) and value.dtype == object:
-        return np.stack([nested(v) for v in value])
-    return np.asarray(value)
-
-
-def torch_tensor(x: np.ndarray) -> Any:
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(x))
 
 
 # --- the driver -----------------------------------------------------------------------------------
@@ -434,12 +370,26 @@ def model_files(directory: Path) -> dict[str, bytes]:
 
 def signature_inputs(mlmodel: Any) -> dict[str, Any] | None:
     """The columns the model's signature takes, with their numpy types (object where the
-    signature names none), or None (no named columns)."""
+    signature names none, or `Any`), or None (no named columns)."""
     signature = mlmodel.signature
-    if signature is None or not signature.inputs.has_input_names():
+    if signature is None or signature.inputs is None or not signature.inputs.has_input_names():
         return None
-    types = signature.inputs.numpy_types()
-    return dict(zip(signature.inputs.input_names(), types, strict=True))
+    inputs = signature.inputs
+    if inputs.is_tensor_spec():
+        return dict(zip(inputs.input_names(), inputs.numpy_types(), strict=True))
+    return {c.name: getattr(c.type, "to_numpy", lambda: object)() for c in inputs.inputs}
+
+
+def custom_input(mlmodel: Any, source: str) -> tuple[tuple[int, ...], Any]:
+    """The shape of one row of a custom model's x, and its dtype: from its metadata (or, for
+    models logged as torch models, its tensor signature)."""
+    metadata = mlmodel.metadata or {}
+    if "x_shape" in metadata:
+        return tuple(metadata["x_shape"]), np.dtype(metadata["x_dtype"])
+    spec = mlmodel.signature.inputs.inputs[0] if mlmodel.signature else None
+    if spec is None or not hasattr(spec, "shape"):
+        raise TrainyardError(f"{source}: a custom model without the shape of its x")
+    return tuple(spec.shape[1:]), spec.type
 
 
 def input_files(kind: str | None, data: str) -> tuple[list[str], Any, bool]:
@@ -717,10 +667,7 @@ def plan_job(mlmodel: Any, source: str, keep: list[str], args: argparse.Namespac
         }
     shape = dtype = None
     if kind == "custom":
-        spec = mlmodel.signature.inputs.inputs[0] if mlmodel.signature else None
-        if spec is None or not hasattr(spec, "shape"):
-            raise TrainyardError(f"{source}: a custom model without a tensor signature")
-        shape, dtype = tuple(spec.shape[1:]), spec.type
+        shape, dtype = custom_input(mlmodel, source)
     return Job(
         kind=kind,
         inputs=signature_inputs(mlmodel) if kind in (None, "tabular") else None,

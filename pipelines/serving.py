@@ -1,26 +1,108 @@
-"""Logged models that take raw input: rows through the user's preprocessing, or encoded
-images through the decoding and normalization of training.
+"""Logged models that take the rows their users have: tables as pandas or pyarrow read them,
+encoded images or their paths, texts, a custom dataset's x. Each model casts its input itself
+and declares the columns it takes (its signature) so that MLflow's schema enforcement lets
+those rows through and refuses a missing column in its own words.
+
+Why the columns are declared as they are (MLflow 3.17's enforcement, mlflow/models/utils.py):
+`double` takes float32 and float64 (blanks as NaN) and refuses text, column by column, fast;
+but it refuses int64 (only integers of at most 6 bytes are "safe" to upcast), and `long`
+refuses float64, which is how pandas reads an integer column with a blank. So a column that
+held decimals in training is `double`; integer, boolean and text columns are `Any`, which MLflow
+checks value by value (about 1 µs a value) and this module checks as a column: numbers parse,
+text in a number column is refused naming the column and the value, and a blank is refused
+where the model cannot fill it.
 
 Imported by MLflow wherever the model is loaded, with the code logged beside it, so it imports
-nothing of trainyard's but `models` (pure torch) and `pipelines.arrays` (numpy and Pillow), and
-loads the user's function by name.
+nothing of trainyard's but `models` (pure torch), `pipelines.arrays` (numpy and Pillow) and,
+for models with a fitted encoder, `pipelines.features` (Ray Data); it loads the user's function
+by name.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+
+
+def refused(message: str) -> MlflowException:
+    """An input the model cannot take: the error MLflow raises for a schema mismatch."""
+    return MlflowException.invalid_parameter_value(message)
+
+
+def is_blank(values: pd.Series) -> np.ndarray:
+    """Null, NaN or empty text."""
+    missing = values.isna().to_numpy()
+    if values.dtype.kind not in "biuf":
+        missing = missing | (values.astype(str).str.strip() == "").to_numpy()
+    return missing
+
+
+def as_numbers(values: pd.Series, name: str, blanks: bool) -> np.ndarray:
+    """A column of numbers as float64, however it was read (ints, floats, booleans, nullable
+    types, numbers written as text); blanks are NaN. Text that is not a number is refused,
+    and so is a blank unless `blanks`."""
+    if values.dtype.kind in "biuf" or isinstance(values.dtype, pd.api.extensions.ExtensionDtype):
+        try:
+            numbers = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        except (TypeError, ValueError):
+            numbers = None
+    else:
+        numbers = None
+    if numbers is None:
+        missing = is_blank(values)
+        parsed = pd.to_numeric(values.where(~missing), errors="coerce").to_numpy(np.float64)
+        bad = np.flatnonzero(np.isnan(parsed) & ~missing)
+        if len(bad):
+            raise refused(
+                f"Incompatible input types for column {name}: {values.iloc[bad[0]]!r} is "
+                f"not a number ({len(bad)} such value(s))"
+            )
+        numbers = parsed
+    if not blanks and (gaps := np.flatnonzero(np.isnan(numbers))).size:
+        raise refused(
+            f"Column {name} is blank in {gaps.size} row(s); the model was trained without "
+            "blanks: fill them, or train with data.missing: impute"
+        )
+    return numbers
+
+
+def table_schema(example: pd.DataFrame, filled: set[str] = frozenset()) -> Any:
+    """The input columns of a table model, from raw example rows: `double` for columns of
+    decimals (unless `filled`: columns whose blanks the model fills, which pandas reads as
+    integers when a file has none), `Any` for the rest (see the module docstring)."""
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import AnyType
+
+    def spec(name: str) -> ColSpec:
+        values = example[name]
+        decimals = values.dtype.kind == "f" and name not in filled and not values.isna().any()
+        return ColSpec(DataType.double if decimals else AnyType(), name)
+
+    return Schema([spec(str(c)) for c in example.columns])
+
+
+def missing_columns(frame: pd.DataFrame, columns: list[str]) -> None:
+    """Refuse a table without all of `columns`, as MLflow's enforcement does."""
+    if missing := [c for c in columns if c not in frame]:
+        raise refused(f"Model is missing inputs {missing}.")
 
 
 class RawRowsModel(mlflow.pyfunc.PythonModel):
-    """Raw rows through `data.preprocess` (module:fn, a DataFrame function) and/or the fitted
-    encoding of mixed feature columns (pipelines.features), then the trained predictor: what
-    `mlflow.pyfunc.load_model(uri).predict(raw_rows)` runs."""
+    """A tabular model: raw rows, optionally through `data.preprocess` (module:fn, a DataFrame
+    function) and/or the fitted encoding of mixed feature columns (pipelines.features), then
+    the trained predictor. What `mlflow.pyfunc.load_model(uri).predict(rows)` runs."""
+
+    # Models pickled before these existed: no checks beyond their signature's.
+    numeric: list[str] | None = None
+    raw_numeric: tuple[str, ...] = ()
+    blanks = True
 
     def __init__(
         self,
@@ -28,11 +110,20 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
         features: list[str],
         preprocess: str | None = None,
         encoder: Any = None,
+        numeric: list[str] | None = None,
+        raw_numeric: list[str] = (),
+        blanks: bool = False,
     ):
         self.predictor = predictor.eval()
         self.features = list(features)
         self.preprocess = preprocess
         self.encoder = encoder
+        self.numeric = list(features if numeric is None else numeric)
+        """The features that are numbers (the others are categories the encoder takes)."""
+        self.raw_numeric = tuple(raw_numeric)
+        """With `preprocess`: the raw columns that are numbers, checked before it runs."""
+        self.blanks = blanks
+        """Whether the encoder fills blank features (data.missing: impute)."""
 
     @property
     def requirements(self) -> list[str]:
@@ -45,27 +136,69 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
         return [f"ray[data]=={ray.__version__}", f"pyarrow=={pyarrow.__version__}"]
 
     def transform(self, model_input: pd.DataFrame) -> torch.Tensor:
+        """Raw rows → the predictor's float32 features."""
         rows = model_input.copy()
         if self.preprocess:
+            for c in self.raw_numeric:
+                rows[c] = as_numbers(rows[c], c, blanks=True)  # the function sees the blanks
             module, _, attr = self.preprocess.partition(":")
             fn = importlib.import_module(module)
             for part in attr.split("."):
                 fn = getattr(fn, part)
             rows = fn(rows)
+        missing_columns(rows, self.features)
+        if self.numeric is not None:
+            for c in self.numeric:
+                rows[c] = as_numbers(rows[c], c, blanks=self.blanks and self.encoder is not None)
+            if not self.blanks:
+                for c in set(self.features) - set(self.numeric):
+                    if (gaps := np.flatnonzero(is_blank(rows[c]))).size:
+                        raise refused(
+                            f"Column {c} is blank in {gaps.size} row(s); the model was "
+                            "trained without blanks: fill them, or train with "
+                            "data.missing: impute"
+                        )
         if self.encoder is not None:
             from pipelines.features import encode
 
             return torch.from_numpy(encode(rows, self.encoder, self.features))
         return torch.from_numpy(rows[self.features].to_numpy(dtype=np.float32))
 
+    def input_schema(self, example: pd.DataFrame) -> Any:
+        filled = set(self.numeric or ()) if self.blanks and self.encoder is not None else set()
+        return table_schema(example, filled | set(self.raw_numeric))
+
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:
         with torch.no_grad():
             return self.predictor(self.transform(model_input)).float().numpy()
 
 
+def read_bytes(path: str) -> bytes:
+    """A file's bytes, local or at a URI."""
+    if "://" not in path:
+        with open(path, "rb") as f:
+            return f.read()
+    import pyarrow.fs as pafs
+
+    fs, name = pafs.FileSystem.from_uri(path)
+    with fs.open_input_file(name) as f:
+        return f.readall()
+
+
+def sources(model_input: pd.DataFrame, what: str) -> tuple[str, pd.Series]:
+    """The column a table of images or texts names them by: `image`/`text` (the data), or
+    `path` (files to read)."""
+    if what in model_input:
+        return what, model_input[what]
+    if "path" in model_input:
+        return "path", model_input["path"]
+    raise refused(f"Model is missing inputs: a column `{what}` or `path`.")
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """Encoded images in, class names out: each image decoded, converted and resized as in
-    training, normalized with the training split's channel statistics, classified."""
+    """Encoded images in (a column `image` of bytes, or `path` of files), class names out:
+    each image decoded, converted and resized as in training, normalized with the training
+    split's channel statistics, classified."""
 
     def __init__(
         self,
@@ -80,15 +213,25 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.size, self.mode = tuple(size), mode
         self.mean, self.std, self.classes = list(mean), list(std), list(classes)
 
+    def input_schema(self, example: pd.DataFrame) -> Any:
+        from mlflow.types import ColSpec, DataType, Schema
+
+        return Schema(
+            [
+                ColSpec(DataType.binary, "image", required=False),
+                ColSpec(DataType.string, "path", required=False),
+            ]
+        )
+
     def decode(self, model_input: pd.DataFrame) -> np.ndarray:
-        """The DataFrame's `image` column (bytes, or paths to read) as uint8 (n, h, w, c)."""
+        """The images as uint8 (n, h, w, c)."""
         from pipelines.arrays import decode_image
 
+        column, values = sources(model_input, "image")
         images = []
-        for item in model_input["image"]:
-            if isinstance(item, str):
-                with open(item, "rb") as f:
-                    item = f.read()
+        for item in values:
+            if column == "path" or isinstance(item, str):
+                item = read_bytes(item)
             images.append(decode_image(bytes(item), self.size, self.mode))
         return np.stack(images)
 
@@ -105,3 +248,152 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:
         logits = self.logits(self.decode(model_input))
         return np.asarray(self.classes, dtype=object)[logits.argmax(-1)]
+
+
+class TextModel(mlflow.pyfunc.PythonModel):
+    """A language model and its tokenizer. Texts in (a column `text`, or `path` of files),
+    each text's loss out: nats per token and bits per byte over non-overlapping windows of the
+    model's context, as `trainyard predict` writes them. `net` gives next-token logits for
+    token ids (batch, time)."""
+
+    def __init__(self, net: torch.nn.Module, tokenizer: Any, tokenizer_name: str):
+        self.net = net.eval()
+        self.tokenizer, self.tokenizer_name = tokenizer, tokenizer_name
+
+    def input_schema(self, example: pd.DataFrame) -> Any:
+        from mlflow.types import ColSpec, DataType, Schema
+
+        return Schema(
+            [
+                ColSpec(DataType.string, "text", required=False),
+                ColSpec(DataType.string, "path", required=False),
+            ]
+        )
+
+    def texts(self, model_input: pd.DataFrame) -> tuple[dict[str, Any], list[bytes]]:
+        """The texts as bytes (blanks empty), and the columns that name them in the output
+        (the path, for files)."""
+        column, values = sources(model_input, "text")
+        if column == "path":
+            paths = list(values)
+            return {"path": paths}, [read_bytes(p) for p in paths]
+        blank = values.isna().to_numpy()
+        return {}, [b"" if gap else str(t).encode() for t, gap in zip(values, blank, strict=True)]
+
+    def score(self, datas: list[bytes]) -> pd.DataFrame:
+        """Each text's bytes, tokens, loss (nats per token) and bits per byte."""
+        import torch.nn.functional as F
+
+        context = self.net.config.context
+        device = next(self.net.parameters()).device
+        rows = []
+        for data in datas:
+            encoded = np.asarray(self.tokenizer.encode(data), dtype=np.int64)
+            ids = torch.as_tensor(encoded, device=device)
+            nll, count = 0.0, 0
+            with torch.no_grad():
+                for start in range(0, max(len(ids) - 1, 0), context):
+                    window = ids[start : start + context + 1]
+                    logits = self.net(window[None, :-1])[0].float()
+                    nll += F.cross_entropy(logits, window[1:], reduction="sum").item()
+                    count += len(window) - 1
+            rows.append(
+                {
+                    "bytes": len(data),
+                    "tokens": len(ids),
+                    "loss": nll / count if count else math.nan,
+                    "bits_per_byte": nll / math.log(2) / len(data) if count else math.nan,
+                }
+            )
+        return pd.DataFrame(rows, columns=["bytes", "tokens", "loss", "bits_per_byte"])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> Any:
+        names, datas = self.texts(model_input)
+        return pd.concat([pd.DataFrame(names), self.score(datas)], axis=1)
+
+
+def nested(value: Any) -> np.ndarray:
+    """One row's nested lists (as pandas gives a Parquet list column: arrays of arrays) as one
+    array."""
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return np.stack([nested(v) for v in value])
+    return np.asarray(value)
+
+
+class ArrayModel(mlflow.pyfunc.PythonModel):
+    """A custom dataset's model: its x in, the network's outputs out. x as an array (n, *shape);
+    or a table with a column `x` of nested lists, or one number column per element of x in
+    order (extra columns named in `keep` left out)."""
+
+    def __init__(self, net: torch.nn.Module, shape: list[int], dtype: str):
+        self.net = net.eval()
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+    def input_schema(self, example: Any) -> None:
+        """None: the columns are the user's (a table of them, or one of nested lists), so the
+        model checks them itself."""
+        return None
+
+    def arrays(self, model_input: Any, keep: tuple[str, ...] = ()) -> np.ndarray:
+        """The input as x: (n, *shape) of the training dtype."""
+        if isinstance(model_input, pd.DataFrame):
+            if "x" in model_input:
+                x = np.stack([nested(v) for v in model_input["x"]])
+            else:
+                columns = [c for c in model_input.columns if c not in keep]
+                x = np.stack(
+                    [as_numbers(model_input[c], c, blanks=False) for c in columns], axis=-1
+                )
+        else:
+            x = np.asarray(model_input)
+        try:
+            return x.astype(self.dtype).reshape(-1, *self.shape)
+        except (TypeError, ValueError) as e:
+            raise refused(f"rows do not fit the model's x of shape {self.shape}: {e}") from None
+
+    def outputs(self, x: np.ndarray) -> np.ndarray:
+        device = next(self.net.parameters()).device
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+            return self.net(x).float().cpu().numpy()
+
+    # `np.ndarray`: a hint MLflow passes through unchecked (tables come in too; a union is a
+    # hint it warns about, and so is none).
+    def predict(self, context: Any, model_input: np.ndarray, params: Any = None) -> np.ndarray:
+        return self.outputs(self.arrays(model_input))
+
+
+def load(directory: str, device: Any = "cpu") -> Any:
+    """The model logged in `directory` as this module's class for it (its network on
+    `device`, a tabular predictor on the CPU), or, for a model trainyard did not log, the
+    MLflow pyfunc model. Models logged as torch models (the GPT, custom networks and plain
+    tabular predictors before each was one of these) are wrapped as they would be logged now."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    mlmodel = Model.load(directory)
+    metadata, kind = mlmodel.metadata or {}, (mlmodel.metadata or {}).get("pipeline")
+    if "pytorch" in mlmodel.flavors and kind in ("tabular", "custom", "text"):
+        import mlflow.pytorch
+
+        net = mlflow.pytorch.load_model(directory, map_location="cpu").eval()
+        inputs = mlmodel.signature.inputs
+        if kind == "tabular":
+            return RawRowsModel(net, inputs.input_names())
+        if kind == "custom":
+            spec = inputs.inputs[0]
+            return ArrayModel(net.to(device), list(spec.shape[1:]), spec.type.str)
+        from pipelines.text import load_tokenizer
+
+        name = metadata["tokenizer"]
+        return TextModel(net.to(device), load_tokenizer(name), name)
+    model = mlflow.pyfunc.load_model(directory)
+    try:
+        python_model = model.unwrap_python_model()
+    except MlflowException:  # another flavor's model
+        return model
+    if not isinstance(python_model, RawRowsModel | ImageClassifier | TextModel | ArrayModel):
+        return model
+    if hasattr(python_model, "net"):
+        python_model.net.to(device)
+    return python_model

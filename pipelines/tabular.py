@@ -711,22 +711,16 @@ def build_datasets(
     if num_train + num_val == 0:
         raise DataError(f"data.path: {spec.path} has no rows")
     encoded = plan.categorical or spec.missing == "impute"
+    example = val_raw.limit(5).to_pandas()[features]  # raw rows as read: the model's example
     stats = fit_stats(train_raw, [] if encoded else features, spec)
     check_row_counts(num_train, num_val, num_workers, rows_per_step)
     if encoded:
         from pipelines.features import encode, fit_encoder
 
         encoder = fit_encoder(train_raw, plan, spec.max_onehot)
-        example = val_raw.limit(5).to_pandas()[features]
-        # Numbers as float64 and categories as text: a blank (NaN, None) is then a value the
-        # model's signature accepts.
-        example = example.astype({c: np.float64 for c in plan.numeric})
-        example = example.assign(**{c: as_text(example[c]) for c in plan.categorical + plan.hashed})
-        width = encode(example, encoder, features).shape[1]
+        width = encode(example.astype({c: np.float64 for c in plan.numeric}), encoder, features)
         stats.features, stats.encoder = features, encoder
-        stats.mean, stats.std = [0.0] * width, [1.0] * width
-    else:
-        example = val_raw.limit(5).to_pandas()[features].astype(np.float32)
+        stats.mean, stats.std = [0.0] * width.shape[1], [1.0] * width.shape[1]
     if stats.classes is not None:
         check_classes_in_both(stats.classes, val_raw, spec)
     kwargs = {"stats": stats.to_dict(), "label": spec.label}
@@ -787,6 +781,7 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
     import torch
 
     from models import TabularPredictor
+    from pipelines.serving import RawRowsModel
 
     stats, example = prepared.extra.stats, prepared.extra.example
     predictor = TabularPredictor(
@@ -797,14 +792,21 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
         stats.target_std,
         stats.classes,
     ).eval()
-    if spec.data.preprocess or stats.encoder is not None:
-        from pipelines.serving import RawRowsModel
-
-        predictor = RawRowsModel(predictor, stats.features, spec.data.preprocess, stats.encoder)
+    plan = prepared.extra.plan
+    raw_numeric = [c for c in example if example[c].dtype.kind in "iuf"]
+    model = RawRowsModel(
+        predictor,
+        stats.features,
+        spec.data.preprocess,
+        stats.encoder,
+        numeric=plan.numeric if plan else None,
+        raw_numeric=raw_numeric if spec.data.preprocess else (),
+        blanks=spec.data.missing == "impute",
+    )
     metadata = {"pipeline": "tabular", "task": spec.data.task, "label": spec.data.label}
     if stats.classes is not None:  # index i of the output is classes[i]
         metadata["classes"] = [c.item() if hasattr(c, "item") else c for c in stats.classes]
-    return predictor, example, metadata
+    return model, example, metadata
 
 
 def describe_data(spec: RunSpec) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow.fs as pafs
 
+from pipelines.arrays import ByteTokenizer
 from pipelines.data import DataError, Prepared, resolve_files
 from pipelines.spec import RunSpec, TextDataSpec
 
@@ -46,18 +47,6 @@ class Tokenizer(Protocol):
     def decode(self, ids: Any) -> bytes:
         """The bytes that token ids `ids` stand for."""
         ...
-
-
-class ByteTokenizer:
-    """Every byte is a token: vocabulary 256, nothing unknown, nothing to train."""
-
-    vocab_size = 256
-
-    def encode(self, data: bytes) -> np.ndarray:
-        return np.frombuffer(data, dtype=np.uint8)
-
-    def decode(self, ids: Any) -> bytes:
-        return bytes(np.asarray(ids, dtype=np.uint8).tolist())
 
 
 def load_tokenizer(name: str) -> Tokenizer:
@@ -337,11 +326,15 @@ def prepare(
 
 
 def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict[str, str]]:
-    """The trained GPT, an input example (the tokens of "def ") and its MLflow metadata,
-    which names the tokenizer that `trainyard generate` decodes with."""
-    tokenizer = load_tokenizer(spec.data.tokenizer)
-    example = np.asarray(tokenizer.encode(b"def "), dtype=np.int64)[None, :]
-    return net.eval(), example, {"pipeline": "text", "tokenizer": spec.data.tokenizer}
+    """The trained GPT with its tokenizer (it scores texts: pipelines.serving.TextModel), an
+    input example and its MLflow metadata, which names the tokenizer."""
+    import pandas as pd
+
+    from pipelines.serving import TextModel
+
+    model = TextModel(net, load_tokenizer(spec.data.tokenizer), spec.data.tokenizer)
+    example = pd.DataFrame({"text": ["def main():\n    return 0\n", "import os\n"]})
+    return model, example, {"pipeline": "text", "tokenizer": spec.data.tokenizer}
 
 
 def describe_data(spec: RunSpec) -> None:

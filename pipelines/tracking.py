@@ -7,7 +7,6 @@ tracking URI as plain data and log through `RankZeroLogger`, which is a no-op on
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import subprocess
@@ -388,55 +387,35 @@ def log_model(
     metadata: dict[str, str] | None = None,
     code_paths: list[str] = (),
 ) -> str:
-    """Log a model with its signature, input example (a DataFrame of raw rows or an array of
-    inputs) and metadata; return its model URI. Its code is trainyard's `models` package and
-    `code_paths`, the user's modules it needs, so that it loads in a fresh process anywhere.
+    """Log a model (one of pipelines.serving's) with its signature, input example (a
+    DataFrame of raw rows or an array of inputs) and metadata; return its model URI. Its code
+    is trainyard's `models` and `pipelines` packages and `code_paths`, the user's modules it
+    needs, so that it loads in a fresh process anywhere.
 
     Call it last: leaving `mlflow.start_run(run_id)` marks the run FINISHED, and `end_run`
     then sets the final status.
     """
     import mlflow
     import mlflow.pyfunc
-    import mlflow.pytorch
-    import numpy as np
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
 
     import models
     import pipelines
 
-    code = [str(Path(models.__file__).parent), *code_paths]
+    code = [str(Path(models.__file__).parent), str(Path(pipelines.__file__).parent), *code_paths]
     # Named up front: inferring them loads the model again in a subprocess (slow).
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"]
     requirements += getattr(model, "requirements", [])
-    if isinstance(model, mlflow.pyfunc.PythonModel):  # raw rows through the user's function
-        prediction = model.predict(None, example)
-        flavor = functools.partial(
-            mlflow.pyfunc.log_model,
-            python_model=model,
-            code_paths=[*code, str(Path(pipelines.__file__).parent)],
-        )
-    else:
-        inputs = example.to_numpy(dtype=np.float32) if hasattr(example, "to_numpy") else example
-        with torch.no_grad():
-            prediction = model(torch.from_numpy(np.array(inputs))).float().numpy()
-        # Pickled with its code, so that pyfunc takes a DataFrame of raw feature rows.
-        flavor = functools.partial(
-            mlflow.pytorch.log_model, model, code_paths=code, serialization_format="pickle"
-        )
-    signature = infer_signature(example, prediction)
-    if (metadata or {}).get("pipeline") == "text":
-        # Token ids (batch, time) of any length up to the context, not the example's length.
-        from mlflow.types import TensorSpec
-        from mlflow.types.schema import Schema
-
-        ids, logits = signature.inputs.inputs[0], signature.outputs.inputs[0]
-        signature.inputs = Schema([TensorSpec(ids.type, (-1, -1), ids.name)])
-        vocab = logits.shape[-1]
-        signature.outputs = Schema([TensorSpec(logits.type, (-1, -1, vocab), logits.name)])
+    # The inputs as the model declares them (what users' tables hold: pipelines.serving), the
+    # outputs as it gives them for the example.
+    outputs = infer_signature(model_output=model.predict(None, example)).outputs
+    signature = ModelSignature(inputs=model.input_schema(example), outputs=outputs)
     with _fluent(uri), mlflow.start_run(run_id=run_id), _quiet_model_logging():
-        info = flavor(
+        info = mlflow.pyfunc.log_model(
             name="model",
+            python_model=model,
+            code_paths=code,
             signature=signature,
             input_example=example,
             pip_requirements=requirements,

@@ -77,6 +77,23 @@ def python_elsewhere(script: str, cwd) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
+def pyfunc_elsewhere(tracking_uri: str, model_uri: str, read: str, cwd) -> list:
+    """What `mlflow.pyfunc.load_model(model_uri).predict(rows)` gives in a fresh process in
+    `cwd`, `rows` being what the Python expression `read` gives (plain pandas: `pd`), as
+    plain values: one per row, or a list of them."""
+    import json
+
+    cwd.mkdir(parents=True, exist_ok=True)
+    script = f"""
+import json, mlflow, numpy as np, pandas as pd
+mlflow.set_tracking_uri({tracking_uri!r})
+out = mlflow.pyfunc.load_model({model_uri!r}).predict({read})
+out = out.to_dict(orient="list") if isinstance(out, pd.DataFrame) else np.asarray(out).tolist()
+print(json.dumps(out))
+"""
+    return json.loads(python_elsewhere(script, cwd))
+
+
 @pytest.fixture
 def storage(tmp_path) -> str:
     return str(tmp_path / "results")

@@ -320,6 +320,18 @@ def test_a_submitted_prediction_writes_where_every_node_sees(cluster, both_jobs)
     predicted = pd.read_parquet(out)
     assert predicted["label"].tolist() == digits["label"].tolist()
     assert (predicted["prediction"] == predicted["label"]).mean() > 0.8
+    # The model with the user's preprocessing, through pyfunc.predict on the same file as pandas
+    # reads it, in a fresh process elsewhere (where the user's modules are not): the same classes.
+    import numpy as np
+    from conftest import pyfunc_elsewhere
+
+    logits = pyfunc_elsewhere(
+        cluster["state"].mlflow_url,
+        f"runs:/{tabular}/model",
+        f"pd.read_csv({str(rows)!r}).drop(columns='label')",
+        cluster["base"] / "elsewhere",
+    )
+    assert predicted["prediction"].tolist() == [int(np.argmax(row)) for row in logits]
 
 
 def test_no_secret_in_the_jobs_runtime_env_or_metadata(cluster, both_jobs):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import python_elsewhere, train
+from conftest import pyfunc_elsewhere, python_elsewhere, train
 from PIL import Image
 
 from pipelines.arrays import crop_flip, decode_image, normalize
@@ -313,6 +313,16 @@ def test_predict_classifies_image_files_as_the_model_does(
         i for i, f in zip(ids, files, strict=True) if "broken" not in f.name
     ]
     assert out["prediction"].tolist() == [int(c) for c in expected]
+    # pyfunc.predict on such tables as pandas reads them (bytes from Parquet, paths from a
+    # CSV), in a fresh process elsewhere: the classes trainyard predict wrote.
+    pd.DataFrame({"image": [f.read_bytes() for f in good]}).to_parquet(tmp_path / "good.parquet")
+    pd.DataFrame({"path": [str(f) for f in good]}).to_csv(tmp_path / "paths.csv", index=False)
+    for read in ("pd.read_parquet", "pd.read_csv"):
+        name = "good.parquet" if read == "pd.read_parquet" else "paths.csv"
+        names = pyfunc_elsewhere(
+            tracking_uri, digits_images["model_uri"], f"{read}({str(tmp_path / name)!r})", tmp_path
+        )
+        assert names == list(expected)
 
 
 def test_resnet18_gpu_config_runs_its_path_shrunk_to_cpu(digits_images, tracking_uri, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from conftest import train
+from conftest import pyfunc_elsewhere, train
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,26 @@ def test_a_mixed_table_trains_like_one_encoded_by_hand_and_predicts_raw_rows(
     )
     logits = np.asarray(model.predict(rows))
     assert logits.shape == (3, 2) and np.isfinite(logits).all()
-    # ... and predicts the whole table about as well as it did its validation rows.
-    raw = table.drop(columns="churn")
+    # ... and predicts the whole table about as well as it did its validation rows, read back
+    # with pandas (nullable booleans, the label left in).
+    raw = pd.read_parquet(tmp_path / "churn.parquet")
     predicted = np.asarray(model.predict(raw)).argmax(1)
     assert (predicted == (table["churn"] == "yes").to_numpy()).mean() > 0.75
+
+    # A CSV as a user has it: autopay without blanks (pandas reads it as bool), a region never
+    # seen and a blank region (none in training). pyfunc.predict on it as pandas reads it, in
+    # a fresh process elsewhere, gives what `trainyard predict` gives.
+    from pipelines import cli
+
+    rows = table.head(200).assign(autopay=table["autopay"].head(200).fillna(False).astype(bool))
+    rows.loc[0, "region"], rows.loc[1, "region"] = "mars", None
+    rows.to_csv(tmp_path / "new.csv", index=False)
+    assert pd.read_csv(tmp_path / "new.csv")["autopay"].dtype == bool
+    args = ["predict", ours["model_uri"], str(tmp_path / "new.csv"), "--out", str(tmp_path / "p")]
+    assert cli.main(args) == 0
+    out = pd.read_parquet(tmp_path / "p")
+    read = f"pd.read_csv({str(tmp_path / 'new.csv')!r})"
+    logits = np.asarray(pyfunc_elsewhere(tracking_uri, ours["model_uri"], read, tmp_path / "e"))
+    assert out["prediction"].tolist() == np.array(["no", "yes"])[logits.argmax(1)].tolist()
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(out["probability_yes"], probabilities[:, 1], rtol=1e-5)

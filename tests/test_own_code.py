@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import python_elsewhere
+from conftest import pyfunc_elsewhere, python_elsewhere
 
 from pipelines import user
 from pipelines.spec import SpecError, UserModelSpec
@@ -249,6 +249,11 @@ def test_own_dataset_model_loss_and_augment_resume_exactly(
     logits = mlflow.pyfunc.load_model(straight["model_uri"]).predict(pixels.reshape(-1, 1, 8, 8))
     assert predicted["id"].tolist() == list(range(300))
     assert predicted["prediction"].tolist() == np.asarray(logits).argmax(1).tolist()
+    # pyfunc.predict on the same file as pandas reads it (the id dropped), in a fresh process
+    # elsewhere: the same outputs.
+    read = f"pd.read_csv({str(tmp_path / 'rows.csv')!r}).drop(columns='id')"
+    columns = pyfunc_elsewhere(tracking_uri, straight["model_uri"], read, tmp_path / "e")
+    np.testing.assert_allclose(columns, logits, rtol=1e-5, atol=1e-6)
     probabilities = predicted[[f"probability_{c}" for c in range(10)]].to_numpy()
     np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-6)
 
@@ -261,9 +266,11 @@ def test_predict_reads_a_custom_models_x_from_nested_lists_or_numeric_columns(tm
     import torch
 
     from pipelines.predict import Job, predict_arrays
+    from pipelines.serving import ArrayModel
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    model = ArrayModel(net, [1, 2, 2], "<f4")
     x = np.arange(20, dtype=np.float32).reshape(5, 1, 2, 2) / 10
     pd.DataFrame({"x": [row.tolist() for row in x]}).to_parquet(tmp_path / "x.parquet")
     nested = pd.read_parquet(tmp_path / "x.parquet")
@@ -271,7 +278,7 @@ def test_predict_reads_a_custom_models_x_from_nested_lists_or_numeric_columns(tm
     job = Job("custom", shape=(1, 2, 2), dtype=np.dtype("float32"), keep=("id",))
     expected = net(torch.from_numpy(x)).detach().numpy()
     for batch in (nested, columns):
-        out = predict_arrays(net, {"task": "classification"}, batch, job)
+        out = predict_arrays(model, {"task": "classification"}, batch, job)
         assert out["prediction"].tolist() == expected.argmax(1).tolist()
         np.testing.assert_allclose(
             out["probability_2"], torch.softmax(torch.tensor(expected), 1)[:, 2], rtol=1e-5
@@ -279,4 +286,4 @@ def test_predict_reads_a_custom_models_x_from_nested_lists_or_numeric_columns(tm
     with pytest.raises(
         ValueError, match=r"DATA: rows do not fit the model's x of shape \(1, 2, 2\)"
     ):
-        predict_arrays(net, {}, columns.drop(columns="d"), job)
+        predict_arrays(model, {}, columns.drop(columns="d"), job)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import train
+from conftest import pyfunc_elsewhere, train
 from mlflow.tracking import MlflowClient
 
 from pipelines import cli
@@ -145,9 +145,11 @@ def test_predict_scores_text_files_as_the_model_predicts_their_bytes(
     tiny_run, tracking_uri, tmp_path, capsys
 ):
     """`trainyard predict` of a text model: per file, the mean next-byte loss over windows of
-    the model's context, what pyfunc.predict's logits give for the same windows."""
+    the model's context, what the logged network's logits give for the same windows; a
+    table's `text` column, as pandas reads it, scores the same through pyfunc.predict."""
     import mlflow
     import pandas as pd
+    import torch
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -161,13 +163,14 @@ def test_predict_scores_text_files_as_the_model_predicts_their_bytes(
     out = pd.read_parquet(tmp_path / "o")
     assert out["path"].tolist() == [str(corpus / n) for n in sorted(texts)]
     mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pyfunc.load_model(tiny_run["model_uri"])
+    net = mlflow.pyfunc.load_model(tiny_run["model_uri"]).unwrap_python_model().net
     for (_, data), row in zip(sorted(texts.items()), out.itertuples(), strict=True):
         ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
         nll = 0.0
         for start in range(0, len(ids) - 1, 64):  # the run's model.context
             window = ids[start : start + 65]
-            logits = np.asarray(model.predict(window[None, :-1]), dtype=np.float64)[0]
+            with torch.no_grad():
+                logits = net(torch.from_numpy(window[None, :-1])).double().numpy()[0]
             logits -= logits.max(-1, keepdims=True)
             logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
             nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
@@ -196,6 +199,10 @@ def test_predict_scores_text_files_as_the_model_predicts_their_bytes(
     scored = pd.read_parquet(tmp_path / "t")
     assert scored["id"].tolist() == [7, 8] and "path" not in scored
     np.testing.assert_allclose(scored["loss"], out["loss"], rtol=1e-6)
+    read = f"pd.read_csv({str(table)!r})"
+    scores = pyfunc_elsewhere(tracking_uri, tiny_run["model_uri"], read, tmp_path / "e")
+    np.testing.assert_allclose(scores["loss"], scored["loss"], rtol=1e-6)
+    np.testing.assert_allclose(scores["bits_per_byte"], scored["bits_per_byte"], rtol=1e-6)
     generate = ["--generate", "12", "--temperature", "0.5", "--seed", "3", "--batch-size", "1"]
     args = ["predict", tiny_run["model_uri"], str(table), "--out", str(tmp_path / "g"), *generate]
     rc, _, err = run_cli(args, capsys)

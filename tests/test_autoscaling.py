@@ -88,7 +88,11 @@ def autoscaling_cluster(tmp_path_factory):
             }
         )
     )
+    # Its own token, given to its processes and the run only: a fresh machine has no
+    # ~/.ray/auth_token for `ray start` to find.
+    token = os.environ.get("RAY_AUTH_TOKEN") or uuid.uuid4().hex + uuid.uuid4().hex
     env = os.environ | {
+        "RAY_AUTH_TOKEN": token,
         MARKER: cluster_id,
         "RAY_FAKE_CLUSTER": "1",
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
@@ -104,13 +108,13 @@ def autoscaling_cluster(tmp_path_factory):
     ]
     try:
         subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
-        yield address, config
+        yield address, config, token
     finally:
         stop_cluster_processes(cluster_id)
 
 
 def test_gpu_shaped_run_waits_for_the_autoscaler(autoscaling_cluster, tracking_uri, tmp_path):
-    address, config = autoscaling_cluster
+    address, config, token = autoscaling_cluster
     summary = tmp_path / "summary.json"
     sets = {
         "train.epochs": 2,
@@ -121,6 +125,7 @@ def test_gpu_shaped_run_waits_for_the_autoscaler(autoscaling_cluster, tracking_u
     env = os.environ | {
         "RAY_ADDRESS": address,
         "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
         "MLFLOW_TRACKING_URI": tracking_uri,
         AUTOSCALING_CONFIG_ENV: str(config),
     }

@@ -33,7 +33,7 @@ def logged_models(uri: str, example_png: bytes) -> dict[str, str]:
     """The two models, logged (and signed) as trainyard logs them; their URIs by kind."""
     from models import TabularPredictor, mlp, resnet
     from pipelines import tracking
-    from pipelines.serving import ImageClassifier
+    from pipelines.serving import ImageClassifier, RawRowsModel
 
     torch.manual_seed(0)
     run_id = tracking.start_run(uri, "trainyard-bench", "bench-predict-models", {}, "", {})
@@ -45,9 +45,10 @@ def logged_models(uri: str, example_png: bytes) -> dict[str, str]:
         [0.3],
         [str(c) for c in CLASSES],
     )
-    table = TabularPredictor(
-        mlp(64, 10, (128, 64)), torch.zeros(64), torch.ones(64), classes=CLASSES
-    ).eval()
+    table = RawRowsModel(
+        TabularPredictor(mlp(64, 10, (128, 64)), torch.zeros(64), torch.ones(64), classes=CLASSES),
+        FEATURES,
+    )
     rows = pd.DataFrame(np.zeros((3, 64), dtype=np.float32), columns=FEATURES)
     uris = {
         "images": tracking.log_model(

@@ -229,8 +229,7 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
         "pipeline": "custom",
         "dataset": spec.data.dataset,
         "task": spec.data.task,
-        "x_shape": list(model.shape),
-        "x_dtype": model.dtype.str,
+        "x_shape": list(model.shape),  # (what trainyard predict checks tables against)
     }
     return model, example, metadata
 

@@ -131,8 +131,7 @@ class Job:
     inputs: dict[str, Any] | None = None
     """Tabular and pyfunc models: the signature's columns and their numpy types."""
     shape: tuple[int, ...] | None = None
-    """Custom models: the shape of one row's x (the signature's tensor, less its batch axis)."""
-    dtype: Any = None
+    """Custom models: the shape of one row of x (what the driver checks a table against)."""
     keep: tuple[str, ...] = ()
     skip_bad: bool = False
     generate: dict[str, Any] | None = None
@@ -261,8 +260,9 @@ def predict_rows(model: Any, metadata: dict, batch: pd.DataFrame, inputs: dict |
 
     from pipelines.serving import RawRowsModel
 
+    ours = isinstance(model, RawRowsModel)
     frame = batch
-    if isinstance(model, RawRowsModel):
+    if ours:
         frame = batch[list(inputs)] if inputs else batch
     elif inputs:
         try:
@@ -270,9 +270,7 @@ def predict_rows(model: Any, metadata: dict, batch: pd.DataFrame, inputs: dict |
         except (TypeError, ValueError) as e:
             raise ValueError(f"DATA: a column does not convert to the model's types: {e}") from None
     try:
-        raw = (
-            model.predict(None, frame) if isinstance(model, RawRowsModel) else model.predict(frame)
-        )
+        raw = model.predict(None, frame) if ours else model.predict(frame)
     except MlflowException as e:
         raise ValueError(f"DATA: {e.message.splitlines()[-1]}") from None
     if metadata.get("pipeline") == "tabular" and metadata.get("classes") is not None:
@@ -380,16 +378,15 @@ def signature_inputs(mlmodel: Any) -> dict[str, Any] | None:
     return {c.name: getattr(c.type, "to_numpy", lambda: object)() for c in inputs.inputs}
 
 
-def custom_input(mlmodel: Any, source: str) -> tuple[tuple[int, ...], Any]:
-    """The shape of one row of a custom model's x, and its dtype: from its metadata (or, for
-    models logged as torch models, its tensor signature)."""
-    metadata = mlmodel.metadata or {}
-    if "x_shape" in metadata:
-        return tuple(metadata["x_shape"]), np.dtype(metadata["x_dtype"])
+def custom_shape(mlmodel: Any, source: str) -> tuple[int, ...]:
+    """The shape of one row of a custom model's x: from its metadata (or, for models logged as
+    torch models, its tensor signature)."""
+    if "x_shape" in (mlmodel.metadata or {}):
+        return tuple(mlmodel.metadata["x_shape"])
     spec = mlmodel.signature.inputs.inputs[0] if mlmodel.signature else None
     if spec is None or not hasattr(spec, "shape"):
         raise TrainyardError(f"{source}: a custom model without the shape of its x")
-    return tuple(spec.shape[1:]), spec.type
+    return tuple(spec.shape[1:])
 
 
 def input_files(kind: str | None, data: str) -> tuple[list[str], Any, bool]:
@@ -665,14 +662,10 @@ def plan_job(mlmodel: Any, source: str, keep: list[str], args: argparse.Namespac
             "top_k": args.top_k,
             "seed": args.seed,
         }
-    shape = dtype = None
-    if kind == "custom":
-        shape, dtype = custom_input(mlmodel, source)
     return Job(
         kind=kind,
         inputs=signature_inputs(mlmodel) if kind in (None, "tabular") else None,
-        shape=shape,
-        dtype=dtype,
+        shape=custom_shape(mlmodel, source) if kind == "custom" else None,
         keep=tuple(keep),
         skip_bad=args.on_bad_rows == "skip",
         generate=generate,

@@ -44,16 +44,22 @@ def is_blank(values: pd.Series) -> np.ndarray:
     return missing
 
 
+def refuse_blanks(name: str, blank: np.ndarray) -> None:
+    """Refuse a column with blanks (`blank`: one flag a row) in a model that cannot fill them."""
+    if count := int(np.count_nonzero(blank)):
+        raise refused(
+            f"Column {name} is blank in {count} row(s); the model was trained without blanks: "
+            "fill them, or train with data.missing: impute"
+        )
+
+
 def as_numbers(values: pd.Series, name: str, blanks: bool) -> np.ndarray:
     """A column of numbers as float64, however it was read (ints, floats, booleans, nullable
     types, numbers written as text); blanks are NaN. Text that is not a number is refused,
     and so is a blank unless `blanks`."""
-    if values.dtype.kind in "biuf" or isinstance(values.dtype, pd.api.extensions.ExtensionDtype):
-        try:
-            numbers = values.to_numpy(dtype=np.float64, na_value=np.nan)
-        except (TypeError, ValueError):
-            numbers = None
-    else:
+    try:
+        numbers = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    except (TypeError, ValueError):  # text: parsed, blanks and all
         numbers = None
     if numbers is None:
         missing = is_blank(values)
@@ -65,11 +71,8 @@ def as_numbers(values: pd.Series, name: str, blanks: bool) -> np.ndarray:
                 f"not a number ({len(bad)} such value(s))"
             )
         numbers = parsed
-    if not blanks and (gaps := np.flatnonzero(np.isnan(numbers))).size:
-        raise refused(
-            f"Column {name} is blank in {gaps.size} row(s); the model was trained without "
-            "blanks: fill them, or train with data.missing: impute"
-        )
+    if not blanks:
+        refuse_blanks(name, np.isnan(numbers))
     return numbers
 
 
@@ -123,7 +126,8 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
         self.raw_numeric = tuple(raw_numeric)
         """With `preprocess`: the raw columns that are numbers, checked before it runs."""
         self.blanks = blanks
-        """Whether the encoder fills blank features (data.missing: impute)."""
+        """Whether the encoder fills blank features (data.missing: impute, which always
+        trains one)."""
 
     @property
     def requirements(self) -> list[str]:
@@ -149,15 +153,10 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
         missing_columns(rows, self.features)
         if self.numeric is not None:
             for c in self.numeric:
-                rows[c] = as_numbers(rows[c], c, blanks=self.blanks and self.encoder is not None)
+                rows[c] = as_numbers(rows[c], c, blanks=self.blanks)
             if not self.blanks:
                 for c in set(self.features) - set(self.numeric):
-                    if (gaps := np.flatnonzero(is_blank(rows[c]))).size:
-                        raise refused(
-                            f"Column {c} is blank in {gaps.size} row(s); the model was "
-                            "trained without blanks: fill them, or train with "
-                            "data.missing: impute"
-                        )
+                    refuse_blanks(c, is_blank(rows[c]))
         if self.encoder is not None:
             from pipelines.features import encode
 
@@ -165,7 +164,7 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
         return torch.from_numpy(rows[self.features].to_numpy(dtype=np.float32))
 
     def input_schema(self, example: pd.DataFrame) -> Any:
-        filled = set(self.numeric or ()) if self.blanks and self.encoder is not None else set()
+        filled = set(self.numeric) if self.blanks else set()
         return table_schema(example, filled | set(self.raw_numeric))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:
@@ -256,9 +255,9 @@ class TextModel(mlflow.pyfunc.PythonModel):
     model's context, as `trainyard predict` writes them. `net` gives next-token logits for
     token ids (batch, time)."""
 
-    def __init__(self, net: torch.nn.Module, tokenizer: Any, tokenizer_name: str):
+    def __init__(self, net: torch.nn.Module, tokenizer: Any):
         self.net = net.eval()
-        self.tokenizer, self.tokenizer_name = tokenizer, tokenizer_name
+        self.tokenizer = tokenizer
 
     def input_schema(self, example: pd.DataFrame) -> Any:
         from mlflow.types import ColSpec, DataType, Schema
@@ -372,7 +371,8 @@ def load(directory: str, device: Any = "cpu") -> Any:
     from mlflow.models import Model
 
     mlmodel = Model.load(directory)
-    metadata, kind = mlmodel.metadata or {}, (mlmodel.metadata or {}).get("pipeline")
+    metadata = mlmodel.metadata or {}
+    kind = metadata.get("pipeline")
     if "pytorch" in mlmodel.flavors and kind in ("tabular", "custom", "text"):
         import mlflow.pytorch
 
@@ -385,8 +385,7 @@ def load(directory: str, device: Any = "cpu") -> Any:
             return ArrayModel(net.to(device), list(spec.shape[1:]), spec.type.str)
         from pipelines.text import load_tokenizer
 
-        name = metadata["tokenizer"]
-        return TextModel(net.to(device), load_tokenizer(name), name)
+        return TextModel(net.to(device), load_tokenizer(metadata["tokenizer"]))
     model = mlflow.pyfunc.load_model(directory)
     try:
         python_model = model.unwrap_python_model()

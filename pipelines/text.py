@@ -332,7 +332,7 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
 
     from pipelines.serving import TextModel
 
-    model = TextModel(net, load_tokenizer(spec.data.tokenizer), spec.data.tokenizer)
+    model = TextModel(net, load_tokenizer(spec.data.tokenizer))
     example = pd.DataFrame({"text": ["def main():\n    return 0\n", "import os\n"]})
     return model, example, {"pipeline": "text", "tokenizer": spec.data.tokenizer}
 

@@ -275,7 +275,7 @@ def test_predict_reads_a_custom_models_x_from_nested_lists_or_numeric_columns(tm
     pd.DataFrame({"x": [row.tolist() for row in x]}).to_parquet(tmp_path / "x.parquet")
     nested = pd.read_parquet(tmp_path / "x.parquet")
     columns = pd.DataFrame(x.reshape(5, 4), columns=list("abcd")).assign(id=range(5))
-    job = Job("custom", shape=(1, 2, 2), dtype=np.dtype("float32"), keep=("id",))
+    job = Job("custom", shape=(1, 2, 2), keep=("id",))
     expected = net(torch.from_numpy(x)).detach().numpy()
     for batch in (nested, columns):
         out = predict_arrays(model, {"task": "classification"}, batch, job)

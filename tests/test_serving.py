@@ -3,6 +3,8 @@ MLflow store and loaded back by mlflow.pyfunc, as a user would."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -97,29 +99,27 @@ def test_models_logged_as_torch_models_before_are_wrapped_as_they_would_be_now(t
     predictor = TabularPredictor(torch.nn.Linear(2, 2), torch.zeros(2), torch.ones(2), 0, 1, [0, 1])
     rows = pd.DataFrame({"a": [0.5, 1.0], "b": [2.0, 3.0]}).astype(np.float32)
     expected = predictor(torch.from_numpy(rows.to_numpy())).detach().numpy()
-    signature = infer_signature(rows, expected)
-    mlflow.pytorch.save_model(
-        predictor,
-        tmp_path / "t",
-        signature=signature,
-        metadata={"pipeline": "tabular"},
-        serialization_format="pickle",
-    )
-    model = load(str(tmp_path / "t"))
+
+    def saved_as_torch(net: torch.nn.Module, example: Any, pipeline: str) -> str:
+        """`net` saved as trainyard logged it before: a torch model, pickled."""
+        outputs = net(torch.from_numpy(np.asarray(example))).detach().numpy()
+        path = str(tmp_path / pipeline)
+        mlflow.pytorch.save_model(
+            net,
+            path,
+            signature=infer_signature(example, outputs),
+            metadata={"pipeline": pipeline},
+            serialization_format="pickle",
+        )
+        return path
+
+    model = load(saved_as_torch(predictor, rows, "tabular"))
     assert isinstance(model, RawRowsModel)
     np.testing.assert_allclose(model.predict(None, rows.astype(np.float64)), expected, rtol=1e-6)
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
     x = np.ones((2, 1, 2, 2), np.float32)
-    signature = infer_signature(x, net(torch.from_numpy(x)).detach().numpy())
-    mlflow.pytorch.save_model(
-        net,
-        tmp_path / "c",
-        signature=signature,
-        metadata={"pipeline": "custom"},
-        serialization_format="pickle",
-    )
-    model = load(str(tmp_path / "c"))
+    model = load(saved_as_torch(net, x, "custom"))
     assert isinstance(model, ArrayModel) and model.shape == (1, 2, 2)
     np.testing.assert_allclose(
         model.outputs(model.arrays(x)), net(torch.from_numpy(x)).detach().numpy()

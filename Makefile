@@ -59,11 +59,12 @@ gpu-kit: setup
 	@mkdir -p data
 	$(BIN)/python -c "from sklearn.datasets import load_digits; \
 	  load_digits(as_frame=True).frame.rename(columns={'target': 'label'}).to_csv('data/digits.csv', index=False)"
-	TRAINYARD_CACHE=data $(BIN)/python -c "from pipelines.images import digits_images; digits_images()"
+	TRAINYARD_CACHE=data $(BIN)/python -c "from trainyard.pipelines.data.images import digits_images; digits_images()"
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff format .

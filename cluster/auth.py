@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from cluster.errors import TrainyardError
+from trainyard.cluster.errors import TrainyardError
 
 DEFAULT_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
 HOW_TO_GET_ONE = (

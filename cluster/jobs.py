@@ -1,7 +1,7 @@
 """The Ray Jobs API side of `trainyard submit`: submit an entrypoint with a project directory as
 its `working_dir` (without virtualenvs, data, results, MLflow stores or caches), follow it, and
 turn its end into an exit status (0 only for SUCCEEDED). What the entrypoint runs is the
-caller's business (`pipelines.submit`). The token authenticates the HTTP requests only;
+caller's business (`jobs.submit`). The token authenticates the HTTP requests only;
 neither it nor any other credential goes into the runtime environment or the job metadata,
 which every user of the dashboard can read.
 """
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from cluster.errors import TrainyardError
-from cluster.secrets import redact_text
+from trainyard.cluster.errors import TrainyardError
+from trainyard.cluster.secrets import redact_text
 
 # Never uploaded: environments, local data and results, MLflow stores, caches, VCS.
 EXCLUDES = [
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_address(address: str | None) -> str:
     """The Jobs API address: the flag, the environment, or the local cluster."""
-    from cluster.local import LocalCluster
+    from trainyard.cluster.local import LocalCluster
 
     ray_address = os.environ.get("RAY_ADDRESS", "")
     for candidate in (
@@ -132,7 +132,7 @@ def client(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    from cluster import auth
+    from trainyard.cluster import auth
 
     check_answers(address)
     try:

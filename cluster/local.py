@@ -26,8 +26,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cluster import auth
-from cluster.errors import TrainyardError
+from trainyard.cluster import auth
+from trainyard.cluster.errors import TrainyardError
 
 MARKER = "TRAINYARD_CLUSTER_ID"
 STORAGE_ENV = "TRAINYARD_STORAGE_PATH"
@@ -197,7 +197,7 @@ def up(
     mlflow_dir: str = ".",
 ) -> LocalCluster:
     """Start a head, `workers` worker nodes and an MLflow server; return the saved state."""
-    from cluster.mlflow_server import server_command, wait_healthy
+    from trainyard.cluster.mlflow_server import server_command, wait_healthy
 
     existing = LocalCluster.load()
     if existing is not None:

@@ -17,8 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from cluster import signing
-from cluster.errors import TrainyardError
+from trainyard.cluster import signing
+from trainyard.cluster.errors import TrainyardError
 
 USER_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from cluster.errors import SpecError
-from cluster.errors import check as _check
+from trainyard.cluster.errors import SpecError
+from trainyard.cluster.errors import check as _check
 
 MIN_DATA_CPUS = 0.5
 DATA_CPU_SHARE = 0.25

@@ -13,7 +13,7 @@ import os
 import uuid
 from pathlib import Path
 
-from cluster.errors import TrainyardError
+from trainyard.cluster.errors import TrainyardError
 
 LOOK_TIMEOUT_S = 120.0
 

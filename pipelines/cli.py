@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines import train
-from pipelines.spec import TrainyardError
+from trainyard.pipelines.config.spec import TrainyardError
+from trainyard.pipelines.training import driver
 
 
 def _cluster_up(args: argparse.Namespace) -> int:
-    from cluster import local
+    from trainyard.cluster import local
 
     print(f"trainyard: starting a head and {args.workers} worker nodes ...", flush=True)
     state = local.up(
@@ -30,14 +30,14 @@ def _cluster_up(args: argparse.Namespace) -> int:
 
 
 def _cluster_down(args: argparse.Namespace) -> int:
-    from cluster import local
+    from trainyard.cluster import local
 
     print(f"trainyard: {local.down()}")
     return 0
 
 
 def _cluster_status(args: argparse.Namespace) -> int:
-    from cluster import local
+    from trainyard.cluster import local
 
     print(local.status(args.address))
     return 0
@@ -70,8 +70,9 @@ def _add_cluster(commands) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cluster import mlflow_server
-    from pipelines import bench, generate, predict, submit, tune
+    from trainyard.cluster import mlflow_server
+    from trainyard.pipelines import bench
+    from trainyard.pipelines.jobs import generate, predict, submit, tune
 
     parser = argparse.ArgumentParser(
         prog="trainyard",
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train a run spec (YAML) here")
-    train.add_arguments(train_parser)
-    train_parser.set_defaults(func=train.train_command)
+    driver.add_arguments(train_parser)
+    train_parser.set_defaults(func=driver.train_command)
     submission = commands.add_parser(
         "submit",
         help="run a spec on a cluster as a Ray job",
@@ -125,7 +126,3 @@ def main(argv: list[str] | None = None) -> int:
     except TrainyardError as e:
         print(f"trainyard: error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -47,7 +47,7 @@ def train(config, out, *overrides: str) -> dict:
     succeeded and returns its --summary."""
     import json
 
-    from pipelines.train import main
+    from trainyard.pipelines.training.driver import main
 
     summary = out / "summary.json"
     overrides = (f"scaling.storage_path={out / 'results'}", *overrides)
@@ -147,7 +147,7 @@ def _timed_out(item, seconds: float) -> None:
     out = sys.stderr
     out.write(f"\n+++ {item.nodeid} still running after {seconds:g} s (pytest timeout) +++\n")
     try:
-        from cluster.state import ray_state
+        from trainyard.cluster.state import ray_state
 
         out.write("Ray's state:\n" + ray_state() + "\n")
     except Exception as e:  # the state API may hang-proof fail; the stacks matter more

@@ -21,8 +21,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cluster.local import MARKER, free_port, stop_cluster_processes
-from cluster.resources import AUTOSCALING_CONFIG_ENV
+from trainyard.cluster.local import MARKER, free_port, stop_cluster_processes
+from trainyard.cluster.resources import AUTOSCALING_CONFIG_ENV
 
 GPU_SHAPED = {"CPU": 1, "fake_gpu": 1}  # a GPU worker's shape, with a custom resource for the GPU
 
@@ -131,7 +131,7 @@ def test_gpu_shaped_run_waits_for_the_autoscaler(autoscaling_cluster, tracking_u
     }
     done = subprocess.run(
         [
-            *(sys.executable, "-m", "pipelines.train", "configs/digits.yaml"),
+            *(sys.executable, "-m", "trainyard.pipelines.train", "configs/digits.yaml"),
             *("--summary", str(summary)),
             *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")],
         ],

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.spec import DataSpec
-from pipelines.tabular import read_raw
-from pipelines.train import main
+from trainyard.pipelines.config.spec import DataSpec
+from trainyard.pipelines.data.tabular import read_raw
+from trainyard.pipelines.training.driver import main
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "test-bad-input"
@@ -182,7 +182,7 @@ def test_skipped_parquet_rows_leave_the_good_ones(ray_cluster, tmp_path):
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.train", *args],
+        [sys.executable, "-m", "trainyard.pipelines.train", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

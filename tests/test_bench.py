@@ -13,7 +13,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.bench import SUITES
+from trainyard.pipelines.bench import SUITES
 
 EXPECTED = {
     "preprocess": {"gil-holding", "gil-releasing"},
@@ -35,7 +35,7 @@ def quick_bench(ray_cluster, tracking_uri, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = os.environ | {"RAY_ADDRESS": ray_cluster.address, "MLFLOW_TRACKING_URI": tracking_uri}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "bench", "all", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "trainyard.pipelines", "bench", "all", "--quick", "--out", str(out)],
         env=env,
         capture_output=True,
         text=True,

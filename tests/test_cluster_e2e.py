@@ -21,8 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from cluster import auth
-from cluster.local import MARKER, LocalCluster, _alive, alive_nodes, cluster_pids, free_port
+from trainyard.cluster import auth
+from trainyard.cluster.local import (
+    MARKER,
+    LocalCluster,
+    _alive,
+    alive_nodes,
+    cluster_pids,
+    free_port,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -203,18 +210,27 @@ def head_only(cluster) -> Path | None:
 @pytest.fixture(scope="module")
 def both_jobs(cluster, head_only):
     """Two runs from a user's project (a copy of examples/own-code: its modules are on no
-    node's path), sent both ways: `trainyard submit` of the digits with the user's
-    preprocessing, read from a CSV only the head has (where the fourth node exists); plain
-    `ray job submit` of a Ray Dataset from the user's function and the user's model factory."""
+    node's path), sent both ways. Plain `ray job submit` of a Ray Dataset from the user's
+    function and the factory in its `models/` package (`models.mlp:small_mlp`); `trainyard
+    submit` of the digits with the user's preprocessing, read from a CSV only the head has
+    (where the fourth node exists), from a copy of the project whose models are one
+    `models.py`. (trainyard's own packages are trainyard.*, so neither meets them.)"""
     env = cluster["env"]
     project = cluster["base"] / "own-code"
     shutil.copytree(ROOT / "examples" / "own-code", project, ignore=shutil.ignore_patterns("ml*"))
+    flat = cluster["base"] / "own-code-flat"
+    shutil.copytree(project, flat)
+    shutil.rmtree(flat / "models")
+    shutil.copy(project / "models" / "mlp.py", flat / "models.py")
     data = ["--set", f"data.path={head_only / 'digits.csv'}"] if head_only else []
     started = time.monotonic()
     ours = _run(
-        [str(BIN / "trainyard"), "submit", "configs/preprocess.yaml", "--set", EPOCHS, *data],
+        [
+            *(str(BIN / "trainyard"), "submit", "configs/preprocess.yaml", "--set", EPOCHS),
+            *("--set", 'model={name: "models:small_mlp", args: {hidden: 128}}', *data),
+        ],
         env,
-        cwd=project,
+        cwd=flat,
     )
     ours_s = time.monotonic() - started
     plain_env = env | {"RAY_AUTH_MODE": "token"}
@@ -222,7 +238,7 @@ def both_jobs(cluster, head_only):
         [
             *(str(BIN / "ray"), "job", "submit", "--address", cluster["state"].dashboard_url),
             *("--working-dir", ".", "--"),
-            *("python", "-m", "pipelines.train", "configs/table.yaml", "--set", EPOCHS),
+            *("trainyard", "train", "configs/table.yaml", "--set", EPOCHS),
         ],
         plain_env,
         cwd=project,
@@ -239,9 +255,10 @@ def test_both_jobs_succeed(both_jobs):
     assert "succeeded" in plain.stdout
     # The user's modules were imported on the cluster: the preprocessing and the dataset by
     # Ray Data's tasks, the models by the workers (on two nodes: see below).
-    assert "mlp(in_features=66" in ours.stdout  # 64 pixels + the two columns prep:add_ink adds
+    # 64 pixels + the two columns prep:add_ink adds, into the user's models.py:
+    assert "model models:small_mlp(in_features=66, out_features=10, hidden=128)" in ours.stdout
     assert "trainyard: mydata:digits_table: 1437 + 360 rows" in plain.stdout
-    assert "model nets:small_mlp(in_features=64, out_features=10, hidden=128)" in plain.stdout
+    assert "model models.mlp:small_mlp(in_features=64, out_features=10, hidden=128)" in plain.stdout
 
 
 def _runs(server: str, experiment: str) -> list[dict]:
@@ -288,6 +305,18 @@ def test_both_runs_are_in_the_mlflow_server_with_metrics_and_model(cluster, both
     predicted = np.asarray(mlflow.pyfunc.load_model(local).predict(digits))
     accuracy = (predicted.argmax(axis=1) == load_digits().target[:50]).mean()
     assert accuracy > 0.8
+    # The model of the `models/` package's factory predicts in a fresh process elsewhere, where
+    # no `models` of the user's is (its own code travels with it), from x as an array.
+    from conftest import pyfunc_elsewhere
+
+    custom = next(r["info"]["run_id"] for r in runs if r["info"]["run_id"] != tabular)
+    logits = pyfunc_elsewhere(
+        server,
+        f"runs:/{custom}/model",
+        "(__import__('sklearn.datasets').datasets.load_digits().data[:50] / 16).astype('float32')",
+        cluster["base"] / "elsewhere-custom",
+    )
+    assert (np.argmax(logits, axis=1) == load_digits().target[:50]).mean() > 0.8
 
 
 def test_a_submitted_prediction_writes_where_every_node_sees(cluster, both_jobs):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster import auth, jobs
-from cluster.shared import is_local
-from pipelines.spec import TrainyardError
-from pipelines.tracking import local_store_dir
+from trainyard.cluster import auth, jobs
+from trainyard.cluster.shared import is_local
+from trainyard.pipelines.config.spec import TrainyardError
+from trainyard.pipelines.tracking import local_store_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,26 +33,26 @@ def test_token_lookup_order(tmp_path, monkeypatch):
 
 
 def test_entrypoint_is_the_driver_with_the_config_relative_to_the_project(tmp_path):
-    from pipelines.submit import entrypoint
+    from trainyard.pipelines.jobs.submit import entrypoint
 
     cmd = entrypoint(
         str(ROOT / "configs" / "digits.yaml"), ["train.epochs=2", "a.b=x y"], None, ROOT
     )
     assert shlex.split(cmd) == [
-        *("python", "-m", "pipelines.train", "configs/digits.yaml"),
+        *("trainyard", "train", "configs/digits.yaml"),
         *("--set", "train.epochs=2", "--set", "a.b=x y"),
     ]
     resumed = entrypoint("configs/digits.yaml", [], resume="digits-1")
     assert shlex.split(resumed)[-2:] == ["--resume", "digits-1"]
     search = entrypoint("configs/digits-tune.yaml", ["train.epochs=2"], None, ROOT, None, True, 4)
     assert shlex.split(search) == [
-        *("python", "-m", "pipelines.tune", "configs/digits-tune.yaml", "--trials", "4"),
+        *("trainyard", "tune", "configs/digits-tune.yaml", "--trials", "4"),
         *("--set", "train.epochs=2"),
     ]
     # The project is the directory submitted from: a user's, with its config inside.
     (tmp_path / "cfg").mkdir()
     cmd = entrypoint(str(tmp_path / "cfg" / "run.yaml"), [], None, tmp_path)
-    assert shlex.split(cmd)[3] == "cfg/run.yaml"
+    assert shlex.split(cmd)[2] == "cfg/run.yaml"
     with pytest.raises(TrainyardError, match="inside the project directory"):
         entrypoint("/etc/passwd", [], None, ROOT)
 
@@ -111,7 +111,7 @@ def test_the_error_line_of_a_failed_jobs_logs():
 def test_a_dead_clusters_record_is_removed_a_live_one_kept(tmp_path, monkeypatch, capsys):
     import socket
 
-    from pipelines.train import forget_dead_local_cluster
+    from trainyard.pipelines.training.driver import forget_dead_local_cluster
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     record = tmp_path / "ray" / "ray_current_cluster"
@@ -133,8 +133,8 @@ def test_a_jobs_api_that_does_not_answer_is_an_error_in_bounded_time():
 
     import pytest
 
-    from cluster.jobs import check_answers
-    from pipelines.spec import TrainyardError
+    from trainyard.cluster.jobs import check_answers
+    from trainyard.pipelines.config.spec import TrainyardError
 
     with socket.socket() as silent:  # accepts connections, never answers
         silent.bind(("127.0.0.1", 0))

@@ -18,8 +18,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.loop import load_state
-from pipelines.train import main
+from trainyard.pipelines.training.driver import main
+from trainyard.pipelines.training.loop import load_state
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "digits.yaml")
@@ -206,7 +206,12 @@ def test_a_killed_worker_node_costs_minutes_not_the_run(ray_cluster, tracking_ur
 def test_a_killed_driver_is_resumed_in_the_same_run(ray_cluster, tracking_uri, tmp_path):
     env = os.environ | {"RAY_ADDRESS": ray_cluster.address, "MLFLOW_TRACKING_URI": tracking_uri}
     driver = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.train", *args(tmp_path, "driver-kill", 4, *SLOW)],
+        [
+            sys.executable,
+            "-m",
+            "trainyard.pipelines.train",
+            *args(tmp_path, "driver-kill", 4, *SLOW),
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -272,7 +277,7 @@ def test_a_loss_that_stays_nan_stops_the_run_failed(
 ):
     # The driver learns it from the run's last report: a lost MLflow tag (the driver used to
     # read one, trainyard.stopped) cannot turn the stopped run into a success.
-    monkeypatch.setattr("pipelines.tracking.run_tag", lambda *a: None, raising=False)
+    monkeypatch.setattr("trainyard.pipelines.tracking.run_tag", lambda *a: None, raising=False)
     # A learning rate of 1e30 blows the weights up on the first step; every loss after is inf.
     overrides = ["train.optimizer=sgd", "train.lr=1e30", "train.max_nonfinite_steps=3"]
     assert main(args(tmp_path, "nan", 2, *FAST, *overrides)) == 1

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import build_model
-from models.gpt import GPT, SIZES, GPTConfig, flops_per_token, matmul_params, num_params
+from trainyard.models import build_model
+from trainyard.models.gpt import GPT, SIZES, GPTConfig, flops_per_token, matmul_params, num_params
 
 SMALL = GPTConfig(vocab_size=256, context=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -104,8 +104,8 @@ def test_a_few_steps_learn_a_repeating_sequence_and_greedy_generation_continues_
 
 @pytest.mark.gpu
 def test_bf16_compiled_fused_adamw_step_on_gpu():
-    from pipelines.loop import make_optimizer
-    from pipelines.spec import TrainSpec
+    from trainyard.pipelines.config.spec import TrainSpec
+    from trainyard.pipelines.training.loop import make_optimizer
 
     torch.manual_seed(0)
     model = GPT(SIZES["tiny"]).cuda()

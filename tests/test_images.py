@@ -18,8 +18,8 @@ import torch
 from conftest import pyfunc_elsewhere, python_elsewhere, train
 from PIL import Image
 
-from pipelines.arrays import crop_flip, decode_image, normalize
-from pipelines.images import held_out
+from trainyard.pipelines.data.arrays import crop_flip, decode_image, normalize
+from trainyard.pipelines.data.images import held_out
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits-images.yaml"
@@ -96,8 +96,8 @@ def to_float(batch, rng):
 
 
 def test_a_users_augmentation_gets_uint8_images_and_normalization_follows():
-    from pipelines.augment import ROW
-    from pipelines.images import train_batch
+    from trainyard.pipelines.data.augment import ROW
+    from trainyard.pipelines.data.images import train_batch
 
     images = np.random.default_rng(0).integers(0, 256, (4, 6, 5, 1), dtype=np.uint8)
     batch = {"image": images, "label": np.arange(4), ROW: np.arange(4)}
@@ -124,7 +124,7 @@ def test_split_is_stratified_and_follows_the_path_below_the_root():
 
 @pytest.mark.parametrize("depth", [10, 18])
 def test_resnet_shapes_and_channels_last(depth):
-    from models import resnet
+    from trainyard.models import resnet
 
     net = resnet(in_channels=3, num_classes=7, depth=depth, width=8)
     x = torch.randn(4, 3, 24, 20)
@@ -156,9 +156,9 @@ def write_folders(root: Path, bad: bool) -> Path:
 
 
 def test_a_corrupt_file_stops_the_run_naming_it_or_is_skipped(ray_cluster, tmp_path, capsys):
-    from pipelines import images
-    from pipelines.spec import RunSpec
-    from pipelines.train import main
+    from trainyard.pipelines.config.spec import RunSpec
+    from trainyard.pipelines.data import images
+    from trainyard.pipelines.training.driver import main
 
     root = write_folders(tmp_path / "pets", bad=True)
     config = tmp_path / "pets.yaml"
@@ -272,7 +272,7 @@ def test_predict_classifies_image_files_as_the_model_does(
     import mlflow
     import pandas as pd
 
-    from pipelines import cli
+    from trainyard.pipelines import cli
 
     images = tmp_path / "images"
     images.mkdir()

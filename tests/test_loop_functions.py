@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.loop import (
+from trainyard.pipelines.config.spec import TrainSpec
+from trainyard.pipelines.training.loop import (
     evaluate,
     lr_factor,
     make_scheduler,
@@ -17,7 +18,6 @@ from pipelines.loop import (
     task_loss,
     train_epoch,
 )
-from pipelines.spec import TrainSpec
 
 
 def batches(x, y, size):
@@ -131,7 +131,7 @@ def test_amp_resolution():
 
 
 def test_memory_batches_are_a_seeded_permutation_of_every_row():
-    from pipelines.loop import memory_batches
+    from trainyard.pipelines.training.loop import memory_batches
 
     rows = {"x": torch.arange(10).float().unsqueeze(1), "y": torch.arange(10)}
     first = [b["y"].tolist() for b in memory_batches(rows, 4, seed=7, drop_last=True)]
@@ -148,7 +148,7 @@ def test_memory_batches_are_a_seeded_permutation_of_every_row():
 def test_each_rank_keeps_an_equal_strided_share(ray_cluster):
     import ray.data
 
-    from pipelines.loop import load_share
+    from trainyard.pipelines.training.loop import load_share
 
     items = [{"x": i, "y": 10 * i} for i in range(11)]
     dataset = ray.data.from_items(items).repartition(3).materialize()  # as training gets it

@@ -79,7 +79,7 @@ def test_a_mixed_table_trains_like_one_encoded_by_hand_and_predicts_raw_rows(
     # A CSV as a user has it: autopay without blanks (pandas reads it as bool), a region never
     # seen and a blank region (none in training). pyfunc.predict on it as pandas reads it, in
     # a fresh process elsewhere, gives what `trainyard predict` gives.
-    from pipelines import cli
+    from trainyard.pipelines import cli
 
     rows = table.head(200).assign(autopay=table["autopay"].head(200).fillna(False).astype(bool))
     rows.loc[0, "region"], rows.loc[1, "region"] = "mars", None

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipelines.train import main
+from trainyard.pipelines.training.driver import main
 
 DIGITS = "configs/digits.yaml"
 SHORT = ("train.epochs=2", "tracking.log_model=false")
@@ -87,7 +87,7 @@ def test_a_run_without_a_first_step_ends_its_driver(ray_cluster, tracking_uri, t
     sets = ("scaling.start_timeout_s=5", "train.stall_timeout_s=5")
     start = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "pipelines.train", *args(tmp_path, *sets)],
+        [sys.executable, "-m", "trainyard.pipelines.train", *args(tmp_path, *sets)],
         env=env,
         capture_output=True,
         text=True,

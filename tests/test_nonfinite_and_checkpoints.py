@@ -11,8 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from cluster.local import free_port
-from pipelines.loop import (
+from trainyard.cluster.local import free_port
+from trainyard.pipelines.config.spec import SpecError, TrainSpec
+from trainyard.pipelines.config.user import build_model
+from trainyard.pipelines.training.loop import (
     CheckpointError,
     load_state,
     make_scheduler,
@@ -22,8 +24,6 @@ from pipelines.loop import (
     task_loss,
     train_epoch,
 )
-from pipelines.spec import SpecError, TrainSpec
-from pipelines.user import build_model
 
 
 def _batches(rank: int, n: int, poison: int | None) -> list[dict[str, torch.Tensor]]:
@@ -149,8 +149,13 @@ def test_epoch_seeds_depend_on_seed_epoch_and_rank_only():
 
 
 def test_a_continued_run_keeps_its_schedule_and_refuses_weights_that_do_not_fit():
-    from pipelines.spec import RunSpec
-    from pipelines.train import Place, check_model_loads, resume_changes, schedule_steps
+    from trainyard.pipelines.config.spec import RunSpec
+    from trainyard.pipelines.training.driver import (
+        Place,
+        check_model_loads,
+        resume_changes,
+        schedule_steps,
+    )
 
     spec = RunSpec.from_dict({"data": {"path": "x"}, "train": {"epochs": 4}})
     raised = RunSpec.from_dict({"data": {"path": "x"}, "train": {"epochs": 6, "lr": 0.01}})

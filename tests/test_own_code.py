@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from conftest import pyfunc_elsewhere, python_elsewhere
 
-from pipelines import user
-from pipelines.spec import SpecError, UserModelSpec
-from pipelines.train import main
+from trainyard.pipelines.config import user
+from trainyard.pipelines.config.spec import SpecError, UserModelSpec
+from trainyard.pipelines.training.driver import main
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "own-code"
@@ -40,7 +40,7 @@ def project(tmp_path, monkeypatch):
     before = set(sys.modules)
     yield root
     for name in set(sys.modules) - before:
-        if name.split(".")[0] in {"nets", "losses", "prep", "mydata", "badnets"}:
+        if name.split(".")[0] in {"models", "losses", "prep", "mydata", "badnets"}:
             del sys.modules[name]
 
 
@@ -53,14 +53,14 @@ def test_module_attr_errors_name_the_field_module_and_attribute(project):
     cases = {
         "no module named 'nope'": lambda: user.load("nope:X", "model.name"),
         "has no attribute 'WideNte' (did you mean 'WideNet'?)": lambda: user.load(
-            "nets:WideNte", "model.name"
+            "models.convnet:WideNte", "model.name"
         ),
-        "expected module:attr": lambda: user.load("nets.WideNet", "model.name"),
+        "expected module:attr": lambda: user.load("models.convnet.WideNet", "model.name"),
         "is a int, not a function or class": lambda: user.load_callable(
             "badnets:NOT_CALLABLE", "train.loss"
         ),
         "takes no argument 'depth'; it takes: num_classes, width": lambda: user.model_recipe(
-            UserModelSpec("nets:WideNet", {"depth": 3}), {"num_classes": 10}
+            UserModelSpec("models.convnet:WideNet", {"depth": 3}), {"num_classes": 10}
         ),
         "needs 'hidden_size', which the pipeline does not know": lambda: user.model_recipe(
             UserModelSpec("badnets:needs"), {"in_features": 64}
@@ -76,22 +76,18 @@ def test_module_attr_errors_name_the_field_module_and_attribute(project):
         assert "\n" not in str(error.value)
     # The facts a model takes are passed; the spec's args override them; the rest are not.
     facts = {"num_classes": 10, "in_features": 64, "in_shape": [1, 8, 8]}
-    recipe = user.model_recipe(UserModelSpec("nets:WideNet", {"width": 8}), facts)
-    assert recipe == {"name": "nets:WideNet", "kwargs": {"num_classes": 10, "width": 8}}
+    recipe = user.model_recipe(UserModelSpec("models.convnet:WideNet", {"width": 8}), facts)
+    assert recipe == {"name": "models.convnet:WideNet", "kwargs": {"num_classes": 10, "width": 8}}
     assert sum(p.numel() for p in user.build_model(recipe).parameters()) > 0
-    # A project whose packages would hide trainyard's own is refused, with what to rename.
-    (project / "models").mkdir()
-    with pytest.raises(SpecError, match=r"has models/.*rename it \(e.g. models → mymodels\)"):
-        user.check_project(project)
 
 
 def test_bad_user_code_is_one_line_and_exit_2_before_anything_runs(project, capsys):
     bad = {
-        "model.name=nets:Missing": "model.name: module 'nets'",
+        "model.name=models.convnet:Missing": "model.name: module 'models.convnet'",
         "train.loss=lossess:focal": "train.loss: cannot import 'lossess:focal': no module named",
         "data.augment=prep:jiter": "data.augment: module 'prep'",
         "data.dataset=mydata:digits_table.x": "data.dataset: 'mydata:digits_table' has no attr",
-        "model.args={width: 8, depth: 2}": "model.args: nets:WideNet takes no argument 'depth'",
+        "model.args={width: 8, depth: 2}": "models.convnet:WideNet takes no argument 'depth'",
     }
     for override, expected in bad.items():
         assert main(["configs/cnn.yaml", "--set", override]) == 2
@@ -107,12 +103,12 @@ def test_a_model_the_loss_cannot_take_fails_on_the_driver(ray_cluster, project, 
             "configs/preprocess.yaml",
             "--dry-run",
             *("--set", "data.preprocess=null"),  # (Ray's workers here do not see the project)
-            *("--set", 'model={name: "nets:small_mlp", args: {in_features: 10}}'),
+            *("--set", 'model={name: "models.mlp:small_mlp", args: {in_features: 10}}'),
         ]
     )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
-    assert "model: nets:small_mlp and the classification loss fail on two training rows" in err
+    assert "model: models.mlp:small_mlp and the classification loss fail on two train" in err
     assert "(x (2, 64) float32, y (2,) int64): RuntimeError: mat1 and mat2 shapes" in err
 
 
@@ -124,8 +120,8 @@ def numbers():
 
 
 def test_a_ray_dataset_without_a_split_is_split_here(ray_cluster):
-    from pipelines import custom
-    from pipelines.spec import RunSpec
+    from trainyard.pipelines.config.spec import RunSpec
+    from trainyard.pipelines.data import custom
 
     spec = RunSpec.from_dict(
         {"pipeline": "custom", "data": {"dataset": f"{__name__}:numbers", "num_classes": 3}}
@@ -265,8 +261,8 @@ def test_predict_reads_a_custom_models_x_from_nested_lists_or_numeric_columns(tm
     import pandas as pd
     import torch
 
-    from pipelines.predict import Job, predict_arrays
-    from pipelines.serving import ArrayModel
+    from trainyard.pipelines.data.serving import ArrayModel
+    from trainyard.pipelines.jobs.predict import Job, predict_arrays
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()

@@ -1,7 +1,7 @@
 import pytest
 
-from cluster.resources import AUTOSCALING_CONFIG_ENV, Nodes, addable_nodes, plan_resources
-from pipelines.spec import ScalingSpec, SpecError
+from trainyard.cluster.resources import AUTOSCALING_CONFIG_ENV, Nodes, addable_nodes, plan_resources
+from trainyard.pipelines.config.spec import ScalingSpec, SpecError
 
 
 def test_two_workers_on_two_cpus_leave_cpu_for_data():

@@ -3,9 +3,9 @@ artifact and printed spec, the Ray job's metadata, and the error lines trainyard
 
 from __future__ import annotations
 
-from cluster.secrets import redact, redact_override, redact_text
-from pipelines.spec import RunSpec
-from pipelines.submit import job_metadata
+from trainyard.cluster.secrets import redact, redact_override, redact_text
+from trainyard.pipelines.config.spec import RunSpec
+from trainyard.pipelines.jobs.submit import job_metadata
 
 SECRET = "wJalrXUtnFEMIK7MDENG"
 
@@ -45,7 +45,12 @@ def test_submitted_overrides_with_credentials_travel_in_a_package_of_their_own(
 ):
     """What `trainyard submit` sends: an entrypoint without the values, and the package its
     driver reads them from (the e2e job test runs it on a cluster)."""
-    from pipelines.submit import entrypoint, holds_credentials, overrides_package, read_overrides
+    from trainyard.pipelines.config.overrides import (
+        holds_credentials,
+        overrides_package,
+        read_overrides,
+    )
+    from trainyard.pipelines.jobs.submit import entrypoint
 
     overrides = ["train.epochs=3", f"data.path=s3://K:{SECRET}@b/x"]
     assert holds_credentials(overrides) and not holds_credentials(overrides[:1])
@@ -57,7 +62,7 @@ def test_submitted_overrides_with_credentials_travel_in_a_package_of_their_own(
 
 
 def test_error_lines_mask_credentials(capsys):
-    from pipelines.train import main
+    from trainyard.pipelines.training.driver import main
 
     ref = f"data.preprocess=https://K:{SECRET}@host/x:fn"  # a mistake that echoes the value
     assert main(["configs/digits.yaml", "--set", ref]) == 2
@@ -66,7 +71,7 @@ def test_error_lines_mask_credentials(capsys):
 
 
 def test_the_ray_token_file_is_made_private(tmp_path, monkeypatch):
-    from cluster.auth import protect_token
+    from trainyard.cluster.auth import protect_token
 
     token = tmp_path / "auth_token"
     token.write_text("t" * 32)
@@ -89,10 +94,10 @@ def test_an_mlflow_server_with_auth_lets_in_only_clients_with_the_login(tmp_path
 
     from mlflow.tracking import MlflowClient
 
-    from cluster.local import free_port
-    from cluster.mlflow_server import wait_healthy
+    from trainyard.cluster.local import free_port
+    from trainyard.cluster.mlflow_server import wait_healthy
 
-    trainyard = [sys.executable, "-m", "pipelines.cli"]
+    trainyard = [sys.executable, "-m", "trainyard.pipelines"]
     env_file = tmp_path / "mlflow.env"  # what ray_cluster.yaml mounts on every node
     subprocess.run([*trainyard, "mlflow-login", "--file", str(env_file)], check=True, timeout=60)
     assert env_file.stat().st_mode & 0o777 == 0o600
@@ -136,7 +141,7 @@ def test_an_mlflow_server_with_auth_lets_in_only_clients_with_the_login(tmp_path
 def test_a_model_is_trusted_only_with_its_files_as_signed_with_this_key(tmp_path, monkeypatch):
     import pytest
 
-    from cluster import signing
+    from trainyard.cluster import signing
 
     monkeypatch.delenv(signing.KEY_ENV, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -12,9 +12,9 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-from models import TabularPredictor
-from pipelines import tracking
-from pipelines.serving import ArrayModel, RawRowsModel
+from trainyard.models import TabularPredictor
+from trainyard.pipelines import tracking
+from trainyard.pipelines.data.serving import ArrayModel, RawRowsModel
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def log(tmp_path):
             mlflow.MlflowClient(uri).create_experiment("serving")
         )
         model_uri = tracking.log_model(uri, run.info.run_id, model, example, metadata)
-        with tracking._fluent(uri):
+        with tracking.fluent(uri):
             return mlflow.pyfunc.load_model(model_uri)
 
     return logged
@@ -93,7 +93,7 @@ def test_models_logged_as_torch_models_before_are_wrapped_as_they_would_be_now(t
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
-    from pipelines.serving import load
+    from trainyard.pipelines.data.serving import load
 
     torch.manual_seed(0)
     predictor = TabularPredictor(torch.nn.Linear(2, 2), torch.zeros(2), torch.ones(2), 0, 1, [0, 1])

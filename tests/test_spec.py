@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.spec import RunSpec, SpecError, apply_override, load_spec
+from trainyard.pipelines.config.spec import RunSpec, SpecError, apply_override, load_spec
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 

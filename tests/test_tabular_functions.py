@@ -5,7 +5,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines.tabular import (
+from trainyard.pipelines.data.tabular import (
     DATA_EXTENSIONS,
     SPLIT_COLUMN,
     DataError,
@@ -144,7 +144,7 @@ def test_resolve_files_file_directory_glob(tmp_path):
 
 
 def test_categories_read_alike_from_csv_text_and_arrow_booleans_and_hash_stably():
-    from pipelines.features import CategoriesAsText, to_matrix
+    from trainyard.pipelines.data.features import CategoriesAsText, to_matrix
 
     df = pd.DataFrame(
         {

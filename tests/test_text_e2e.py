@@ -13,9 +13,9 @@ import pytest
 from conftest import pyfunc_elsewhere, train
 from mlflow.tracking import MlflowClient
 
-from pipelines import cli
-from pipelines.spec import RunSpec
-from pipelines.text import build_datasets, split_files
+from trainyard.pipelines import cli
+from trainyard.pipelines.config.spec import RunSpec
+from trainyard.pipelines.data.text import build_datasets, split_files
 
 ROOT = Path(__file__).resolve().parent.parent
 STDLIB = sysconfig.get_paths()["stdlib"]
@@ -125,7 +125,7 @@ def test_generate_refuses_a_model_changed_after_trainyard_signed_it(
     model is refused before anything in it is unpickled or imported."""
     import mlflow.artifacts
 
-    from cluster.signing import SIGNATURE_FILE
+    from trainyard.cluster.signing import SIGNATURE_FILE
 
     copy = Path(mlflow.artifacts.download_artifacts(tiny_run["model_uri"], dst_path=str(tmp_path)))
     mlmodel = copy / "MLmodel"

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.hardware import peak_flops
-from pipelines.data import DataError
-from pipelines.loop import BatchStream, lr_factor, make_optimizer, task_loss, throughput, unwrap
-from pipelines.spec import SpecError, TrainSpec
-from pipelines.text import (
+from trainyard.cluster.hardware import peak_flops
+from trainyard.pipelines.config.spec import SpecError, TrainSpec
+from trainyard.pipelines.data.common import DataError
+from trainyard.pipelines.data.text import (
     ByteTokenizer,
     count_tokens,
     encode_windows,
@@ -22,6 +21,14 @@ from pipelines.text import (
     split_files,
     stdlib_files,
     token_dtype,
+)
+from trainyard.pipelines.training.loop import (
+    BatchStream,
+    lr_factor,
+    make_optimizer,
+    task_loss,
+    throughput,
+    unwrap,
 )
 
 
@@ -138,7 +145,7 @@ def test_schedule_decays_to_its_floor():
 
 
 def test_weight_decay_only_on_matrices_and_embeddings():
-    from models.gpt import GPT, GPTConfig
+    from trainyard.models.gpt import GPT, GPTConfig
 
     model = GPT(GPTConfig(vocab_size=256, context=8, n_layer=1, n_head=1, n_embd=8))
     optimizer = make_optimizer(model, TrainSpec(weight_decay=0.1))

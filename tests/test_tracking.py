@@ -4,7 +4,7 @@ import math
 
 from mlflow.tracking import MlflowClient
 
-from pipelines import tracking
+from trainyard.pipelines import tracking
 
 
 def test_relative_sqlite_uri_becomes_absolute(monkeypatch, tmp_path):

@@ -113,7 +113,7 @@ def test_regression_on_a_users_csv_beats_the_mean(ray_cluster, tracking_uri, tmp
 
 
 def predict_cli(*args: str, capsys) -> tuple[int, str, str]:
-    from pipelines import cli
+    from trainyard.pipelines import cli
 
     rc = cli.main(["predict", *map(str, args)])
     out = capsys.readouterr()

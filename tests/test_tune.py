@@ -10,10 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from cluster.resources import Nodes
-from pipelines import cli
-from pipelines.spec import SpecError, load_spec
-from pipelines.tune import check_search, objective, plan_concurrency, scheduler_for, shares_data
+from trainyard.cluster.resources import Nodes
+from trainyard.pipelines import cli
+from trainyard.pipelines.config.spec import SpecError, load_spec
+from trainyard.pipelines.jobs.tune import (
+    check_search,
+    objective,
+    plan_concurrency,
+    scheduler_for,
+    shares_data,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits-tune.yaml"

@@ -43,7 +43,7 @@ def machine() -> dict[str, object]:
     import numpy
     import ray
 
-    from cluster.hardware import machine as hardware
+    from trainyard.cluster.hardware import machine as hardware
 
     return hardware() | {
         "ray": ray.__version__,
@@ -53,10 +53,10 @@ def machine() -> dict[str, object]:
 
 
 def command(args: argparse.Namespace) -> int:
-    from pipelines import tracking
-    from pipelines.bench import core
-    from pipelines.bench.preprocess import cores_available
-    from pipelines.train import init_ray
+    from trainyard.pipelines import tracking
+    from trainyard.pipelines.bench import core
+    from trainyard.pipelines.bench.preprocess import cores_available
+    from trainyard.pipelines.training.driver import init_ray
 
     suites = SUITES if args.suite == "all" else (args.suite,)
     out = Path(args.out or f"bench/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -67,7 +67,7 @@ def command(args: argparse.Namespace) -> int:
     for suite in suites:
         start = time.perf_counter()
         print(f"trainyard bench: {suite} ...", flush=True)
-        module = importlib.import_module(f"pipelines.bench.{suite}")
+        module = importlib.import_module(f"trainyard.pipelines.bench.{suite}")
         cases += module.run(quick=args.quick, cores=cores, tracking_uri=uri)
         print(f"trainyard bench: {suite} done in {time.perf_counter() - start:.0f} s", flush=True)
     info = machine()

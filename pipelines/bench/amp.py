@@ -8,14 +8,14 @@ from typing import Any
 
 import torch
 
-from pipelines.bench.core import Case, alternate, repeated
+from trainyard.pipelines.bench.core import Case, alternate, repeated
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def models(device: torch.device, quick: bool):
     """(name, model, batches): the tabular MLP and the GPT at a size that suits the device."""
-    from models.gpt import GPT, GPTConfig
+    from trainyard.models.gpt import GPT, GPTConfig
 
     g = torch.Generator().manual_seed(0)
     mlp = torch.nn.Sequential(
@@ -36,7 +36,7 @@ def models(device: torch.device, quick: bool):
 
 def step_ms(model, batches, optimizer, scheduler, loss_fn, dtype, steps: int) -> float:
     """Milliseconds per optimizer step of `steps` steps at autocast `dtype` (None: fp32)."""
-    from pipelines.loop import train_epoch
+    from trainyard.pipelines.training.loop import train_epoch
 
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -56,8 +56,8 @@ def step_ms(model, batches, optimizer, scheduler, loss_fn, dtype, steps: int) ->
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
-    from pipelines.loop import make_optimizer, make_scheduler, task_loss
-    from pipelines.spec import TrainSpec
+    from trainyard.pipelines.config.spec import TrainSpec
+    from trainyard.pipelines.training.loop import make_optimizer, make_scheduler, task_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = 3 if quick else 30

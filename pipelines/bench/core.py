@@ -250,9 +250,9 @@ def log_to_mlflow(
     ratio as a metric, the three files as artifacts. Returns the run id."""
     from mlflow.entities import Metric, Param
 
-    from pipelines import tracking
+    from trainyard.pipelines import tracking
 
-    client = tracking._client(uri)
+    client = tracking.mlflow_client(uri)
     exp = client.get_experiment_by_name("trainyard-bench")
     exp_id = exp.experiment_id if exp else client.create_experiment("trainyard-bench")
     run = client.create_run(

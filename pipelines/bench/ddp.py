@@ -1,6 +1,6 @@
 """The trainer benchmark's workload: the foundation's `train_epoch` on a DDP MLP with data in
 memory, launched either by torchrun (`python -m torch.distributed.run ... -m
-pipelines.bench.ddp OUT.json`) or by Ray Train's TorchTrainer (`ray_loop`). Rank 0 writes the
+bench.ddp OUT.json`) or by Ray Train's TorchTrainer (`ray_loop`). Rank 0 writes the
 step times and the wall-clock time of the first finished step to a JSON file."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ WARMUP_STEPS = 5
 def workload(config: dict[str, Any], wrap) -> dict[str, Any]:
     """Train `config["steps"]` steps; `wrap(model)` makes the model DDP (plain DDP under
     torchrun, ray.train.torch.prepare_model under Ray). Returns rank 0's timings."""
-    from pipelines.bench.core import repeated
-    from pipelines.loop import train_epoch
+    from trainyard.pipelines.bench.core import repeated
+    from trainyard.pipelines.training.loop import train_epoch
 
     torch.set_num_threads(config["threads"])
     rank = dist.get_rank()

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
-from pipelines.arrays import crop_flip, decode_image, normalize
-from pipelines.bench.core import Case, alternate, best, ray_data_reservation, timed
+from trainyard.pipelines.bench.core import Case, alternate, best, ray_data_reservation, timed
+from trainyard.pipelines.data.arrays import crop_flip, decode_image, normalize
 
 BATCH = 128
 SIZE = (64, 64)
@@ -27,7 +27,7 @@ STATS = {"mean": [0.3, 0.3, 0.3], "std": [0.3, 0.3, 0.3]}
 
 def image_files(n: int) -> tuple[list[str], np.ndarray]:
     """`n` paths cycling through the digits' PNG files, and their classes."""
-    from pipelines.images import digits_images
+    from trainyard.pipelines.data.images import digits_images
 
     files = sorted(str(p) for p in digits_images().glob("*/*.png"))
     paths = [files[i % len(files)] for i in range(n)]
@@ -62,8 +62,8 @@ def consume(batches) -> int:
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     import ray.data
 
-    from pipelines.augment import ROW
-    from pipelines.images import as_dataset, decode_batch, train_batch
+    from trainyard.pipelines.data.augment import ROW
+    from trainyard.pipelines.data.images import as_dataset, decode_batch, train_batch
 
     n = 2048 if quick else 16384
     repeats = 1 if quick else 3
@@ -132,9 +132,9 @@ def data_wait(table: pa.Table, options: dict[str, Any], quick: bool) -> Case:
     step) fed by Ray Data passes over the decoded images, each started while the previous one
     trains (as trainyard's workers run them), against the same steps on batches held in
     memory."""
-    from models import resnet
-    from pipelines.images import as_dataset, decode_batch, train_batch
-    from pipelines.loop import ahead, train_epoch
+    from trainyard.models import resnet
+    from trainyard.pipelines.data.images import as_dataset, decode_batch, train_batch
+    from trainyard.pipelines.training.loop import ahead, train_epoch
 
     torch.manual_seed(0)
     model = resnet(in_channels=1, num_classes=10, depth=10, width=16)

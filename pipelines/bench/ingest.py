@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.bench.core import Case, alternate, best, ray_data_reservation, timed
+from trainyard.pipelines.bench.core import Case, alternate, best, ray_data_reservation, timed
 
 BATCH = 256
 
@@ -81,7 +81,7 @@ def consume(batches) -> int:
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
-    from pipelines.loop import train_epoch
+    from trainyard.pipelines.training.loop import train_epoch
 
     x, y = digits()
     n_batches = 24 if quick else 200

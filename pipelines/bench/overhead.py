@@ -1,5 +1,5 @@
 """overhead: the digits recipe of configs/digits.yaml three ways, alternated: a plain torchrun
-script (pipelines.bench.plain_digits: DistributedSampler + DataLoader over tensors in memory),
+script (bench.plain_digits: DistributedSampler + DataLoader over tensors in memory),
 `trainyard train` on a running cluster (the one the benchmark runs on), and `trainyard train`
 from a cold start (a new local Ray). Command to first step, per-epoch time, command to done."""
 
@@ -15,14 +15,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipelines.bench.core import Case, alternate
+from trainyard.pipelines.bench.core import Case, alternate
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAIN, WARM, COLD = "plain torchrun script", "trainyard, running cluster", "trainyard, cold start"
 
 
 def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
-    from cluster.local import free_port
+    from trainyard.cluster.local import free_port
 
     # A round is three whole runs: --quick runs one round of two epochs (the fewest that have
     # a per-epoch time), without the cold start (a whole new Ray).
@@ -48,7 +48,7 @@ def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
             [
                 *(sys.executable, "-m", "torch.distributed.run"),
                 *(f"--nproc_per_node={workers}", f"--master_port={free_port()}"),
-                *("-m", "pipelines.bench.plain_digits", str(out), str(epochs)),
+                *("-m", "trainyard.pipelines.bench.plain_digits", str(out), str(epochs)),
             ],
             check=True,
             capture_output=True,
@@ -70,7 +70,12 @@ def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
         launch = time.time()
         subprocess.run(
             [
-                *(sys.executable, "-m", "pipelines.train", str(ROOT / "configs" / "digits.yaml")),
+                *(
+                    sys.executable,
+                    "-m",
+                    "trainyard.pipelines.train",
+                    str(ROOT / "configs" / "digits.yaml"),
+                ),
                 *("--summary", str(summary)),
                 *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")],
             ],

@@ -2,7 +2,7 @@
 DDP script, DistributedSampler + DataLoader over tensors in memory, evaluation and a
 `torch.save` checkpoint every epoch. The `overhead` suite times it against trainyard.
 
-    python -m torch.distributed.run --nproc_per_node 2 -m pipelines.bench.plain_digits OUT EPOCHS
+    python -m torch.distributed.run --nproc_per_node 2 -m bench.plain_digits OUT EPOCHS
 
 Rank 0 writes the wall-clock times of the first finished step and of each epoch's end to OUT.
 """

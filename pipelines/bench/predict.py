@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.bench.core import Case, alternate, timed
+from trainyard.pipelines.bench.core import Case, alternate, timed
 
 IMAGE_BATCH = 64
 ROW_BATCH = 4096
@@ -31,9 +31,9 @@ CLASSES = list(range(10))
 
 def logged_models(uri: str, example_png: bytes) -> dict[str, str]:
     """The two models, logged (and signed) as trainyard logs them; their URIs by kind."""
-    from models import TabularPredictor, mlp, resnet
-    from pipelines import tracking
-    from pipelines.serving import ImageClassifier, RawRowsModel
+    from trainyard.models import TabularPredictor, mlp, resnet
+    from trainyard.pipelines import tracking
+    from trainyard.pipelines.data.serving import ImageClassifier, RawRowsModel
 
     torch.manual_seed(0)
     run_id = tracking.start_run(uri, "trainyard-bench", "bench-predict-models", {}, "", {})
@@ -68,7 +68,7 @@ def logged_models(uri: str, example_png: bytes) -> dict[str, str]:
 
 def image_inputs(directory: Path, n: int) -> list[Path]:
     """`n` PNG files (the digits', cycled) copied into `directory`."""
-    from pipelines.images import digits_images
+    from trainyard.pipelines.data.images import digits_images
 
     sources = sorted(digits_images().glob("*/*.png"))
     directory.mkdir()
@@ -129,8 +129,9 @@ def by_hand(model_uri: str, kind: str, inputs: list[Path], out: Path, pool: int 
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
-    from pipelines import predict, tracking
-    from pipelines.images import digits_images
+    from trainyard.pipelines import tracking
+    from trainyard.pipelines.data.images import digits_images
+    from trainyard.pipelines.jobs import predict
 
     repeats = 1 if quick else 3
     sizes = {"images": 1024 if quick else 16384, "tabular": 40_000 if quick else 400_000}
@@ -194,8 +195,8 @@ def free_workers(cpus_per_worker: float) -> int:
     tasks (at least one): what a smoke run asks for where other work still holds CPUs."""
     import ray
 
-    from pipelines.predict import IO_CPUS
-    from pipelines.train import init_ray
+    from trainyard.pipelines.jobs.predict import IO_CPUS
+    from trainyard.pipelines.training.driver import init_ray
 
     init_ray()  # (as trainyard predict connects)
     free = ray.available_resources().get("CPU", 0.0)
@@ -203,7 +204,7 @@ def free_workers(cpus_per_worker: float) -> int:
 
 
 def predict_args(model: str, data: Path, out: Path, uri: str) -> argparse.Namespace:
-    from pipelines import predict
+    from trainyard.pipelines.jobs import predict
 
     parser = argparse.ArgumentParser()
     predict.add_arguments(parser)

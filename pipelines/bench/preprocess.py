@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.bench.core import Case, alternate, ray_data_reservation, timed
+from trainyard.pipelines.bench.core import Case, alternate, ray_data_reservation, timed
 
 FNV_PRIME = 0x100000001B3
 MASK = 0xFFFFFFFFFFFFFFFF

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from pipelines.bench.core import Case, alternate, repeated
+from trainyard.pipelines.bench.core import Case, alternate, repeated
 
 
 def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
-    from pipelines import tracking
-    from pipelines.loop import train_epoch
-    from pipelines.spec import TrainSpec
+    from trainyard.pipelines import tracking
+    from trainyard.pipelines.config.spec import TrainSpec
+    from trainyard.pipelines.training.loop import train_epoch
 
     every = TrainSpec().log_every_steps
     steps = 2 * every if quick else 40 * every
@@ -81,7 +81,7 @@ def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
         )
     finally:
         tracking.end_run(tracking_uri, run_id)
-        tracking._client(tracking_uri).delete_run(run_id)
+        tracking.mlflow_client(tracking_uri).delete_run(run_id)
     case = Case("tracking", "step time", "ms/step", False, "no logging", values)
     share = Case(
         "tracking",

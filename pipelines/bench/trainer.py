@@ -1,4 +1,4 @@
-"""trainer: the same DDP training loop (pipelines.bench.ddp) launched by torchrun and by Ray
+"""trainer: the same DDP training loop (bench.ddp) launched by torchrun and by Ray
 Train's TorchTrainer, the same number of processes and threads: steady-state step time, and
 the time from launch to the first finished step."""
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.bench.core import Case, alternate
-from pipelines.bench.ddp import STEPS, WARMUP_STEPS
+from trainyard.pipelines.bench.core import Case, alternate
+from trainyard.pipelines.bench.ddp import STEPS, WARMUP_STEPS
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
@@ -25,9 +25,9 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from cluster.local import free_port
-    from pipelines.bench.ddp import ray_loop
-    from pipelines.train import START_TIMEOUT_S, configure_ray_train
+    from trainyard.cluster.local import free_port
+    from trainyard.pipelines.bench.ddp import ray_loop
+    from trainyard.pipelines.training.driver import START_TIMEOUT_S, configure_ray_train
 
     configure_ray_train(START_TIMEOUT_S)  # Ray Train as trainyard runs it
 
@@ -52,7 +52,7 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
                 f"--nproc_per_node={workers}",
                 f"--master_port={free_port()}",
                 "-m",
-                "pipelines.bench.ddp",
+                "trainyard.pipelines.bench.ddp",
                 str(out),
                 str(steps),
                 str(threads),

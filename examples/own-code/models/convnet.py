@@ -1,4 +1,4 @@
-"""A user's models: an nn.Module class and a function that returns one."""
+"""An nn.Module class: a small convolutional net."""
 
 from __future__ import annotations
 
@@ -22,10 +22,3 @@ class WideNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
-
-
-def small_mlp(in_features: int, out_features: int, hidden: int = 64) -> nn.Module:
-    """A factory: trainyard passes the facts it takes (in_features, out_features)."""
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features)
-    )

@@ -18,10 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
-from cluster.errors import SpecError, TrainyardError
-from cluster.errors import check as _check
-from cluster.resources import ScalingSpec
-from cluster.secrets import redact
+from trainyard.cluster.errors import SpecError, TrainyardError
+from trainyard.cluster.errors import check as _check
+from trainyard.cluster.resources import ScalingSpec
+from trainyard.cluster.secrets import redact
 
 __all__ = ["RunSpec", "ScalingSpec", "SpecError", "TrainyardError", "load_spec"]
 
@@ -108,7 +108,7 @@ class TextDataSpec:
     short; None: every window."""
     tokenizer: str = "bytes"
     """`bytes` (vocabulary 256), or `package.module:Class` for your own (see
-    `pipelines.text.Tokenizer`)."""
+    `trainyard.pipelines.data.text.Tokenizer`)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -241,14 +241,14 @@ class MLPSpec:
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
 
     def args_for(self, facts: dict[str, Any]) -> dict[str, Any]:
-        """Keyword arguments for `models.mlp` besides the pipeline's facts."""
+        """Keyword arguments for `trainyard.models.mlp` besides the pipeline's facts."""
         return {"hidden": list(self.hidden), "dropout": self.dropout}
 
 
 @dataclass
 class GPTSpec:
     name: Literal["gpt"] = "gpt"
-    """A decoder-only transformer (the text pipeline's model, `models.gpt`)."""
+    """A decoder-only transformer (the text pipeline's model, `trainyard.models.gpt`)."""
     size: str = "tiny"
     """A named size from `models.gpt.SIZES`: tiny (CPU), small-cpu, gpt2-small, gpt2-medium."""
     context: int | None = None
@@ -269,7 +269,7 @@ class GPTSpec:
 
     def config(self, vocab_size: int):
         """The `models.gpt.GPTConfig` this spec describes, for a tokenizer's vocabulary."""
-        from models.gpt import SIZES, GPTConfig
+        from trainyard.models.gpt import SIZES, GPTConfig
 
         _check(self.size in SIZES, "model.size", self.size, f"one of {', '.join(SIZES)}")
         overrides = {
@@ -288,7 +288,7 @@ class GPTSpec:
 @dataclass
 class ResNetSpec:
     name: Literal["resnet"] = "resnet"
-    """A CIFAR-style ResNet (the images pipeline's model, `models.resnet`)."""
+    """A CIFAR-style ResNet (the images pipeline's model, `trainyard.models.resnet`)."""
     depth: Literal[10, 18, 34] = 18
     width: int = 64
     """Channels of the first stage (later stages double them)."""
@@ -297,7 +297,7 @@ class ResNetSpec:
         _check(self.width >= 1, "model.width", self.width, "an integer >= 1")
 
     def args_for(self, facts: dict[str, Any]) -> dict[str, Any]:
-        """Keyword arguments for `models.resnet` besides the pipeline's facts."""
+        """Keyword arguments for `trainyard.models.resnet` besides the pipeline's facts."""
         return {"depth": self.depth, "width": self.width}
 
 
@@ -692,7 +692,7 @@ class RunSpec:
         return _build(cls, raw, prefix="", types={"data": data_cls, "model": model_cls})
 
     def to_yaml(self) -> str:
-        """The spec as YAML, to show or record: credentials masked (cluster.secrets)."""
+        """The spec as YAML, to show or record: credentials masked (trainyard.cluster.secrets)."""
         return yaml.safe_dump(redact(self.to_dict()), sort_keys=False)
 
     def flat(self) -> dict[str, Any]:

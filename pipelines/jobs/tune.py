@@ -1,7 +1,6 @@
 """`trainyard tune`: a hyper-parameter search over a run spec with Ray Tune.
 
     trainyard tune CONFIG [--set ...] [--trials N] [--dry-run] [--resume NAME] [--summary PATH]
-    python -m pipelines.tune CONFIG ...      (what `trainyard submit --tune` runs as a Ray job)
 
 The spec's `tune` section says what to search (`search`: dotted spec keys, each with a
 distribution), how many trials, the metric and whether ASHA stops poor trials early. Each trial
@@ -28,10 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.secrets import redact_text
-from pipelines.data import Prepared
-from pipelines.spec import RunSpec, SpecError, TrainyardError, load_spec, set_dotted
-from pipelines.train import add_spec_arguments
+from trainyard.cluster.secrets import redact_text
+from trainyard.pipelines.config.spec import (
+    RunSpec,
+    SpecError,
+    TrainyardError,
+    load_spec,
+    set_dotted,
+)
+from trainyard.pipelines.data.common import Prepared
+from trainyard.pipelines.training.driver import add_spec_arguments
 
 TRIAL_MIN_WORKER_CPUS = 0.5
 """The least CPU `max_concurrent: auto` gives a trial's worker: more trials at once than that
@@ -155,7 +160,7 @@ def plan_concurrency(spec: RunSpec, trials: int, nodes: Any) -> Concurrency:
     """How many trials run at once, and each one's resources: `tune.max_concurrent`, or (auto)
     as many as give each trial's workers at least scaling.cpus_per_worker (else
     TRIAL_MIN_WORKER_CPUS) with Ray Data's share kept, and never more than the trials."""
-    from cluster.resources import plan_resources
+    from trainyard.cluster.resources import plan_resources
 
     wanted = spec.tune.max_concurrent
     if wanted != "auto":
@@ -211,7 +216,7 @@ def run_trial(
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.train import Trial, run
+    from trainyard.pipelines.training.driver import Trial, run
 
     trial_id = tune.get_context().get_trial_id()
     # This process is Ray's: its working directory and environment are not the driver's.
@@ -238,8 +243,8 @@ def restart_name(raw: dict[str, Any], name: str, search: dict[str, str]) -> str:
     """The trial's run name: `name`, which a continued search's trial reuses to go on from its
     newest checkpoint; where an interrupted trial left none, that run is closed (KILLED) and
     the trial starts afresh under a new name."""
-    from pipelines import tracking
-    from pipelines.train import latest_checkpoint
+    from trainyard.pipelines import tracking
+    from trainyard.pipelines.training.driver import latest_checkpoint
 
     run_id = tracking.find_run(search["uri"], raw["tracking"]["experiment"], name)
     if run_id is None or latest_checkpoint(search["storage"], name) is not None:
@@ -256,9 +261,15 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from cluster.resources import cluster_nodes
-    from pipelines import tracking
-    from pipelines.train import check_code, default_dir, init_ray, read_args_for, storage_path
+    from trainyard.cluster.resources import cluster_nodes
+    from trainyard.pipelines import tracking
+    from trainyard.pipelines.training.driver import (
+        check_code,
+        default_dir,
+        init_ray,
+        read_args_for,
+        storage_path,
+    )
 
     check_code(spec)
     check_search(spec)
@@ -344,7 +355,7 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
 def prepare(spec: RunSpec, plan: Any, read_args: dict[str, Any] | None = None) -> Prepared:
     """The spec's data, prepared for a trial's share of the cluster (each trial checks that it
     holds an optimizer step of its own batch size)."""
-    from pipelines.train import pipeline_module
+    from trainyard.pipelines.training.driver import pipeline_module
 
     return pipeline_module(spec).prepare(spec, plan.data_task_cpus, plan.num_workers, 1, read_args)
 
@@ -425,7 +436,7 @@ def open_search_run(
 ) -> str:
     """The search's MLflow run (a continued search's, found by name), with the space and the
     search's settings as params; its id."""
-    from pipelines import tracking
+    from trainyard.pipelines import tracking
 
     if resumed:
         run_id = tracking.find_run(uri, spec.tracking.experiment, name)
@@ -467,7 +478,7 @@ def record_search(
     """Close every trial's MLflow run as it ended (a trial ASHA stopped is KILLED, tagged
     with its epochs), and record the best trial on the parent, with its model (logged here:
     see log_best_model); return the summary."""
-    from pipelines import tracking
+    from trainyard.pipelines import tracking
 
     children = tracking.child_runs(uri, parent, "trainyard.trial_id")
     trials = []
@@ -540,7 +551,7 @@ def log_best_model(
     """Log the best trial's model, from its last checkpoint, to its run (trials log none, so
     that a search pays for one model, not one per trial); its URI. `data`: the search's
     prepared data, else the best trial's is prepared again."""
-    from pipelines.train import (
+    from trainyard.pipelines.training.driver import (
         latest_checkpoint,
         log_trained_model,
         pipeline_module,
@@ -603,8 +614,8 @@ def plot_trials(spec: RunSpec, trials: list[dict], metric: str, path: Path) -> P
 
 def dry_run(spec: RunSpec, trials: int) -> None:
     """Check the search and print it: on the cluster in RAY_ADDRESS, else on this machine."""
-    from cluster.resources import cluster_nodes, local_nodes
-    from pipelines.train import check_code, init_ray
+    from trainyard.cluster.resources import cluster_nodes, local_nodes
+    from trainyard.pipelines.training.driver import check_code, init_ray
 
     check_code(spec)
     check_search(spec)
@@ -619,7 +630,7 @@ def dry_run(spec: RunSpec, trials: int) -> None:
 def command(args: argparse.Namespace) -> int:
     try:
         if args.set_from:
-            from pipelines.submit import read_overrides
+            from trainyard.pipelines.config.overrides import read_overrides
 
             args.overrides = [*args.overrides, *read_overrides(args.set_from)]
         spec = load_spec(args.config, args.overrides)
@@ -657,7 +668,3 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trainyard tune", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,7 @@ def rank_shards(rows: Any, world: int, task_cpus: float) -> list[Any]:
     import ray
     import ray.data
 
-    from pipelines.data import settle
+    from trainyard.pipelines.data.common import settle
 
     number = ray.remote(_numbered).options(num_cpus=task_cpus)
     refs, start = [], 0
@@ -50,7 +50,7 @@ def augment_batch(
 ) -> dict[str, np.ndarray]:
     """The user's augmentation `ref` (`fn(batch, rng) -> batch`) applied to one batch of model
     inputs; its generator is seeded from (seed, pass, the batch's first row)."""
-    from pipelines import user
+    from trainyard.pipelines.config import user
 
     fn = user.load_callable(ref, "data.augment")
     batch = dict(batch)
@@ -65,9 +65,9 @@ def augment_batch(
 
 def plan(train: Any, ref: str | None) -> Any:
     """The PerEpoch of a user's augmentation `ref` over the training rows (None: none)."""
-    from pipelines.data import PerEpoch
+    from trainyard.pipelines.data.common import PerEpoch
 
-    return PerEpoch(train, "pipelines.augment:augment_batch", {"ref": ref}) if ref else None
+    return PerEpoch(train, "trainyard.pipelines.data.augment:augment_batch", {"ref": ref}) if ref else None
 
 
 def one_pass(
@@ -75,7 +75,7 @@ def one_pass(
 ) -> Any:
     """One pass of a rank's shard through the batch function (lazy: Ray Data runs it while the
     rank consumes it). `per_epoch`: the PerEpoch's fn, kwargs and remote_args."""
-    from pipelines import user
+    from trainyard.pipelines.config import user
 
     # Blocks in a new order every pass (rows are shuffled within a window as they stream).
     return shard.randomize_block_order(seed=seed * 1000 + pass_number).map_batches(

@@ -12,19 +12,6 @@ from typing import Any
 import numpy as np
 
 
-class ByteTokenizer:
-    """Every byte is a token: vocabulary 256, nothing unknown, nothing to train. (Here, not in
-    pipelines.text, so that a logged text model unpickles it without trainyard's data code.)"""
-
-    vocab_size = 256
-
-    def encode(self, data: bytes) -> np.ndarray:
-        return np.frombuffer(data, dtype=np.uint8)
-
-    def decode(self, ids: Any) -> bytes:
-        return bytes(np.asarray(ids, dtype=np.uint8).tolist())
-
-
 def mix64(h: np.ndarray) -> np.ndarray:
     """The splitmix64 finalizer: scrambles 64-bit integers (wrapping arithmetic)."""
     with np.errstate(over="ignore"):

@@ -6,13 +6,11 @@ tracking URI as plain data and log through `RankZeroLogger`, which is a no-op on
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import subprocess
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ def local_store_dir(uri: str) -> str | None:
     return None
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     if "MLFLOW_LOGGING_LEVEL" not in os.environ:
@@ -74,7 +72,7 @@ def start_run(
     tags: dict[str, str],
 ) -> str:
     """Create the job's MLflow run with its params, tags and resolved spec; return its id."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         location = None
@@ -103,9 +101,9 @@ def start_predict_run(uri: str, source_run: str | None, model_uri: str, data: st
     (else PREDICT_EXPERIMENT); return its id."""
     from mlflow.exceptions import MlflowException
 
-    from cluster.secrets import redact_text
+    from trainyard.cluster.secrets import redact_text
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     experiment_id = None
     if source_run:
         try:
@@ -128,7 +126,7 @@ def finish_predict_run(uri: str, run_id: str, summary: dict[str, Any]) -> None:
     """Log what a prediction did (rows, skipped, seconds, rows/s, workers) and end its run."""
     from mlflow.entities import Metric
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     now = int(time.time() * 1000)
     keys = ("rows", "skipped", "seconds", "rows_per_s", "workers")
     client.log_batch(run_id, metrics=[Metric(k, float(summary[k]), now, 0) for k in keys])
@@ -137,7 +135,7 @@ def finish_predict_run(uri: str, run_id: str, summary: dict[str, Any]) -> None:
 
 def find_run(uri: str, experiment: str, run_name: str) -> str | None:
     """The id of the run named `run_name` (Ray Train's run name) in `experiment`, if any."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
@@ -155,7 +153,7 @@ def reopen_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
     """Mark a run that is being continued RUNNING again, with this attempt's tags."""
     from mlflow.entities import RunTag
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     before = client.get_run(run_id).data.tags
     for tag in ("error", "trainyard.stopped_early"):
         if tag in before:
@@ -167,7 +165,7 @@ def reopen_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
 def first_step_after(uri: str, run_id: str, since: float) -> bool:
     """Whether the run's rank 0 finished an optimizer step after time `since` (its
     first_step_at, or resumed_step_at after a restart, tag)."""
-    tags = _client(uri).get_run(run_id).data.tags
+    tags = mlflow_client(uri).get_run(run_id).data.tags
     stamps = [tags.get(f"trainyard.{k}") for k in ("first_step_at", "resumed_step_at")]
     return any(stamp and float(stamp) > since for stamp in stamps)
 
@@ -177,7 +175,7 @@ def end_run(
 ) -> None:
     """Mark the run FINISHED; FAILED with the error recorded as a tag; or KILLED, stopped
     early by a search's scheduler (`stopped` says when, as the tag trainyard.stopped_early)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     if error is not None:
         client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
     if stopped is not None:
@@ -190,20 +188,12 @@ def end_run(
 
 def child_runs(uri: str, parent: str, key: str) -> dict[str, Any]:
     """The runs whose parent is `parent` (tag mlflow.parentRunId), by their tag `key`."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     experiment = client.get_run(parent).info.experiment_id
     runs = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     # Newest last, so that a trial run again (a continued search) is found by its new run.
     runs = sorted(runs, key=lambda r: r.info.start_time)
     return {r.data.tags[key]: r for r in runs if key in r.data.tags}
-
-
-def link_model(uri: str, run_id: str, model_uri: str) -> None:
-    """Show a model another run logged (models:/m-...) among this run's models, too."""
-    from mlflow.entities import LoggedModelOutput
-
-    model_id = model_uri.removeprefix("models:/")
-    _client(uri).log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
 
 
 def log_batch(
@@ -213,7 +203,7 @@ def log_batch(
     from mlflow.entities import Metric, Param, RunTag
 
     now = int(time.time() * 1000)
-    _client(uri).log_batch(
+    mlflow_client(uri).log_batch(
         run_id,
         params=[Param(k, str(v)[:6000]) for k, v in params.items()],
         metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
@@ -233,7 +223,7 @@ class RankZeroLogger:
 
     def __init__(self, uri: str, run_id: str, rank: int):
         self.run_id = run_id
-        self.client = _client(uri) if rank == 0 else None
+        self.client = mlflow_client(uri) if rank == 0 else None
         self._last_step: dict[str, int] = {}
         self._pending: list[Any] = []
 
@@ -304,7 +294,7 @@ class RankZeroLogger:
 
 def log_artifact(uri: str, run_id: str, path: str | Path) -> None:
     """Copy one file into the run's artifacts."""
-    _client(uri).log_artifact(run_id, str(path))
+    mlflow_client(uri).log_artifact(run_id, str(path))
 
 
 def log_curves(uri: str, run_id: str, keys: list[str]) -> None:
@@ -319,7 +309,7 @@ def log_curves(uri: str, run_id: str, keys: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     histories = {k: client.get_metric_history(run_id, k) for k in keys}
     histories = {k: sorted(h, key=lambda m: m.step) for k, h in histories.items() if h}
     if not histories:
@@ -336,169 +326,3 @@ def log_curves(uri: str, run_id: str, keys: list[str]) -> None:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         client.log_artifact(run_id, str(path))
-
-
-class _DropPickleNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not message.startswith(
-            ("Saving pytorch model by Pickle", "Passing a Python object as `python_model`")
-        )
-
-
-@contextlib.contextmanager
-def _quiet_model_logging():
-    """Two notices MLflow prints for every model trainyard logs, and nothing else: that pickle
-    runs code when loaded (the model is pickled on purpose, to take raw rows: see log_model),
-    and torch's warning that the input example's array is read-only (pandas 3 hands out
-    read-only arrays; MLflow only reads it to check the signature)."""
-    notice = _DropPickleNotice()
-    loggers = [logging.getLogger(name) for name in ("mlflow.pytorch", "mlflow.pyfunc")]
-    for logger in loggers:
-        logger.addFilter(notice)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(notice)
-
-
-@contextlib.contextmanager
-def _fluent(uri: str):
-    """MLflow's fluent API, and its downloads of `models:/` URIs, use the process-wide tracking
-    URI (which MLflow also exports to the environment): `uri` inside, what was there after."""
-    import mlflow
-
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-
-
-def log_model(
-    uri: str,
-    run_id: str,
-    model: Any,
-    example: Any,
-    metadata: dict[str, str] | None = None,
-    code_paths: list[str] = (),
-) -> str:
-    """Log a model (one of pipelines.serving's) with its signature, input example (a
-    DataFrame of raw rows or an array of inputs) and metadata; return its model URI. Its code
-    is trainyard's `models` and `pipelines` packages and `code_paths`, the user's modules it
-    needs, so that it loads in a fresh process anywhere.
-
-    Call it last: leaving `mlflow.start_run(run_id)` marks the run FINISHED, and `end_run`
-    then sets the final status.
-    """
-    import mlflow
-    import mlflow.pyfunc
-    import torch
-    from mlflow.models import ModelSignature, infer_signature
-
-    import models
-    import pipelines
-
-    code = [str(Path(models.__file__).parent), str(Path(pipelines.__file__).parent), *code_paths]
-    # Named up front: inferring them loads the model again in a subprocess (slow).
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"]
-    requirements += getattr(model, "requirements", [])
-    # The inputs as the model declares them (what users' tables hold: pipelines.serving), the
-    # outputs as it gives them for the example.
-    outputs = infer_signature(model_output=model.predict(None, example)).outputs
-    signature = ModelSignature(inputs=model.input_schema(example), outputs=outputs)
-    with _fluent(uri), mlflow.start_run(run_id=run_id), _quiet_model_logging():
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=model,
-            code_paths=code,
-            signature=signature,
-            input_example=example,
-            pip_requirements=requirements,
-            metadata=metadata,
-        )
-    sign_model(info.model_uri, info.model_id, uri)
-    return info.model_uri
-
-
-def register_model(uri: str, model_uri: str, name: str, alias: str | None = None) -> str:
-    """Register the model at `model_uri` as a new version of `name` (and point `alias` at it);
-    return the version's URI, models:/NAME/VERSION."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from pipelines.spec import TrainyardError
-
-    try:
-        with _fluent(uri):
-            version = mlflow.register_model(model_uri, name).version
-        if alias:
-            MlflowClient(uri).set_registered_model_alias(name, alias, version)
-    except mlflow.exceptions.MlflowException as e:
-        raise TrainyardError(f"tracking.register_as: {name!r}: {e.message}") from None
-    return f"models:/{name}/{version}"
-
-
-def sign_model(model_uri: str, model_id: str, uri: str) -> None:
-    """Sign the files of the logged model as the store holds them (see cluster.signing)."""
-    import mlflow.artifacts
-    from mlflow import MlflowClient
-
-    from cluster import signing
-
-    with tempfile.TemporaryDirectory() as d:
-        with _fluent(uri):
-            local = mlflow.artifacts.download_artifacts(model_uri, dst_path=d)
-        MlflowClient(uri).log_model_artifact(model_id, str(signing.sign(local)))
-
-
-def add_model_arguments(parser: Any, metavar: str, help: str) -> None:
-    """A logged model to load, --trust-model and --tracking-uri: what `generate` and `predict`
-    take."""
-    parser.add_argument("model", metavar=metavar, help=help)
-    parser.add_argument(
-        "--trust-model",
-        action="store_true",
-        help="load a model trainyard did not sign (loading runs the code pickled in it)",
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)",
-    )
-
-
-def model_uri(value: str) -> str:
-    """A model URI or a model's directory as given, or the model logged in the run with id
-    `value`."""
-    return value if ":/" in value or Path(value).is_dir() else f"runs:/{value}/model"
-
-
-def fetch_model(model_uri: str, uri: str, into: str | Path, trust: bool = False) -> Path:
-    """Download the model at `model_uri` (any MLflow model URI, or a local directory) into
-    `into` and return its directory, checked to be a model trainyard signed with this key
-    before anything in it is unpickled; `trust` loads an unsigned one."""
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    from cluster import signing
-    from pipelines.spec import TrainyardError
-
-    try:
-        with _fluent(uri):
-            local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(into))
-    except (MlflowException, OSError) as e:
-        message = getattr(e, "message", e)
-        raise TrainyardError(f"cannot load {model_uri} from {uri}: {message}") from None
-    if not trust:
-        try:
-            signing.verify(local)
-        except signing.UntrustedModel as e:
-            raise TrainyardError(
-                f"{model_uri}: refused to load: {e}. Loading a model runs the code pickled in it; "
-                "if you trust whoever wrote it, pass --trust-model"
-            ) from None
-    return Path(local)

@@ -46,14 +46,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.data import (
+from trainyard.pipelines.config.spec import TrainyardError
+from trainyard.pipelines.data.common import (
     DataError,
     errors_reported_here,
     quiet_ray_data,
     resolve_files,
 )
-from pipelines.generate import add_sampling_arguments, check_sampling
-from pipelines.spec import TrainyardError
+from trainyard.pipelines.jobs.generate import add_sampling_arguments, check_sampling
 
 TEXT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
 DEFAULT_BATCH = {"tabular": 4096, "images": 64, "text": 4, "custom": 256, None: 1024}
@@ -62,7 +62,7 @@ IO_CPUS = 0.1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.tracking import add_model_arguments
+    from trainyard.pipelines.tracking import add_model_arguments
 
     add_model_arguments(
         parser,
@@ -228,11 +228,11 @@ def progress_lines(counter: Any, total: int | None, every: float) -> Iterator[No
 
 
 def load_model(directory: str, kind: str | None, device: Any) -> tuple[Any, dict]:
-    """The model in `directory` as pipelines.serving loads it (its network on `device`), and
+    """The model in `directory` as data.serving loads it (its network on `device`), and
     its metadata."""
     from mlflow.models import Model
 
-    from pipelines.serving import load
+    from trainyard.pipelines.data.serving import load
 
     return load(directory, device), Model.load(directory).metadata or {}
 
@@ -254,11 +254,11 @@ def labelled(logits: np.ndarray, classes: list) -> pd.DataFrame:
 
 def predict_rows(model: Any, metadata: dict, batch: pd.DataFrame, inputs: dict | None) -> Any:
     """Tabular (and plain pyfunc) models on the input columns: trainyard's own take them as
-    read and check them themselves (pipelines.serving); other pyfunc models get each column
+    read and check them themselves (data.serving); other pyfunc models get each column
     cast to their signature's type. A value the model cannot take is a DATA error."""
     from mlflow.exceptions import MlflowException
 
-    from pipelines.serving import RawRowsModel
+    from trainyard.pipelines.data.serving import RawRowsModel
 
     ours = isinstance(model, RawRowsModel)
     frame = batch
@@ -292,8 +292,8 @@ def predict_images(model: Any, batch: pd.DataFrame, skip_bad: bool) -> tuple[lis
     training, then classified: the positions of the rows that decoded, and their predictions
     (with the `path` where the rows have one). An image that does not decode raises, naming
     it, or (`skip_bad`) is left out."""
-    from pipelines.arrays import decode_image
-    from pipelines.serving import read_bytes
+    from trainyard.pipelines.data.arrays import decode_image
+    from trainyard.pipelines.data.serving import read_bytes
 
     has_bytes = "image" in batch
     images, kept = [], []
@@ -318,14 +318,14 @@ def predict_images(model: Any, batch: pd.DataFrame, skip_bad: bool) -> tuple[lis
 
 def score_texts(model: Any, batch: pd.DataFrame) -> pd.DataFrame:
     """The model's loss on each text (column `text`, or files at `path`), in non-overlapping
-    windows of its context, as nats per token and bits per byte (pipelines.serving.TextModel)."""
+    windows of its context, as nats per token and bits per byte (data.serving.TextModel)."""
     return model.predict(None, batch)
 
 
 def continue_texts(model: Any, batch: pd.DataFrame, sampling: dict[str, Any]) -> pd.DataFrame:
     """`sampling["max_bytes"]` bytes sampled after each text (invalid UTF-8 replaced); the same
     text and seed give the same continuation, whatever the batch."""
-    from pipelines.generate import continuation
+    from trainyard.pipelines.jobs.generate import continuation
 
     names, datas = model.texts(batch)
     out = []
@@ -341,7 +341,7 @@ def continue_texts(model: Any, batch: pd.DataFrame, sampling: dict[str, Any]) ->
 
 
 def predict_arrays(model: Any, metadata: dict, batch: pd.DataFrame, job: Job) -> pd.DataFrame:
-    """A custom pipeline's model (pipelines.serving.ArrayModel) on rows of its x: column `x`
+    """A custom pipeline's model (data.serving.ArrayModel) on rows of its x: column `x`
     (nested lists), else the numeric columns in order."""
     from mlflow.exceptions import MlflowException
 
@@ -393,8 +393,8 @@ def input_files(kind: str | None, data: str) -> tuple[list[str], Any, bool]:
     """DATA's files, their filesystem, and whether they are tables (CSV/Parquet): always for
     tabular and pyfunc models; for image and text models, when DATA names tables rather than
     images or texts."""
-    from pipelines.images import EXTENSIONS
-    from pipelines.tabular import DATA_EXTENSIONS
+    from trainyard.pipelines.data.images import EXTENSIONS
+    from trainyard.pipelines.data.tabular import DATA_EXTENSIONS
 
     own = {"images": EXTENSIONS + tuple(e.upper() for e in EXTENSIONS), "text": TEXT_EXTENSIONS}
     if kind not in own:
@@ -417,7 +417,7 @@ def read_input(data: str, job: Job) -> tuple[Any, int | None]:
     import pyarrow.dataset as pads
     import ray.data
 
-    from pipelines.tabular import file_format, sample_schema
+    from trainyard.pipelines.data.tabular import file_format, sample_schema
 
     files, fs, table = input_files(job.kind, data)
     if not table:
@@ -552,8 +552,8 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     from mlflow.models import Model
     from ray.data import ActorPoolStrategy, DataContext
 
-    from pipelines import tracking
-    from pipelines.train import init_ray
+    from trainyard.pipelines import tracking
+    from trainyard.pipelines.training.driver import init_ray
 
     keep = [c for c in args.keep.split(",") if c]
     if args.batch_size is not None and args.batch_size < 1:
@@ -702,7 +702,3 @@ def main(argv: list[str] | None = None) -> int:
     except TrainyardError as e:
         print(f"trainyard: error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

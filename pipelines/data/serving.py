@@ -13,8 +13,8 @@ text in a number column is refused naming the column and the value, and a blank 
 where the model cannot fill it.
 
 Imported by MLflow wherever the model is loaded, with the code logged beside it, so it imports
-nothing of trainyard's but `models` (pure torch), `pipelines.arrays` (numpy and Pillow) and,
-for models with a fitted encoder, `pipelines.features` (Ray Data); it loads the user's function
+nothing of trainyard's but `models` (pure torch), `trainyard.pipelines.data.arrays` (numpy and Pillow) and,
+for models with a fitted encoder, `trainyard.pipelines.data.features` (Ray Data); it loads the user's function
 by name.
 """
 
@@ -99,7 +99,7 @@ def missing_columns(frame: pd.DataFrame, columns: list[str]) -> None:
 
 class RawRowsModel(mlflow.pyfunc.PythonModel):
     """A tabular model: raw rows, optionally through `data.preprocess` (module:fn, a DataFrame
-    function) and/or the fitted encoding of mixed feature columns (pipelines.features), then
+    function) and/or the fitted encoding of mixed feature columns (trainyard.pipelines.data.features), then
     the trained predictor. What `mlflow.pyfunc.load_model(uri).predict(rows)` runs."""
 
     # Models pickled before these existed: no checks beyond their signature's.
@@ -158,7 +158,7 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
                 for c in set(self.features) - set(self.numeric):
                     refuse_blanks(c, is_blank(rows[c]))
         if self.encoder is not None:
-            from pipelines.features import encode
+            from trainyard.pipelines.data.features import encode
 
             return torch.from_numpy(encode(rows, self.encoder, self.features))
         return torch.from_numpy(rows[self.features].to_numpy(dtype=np.float32))
@@ -224,7 +224,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def decode(self, model_input: pd.DataFrame) -> np.ndarray:
         """The images as uint8 (n, h, w, c)."""
-        from pipelines.arrays import decode_image
+        from trainyard.pipelines.data.arrays import decode_image
 
         column, values = sources(model_input, "image")
         images = []
@@ -237,7 +237,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Decoded images (uint8 (n, h, w, c)) normalized and through the network (on its
         device): the logits over `classes`."""
-        from pipelines.arrays import normalize
+        from trainyard.pipelines.data.arrays import normalize
 
         device = next(self.net.parameters()).device
         x = torch.from_numpy(normalize(images, self.mean, self.std)).to(device)
@@ -383,7 +383,7 @@ def load(directory: str, device: Any = "cpu") -> Any:
         if kind == "custom":
             spec = inputs.inputs[0]
             return ArrayModel(net.to(device), list(spec.shape[1:]), spec.type.str)
-        from pipelines.text import load_tokenizer
+        from trainyard.pipelines.data.tokenizers import load_tokenizer
 
         return TextModel(net.to(device), load_tokenizer(metadata["tokenizer"]))
     model = mlflow.pyfunc.load_model(directory)

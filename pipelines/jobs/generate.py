@@ -9,11 +9,11 @@ import argparse
 import sys
 import tempfile
 
-from pipelines.spec import TrainyardError
+from trainyard.pipelines.config.spec import TrainyardError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.tracking import add_model_arguments
+    from trainyard.pipelines.tracking import add_model_arguments
 
     add_model_arguments(
         parser,
@@ -49,8 +49,8 @@ def load(uri: str, tracking_uri: str, trust: bool = False):
     before it is unpickled or its tokenizer imported."""
     from mlflow.models import Model
 
-    from pipelines.serving import load as load_model
-    from pipelines.tracking import fetch_model
+    from trainyard.pipelines.data.serving import load as load_model
+    from trainyard.pipelines.tracking import fetch_model
 
     with tempfile.TemporaryDirectory() as d:
         local = fetch_model(uri, tracking_uri, d, trust)
@@ -104,7 +104,7 @@ def continuation(
 
 
 def command(args: argparse.Namespace) -> int:
-    from pipelines import tracking
+    from trainyard.pipelines import tracking
 
     if args.max_bytes < 1:
         raise TrainyardError("--max-bytes: expected an integer >= 1")

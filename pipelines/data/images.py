@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from cluster.secrets import redact_text
-from pipelines.arrays import crop_flip, decode_image, keyed_hash, normalize
-from pipelines.data import (
+from trainyard.cluster.secrets import redact_text
+from trainyard.pipelines.data.arrays import crop_flip, decode_image, keyed_hash, normalize
+from trainyard.pipelines.data.common import (
     DataError,
     PerEpoch,
     Prepared,
@@ -30,7 +30,7 @@ from pipelines.data import (
     resolve_files,
     settle,
 )
-from pipelines.spec import ImageDataSpec, RunSpec
+from trainyard.pipelines.config.spec import ImageDataSpec, RunSpec
 
 BUILTIN_DIGITS = "builtin:digits-images"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -84,7 +84,7 @@ def train_batch(
     """One training batch of one pass: decoded (when `decode` says how: streamed from the
     source), augmented (the built-in crop and flip, or the user's `module:fn`), normalized.
     Draws are seeded from (seed, pass, image)."""
-    from pipelines.augment import ROW
+    from trainyard.pipelines.data.augment import ROW
 
     if decode is not None:
         batch = decode_batch(batch, **decode)
@@ -107,8 +107,8 @@ def user_augment(
     images: np.ndarray, labels: np.ndarray, rows: np.ndarray, ref: str, seed: int, pass_number: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The user's `fn(batch, rng) -> batch` on uint8 images (its generator seeded as in
-    pipelines.augment), which it must return as uint8 images."""
-    from pipelines.augment import ROW, augment_batch
+    trainyard.pipelines.data.augment), which it must return as uint8 images."""
+    from trainyard.pipelines.data.augment import ROW, augment_batch
 
     out = augment_batch({"x": images, "y": labels, ROW: rows}, seed, pass_number, ref)
     if out["x"].dtype != np.uint8 or out["x"].ndim != 4:
@@ -353,7 +353,7 @@ def prepare(
     augment = data.augment
     per_epoch = PerEpoch(
         rows=train if keep else as_dataset(train_files, blocks=None).materialize(),
-        fn="pipelines.images:train_batch",
+        fn="trainyard.pipelines.data.images:train_batch",
         kwargs={"augment": augment, **stats} | ({} if keep else {"decode": options}),
         remote_args=None if keep else read_args,
     )
@@ -408,7 +408,7 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
     class names. Three validation images are its input example."""
     import pandas as pd
 
-    from pipelines.serving import ImageClassifier
+    from trainyard.pipelines.data.serving import ImageClassifier
 
     extra, data = prepared.extra, spec.data
     listing, held = extra["listing"], extra["held"]
@@ -449,7 +449,7 @@ def figures(spec: RunSpec, prepared: Prepared, net: Any, directory: Path) -> lis
     import matplotlib.pyplot as plt
     import torch
 
-    from pipelines.augment import ROW
+    from trainyard.pipelines.data.augment import ROW
 
     extra, per_epoch = prepared.extra, prepared.per_epoch
     classes, stats = extra["classes"], extra["stats"]

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import augment, user
-from pipelines.arrays import mix64
-from pipelines.data import DataError, Prepared, check_row_counts
-from pipelines.spec import RunSpec, SpecError
+from trainyard.pipelines.data import augment
+from trainyard.pipelines.config import user
+from trainyard.pipelines.data.arrays import mix64
+from trainyard.pipelines.data.common import DataError, Prepared, check_row_counts
+from trainyard.pipelines.config.spec import RunSpec, SpecError
 
 ROWS_PER_BLOCK = 4096
 """Rows a read task turns into one block (a torch Dataset is indexed row by row)."""
@@ -219,9 +220,9 @@ def prepare(
 
 def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict[str, str]]:
     """The trained model behind the casting of its x (it takes arrays, or tables of x's
-    numbers: pipelines.serving.ArrayModel), five validation inputs as the example, and its
+    numbers: trainyard.pipelines.data.serving.ArrayModel), five validation inputs as the example, and its
     metadata."""
-    from pipelines.serving import ArrayModel
+    from trainyard.pipelines.data.serving import ArrayModel
 
     example = prepared.extra.take_batch(5, batch_format="numpy")["x"]
     model = ArrayModel(net, list(example.shape[1:]), example.dtype.str)

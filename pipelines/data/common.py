@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import pyarrow.fs as pafs
 
-from cluster.errors import TrainyardError
+from trainyard.cluster.errors import TrainyardError
 
 
 def quiet_ray_data() -> None:
@@ -60,7 +60,7 @@ class DataError(TrainyardError):
 @dataclass
 class PerEpoch:
     """Training rows that Ray Data maps anew every pass (augmentation): each rank gets an equal
-    share of `rows`, numbered by position (column pipelines.augment.ROW), and every pass maps
+    share of `rows`, numbered by position (column trainyard.pipelines.data.augment.ROW), and every pass maps
     `fn(batch, seed=, pass_number=, **kwargs)` over it in Ray Data tasks while the rank trains."""
 
     rows: Any
@@ -156,8 +156,8 @@ def _glob_match(path: str, pattern: str) -> bool:
 
 
 class Pipeline(Protocol):
-    """What a pipeline implements (pipelines.tabular, pipelines.text, pipelines.custom,
-    pipelines.images): the driver calls these and never asks which pipeline it runs."""
+    """What a pipeline implements (trainyard.pipelines.data.tabular, trainyard.pipelines.data.text, trainyard.pipelines.data.custom,
+    trainyard.pipelines.data.images): the driver calls these and never asks which pipeline it runs."""
 
     def local_files(self, spec: Any) -> list[str]:
         """The data files on a local disk (none for built-in data, URIs and user datasets);

@@ -20,46 +20,15 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipelines.arrays import ByteTokenizer
-from pipelines.data import DataError, Prepared, resolve_files
-from pipelines.spec import RunSpec, TextDataSpec
+from trainyard.pipelines.data.common import DataError, Prepared, resolve_files
+from trainyard.pipelines.config.spec import RunSpec, TextDataSpec
+from trainyard.pipelines.data.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
 # CPython's own test suite (17 of the 31 MB in 3.11) is left out: the corpus is the library.
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
 BLOCK_BYTES = 4 * 1024**2
 """Text per read task: few enough tasks for small corpora, enough parallelism for big ones."""
-
-
-# --- tokenizers ---------------------------------------------------------------------------------
-
-
-class Tokenizer(Protocol):
-    """What the text pipeline needs from a tokenizer. A class of your own, given as
-    `data.tokenizer: package.module:Class`, is built with no arguments on every node."""
-
-    vocab_size: int
-
-    def encode(self, data: bytes) -> np.ndarray:
-        """Token ids of `data` as a 1-D integer array."""
-        ...
-
-    def decode(self, ids: Any) -> bytes:
-        """The bytes that token ids `ids` stand for."""
-        ...
-
-
-def load_tokenizer(name: str) -> Tokenizer:
-    """`bytes`, or an instance of the class `package.module:Class`."""
-    if name == "bytes":
-        return ByteTokenizer()
-    from pipelines import user
-
-    cls = user.load_callable(name, "data.tokenizer")
-    tokenizer = user.call(cls, {}, "data.tokenizer", name, "the tokenizer")
-    if not isinstance(getattr(tokenizer, "vocab_size", None), int):
-        raise DataError(f"data.tokenizer: {name!r} has no integer vocab_size")
-    return tokenizer
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -281,8 +250,8 @@ def prepare(
     """The text pipeline's windows and facts for training (the vocabulary and context; for the
     built-in GPT, FLOPs per token for MFU; the unigram entropy that the validation loss is
     printed beside)."""
-    from models.gpt import flops_per_token, num_params
-    from pipelines.spec import GPTSpec
+    from trainyard.models.gpt import flops_per_token, num_params
+    from trainyard.pipelines.config.spec import GPTSpec
 
     data = build_datasets(spec, task_cpus, num_workers, rows_per_step, read_args)
     print(
@@ -326,11 +295,11 @@ def prepare(
 
 
 def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict[str, str]]:
-    """The trained GPT with its tokenizer (it scores texts: pipelines.serving.TextModel), an
+    """The trained GPT with its tokenizer (it scores texts: trainyard.pipelines.data.serving.TextModel), an
     input example and its MLflow metadata, which names the tokenizer."""
     import pandas as pd
 
-    from pipelines.serving import TextModel
+    from trainyard.pipelines.data.serving import TextModel
 
     model = TextModel(net, load_tokenizer(spec.data.tokenizer))
     example = pd.DataFrame({"text": ["def main():\n    return 0\n", "import os\n"]})

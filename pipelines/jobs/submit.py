@@ -1,9 +1,9 @@
 """`trainyard submit`: run a spec on a Ray cluster as a Ray job, follow it, exit with its status.
 
 The job's working directory is the project it is submitted from (the current directory: the
-user's code, configs and modules named as module:attr); its entrypoint is the same driver as
-`trainyard train`, `python -m pipelines.train CONFIG --set ...`, which runs from the trainyard
-installed on the cluster's nodes (or from the project, when the project is trainyard itself).
+user's code, configs and modules named as module:attr); its entrypoint is the installed command,
+`trainyard train CONFIG --set ...`, which runs from the trainyard installed on the cluster's
+nodes.
 
 Anyone who can see the dashboard reads a job's entrypoint, metadata and runtime environment.
 Overrides that hold a credential therefore travel as a file inside a package of their own
@@ -14,17 +14,16 @@ Overrides that hold a credential therefore travel as a file inside a package of 
 from __future__ import annotations
 
 import argparse
-import json
-import secrets
 import shlex
 import tempfile
 import time
 from pathlib import Path
 
-from cluster import jobs
-from cluster.secrets import redact_override
-from pipelines.spec import TrainyardError, load_spec
-from pipelines.train import add_spec_arguments, check_code
+from trainyard.cluster import jobs
+from trainyard.cluster.secrets import redact_override
+from trainyard.pipelines.config.overrides import holds_credentials, overrides_package
+from trainyard.pipelines.config.spec import TrainyardError, load_spec
+from trainyard.pipelines.training.driver import add_spec_arguments, check_code
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,9 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     jobs.add_arguments(parser)
 
 
-OVERRIDES_FILE = "overrides.json"
-
-
 def entrypoint(
     config: str,
     overrides: list[str],
@@ -50,10 +46,9 @@ def entrypoint(
     tune: bool = False,
     trials: int | None = None,
 ) -> str:
-    """`python -m pipelines.train CONFIG --set ... [--resume NAME]`, with CONFIG relative to
-    the project directory (the job's working directory); `set_from` names the package that
-    holds the overrides instead. With `tune`, the search's driver (`python -m pipelines.tune
-    ... [--trials N]`) instead."""
+    """`trainyard train CONFIG --set ... [--resume NAME]`, with CONFIG relative to the project
+    directory (the job's working directory); `set_from` names the package that holds the
+    overrides instead. With `tune`, the search (`trainyard tune CONFIG ... [--trials N]`)."""
     project = Path(project).resolve()
     path = Path(config).resolve()
     try:
@@ -63,8 +58,7 @@ def entrypoint(
             f"{config}: the config must be inside the project directory {project}, "
             "which is what the job receives as its working_dir"
         ) from None
-    module = "pipelines.tune" if tune else "pipelines.train"
-    args = ["python", "-m", module, relative.as_posix()]
+    args = ["trainyard", "tune" if tune else "train", relative.as_posix()]
     if trials is not None:
         args += ["--trials", str(trials)]
     if set_from:
@@ -75,30 +69,6 @@ def entrypoint(
     if resume:
         args += ["--resume", resume]
     return shlex.join(args)
-
-
-def holds_credentials(overrides: list[str]) -> bool:
-    return any(redact_override(o) != o for o in overrides)
-
-
-def overrides_package(overrides: list[str], directory: str | Path) -> Path:
-    """A package, new under `directory`, whose OVERRIDES_FILE lists `overrides`."""
-    package = Path(directory) / f"trainyard_overrides_{secrets.token_hex(6)}"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / OVERRIDES_FILE).write_text(json.dumps(overrides))
-    return package
-
-
-def read_overrides(package: str) -> list[str]:
-    """The overrides a job received in `package` (see overrides_package)."""
-    import importlib.resources
-
-    try:
-        text = (importlib.resources.files(package) / OVERRIDES_FILE).read_text()
-    except ModuleNotFoundError:
-        raise TrainyardError(f"--set-from: no package {package} on this job's path") from None
-    return list(json.loads(text))
 
 
 def job_metadata(config: str, overrides: list[str]) -> dict[str, str]:
@@ -115,9 +85,9 @@ def command(args: argparse.Namespace) -> int:
     project = Path.cwd()
     # A bad spec, or user code that does not import, fails here, before anything is uploaded.
     spec = load_spec(args.config, args.overrides)
-    check_code(spec)  # and refuses a clashing project
+    check_code(spec)
     if args.tune:
-        from pipelines.tune import check_search
+        from trainyard.pipelines.jobs.tune import check_search
 
         check_search(spec)
     elif args.trials is not None:
@@ -151,10 +121,10 @@ def command(args: argparse.Namespace) -> int:
 
 def predict_command(argv: list[str]) -> int:
     """`trainyard submit --predict MODEL DATA --out PATH ...`: `trainyard predict` as a Ray job
-    (`python -m pipelines.predict ...` in the project directory), followed like a training
+    (`trainyard predict ...` in the project directory), followed like a training
     job. The job writes where every node can: --out must be absolute or a URI."""
-    from cluster.secrets import redact_text
-    from pipelines import predict
+    from trainyard.cluster.secrets import redact_text
+    from trainyard.pipelines.jobs import predict
 
     started = time.monotonic()
     parser = argparse.ArgumentParser(prog="trainyard submit --predict")
@@ -174,7 +144,7 @@ def predict_command(argv: list[str]) -> int:
             "to the cluster's environment"
         )
     client, job_id = jobs.submit(
-        shlex.join(["python", "-m", "pipelines.predict", *rest]),
+        shlex.join(["trainyard", "predict", *rest]),
         Path.cwd(),
         args.address,
         args.tracking_uri,

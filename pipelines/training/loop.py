@@ -31,9 +31,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.secrets import redact
-from pipelines.spec import RunSpec, TrainSpec, TrainyardError
-from pipelines.user import build_model, load_callable
+from trainyard.cluster.secrets import redact
+from trainyard.pipelines.config.spec import RunSpec, TrainSpec, TrainyardError
+from trainyard.pipelines.config.user import build_model, load_callable
 
 CHECKPOINT_FILE = "state.pt"
 DIGEST_FILE = "state.sha256"
@@ -654,8 +654,8 @@ def set_up(config: dict[str, Any]) -> Worker:
     import ray.train
     import ray.train.torch
 
-    from pipelines.data import quiet_ray_data
-    from pipelines.tracking import RankZeroLogger
+    from trainyard.pipelines.data.common import quiet_ray_data
+    from trainyard.pipelines.tracking import RankZeroLogger
 
     # Ray Train tees print() into its logger (each line twice) and logs every report at INFO:
     # keep Ray's worker logs at WARNING and progress on trainyard's own logger.
@@ -697,7 +697,7 @@ def distribute(w: Worker) -> None:
     import ray
     import ray.train.torch
 
-    from cluster.hardware import device_name, peak_flops
+    from trainyard.cluster.hardware import device_name, peak_flops
 
     if w.spec.train.compile:
         w.model = torch.compile(w.model)
@@ -766,7 +766,7 @@ def data_passes(
         )
 
     if "train_shards" in job:
-        from pipelines.augment import one_pass
+        from trainyard.pipelines.data.augment import one_pass
 
         shard = job["train_shards"][rank]
         # Ray Data hands the augmented arrays out read-only (zero-copy from Arrow); the loop

@@ -18,10 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cluster.errors import SpecError
-
-TRAINYARD_ROOT = Path(__file__).resolve().parent.parent
-TRAINYARD_PACKAGES = ("models", "pipelines", "cluster")
+from trainyard.cluster.errors import SpecError
 
 
 def is_reference(name: str) -> bool:
@@ -38,37 +35,11 @@ def project_on_path(directory: str | Path | None = None) -> Path:
     return project
 
 
-def clashes(directory: str | Path) -> list[str]:
-    """The packages or modules of a project directory that would hide trainyard's own top-level
-    packages (`models/` is common), for any directory but trainyard's source tree."""
-    directory = Path(directory).resolve()
-    if directory == TRAINYARD_ROOT:
-        return []
-    return [
-        name
-        for name in TRAINYARD_PACKAGES
-        if (directory / name).is_dir() or (directory / f"{name}.py").is_file()
-    ]
-
-
-def check_project(directory: str | Path) -> None:
-    """Refuse a project directory whose packages clash with trainyard's (SpecError)."""
-    found = clashes(directory)
-    if found:
-        what = ", ".join(f"{n}/" if (Path(directory) / n).is_dir() else f"{n}.py" for n in found)
-        raise SpecError(
-            f"the project directory {directory} has {what}, which would hide trainyard's own "
-            f"package(s) of the same name on the workers; rename it (e.g. {found[0]} → "
-            f"my{found[0]}) and the module:attr names that use it"
-        )
-
-
 def load(ref: str, field: str) -> Any:
     """The object `ref` ("module.path:attr", attr may be dotted) names, for spec field `field`."""
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise SpecError(f"{field}: expected module:attr (e.g. nets:WideNet), got {ref!r}")
-    top = module_name.split(".")[0]
     project = project_on_path()
     try:
         module = importlib.import_module(module_name)
@@ -84,8 +55,6 @@ def load(ref: str, field: str) -> Any:
             f"{field}: importing {module_name!r} for {ref!r} failed: {type(e).__name__}: {e}"
         ) from None
     origin = Path(getattr(module, "__file__", "") or "").resolve()
-    if top in TRAINYARD_PACKAGES and TRAINYARD_ROOT not in origin.parents:
-        raise SpecError(f"{field}: {ref!r}: " + clash_message(top))
     obj: Any = module
     for i, part in enumerate(attr.split(".")):
         if not hasattr(obj, part):
@@ -100,13 +69,6 @@ def load(ref: str, field: str) -> Any:
             raise SpecError(f"{field}: {where} has no attribute {part!r}{hint}") from None
         obj = getattr(obj, part)
     return obj
-
-
-def clash_message(top: str) -> str:
-    return (
-        f"the module {top!r} is trainyard's own package, and a package of yours by that name "
-        f"would hide it: rename yours (e.g. to my{top})"
-    )
 
 
 def load_callable(ref: str, field: str) -> Callable[..., Any]:
@@ -189,7 +151,7 @@ def source_paths(refs: list[str]) -> list[str]:
             continue
         path = Path(file).resolve()
         path = path.parent if path.name == "__init__.py" else path
-        if "site-packages" in path.parts or top in TRAINYARD_PACKAGES:
+        if "site-packages" in path.parts or top == "trainyard":
             continue
         if str(path) not in paths:
             paths.append(str(path))
@@ -197,8 +159,8 @@ def source_paths(refs: list[str]) -> list[str]:
 
 
 def resolve_model(name: str) -> Callable[..., Any]:
-    """The builder a model name stands for: a built-in's (models.MODELS) or the user's."""
-    from models import MODELS
+    """The builder a model name stands for: a built-in's (trainyard.models.MODELS) or the user's."""
+    from trainyard.models import MODELS
 
     if name in MODELS:
         return MODELS[name]

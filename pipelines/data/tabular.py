@@ -20,11 +20,11 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines import augment
-from pipelines.arrays import mix64
-from pipelines.data import DataError, Prepared, check_row_counts, resolve_files
-from pipelines.features import FeaturePlan, as_text, blank, is_category_type
-from pipelines.spec import DataSpec, RunSpec
+from trainyard.pipelines.data import augment
+from trainyard.pipelines.data.arrays import mix64
+from trainyard.pipelines.data.common import DataError, Prepared, check_row_counts, resolve_files
+from trainyard.pipelines.data.features import FeaturePlan, as_text, blank, is_category_type
+from trainyard.pipelines.config.spec import DataSpec, RunSpec
 
 BUILTIN_DIGITS = "builtin:digits"
 SPLIT_COLUMN = "__validation"
@@ -47,7 +47,7 @@ class Stats:
     target_mean: float = 0.0
     target_std: float = 1.0
     encoder: Any = None
-    """The fitted encoding of mixed features (pipelines.features), or None: numbers only,
+    """The fitted encoding of mixed features (trainyard.pipelines.data.features), or None: numbers only,
     standardized by `mean` and `std` (then the identity for an encoded table)."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,8 +175,8 @@ def preprocess_batch(
 def encode_batch(
     batch: pd.DataFrame, encoder: Any, stats: dict[str, Any], label: str
 ) -> dict[str, np.ndarray]:
-    """Raw rows of mixed columns → {"x": their encoding (pipelines.features), "y": ...}."""
-    from pipelines.features import encode
+    """Raw rows of mixed columns → {"x": their encoding (trainyard.pipelines.data.features), "y": ...}."""
+    from trainyard.pipelines.data.features import encode
 
     x = encode(batch, encoder, stats["features"])
     return {"x": x, "y": targets(batch[label].to_numpy(), stats)}
@@ -294,7 +294,7 @@ def file_format(files: list[str], declared: str) -> str:
 
 def local_files(spec: RunSpec) -> list[str]:
     """The data files on a local disk (none for built-in tables and URIs)."""
-    from cluster.shared import is_local
+    from trainyard.cluster.shared import is_local
 
     check_path(spec.data)
     if spec.data.path == BUILTIN_DIGITS or not is_local(spec.data.path):
@@ -608,7 +608,7 @@ def apply_preprocess(
     """The user's preprocessing (`data.preprocess`) on a batch of raw rows, then the columns
     training uses, the numeric ones as float64 (a Ray Data batch function). Rows whose
     features are not numbers after it are dropped with `skip_bad`, else an error."""
-    from pipelines import user
+    from trainyard.pipelines.config import user
 
     out = user.load_callable(ref, "data.preprocess")(batch)[columns]
     parsed = out.assign(**{c: to_float(out[c]) for c in numeric})
@@ -634,7 +634,7 @@ def read_preprocessed(
     broken one is one line before anything else runs."""
     import ray.data
 
-    from pipelines import user
+    from trainyard.pipelines.config import user
 
     ref = spec.preprocess
     fn = user.load_callable(ref, "data.preprocess")
@@ -715,7 +715,7 @@ def build_datasets(
     stats = fit_stats(train_raw, [] if encoded else features, spec)
     check_row_counts(num_train, num_val, num_workers, rows_per_step)
     if encoded:
-        from pipelines.features import encode, fit_encoder
+        from trainyard.pipelines.data.features import encode, fit_encoder
 
         encoder = fit_encoder(train_raw, plan, spec.max_onehot)
         width = encode(example.astype({c: np.float64 for c in plan.numeric}), encoder, features)
@@ -780,8 +780,8 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
     the model's MLflow metadata."""
     import torch
 
-    from models import TabularPredictor
-    from pipelines.serving import RawRowsModel
+    from trainyard.models import TabularPredictor
+    from trainyard.pipelines.data.serving import RawRowsModel
 
     stats, example = prepared.extra.stats, prepared.extra.example
     predictor = TabularPredictor(

@@ -1,0 +1,1 @@
+"""Jobs built on training, never imported by it: submit, tune, predict, generate."""

@@ -1,0 +1,66 @@
+"""Tracking: a run's lifecycle and rank-0 logging (`runs`), the models a run logs (`models`).
+
+`from trainyard.pipelines import tracking` gives both under one name.
+"""
+
+from trainyard.pipelines.tracking.models import (
+    add_model_arguments,
+    fetch_model,
+    fluent,
+    link_model,
+    log_model,
+    model_uri,
+    register_model,
+    sign_model,
+)
+from trainyard.pipelines.tracking.runs import (
+    ARTIFACT_DIR,
+    DEFAULT_DB,
+    PREDICT_EXPERIMENT,
+    RankZeroLogger,
+    child_runs,
+    end_run,
+    find_run,
+    finish_predict_run,
+    first_step_after,
+    local_store_dir,
+    log_artifact,
+    log_batch,
+    log_curves,
+    mlflow_client,
+    reopen_run,
+    start_predict_run,
+    start_run,
+    tracking_uri,
+    ui_command,
+)
+
+__all__ = [
+    "ARTIFACT_DIR",
+    "DEFAULT_DB",
+    "PREDICT_EXPERIMENT",
+    "RankZeroLogger",
+    "add_model_arguments",
+    "child_runs",
+    "end_run",
+    "fetch_model",
+    "find_run",
+    "finish_predict_run",
+    "first_step_after",
+    "fluent",
+    "link_model",
+    "local_store_dir",
+    "log_artifact",
+    "log_batch",
+    "log_curves",
+    "log_model",
+    "mlflow_client",
+    "model_uri",
+    "register_model",
+    "reopen_run",
+    "sign_model",
+    "start_predict_run",
+    "start_run",
+    "tracking_uri",
+    "ui_command",
+]

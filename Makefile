@@ -44,7 +44,7 @@ run: setup
 	$(BIN)/trainyard train $(CONFIG)
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/pytest
 
 bench: setup
 	$(BIN)/trainyard bench all

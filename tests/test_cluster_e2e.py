@@ -217,7 +217,11 @@ def both_jobs(cluster, head_only):
     `models.py`. (trainyard's own packages are trainyard.*, so neither meets them.)"""
     env = cluster["env"]
     project = cluster["base"] / "own-code"
-    shutil.copytree(ROOT / "examples" / "own-code", project, ignore=shutil.ignore_patterns("ml*"))
+    shutil.copytree(
+        ROOT / "examples" / "own-code",
+        project,
+        ignore=shutil.ignore_patterns("mlflow.db", "mlruns", "mlartifacts", "results"),
+    )
     flat = cluster["base"] / "own-code-flat"
     shutil.copytree(project, flat)
     shutil.rmtree(flat / "models")

@@ -34,7 +34,11 @@ def project(tmp_path, monkeypatch):
     """A user's project directory (a copy of the example) as the current directory; the modules
     it imports into this process are forgotten afterwards."""
     root = tmp_path / "project"
-    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns("mlflow.db", "ml*", "results"))
+    shutil.copytree(
+        EXAMPLE,
+        root,
+        ignore=shutil.ignore_patterns("mlflow.db", "mlruns", "mlartifacts", "results"),
+    )
     monkeypatch.chdir(root)
     monkeypatch.setattr(sys, "path", list(sys.path))
     before = set(sys.modules)

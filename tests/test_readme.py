@@ -1,4 +1,5 @@
-"""The README's shell blocks marked `<!-- readme-test -->` run as written, in a fresh shell.
+"""The shell blocks of the README and docs/ marked `<!-- readme-test -->` run as written, in a
+fresh shell.
 
 Each block runs in a bare environment (PATH, a new HOME, nothing else) from the project root,
 inside its own process and network namespaces: `ray start --head` gets the usual ports and
@@ -17,12 +18,30 @@ ROOT = Path(__file__).resolve().parents[1]
 MARKED = re.compile(r"<!-- readme-test -->\n```bash\n(.*?)```", re.S)
 
 
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def marked_blocks() -> list[str]:
-    return MARKED.findall((ROOT / "README.md").read_text())
+    return [block for page in DOCS for block in MARKED.findall(page.read_text())]
 
 
-def test_the_readme_marks_blocks_to_run():
-    assert marked_blocks(), "no <!-- readme-test --> blocks in README.md"
+def test_the_docs_mark_blocks_to_run():
+    assert marked_blocks(), "no <!-- readme-test --> blocks in README.md or docs/"
+
+
+def test_every_local_link_of_the_docs_leads_to_a_file_and_heading():
+    """A page moved or a heading renamed leaves no link pointing at nothing."""
+    link = re.compile(r"\]\(([^)#:\s]*)(#[^)\s]*)?\)")
+    for page in DOCS:
+        for target, anchor in link.findall(page.read_text()):
+            path = (page.parent / target).resolve() if target else page
+            assert path.exists(), f"{page.name}: {target} does not exist"
+            if anchor and path.suffix == ".md":
+                headings = {
+                    "#" + re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                    for h in re.findall(r"^#+ (.*)$", path.read_text(), re.M)
+                }
+                assert anchor in headings, f"{page.name}: {target}{anchor} names no heading"
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines.config.spec import TrainyardError
 from trainyard.pipelines.training import driver
 
@@ -123,6 +124,6 @@ def main(argv: list[str] | None = None) -> int:
             return submit.predict_command(argv[2:])
         args = parser.parse_args(argv)
         return args.func(args)
-    except TrainyardError as e:
-        print(f"trainyard: error: {e}", file=sys.stderr)
+    except TrainyardError as e:  # a mistake of the user's: one line, credentials masked
+        print(f"trainyard: error: {redact_text(str(e))}", file=sys.stderr)
         return 2

@@ -42,16 +42,21 @@ def ray_cluster():
     cluster.shutdown()
 
 
+def train_command(argv: list[str]) -> int:
+    """`trainyard train ARGV` in this process, as the command runs it: its exit code."""
+    from trainyard.pipelines.cli import main
+
+    return main(["train", *argv])
+
+
 def train(config, out, *overrides: str) -> dict:
     """`trainyard train CONFIG` with `--set` overrides and checkpoints under `out`; asserts it
     succeeded and returns its --summary."""
     import json
 
-    from trainyard.pipelines.training.driver import main
-
     summary = out / "summary.json"
     overrides = (f"scaling.storage_path={out / 'results'}", *overrides)
-    rc = main(
+    rc = train_command(
         [str(config), "--summary", str(summary), *[a for o in overrides for a in ("--set", o)]]
     )
     assert rc == 0

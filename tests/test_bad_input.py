@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import train_command as main
 from mlflow.tracking import MlflowClient
 
 from trainyard.pipelines.config.spec import DataSpec
 from trainyard.pipelines.data.tabular import read_raw
-from trainyard.pipelines.training.driver import main
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "test-bad-input"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_command as main
 from mlflow.tracking import MlflowClient
 
-from trainyard.pipelines.training.driver import main
-from trainyard.pipelines.training.loop import load_state
+from trainyard.pipelines.training.checkpoint import TrainingState, load
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "digits.yaml")
@@ -80,18 +80,18 @@ def wait_for_checkpoint(out: Path, name: str, epoch: int, timeout: float = 240) 
     raise AssertionError(f"no checkpoint of epoch {epoch} for {name} in {timeout:.0f} s")
 
 
-def final_state(out: Path, name: str) -> dict:
+def final_state(out: Path, name: str) -> TrainingState:
     summary = json.loads((out / f"{name}.json").read_text())
-    return load_state(summary["checkpoint"])
+    return load(summary["checkpoint"])
 
 
-def assert_same_training(a: dict, b: dict) -> None:
-    assert a["epoch"] == b["epoch"]
-    for key, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][key]), key
-    for key, tensor in a["optimizer"]["state"].items():
+def assert_same_training(a: TrainingState, b: TrainingState) -> None:
+    assert a.epoch == b.epoch
+    for key, tensor in a.model.items():
+        assert torch.equal(tensor, b.model[key]), key
+    for key, tensor in a.optimizer["state"].items():
         for name, value in tensor.items():
-            assert torch.equal(value, b["optimizer"]["state"][key][name]), (key, name)
+            assert torch.equal(value, b.optimizer["state"][key][name]), (key, name)
 
 
 def assert_one_clean_run(tracking_uri: str, name: str, epochs: int) -> object:
@@ -155,7 +155,7 @@ def test_a_text_run_resumes_in_the_middle_of_a_pass_exactly(
     overrides = (*TEXT_SMALL, "scaling.max_failures=1")
     assert main(args(injected_out, "text-injected", 3, *overrides, config=TEXT)) == 0
     assert (tmp_path / "marker").read_text() == "1"
-    assert final_state(injected_out, "text-injected")["data_position"] == (1, 21)
+    assert final_state(injected_out, "text-injected").data_position == (1, 21)
     assert_same_training(
         final_state(straight_out, "text-straight"), final_state(injected_out, "text-injected")
     )
@@ -193,7 +193,7 @@ def test_a_killed_worker_node_costs_minutes_not_the_run(ray_cluster, tracking_ur
     thread.join(timeout=600)
     assert result.get("rc") == 0
     run = assert_one_clean_run(tracking_uri, "node-kill", 4)
-    assert final_state(tmp_path, "node-kill")["epoch"] == 4
+    assert final_state(tmp_path, "node-kill").epoch == 4
     tags = run.data.tags
     resumed_after = int(tags["trainyard.restart.1"].split()[2])
     print(

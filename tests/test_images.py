@@ -156,9 +156,10 @@ def write_folders(root: Path, bad: bool) -> Path:
 
 
 def test_a_corrupt_file_stops_the_run_naming_it_or_is_skipped(ray_cluster, tmp_path, capsys):
+    from conftest import train_command as main
+
     from trainyard.pipelines.config.spec import RunSpec
     from trainyard.pipelines.data import images
-    from trainyard.pipelines.training.driver import main
 
     root = write_folders(tmp_path / "pets", bad=True)
     config = tmp_path / "pets.yaml"

@@ -8,8 +8,7 @@ import threading
 import time
 
 import pytest
-
-from trainyard.pipelines.training.driver import main
+from conftest import train_command as main
 
 DIGITS = "configs/digits.yaml"
 SHORT = ("train.epochs=2", "tracking.log_model=false")

@@ -14,12 +14,15 @@ from torch import nn
 from trainyard.cluster.local import free_port
 from trainyard.pipelines.config.spec import SpecError, TrainSpec
 from trainyard.pipelines.config.user import build_model
-from trainyard.pipelines.training.loop import (
+from trainyard.pipelines.training.checkpoint import (
     CheckpointError,
-    load_state,
+    TrainingState,
+    load,
+    save,
+)
+from trainyard.pipelines.training.loop import (
     make_scheduler,
     param_digest,
-    save_state,
     seed_epoch,
     task_loss,
     train_epoch,
@@ -103,15 +106,48 @@ def test_nan_losses_on_one_rank_stop_every_rank_after_k_steps():
 
 
 def test_checkpoints_are_refused_when_incomplete_or_corrupt(tmp_path):
-    save_state(tmp_path, model={"w": torch.ones(3)}, epoch=2)
-    assert load_state(tmp_path)["epoch"] == 2
+    save(tmp_path, TrainingState(model={"w": torch.ones(3)}, epoch=2))
+    assert load(tmp_path).epoch == 2
     state = tmp_path / "state.pt"
     state.write_bytes(state.read_bytes()[:-10])  # cut short, as by a crash mid-copy
     with pytest.raises(CheckpointError, match="corrupt"):
-        load_state(tmp_path)
+        load(tmp_path)
     (tmp_path / "state.sha256").unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
-        load_state(tmp_path)
+        load(tmp_path)
+
+
+def _write_as_is(directory, plain: dict) -> None:
+    """A state file with a matching digest, whatever it holds."""
+    import hashlib
+
+    torch.save(plain, directory / "state.pt")
+    digest = hashlib.sha256((directory / "state.pt").read_bytes()).hexdigest()
+    (directory / "state.sha256").write_text(digest)
+
+
+def test_checkpoints_name_their_format_and_older_ones_still_load(tmp_path):
+    """A checkpoint says its format; one written before it had a name (format 1: the same
+    fields, no `format`) loads as it was; a newer format, or what is not a training state, is
+    refused in one line."""
+    save(tmp_path, TrainingState(model={"w": torch.ones(1)}, epoch=3, data_position=(2, 5)))
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["format"] == 2
+    before = {"model": {"w": torch.ones(1)}, "optimizer": {"state": {}}, "scheduler": {}}
+    before |= {"scaler": {}, "epoch": 4, "model_recipe": {"name": "mlp", "kwargs": {}}}
+    before |= {"spec": {"train": {"epochs": 5}}, "schedule_steps": 50}
+    before |= {"data_position": [3, 1], "elapsed": 12.5}  # the ten keys trainyard wrote
+    _write_as_is(tmp_path, before)
+    old = load(tmp_path)
+    assert (old.epoch, old.data_position, old.schedule_steps, old.elapsed) == (4, (3, 1), 50, 12.5)
+    assert load(tmp_path, optimizer=False).optimizer is None
+    for plain, why in [
+        ({**before, "format": 3}, "format 3, written by a newer trainyard"),
+        ({"weights": {}, "epoch": 1}, "not a trainyard training state"),
+    ]:
+        _write_as_is(tmp_path, plain)
+        with pytest.raises(CheckpointError, match=why) as error:
+            load(tmp_path)
+        assert "\n" not in str(error.value)
 
 
 class Payload:
@@ -124,17 +160,18 @@ class Payload:
 def test_checkpoints_hold_tensors_and_plain_values_and_nothing_else_loads(tmp_path, capsys):
     import hashlib
 
-    state = {"model": {"w": torch.ones(2)}, "epoch": 1, "data_position": (1, 3)}
-    save_state(tmp_path, **state, scheduler={"lr_lambdas": [None], "base_lrs": [0.1]})
+    state = TrainingState(model={"w": torch.ones(2)}, epoch=1, data_position=(1, 3))
+    state.scheduler = {"lr_lambdas": [None], "base_lrs": [0.1]}
+    save(tmp_path, state)
     digest = hashlib.sha256((tmp_path / "state.pt").read_bytes()).hexdigest()
     assert (tmp_path / "state.sha256").read_text().strip() == digest  # hashed as written
-    assert load_state(tmp_path)["data_position"] == (1, 3)
+    assert load(tmp_path).data_position == (1, 3)
     # A checkpoint whose digest matches but whose pickle would run code is refused.
     torch.save({"model": {}, "epoch": 1, "extra": Payload()}, tmp_path / "state.pt")
     digest = hashlib.sha256((tmp_path / "state.pt").read_bytes()).hexdigest()
     (tmp_path / "state.sha256").write_text(digest)
     with pytest.raises(CheckpointError, match="more than tensors and plain values"):
-        load_state(tmp_path)
+        load(tmp_path)
     assert "this ran" not in capsys.readouterr().out
 
 
@@ -160,7 +197,7 @@ def test_a_continued_run_keeps_its_schedule_and_refuses_weights_that_do_not_fit(
     spec = RunSpec.from_dict({"data": {"path": "x"}, "train": {"epochs": 4}})
     raised = RunSpec.from_dict({"data": {"path": "x"}, "train": {"epochs": 6, "lr": 0.01}})
     assert resume_changes(spec.to_dict(), raised) == []  # more epochs, another lr: fine
-    place = Place("u", "s", "r", "id", {"schedule_steps": 40, "epoch": 4}, None)
+    place = Place("u", "s", "r", "id", TrainingState({}, epoch=4, schedule_steps=40), None)
     assert schedule_steps(raised, 10, place) == 40  # not 60: no jump in the learning rate
     assert schedule_steps(raised, 10, Place("u", "s", "r", None, None, None)) == 60
     recipe = {"name": "mlp", "kwargs": {"in_features": 4, "out_features": 3, "hidden": [8]}}

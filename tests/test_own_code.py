@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 from conftest import pyfunc_elsewhere, python_elsewhere
+from conftest import train_command as main
 
 from trainyard.pipelines.config import user
 from trainyard.pipelines.config.spec import SpecError, UserModelSpec
-from trainyard.pipelines.training.driver import main
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "own-code"

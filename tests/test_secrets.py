@@ -62,7 +62,7 @@ def test_submitted_overrides_with_credentials_travel_in_a_package_of_their_own(
 
 
 def test_error_lines_mask_credentials(capsys):
-    from trainyard.pipelines.training.driver import main
+    from conftest import train_command as main
 
     ref = f"data.preprocess=https://K:{SECRET}@host/x:fn"  # a mistake that echoes the value
     assert main(["configs/digits.yaml", "--set", ref]) == 2

@@ -11,7 +11,7 @@ import torch
 
 from trainyard.cluster.hardware import peak_flops
 from trainyard.pipelines.config.spec import SpecError, TrainSpec
-from trainyard.pipelines.data.common import DataError
+from trainyard.pipelines.data.common import DataError, DataFacts
 from trainyard.pipelines.data.text import (
     ByteTokenizer,
     count_tokens,
@@ -186,7 +186,10 @@ def test_mfu_from_the_gpu_table():
     class Epoch:
         samples_per_s = 10.0
 
-    out = throughput(Epoch(), 2, {"context": 1024, "flops_per_token": 6e8}, 989e12)
+    out = throughput(
+        Epoch(), 2, DataFacts("language_modeling", context=1024, flops_per_token=6e8), 989e12
+    )
     assert out["tokens_per_s"] == 20 * 1024
     assert math.isclose(out["mfu"], 20 * 1024 * 6e8 / (2 * 989e12))
-    assert "mfu" not in throughput(Epoch(), 2, {"context": 1024, "flops_per_token": 1}, None)
+    text = DataFacts("language_modeling", context=1024, flops_per_token=1)
+    assert "mfu" not in throughput(Epoch(), 2, text, None)

@@ -7,7 +7,7 @@ process anywhere.
 from __future__ import annotations
 
 import io
-from typing import Any
+import zlib
 
 import numpy as np
 
@@ -27,6 +27,14 @@ def keyed_hash(values: np.ndarray, *key: int) -> np.ndarray:
     for part in key:
         k = mix64(k ^ np.uint64(part & 0xFFFFFFFFFFFFFFFF))
     return mix64(np.asarray(values).astype(np.uint64) ^ k)
+
+
+def derive_seed(seed: int, what: str, *parts: int) -> int:
+    """The seed of one draw of a run, from the run's seed, what the draw is for (`what`) and
+    where it happens (`parts`: epoch or pass, rank, row): the same on every machine and in a
+    resumed run, unrelated across draws. Every per-epoch draw of trainyard takes its seed here."""
+    tag = zlib.crc32(what.encode())
+    return int(keyed_hash(np.zeros(1, dtype=np.uint64), seed, tag, *parts)[0] >> np.uint64(1))
 
 
 def decode_image(data: bytes, size: tuple[int, int], mode: str) -> np.ndarray:

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from trainyard.pipelines.data.arrays import derive_seed
+
 ROW = "__row"
 
 
@@ -55,7 +57,8 @@ def augment_batch(
     fn = user.load_callable(ref, "data.augment")
     batch = dict(batch)
     rows = batch.pop(ROW)
-    rng = np.random.default_rng([seed, pass_number, int(rows[0]) if len(rows) else 0])
+    first = int(rows[0]) if len(rows) else 0
+    rng = np.random.default_rng(derive_seed(seed, "augment", pass_number, first))
     out = fn(batch, rng)
     if not isinstance(out, dict) or not {"x", "y"} <= set(out):
         got = sorted(out) if isinstance(out, dict) else type(out).__name__
@@ -67,7 +70,7 @@ def plan(train: Any, ref: str | None) -> Any:
     """The PerEpoch of a user's augmentation `ref` over the training rows (None: none)."""
     from trainyard.pipelines.data.common import PerEpoch
 
-    return PerEpoch(train, "trainyard.pipelines.data.augment:augment_batch", {"ref": ref}) if ref else None
+    return PerEpoch(train, "augment:augment_batch", {"ref": ref}) if ref else None
 
 
 def one_pass(
@@ -78,7 +81,8 @@ def one_pass(
     from trainyard.pipelines.config import user
 
     # Blocks in a new order every pass (rows are shuffled within a window as they stream).
-    return shard.randomize_block_order(seed=seed * 1000 + pass_number).map_batches(
+    blocks = derive_seed(seed, "blocks", pass_number) % 2**32
+    return shard.randomize_block_order(seed=blocks).map_batches(
         user.load_callable(per_epoch["fn"], "data.augment"),
         fn_kwargs={"seed": seed, "pass_number": pass_number, **per_epoch["kwargs"]},
         batch_format="numpy",

@@ -57,10 +57,24 @@ class DataError(TrainyardError):
     """Data that cannot be trained on: missing files or columns, bad rows, too few rows."""
 
 
+def ray_cause(error: BaseException) -> BaseException:
+    """What raised inside a Ray task or actor (a RayTaskError's cause), else `error` itself."""
+    return getattr(error, "cause", None) or error
+
+
+def task_error(error: BaseException, field: str) -> DataError | None:
+    """The one line about `field` that a failure inside a Ray Data task carries (the task
+    raised a message starting "FIELD: "), as a DataError; None when it carries none. The last
+    such line is the message: the traceback's source lines before it may hold its text too."""
+    mark = f"{field}: "
+    line = next((ln for ln in reversed(str(error).splitlines()) if mark in ln), None)
+    return None if line is None else DataError(line[line.index(mark) :].strip())
+
+
 @dataclass
 class PerEpoch:
     """Training rows that Ray Data maps anew every pass (augmentation): each rank gets an equal
-    share of `rows`, numbered by position (column trainyard.pipelines.data.augment.ROW), and every pass maps
+    share of `rows`, numbered by position (column augment.ROW), and every pass maps
     `fn(batch, seed=, pass_number=, **kwargs)` over it in Ray Data tasks while the rank trains."""
 
     rows: Any
@@ -70,6 +84,29 @@ class PerEpoch:
     kwargs: dict[str, Any] = field(default_factory=dict)
     remote_args: dict[str, Any] | None = None
     """Ray remote args for its tasks (reading files only one node has on that node)."""
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What a pipeline tells every worker about its data (plain values; defaults here only)."""
+
+    task: str | None
+    """classification, regression, language_modeling, or None (the user's loss alone)."""
+    dtypes: dict[str, str] = field(default_factory=dict)
+    """torch dtype names of the batch columns that are not float32 (text: int64 tokens)."""
+    unit: str | None = None
+    """What a sample is called in throughput (images), else samples."""
+    channels_last: bool = False
+    """Convolutions' fast memory layout on GPUs."""
+    target_std: float = 1.0
+    """Regression: the standard deviation that scaled the target (RMSE in its units)."""
+    context: int | None = None
+    """Text: tokens per window."""
+    unigram_entropy: float | None = None
+    """Text: the training corpus' unigram entropy, nats per token."""
+    tokens_per_byte: float | None = None
+    flops_per_token: float | None = None
+    """Text: the model's training FLOPs per token, for MFU."""
 
 
 @dataclass
@@ -85,9 +122,8 @@ class Prepared:
     """What the pipeline knows that a model may take as arguments: in_features, out_features,
     num_classes, in_shape (tabular, custom, images); in_channels (images); vocab_size, context
     (text)."""
-    job: dict[str, Any]
-    """Plain facts for the workers: "task" (classification, regression, language_modeling),
-    "dtypes" (torch dtype names per column), and pipeline facts (context, FLOPs per token, ...)."""
+    job: DataFacts
+    """What the workers need to know of the data."""
     params: dict[str, Any] = field(default_factory=dict)
     """What else to record as MLflow params (data sizes, statistics)."""
     per_epoch: PerEpoch | None = None
@@ -156,8 +192,8 @@ def _glob_match(path: str, pattern: str) -> bool:
 
 
 class Pipeline(Protocol):
-    """What a pipeline implements (trainyard.pipelines.data.tabular, trainyard.pipelines.data.text, trainyard.pipelines.data.custom,
-    trainyard.pipelines.data.images): the driver calls these and never asks which pipeline it runs."""
+    """What a pipeline implements (tabular, text, custom,
+    images): the driver calls these and never asks which pipeline it runs."""
 
     def local_files(self, spec: Any) -> list[str]:
         """The data files on a local disk (none for built-in data, URIs and user datasets);

@@ -16,11 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from trainyard.pipelines.data import augment
 from trainyard.pipelines.config import user
-from trainyard.pipelines.data.arrays import mix64
-from trainyard.pipelines.data.common import DataError, Prepared, check_row_counts
 from trainyard.pipelines.config.spec import RunSpec, SpecError
+from trainyard.pipelines.data import augment
+from trainyard.pipelines.data.arrays import mix64
+from trainyard.pipelines.data.common import (
+    DataError,
+    DataFacts,
+    Prepared,
+    check_row_counts,
+    ray_cause,
+)
 
 ROWS_PER_BLOCK = 4096
 """Rows a read task turns into one block (a torch Dataset is indexed row by row)."""
@@ -186,7 +192,7 @@ def prepare(
     except (DataError, SpecError):
         raise
     except Exception as e:  # the user's dataset failed inside a Ray Data task
-        cause = getattr(e, "cause", None) or e
+        cause = ray_cause(e)
         raise DataError(
             f"{FIELD}: reading rows of {data.dataset} failed: {type(cause).__name__}: {cause}"
         ) from None
@@ -211,7 +217,7 @@ def prepare(
         num_train=num_train,
         num_validation=num_val,
         facts=facts,
-        job={"task": data.task},
+        job=DataFacts(task=data.task),
         params={"data.num_train": num_train, "data.num_validation": num_val},
         per_epoch=augment.plan(train, data.augment),
         extra=val,
@@ -220,7 +226,7 @@ def prepare(
 
 def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict[str, str]]:
     """The trained model behind the casting of its x (it takes arrays, or tables of x's
-    numbers: trainyard.pipelines.data.serving.ArrayModel), five validation inputs as the example, and its
+    numbers: serving.ArrayModel), five validation inputs as the example, and its
     metadata."""
     from trainyard.pipelines.data.serving import ArrayModel
 

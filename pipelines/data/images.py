@@ -20,17 +20,25 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from trainyard.cluster.secrets import redact_text
-from trainyard.pipelines.data.arrays import crop_flip, decode_image, keyed_hash, normalize
+from trainyard.pipelines.config.spec import ImageDataSpec, RunSpec
+from trainyard.pipelines.data.arrays import (
+    crop_flip,
+    decode_image,
+    derive_seed,
+    keyed_hash,
+    normalize,
+)
 from trainyard.pipelines.data.common import (
     DataError,
+    DataFacts,
     PerEpoch,
     Prepared,
     check_row_counts,
     errors_reported_here,
     resolve_files,
     settle,
+    task_error,
 )
-from trainyard.pipelines.config.spec import ImageDataSpec, RunSpec
 
 BUILTIN_DIGITS = "builtin:digits-images"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -216,7 +224,7 @@ class Listing:
         in the random order `shuffle_seed` draws."""
         index = np.flatnonzero(which)
         if shuffle_seed is not None:
-            index = np.random.default_rng(shuffle_seed).permutation(index)
+            index = np.random.default_rng(derive_seed(shuffle_seed, "files")).permutation(index)
         return pa.table({"path": [self.files[i] for i in index], "label": self.labels[index]})
 
 
@@ -334,10 +342,9 @@ def prepare(
                 val = decoded(val_files, options, task_cpus, read_args)
                 num_val = val.count()
     except Exception as e:  # a file that does not decode, inside a Ray Data task
-        message = next((ln for ln in str(e).splitlines() if "data.path:" in ln), None)
-        if message is None:
+        if (failure := task_error(e, "data.path")) is None:
             raise
-        raise DataError(message[message.index("data.path:") :]) from None
+        raise failure from None
     skipped = len(listing.files) - num_train - num_val
     if skipped:
         print(f"trainyard: skipped {skipped} image(s) that do not decode (data.on_bad_rows=skip)")
@@ -376,7 +383,7 @@ def prepare(
             "num_classes": len(listing.classes),
             "out_features": len(listing.classes),
         },
-        job={"task": "classification", "unit": "images", "channels_last": True},
+        job=DataFacts(task="classification", unit="images", channels_last=True),
         params={
             "data.num_train": num_train,
             "data.num_validation": num_val,

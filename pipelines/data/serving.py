@@ -12,15 +12,13 @@ checks value by value (about 1 µs a value) and this module checks as a column: 
 text in a number column is refused naming the column and the value, and a blank is refused
 where the model cannot fill it.
 
-Imported by MLflow wherever the model is loaded, with the code logged beside it, so it imports
-nothing of trainyard's but `models` (pure torch), `trainyard.pipelines.data.arrays` (numpy and Pillow) and,
-for models with a fitted encoder, `trainyard.pipelines.data.features` (Ray Data); it loads the user's function
-by name.
+Imported by MLflow wherever the model is loaded, from the trainyard code logged beside it (no
+installed trainyard is needed); it imports Ray Data only for models with a fitted encoder
+(`features`), and loads the user's function by name (`config.user`).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any
 
@@ -29,6 +27,8 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
+
+from trainyard.pipelines.data.tokenizers import bits_per_byte
 
 
 def refused(message: str) -> MlflowException:
@@ -99,7 +99,7 @@ def missing_columns(frame: pd.DataFrame, columns: list[str]) -> None:
 
 class RawRowsModel(mlflow.pyfunc.PythonModel):
     """A tabular model: raw rows, optionally through `data.preprocess` (module:fn, a DataFrame
-    function) and/or the fitted encoding of mixed feature columns (trainyard.pipelines.data.features), then
+    function) and/or the fitted encoding of mixed feature columns (features), then
     the trained predictor. What `mlflow.pyfunc.load_model(uri).predict(rows)` runs."""
 
     # Models pickled before these existed: no checks beyond their signature's.
@@ -145,11 +145,9 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
         if self.preprocess:
             for c in self.raw_numeric:
                 rows[c] = as_numbers(rows[c], c, blanks=True)  # the function sees the blanks
-            module, _, attr = self.preprocess.partition(":")
-            fn = importlib.import_module(module)
-            for part in attr.split("."):
-                fn = getattr(fn, part)
-            rows = fn(rows)
+            from trainyard.pipelines.config.user import load_callable
+
+            rows = load_callable(self.preprocess, "data.preprocess")(rows)
         missing_columns(rows, self.features)
         if self.numeric is not None:
             for c in self.numeric:
@@ -301,7 +299,9 @@ class TextModel(mlflow.pyfunc.PythonModel):
                     "bytes": len(data),
                     "tokens": len(ids),
                     "loss": nll / count if count else math.nan,
-                    "bits_per_byte": nll / math.log(2) / len(data) if count else math.nan,
+                    "bits_per_byte": bits_per_byte(nll / count, count / len(data))
+                    if count
+                    else math.nan,
                 }
             )
         return pd.DataFrame(rows, columns=["bytes", "tokens", "loss", "bits_per_byte"])

@@ -20,11 +20,18 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from trainyard.pipelines.config.spec import DataSpec, RunSpec
 from trainyard.pipelines.data import augment
 from trainyard.pipelines.data.arrays import mix64
-from trainyard.pipelines.data.common import DataError, Prepared, check_row_counts, resolve_files
+from trainyard.pipelines.data.common import (
+    DataError,
+    DataFacts,
+    Prepared,
+    check_row_counts,
+    resolve_files,
+    task_error,
+)
 from trainyard.pipelines.data.features import FeaturePlan, as_text, blank, is_category_type
-from trainyard.pipelines.config.spec import DataSpec, RunSpec
 
 BUILTIN_DIGITS = "builtin:digits"
 SPLIT_COLUMN = "__validation"
@@ -47,7 +54,7 @@ class Stats:
     target_mean: float = 0.0
     target_std: float = 1.0
     encoder: Any = None
-    """The fitted encoding of mixed features (trainyard.pipelines.data.features), or None: numbers only,
+    """The fitted encoding of mixed features (features), or None: numbers only,
     standardized by `mean` and `std` (then the identity for an encoded table)."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,7 +182,7 @@ def preprocess_batch(
 def encode_batch(
     batch: pd.DataFrame, encoder: Any, stats: dict[str, Any], label: str
 ) -> dict[str, np.ndarray]:
-    """Raw rows of mixed columns → {"x": their encoding (trainyard.pipelines.data.features), "y": ...}."""
+    """Raw rows of mixed columns → {"x": their encoding (features), "y": ...}."""
     from trainyard.pipelines.data.features import encode
 
     x = encode(batch, encoder, stats["features"])
@@ -703,10 +710,9 @@ def build_datasets(
     try:
         train_raw, val_raw = split(ds, spec, seed, task_cpus, num_workers)
     except Exception as e:  # the user's preprocessing failed inside a Ray Data task
-        message = next((line for line in str(e).splitlines() if "data.preprocess:" in line), None)
-        if message is None:
+        if (failure := task_error(e, "data.preprocess")) is None:
             raise
-        raise DataError(message[message.index("data.preprocess:") :]) from None
+        raise failure from None
     num_train, num_val = train_raw.count(), val_raw.count()
     if num_train + num_val == 0:
         raise DataError(f"data.path: {spec.path} has no rows")
@@ -764,7 +770,7 @@ def prepare(
             "out_features": data.stats.out_features,
             **({"num_classes": data.stats.out_features} if data.stats.classes else {}),
         },
-        job={"task": spec.data.task, "target_std": data.stats.target_std},
+        job=DataFacts(task=spec.data.task, target_std=data.stats.target_std),
         params={
             "data.num_train": data.num_train,
             "data.num_validation": data.num_validation,

@@ -15,14 +15,15 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
 
-from trainyard.pipelines.data.common import DataError, Prepared, resolve_files
 from trainyard.pipelines.config.spec import RunSpec, TextDataSpec
-from trainyard.pipelines.data.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
+from trainyard.pipelines.data.arrays import derive_seed
+from trainyard.pipelines.data.common import DataError, DataFacts, Prepared, resolve_files
+from trainyard.pipelines.data.tokenizers import ByteTokenizer, load_tokenizer
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
 # CPython's own test suite (17 of the 31 MB in 3.11) is left out: the corpus is the library.
@@ -60,7 +61,8 @@ def encode_windows(
     n = max(0, (len(tokens) - 1) // context)
     starts = np.arange(n) * context
     windows = tokens[starts[:, None] + np.arange(context + 1)]
-    rng = np.random.default_rng([seed, zlib.crc32(tokens[: 1 << 20].tobytes()), len(tokens)])
+    block = zlib.crc32(tokens[: 1 << 20].tobytes())
+    rng = np.random.default_rng(derive_seed(seed, "windows", block, len(tokens)))
     windows = windows[rng.permutation(n)]
     return {"x": windows[:, :-1], "y": windows[:, 1:]}
 
@@ -274,14 +276,14 @@ def prepare(
         num_train=data.num_train,
         num_validation=data.num_validation,
         facts={"vocab_size": data.vocab_size, "context": spec.context},
-        job={
-            "task": "language_modeling",
-            "dtypes": {"x": "int64", "y": "int64"},
-            "context": spec.context,
-            "unigram_entropy": data.unigram_entropy,
-            "tokens_per_byte": data.tokens_per_byte,
-        }
-        | {k: v for k, v in model_facts.items() if k == "flops_per_token"},
+        job=DataFacts(
+            task="language_modeling",
+            dtypes={"x": "int64", "y": "int64"},
+            context=spec.context,
+            unigram_entropy=data.unigram_entropy,
+            tokens_per_byte=data.tokens_per_byte,
+            flops_per_token=model_facts.get("flops_per_token"),
+        ),
         params={
             "data.num_train_windows": data.num_train,
             "data.num_validation_windows": data.num_validation,
@@ -295,7 +297,7 @@ def prepare(
 
 
 def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict[str, str]]:
-    """The trained GPT with its tokenizer (it scores texts: trainyard.pipelines.data.serving.TextModel), an
+    """The trained GPT with its tokenizer (it scores texts: serving.TextModel), an
     input example and its MLflow metadata, which names the tokenizer."""
     import pandas as pd
 

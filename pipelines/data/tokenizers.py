@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import numpy as np
@@ -48,3 +49,9 @@ class ByteTokenizer:
 
     def decode(self, ids: Any) -> bytes:
         return bytes(np.asarray(ids, dtype=np.uint8).tolist())
+
+
+def bits_per_byte(nats_per_token: float, tokens_per_byte: float) -> float:
+    """A language model's loss in bits per byte of text, which compares across tokenizers
+    (training's validation metric and a text model's score alike)."""
+    return nats_per_token * tokens_per_byte / math.log(2)

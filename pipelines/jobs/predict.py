@@ -32,7 +32,6 @@ import gc
 import json
 import math
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -52,6 +51,7 @@ from trainyard.pipelines.data.common import (
     errors_reported_here,
     quiet_ray_data,
     resolve_files,
+    task_error,
 )
 from trainyard.pipelines.jobs.generate import add_sampling_arguments, check_sampling
 
@@ -614,7 +614,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
         rows = read_back_count(args.out, args.format)
         ray.kill(counter)
     except Exception as e:
-        failure = data_error(e)
+        failure = task_error(e, "DATA")
         tracking.end_run(uri, run_id, error=failure or e)
         if failure is None:
             raise
@@ -678,27 +678,8 @@ def read_back_count(out: str, fmt: str) -> int:
     return pads.dataset(out, format=fmt).count_rows()
 
 
-def data_error(e: Exception) -> DataError | None:
-    """The one line about the input that a failure inside a Ray Data task carries, if any."""
-    # The last such line: the message, after the traceback's source lines that contain it too.
-    line = next((ln for ln in reversed(str(e).splitlines()) if "DATA: " in ln), None)
-    if line is None:
-        return None
-    return DataError(line[line.index("DATA: ") :].strip())
-
-
 def command(args: argparse.Namespace) -> int:
     summary = predict(args)
     if args.summary:
         Path(args.summary).write_text(json.dumps(summary, indent=2))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="trainyard predict", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    try:
-        return command(parser.parse_args(argv))
-    except TrainyardError as e:
-        print(f"trainyard: error: {e}", file=sys.stderr)
-        return 2

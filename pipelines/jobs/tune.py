@@ -35,7 +35,7 @@ from trainyard.pipelines.config.spec import (
     load_spec,
     set_dotted,
 )
-from trainyard.pipelines.data.common import Prepared
+from trainyard.pipelines.data.common import Prepared, ray_cause
 from trainyard.pipelines.training.driver import add_spec_arguments
 
 TRIAL_MIN_WORKER_CPUS = 0.5
@@ -216,7 +216,7 @@ def run_trial(
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainyard.pipelines.training.driver import Trial, run
+    from trainyard.pipelines.training.driver import RunOptions, run
 
     trial_id = tune.get_context().get_trial_id()
     # This process is Ray's: its working directory and environment are not the driver's.
@@ -235,8 +235,8 @@ def run_trial(
         "trainyard.tune_parent": search["run_id"],
         "trainyard.trial_id": trial_id,
     }
-    trial = Trial(float(search["share"]), tags, (TuneReportCallback(),), data)
-    run(RunSpec.from_dict(raw), trial=trial)
+    options = RunOptions(float(search["share"]), tags, (TuneReportCallback(),), data)
+    run(RunSpec.from_dict(raw), options=options)
 
 
 def restart_name(raw: dict[str, Any], name: str, search: dict[str, str]) -> str:
@@ -409,7 +409,7 @@ def trial_lines(metric: str, epochs: int) -> Any:
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any):
             error = trial.get_error()
-            lines = str(error.cause if hasattr(error, "cause") else error).strip().splitlines()
+            lines = str(ray_cause(error)).strip().splitlines()
             self.line(trial, f"FAILED ({redact_text(lines[-1]) if lines else 'no error'})")
 
         @staticmethod
@@ -555,7 +555,6 @@ def log_best_model(
         latest_checkpoint,
         log_trained_model,
         pipeline_module,
-        trained_model,
     )
 
     best_spec = RunSpec.from_dict(with_values(spec.to_dict(), best["config"]))
@@ -563,7 +562,7 @@ def log_best_model(
     if found is None:
         raise TrainyardError(f"the best trial's run {best['run_name']} left no checkpoint")
     data = data or prepare(best_spec, plan)
-    net = trained_model(found[1])
+    net = found[1].build_model()
     return log_trained_model(best_spec, pipeline_module(best_spec), data, net, uri, best["run_id"])
 
 
@@ -644,9 +643,6 @@ def command(args: argparse.Namespace) -> int:
     except SearchInterrupted as e:
         print(f"trainyard: {e}", file=sys.stderr)
         return 1
-    except TrainyardError as e:
-        print(f"trainyard: error: {redact_text(str(e))}", file=sys.stderr)
-        return 2
     best = summary["best"]
     counts = summary["counts"]
     print(
@@ -662,9 +658,3 @@ def command(args: argparse.Namespace) -> int:
     if args.summary:
         Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return 0 if best else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="trainyard tune", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return command(parser.parse_args(argv))

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,9 @@ from trainyard.pipelines.config.spec import (
     load_spec,
 )
 from trainyard.pipelines.data.common import Pipeline, Prepared, check_row_counts, quiet_ray_data
+from trainyard.pipelines.training import checkpoint as checkpoints
+from trainyard.pipelines.training.checkpoint import TrainingState
+from trainyard.pipelines.training.job import WorkerJob
 
 
 def add_spec_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
@@ -143,16 +146,17 @@ def plan_for(spec: RunSpec, connect: bool, share: float = 1.0):
 
 
 @dataclass(frozen=True)
-class Trial:
-    """A run as one trial of a search (jobs.tune): its share of the cluster, the MLflow
-    tags that make it a child of the search's run, and the Ray Train callbacks that report
-    its epochs to Tune."""
+class RunOptions:
+    """How a caller runs a spec besides the spec itself (a search runs each trial so)."""
 
-    share: float
-    tags: dict[str, str]
+    share: float = 1.0
+    """The share of the cluster's nodes the run plans on."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """MLflow tags to add to the run (e.g. its parent run)."""
     callbacks: tuple[Any, ...] = ()
+    """Ray Train callbacks (e.g. the one that reports epochs to Tune)."""
     data: Prepared | None = None
-    """The search's prepared data, where no trial's values change it (else it prepares its own)."""
+    """Data prepared already, used as it is (else the run prepares its own)."""
 
 
 def pipeline_module(spec: RunSpec) -> Pipeline:
@@ -166,15 +170,15 @@ def check_code(spec: RunSpec) -> None:
     """Import every piece of user code the spec names (SpecError, one line, for each problem)."""
     from trainyard.pipelines.config import user
 
-    for field, ref in user_references(spec).items():
-        if field == "model.name":
+    for key, ref in user_references(spec).items():
+        if key == "model.name":
             fn = user.resolve_model(ref)
             user.check_arguments(fn, spec.model.args, "model", ref)
-        elif field == "data.dataset":
-            fn = user.load_callable(ref, field)
+        elif key == "data.dataset":
+            fn = user.load_callable(ref, key)
             user.check_arguments(fn, spec.data.args, "data", ref)
         else:
-            user.load_callable(ref, field)
+            user.load_callable(ref, key)
 
 
 def user_references(spec: RunSpec) -> dict[str, str]:
@@ -206,19 +210,19 @@ def checked_model(spec: RunSpec, data: Prepared) -> dict[str, Any]:
     print(f"trainyard: model {recipe['name']}({shown}): {params / 1e6:.3g}M parameters")
     if isinstance(spec.model, UserModelSpec) or spec.train.loss:
         batch = data.train.take_batch(2, batch_format="numpy")
-        dtypes = data.job.get("dtypes", {})
+        dtypes = data.job.dtypes
         x, y = (
             torch.tensor(batch[k]).to(getattr(torch, dtypes[k]) if k in dtypes else None)
             for k in ("x", "y")
         )
-        loss_fn = loop.training_loss(data.job["task"], spec.train)
+        loss_fn = loop.training_loss(data.job.task, spec.train)
         try:
             with torch.no_grad():
                 loss = loss_fn(net.eval()(x), y)
             if loss.dim() != 0:
                 raise ValueError(f"the loss is a tensor of shape {tuple(loss.shape)}, not a scalar")
         except Exception as e:
-            what = f"{recipe['name']} and " + (spec.train.loss or f"the {data.job['task']} loss")
+            what = f"{recipe['name']} and " + (spec.train.loss or f"the {data.job.task} loss")
             raise SpecError(
                 f"model: {what} fail on two training rows (x {_shape(x)}, y {_shape(y)}): "
                 f"{type(e).__name__}: {e}"
@@ -430,13 +434,11 @@ class NoFirstStep(Exception):
     """No optimizer step came in time; Ray's wait for the run cannot be interrupted."""
 
 
-def latest_checkpoint(storage: str, run_name: str) -> tuple[str, dict[str, Any]] | None:
+def latest_checkpoint(storage: str, run_name: str) -> tuple[str, TrainingState] | None:
     """The newest checkpoint Ray Train registered for `run_name` under `storage`, with its
     state (without the optimizer's), after checking that it is complete; None if the run has
     none."""
     import ray.train
-
-    from trainyard.pipelines.training.loop import load_state
 
     if "://" in storage:
         fs, base = pafs.FileSystem.from_uri(storage)
@@ -452,8 +454,7 @@ def latest_checkpoint(storage: str, run_name: str) -> tuple[str, dict[str, Any]]
         return None
     path = f"{run_dir}/{latest['checkpoint_dir_name']}"
     with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
-        state = load_state(d)  # CheckpointError if incomplete or corrupt
-    state.pop("optimizer", None)
+        state = checkpoints.load(d, optimizer=False)  # CheckpointError: incomplete, corrupt
     return path, state
 
 
@@ -553,12 +554,12 @@ def check_resume(
             "tracking.run_name (or none)"
         )
     path, state = found
-    if state.get("spec") is not None and (changes := resume_changes(state["spec"], spec)):
+    if state.spec is not None and (changes := resume_changes(state.spec, spec)):
         raise TrainyardError(
             f"{flag} {run_name}: its checkpoint was trained otherwise, and a run cannot change "
             f"this as it goes on: {'; '.join(changes)}. Put them back, or start a new run"
         )
-    epoch = int(state["epoch"])
+    epoch = state.epoch
     if resume and epoch >= spec.train.epochs:
         raise TrainyardError(
             f"--resume {run_name}: its newest checkpoint ({path}) is epoch {epoch} of "
@@ -592,7 +593,7 @@ class Place:
     run_name: str
     run_id: str | None
     """The MLflow run to continue (a run name seen before), else None until one is started."""
-    resumed: dict[str, Any] | None
+    resumed: TrainingState | None
     """The state of the checkpoint the run continues from (without the optimizer's), or None."""
     read_args: dict[str, Any] | None
     """Ray remote args that read data files only this node has on this node, or None."""
@@ -631,7 +632,7 @@ def place_run(spec: RunSpec, resume: str | None) -> Place:
 
 
 def open_run(
-    spec: RunSpec, place: Place, plan: Any, data: Prepared, steps: int, trial: Trial | None
+    spec: RunSpec, place: Place, plan: Any, data: Prepared, steps: int, tags: dict[str, str]
 ) -> str:
     """Start the job's one MLflow run (or reopen the run of a name seen before) with the spec,
     the data's sizes and the plan as params; return its id."""
@@ -644,14 +645,15 @@ def open_run(
         "ray.train.run_name": place.run_name,
         "num_workers": str(plan.num_workers),
         "ray.job_id": ray.get_runtime_context().get_job_id(),
-    } | (trial.tags if trial else {})
+    } | tags
     if submission_id := _submission_id():
         tags["ray.submission_id"] = submission_id
     if place.run_id is not None:
-        epochs_then = (place.resumed or {}).get("spec", {}).get("train", {}).get("epochs")
+        spec_then = (place.resumed.spec if place.resumed else None) or {}
+        epochs_then = spec_then.get("train", {}).get("epochs")
         if epochs_then not in (None, spec.train.epochs):
             tags["trainyard.epochs_changed"] = (
-                f"{epochs_then} → {spec.train.epochs} after epoch {place.resumed['epoch']}; "
+                f"{epochs_then} → {spec.train.epochs} after epoch {place.resumed.epoch}; "
                 f"the learning-rate schedule keeps its {schedule_steps(spec, steps, place)} steps"
             )
         tracking.reopen_run(place.uri, place.run_id, tags)
@@ -685,7 +687,7 @@ def make_trainer(
     spec: RunSpec,
     plan: Any,
     data: Prepared,
-    job: dict[str, Any],
+    job: WorkerJob,
     place: Place,
     callbacks: tuple[Any, ...] = (),
 ) -> Any:
@@ -703,7 +705,7 @@ def make_trainer(
         datasets["train"] = data.train
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.to_dict(), "job": job},
+        train_loop_config={"spec": spec.to_dict(), "job": job.to_dict()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers,
             use_gpu=spec.scaling.use_gpu,
@@ -726,7 +728,7 @@ def make_trainer(
         # The same rows to the same rank in the same order every epoch, on every run:
         # what makes a resumed run continue exactly as an uninterrupted one.
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=[] if job["cache_shards"] else list(datasets),
+            datasets_to_split=[] if job.cache_shards else list(datasets),
             execution_options=_ordered(),
         ),
     )
@@ -742,40 +744,43 @@ def schedule_steps(spec: RunSpec, steps: int, place: Place) -> int:
     """The learning-rate schedule's length in optimizer steps: epochs × steps per epoch, or,
     for a run continued from a checkpoint, the length it was trained with (so a raised
     train.epochs goes on from the schedule's end: no jump in the learning rate)."""
-    if place.resumed and place.resumed.get("schedule_steps"):
-        return int(place.resumed["schedule_steps"])
+    if place.resumed and place.resumed.schedule_steps:
+        return place.resumed.schedule_steps
     return steps * spec.train.epochs
 
 
 def worker_job(
     spec: RunSpec, plan: Any, data: Prepared, recipe: dict[str, Any], run_id: str, place: Place
-) -> dict[str, Any]:
-    """The plain facts every worker gets besides the spec: the pipeline's, the model's recipe,
-    the MLflow run, the plan's threads, how the data reaches the workers."""
-    job = data.job | {
-        "run_id": run_id,
-        "tracking_uri": place.uri,
-        "model": recipe,
-        "torch_threads": plan.torch_threads,
-        "steps_per_epoch": steps_per_epoch(spec, plan, data),
-        "schedule_steps": schedule_steps(spec, steps_per_epoch(spec, plan, data), place),
-        "cache_shards": cache_shards(data),
-        "num_rows": {"train": data.num_train, "validation": data.num_validation},
-        "inject_failure": failure_plan(),
-        "data_task_cpus": plan.data_task_cpus,
-    }
+) -> WorkerJob:
+    """What every worker gets besides the spec: the pipeline's facts, the model's recipe, the
+    MLflow run, the plan's threads, how the data reaches the workers."""
+    steps = steps_per_epoch(spec, plan, data)
+    per_epoch = shards = None
     if data.per_epoch is not None:
         from trainyard.pipelines.data.augment import rank_shards
 
-        job["per_epoch"] = {
+        per_epoch = {
             "fn": data.per_epoch.fn,
             "kwargs": data.per_epoch.kwargs,
             "remote_args": data.per_epoch.remote_args,
         }
-        job["train_shards"] = rank_shards(
-            data.per_epoch.rows, plan.num_workers, plan.data_task_cpus
-        )
-    return job
+        shards = rank_shards(data.per_epoch.rows, plan.num_workers, plan.data_task_cpus)
+    return WorkerJob(
+        run_id=run_id,
+        tracking_uri=place.uri,
+        model=recipe,
+        torch_threads=plan.torch_threads,
+        steps_per_epoch=steps,
+        schedule_steps=schedule_steps(spec, steps, place),
+        cache_shards=cache_shards(data),
+        num_train=data.num_train,
+        num_validation=data.num_validation,
+        data_task_cpus=plan.data_task_cpus,
+        data=data.job,
+        inject_failure=failure_plan(),
+        per_epoch=per_epoch,
+        train_shards=shards,
+    )
 
 
 def start_timeout(spec: RunSpec, plan: Any) -> float:
@@ -791,10 +796,9 @@ def log_outcome(
     preprocessing, so that it predicts from raw rows; text: with its tokenizer named); the
     model's URI, or None when tracking.log_model is off."""
     from trainyard.pipelines import tracking
-    from trainyard.pipelines.training.loop import load_state
 
     with result.checkpoint.as_directory() as d:
-        net = trained_model(load_state(d))
+        net = checkpoints.load(d, optimizer=False).build_model()
     tracking.log_curves(place.uri, run_id, pipeline.metric_keys(spec))
     with tempfile.TemporaryDirectory() as d:
         for path in pipeline.figures(spec, data, net, Path(d)):
@@ -802,15 +806,6 @@ def log_outcome(
     if not spec.tracking.log_model:
         return None
     return log_trained_model(spec, pipeline, data, net, place.uri, run_id)
-
-
-def trained_model(state: dict[str, Any]) -> Any:
-    """The network a checkpoint's state holds."""
-    from trainyard.pipelines.config import user
-
-    net = user.build_model(state["model_recipe"])
-    net.load_state_dict(state["model"])
-    return net
 
 
 def log_trained_model(
@@ -825,21 +820,22 @@ def log_trained_model(
     return tracking.log_model(uri, run_id, model, example, metadata, code)
 
 
-def run(spec: RunSpec, resume: str | None = None, trial: Trial | None = None) -> dict[str, Any]:
+def run(
+    spec: RunSpec, resume: str | None = None, options: RunOptions = RunOptions()
+) -> dict[str, Any]:
     """Train `spec` end to end and return the summary (run id, checkpoint, final metrics).
-    `resume` names a run to continue from its newest checkpoint; `trial` makes it one trial of
-    a search."""
+    `resume` names a run to continue from its newest checkpoint."""
     from trainyard.pipelines import tracking
 
     check_code(spec)
-    plan = plan_for(spec, connect=True, share=trial.share if trial else 1.0)
+    plan = plan_for(spec, connect=True, share=options.share)
     place = place_run(spec, resume)
     # 1. Data: read, validate, split and preprocess on the driver (bad input stops here);
     #    the model is built once here, so a bad one stops here too.
     pipeline = pipeline_module(spec)
     rows_per_step = spec.micro_batch_size * spec.accum_steps  # per worker
-    if trial and trial.data:
-        data = trial.data
+    if options.data is not None:
+        data = options.data
         check_row_counts(data.num_train, data.num_validation, plan.num_workers, rows_per_step)
     else:
         data = pipeline.prepare(
@@ -847,9 +843,9 @@ def run(spec: RunSpec, resume: str | None = None, trial: Trial | None = None) ->
         )
     recipe = checked_model(spec, data)
     if place.resumed is not None:
-        check_model_loads(recipe, place.resumed["model"])
+        check_model_loads(recipe, place.resumed.model)
     # 2. One MLflow run for the job, shared with the workers by id.
-    run_id = open_run(spec, place, plan, data, steps_per_epoch(spec, plan, data), trial)
+    run_id = open_run(spec, place, plan, data, steps_per_epoch(spec, plan, data), options.tags)
     job = worker_job(spec, plan, data, recipe, run_id, place)
     print(plan.describe())
     timeout = start_timeout(spec, plan)
@@ -858,7 +854,7 @@ def run(spec: RunSpec, resume: str | None = None, trial: Trial | None = None) ->
     configure_ray_train(timeout)
     try:
         # 3. Train: Ray Train runs the DDP workers, each reading its share from Ray Data.
-        trainer = make_trainer(spec, plan, data, job, place, trial.callbacks if trial else ())
+        trainer = make_trainer(spec, plan, data, job, place, options.callbacks)
         stall = spec.train.stall_timeout_s
         began = time.time()
         result = fit(
@@ -918,14 +914,9 @@ def summarize(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="trainyard train", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return train_command(parser.parse_args(argv))
-
-
 def train_command(args: argparse.Namespace) -> int:
-    """Run `trainyard train`; user mistakes become one line on stderr and exit code 2."""
+    """Run `trainyard train`: a failed run is one line on stderr and exit code 1 (a mistake,
+    TrainyardError, is the command's: cli.main prints it, exit code 2)."""
     try:
         if args.set_from:
             from trainyard.pipelines.config.overrides import read_overrides
@@ -936,9 +927,6 @@ def train_command(args: argparse.Namespace) -> int:
             dry_run(spec)
             return 0
         summary = run(spec, args.resume)
-    except TrainyardError as e:
-        print(f"trainyard: error: {redact_text(str(e))}", file=sys.stderr)
-        return 2
     except NoFirstStep as e:
         print(f"trainyard: training failed: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()

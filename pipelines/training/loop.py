@@ -12,7 +12,6 @@ import hashlib
 import logging
 import math
 import os
-import pickle
 import queue
 import random
 import sys
@@ -32,11 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainyard.cluster.secrets import redact
-from trainyard.pipelines.config.spec import RunSpec, TrainSpec, TrainyardError
+from trainyard.pipelines.config.spec import RunSpec, TrainSpec
 from trainyard.pipelines.config.user import build_model, load_callable
+from trainyard.pipelines.data.arrays import derive_seed
+from trainyard.pipelines.data.common import DataFacts
+from trainyard.pipelines.data.tokenizers import bits_per_byte
+from trainyard.pipelines.training import checkpoint as checkpoints
+from trainyard.pipelines.training.job import WorkerJob
 
-CHECKPOINT_FILE = "state.pt"
-DIGEST_FILE = "state.sha256"
 STOPPED_TAG = "trainyard.stopped"
 logger = logging.getLogger("trainyard")
 
@@ -344,73 +346,10 @@ def evaluate(
 # --- checkpoints --------------------------------------------------------------------------------
 
 
-class CheckpointError(TrainyardError):
-    """A checkpoint that is missing, incomplete or corrupt: never resumed from."""
-
-
-HASH_CHUNK = 1024**2
-
-
-class _HashingFile:
-    """A binary file that hashes what is written to it (torch.save writes sequentially)."""
-
-    def __init__(self, f: Any):
-        self.f, self.sha = f, hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def file_digest(path: Path) -> str:
-    """The SHA-256 of a file, read in chunks (a checkpoint may be larger than memory allows)."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
-def save_state(directory: Path, **state: Any) -> Path:
-    """Write a checkpoint (model, optimizer, scheduler, scaler, epoch, ...: tensors and plain
-    values only) to `directory`: the state file first, hashed as it is written, then its
-    SHA-256 beside it, so that a checkpoint cut short while being written or copied is
-    recognised as incomplete and never loaded."""
-    path = directory / CHECKPOINT_FILE
-    with open(path, "wb") as f:
-        out = _HashingFile(f)
-        torch.save(state, out)
-    (directory / DIGEST_FILE).write_text(out.sha.hexdigest() + "\n")
-    return path
-
-
-def load_state(directory: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by `save_state`, after checking that it is complete. Only
-    tensors and plain values are unpickled (`weights_only`): a file that holds anything else,
-    which could run code as it loads, is refused."""
-    path = Path(directory) / CHECKPOINT_FILE
-    digest = Path(directory) / DIGEST_FILE
-    if not path.is_file() or not digest.is_file():
-        raise CheckpointError(f"checkpoint {directory} is incomplete (no {path.name} + digest)")
-    if file_digest(path) != digest.read_text().strip():
-        raise CheckpointError(f"checkpoint {directory} is corrupt ({path.name} does not match)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"checkpoint {directory} holds more than tensors and plain values, which could run "
-            f"code as it loads; refused ({first[:200]})"
-        ) from None
-
-
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Seed every RNG from (seed, epoch, rank) alone, so that an epoch draws the same dropout
     masks whether the run got there straight or resumed from a checkpoint."""
-    value = seed + 1 + rank + 100_003 * epoch
+    value = derive_seed(seed, "epoch", epoch, rank)
     torch.manual_seed(value)
     np.random.seed(value % 2**32)
     random.seed(value)
@@ -595,29 +534,28 @@ def memory_batches(
 
 
 def throughput(
-    result: EpochStats, world: int, job: dict[str, Any], peak: float | None
+    result: EpochStats, world: int, data: DataFacts, peak: float | None
 ) -> dict[str, float]:
     """samples/s over all ranks; for text also tokens/s, and model FLOPs utilisation where the
     device's peak is known (achieved model FLOP/s over the peak of all `world` devices)."""
     out = {"samples_per_s": result.samples_per_s * world}
-    if unit := job.get("unit"):  # images/s
-        out[f"{unit}_per_s"] = out["samples_per_s"]
-    context = job.get("context")
-    if context:
-        out["tokens_per_s"] = out["samples_per_s"] * context
-        if peak and "flops_per_token" in job:
-            out["mfu"] = out["tokens_per_s"] * job["flops_per_token"] / (peak * world)
+    if data.unit:  # images/s
+        out[f"{data.unit}_per_s"] = out["samples_per_s"]
+    if data.context:
+        out["tokens_per_s"] = out["samples_per_s"] * data.context
+        if peak and data.flops_per_token:
+            out["mfu"] = out["tokens_per_s"] * data.flops_per_token / (peak * world)
     return out
 
 
-def text_metrics(metrics: dict[str, float], job: dict[str, Any]) -> dict[str, float]:
+def text_metrics(metrics: dict[str, float], data: DataFacts) -> dict[str, float]:
     """Validation loss in bits per byte and as a share of the corpus' unigram entropy."""
-    if "unigram_entropy" not in job:
+    if not data.unigram_entropy:
         return {}
     loss = metrics["val_loss"]
     return {
-        "val_bits_per_byte": loss / math.log(2) * job["tokens_per_byte"],
-        "val_loss_vs_unigram": loss / job["unigram_entropy"],
+        "val_bits_per_byte": bits_per_byte(loss, data.tokens_per_byte),
+        "val_loss_vs_unigram": loss / data.unigram_entropy,
     }
 
 
@@ -626,7 +564,7 @@ class Worker:
     """One rank's training: what `set_up` builds and every later step uses."""
 
     spec: RunSpec
-    job: dict[str, Any]
+    job: WorkerJob
     rank: int
     world: int
     device: torch.device
@@ -662,18 +600,18 @@ def set_up(config: dict[str, Any]) -> Worker:
     logging.getLogger().setLevel(logging.WARNING)
     logger.setLevel(logging.INFO)
     quiet_ray_data()  # the workers read the data themselves
-    spec, job = RunSpec.from_dict(config["spec"]), config["job"]
+    spec, job = RunSpec.from_dict(config["spec"]), WorkerJob.from_dict(config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(job["torch_threads"])
+    torch.set_num_threads(job.torch_threads)
     torch.manual_seed(spec.train.seed)  # the same initial weights on every rank
-    model = build_model(job["model"])
+    model = build_model(job.model)
     device = ray.train.torch.get_device()
     model.to(device)
-    if job.get("channels_last") and device.type == "cuda":
+    if job.data.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # convolutions' fast layout on GPUs
     optimizer = make_optimizer(model, spec.train)
-    scheduler = make_scheduler(optimizer, spec.train, job["schedule_steps"])
+    scheduler = make_scheduler(optimizer, spec.train, job.schedule_steps)
     amp_dtype = resolve_amp(spec.amp.mode, device)
     w = Worker(
         spec,
@@ -686,7 +624,7 @@ def set_up(config: dict[str, Any]) -> Worker:
         scheduler,
         torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         amp_dtype,
-        RankZeroLogger(job["tracking_uri"], job["run_id"], rank),
+        RankZeroLogger(job.tracking_uri, job.run_id, rank),
     )
     resume(w, ray.train.get_checkpoint())
     return w
@@ -723,14 +661,14 @@ def resume(w: Worker, checkpoint: Any) -> None:
     a failure, or the same run submitted again, with or without a checkpoint)."""
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = load_state(d)
-        w.model.load_state_dict(state["model"])
-        w.optimizer.load_state_dict(state["optimizer"])
-        w.scheduler.load_state_dict(state["scheduler"])
-        w.scaler.load_state_dict(state["scaler"])
-        w.first_epoch = state["epoch"] + 1
-        w.position = tuple(state.get("data_position") or w.position)
-        w.elapsed = state.get("elapsed", 0.0)
+            state = checkpoints.load(d)
+        w.model.load_state_dict(state.model)
+        w.optimizer.load_state_dict(state.optimizer)
+        w.scheduler.load_state_dict(state.scheduler)
+        w.scaler.load_state_dict(state.scaler)
+        w.first_epoch = state.epoch + 1
+        w.position = state.data_position or w.position
+        w.elapsed = state.elapsed
     w.restarted = w.log.active and (checkpoint is not None or w.log.started_before())
     if w.restarted:
         restarts = w.log.restarted(from_epoch=w.first_epoch - 1)
@@ -749,12 +687,12 @@ def data_passes(
 
     job, tr, rank, world, device = w.job, w.spec.train, w.rank, w.world, w.device
     DataContext.get_current().execution_options.preserve_order = True  # the same every run
-    dtypes = {k: getattr(torch, v) for k, v in job.get("dtypes", {}).items()} or None
+    dtypes = {k: getattr(torch, v) for k, v in job.data.dtypes.items()} or None
     micro, eval_batch = w.spec.micro_batch_size, w.spec.eval_batch_size
     val_shard = ray.train.get_dataset_shard("validation")
 
     def pass_seed(n: int) -> int:
-        return tr.seed + 1000 * n + rank
+        return derive_seed(tr.seed, "shuffle", n, rank) % 2**32
 
     def streamed(shard: Any, n: int) -> Iterable[dict[str, torch.Tensor]]:
         return shard.iter_torch_batches(
@@ -768,21 +706,21 @@ def data_passes(
     if "train_shards" in job:
         from trainyard.pipelines.data.augment import one_pass
 
-        shard = job["train_shards"][rank]
+        shard = job.train_shards[rank]
         # Ray Data hands the augmented arrays out read-only (zero-copy from Arrow); the loop
         # only reads them, so torch's warning about it is noise.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
         def mapped_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
-            ds = one_pass(shard, job["per_epoch"], tr.seed, n, job["data_task_cpus"])
+            ds = one_pass(shard, job.per_epoch, tr.seed, n, job.data_task_cpus)
             return streamed(ds, n)
 
         # Each pass is a new Ray Data execution (seconds to start on a small machine): the
         # next one starts while this one trains.
         first = w.position[0] if tr.steps_per_epoch else w.first_epoch
         train_pass = ahead(mapped_pass, first, None if tr.steps_per_epoch else tr.epochs)
-    elif job["cache_shards"]:
-        rows = job["num_rows"]["train"]
+    elif job.cache_shards:
+        rows = job.num_train
         train_rows = load_share(ray.train.get_dataset_shard("train"), rows, rank, world, device)
 
         def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
@@ -794,8 +732,8 @@ def data_passes(
             return streamed(train_shard, n)
 
     # (After the training passes: a first mapped pass starts while this reads.)
-    if job["cache_shards"]:
-        val_rows = load_share(val_shard, job["num_rows"]["validation"], rank, world, device)
+    if job.cache_shards:
+        val_rows = load_share(val_shard, job.num_validation, rank, world, device)
 
         def val_batches() -> Iterable[dict[str, torch.Tensor]]:
             return memory_batches(val_rows, eval_batch, dtypes)
@@ -816,18 +754,18 @@ def epoch_metrics(
     started: float,
 ) -> dict[str, float]:
     """Validation metrics, throughput and the epoch's facts: what every rank reports."""
-    job = w.job
+    data = w.job.data
     metrics = evaluate(
         w.model,
         val_batches,
-        task=job["task"],
+        task=data.task,
         loss_fn=val_loss,
         amp_dtype=w.amp_dtype,
-        target_std=job.get("target_std", 1.0),
+        target_std=data.target_std,
     )
-    metrics.update(text_metrics(metrics, job))
+    metrics.update(text_metrics(metrics, data))
     # Throughput over all ranks: each rank saw the same number of samples.
-    metrics.update(throughput(result, w.world, job, w.peak))
+    metrics.update(throughput(result, w.world, data, w.peak))
     metrics.update(
         train_loss=result.loss,
         epoch_seconds=result.seconds,
@@ -849,7 +787,7 @@ def report(
 
     tr, rank = w.spec.train, w.rank
     if w.log.active:
-        logger.info(progress_line(epoch, tr.epochs, metrics, w.job))
+        logger.info(progress_line(epoch, tr.epochs, metrics, w.job.data))
     w.log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
     last = epoch == tr.epochs
     if last:
@@ -865,41 +803,41 @@ def report(
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0 and (last or epoch % tr.checkpoint_every == 0):
-            save_state(
-                Path(d),
+            state = checkpoints.TrainingState(
                 model=unwrap(w.model).state_dict(),
+                epoch=epoch,
+                model_recipe=w.job.model,
                 optimizer=w.optimizer.state_dict(),
                 scheduler=w.scheduler.state_dict(),
                 scaler=w.scaler.state_dict(),
-                epoch=epoch,
-                model_recipe=w.job["model"],
                 spec=redact(w.spec.to_dict()),  # what a resumed run must keep
-                schedule_steps=w.job["schedule_steps"],
+                schedule_steps=w.job.schedule_steps,
                 data_position=stream.position if stream is not None else None,
                 elapsed=metrics["elapsed_s"],
             )
+            checkpoints.save(d, state)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         w.log.flush()
-        inject_failure(w.job["inject_failure"], epoch, rank)
+        inject_failure(w.job.inject_failure, epoch, rank)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
-    """Ray Train entry point. `config` holds {"spec": RunSpec dict, "job": driver facts}.
+    """Ray Train entry point. `config` holds {"spec": RunSpec dict, "job": WorkerJob dict}.
     Returns the run's outcome, which rank 0's return carries to the driver through Ray Train
     (`Result.return_value`): {} or {"stopped": why}."""
     w = set_up(config)
     tr, job = w.spec.train, w.job
     train_pass, val_batches = data_passes(w)  # a first mapped pass starts here, in the background
     distribute(w)
-    train_loss = training_loss(job["task"], tr)
-    val_loss = validation_loss(job["task"], tr)
+    train_loss = training_loss(job.data.task, tr)
+    val_loss = validation_loss(job.data.task, tr)
     # Epochs of a set number of steps stream on across passes; otherwise an epoch is a pass.
     stream = BatchStream(train_pass, w.position) if tr.steps_per_epoch else None
-    steps_per_epoch = job["steps_per_epoch"]
+    steps_per_epoch = job.steps_per_epoch
     nonfinite_run = steps_done = 0
     watchdog = StallWatchdog(tr.stall_timeout_s, w.rank)
-    inject_failure(job["inject_failure"], 0, w.rank)  # epoch 0: before the first step
+    inject_failure(job.inject_failure, 0, w.rank)  # epoch 0: before the first step
     started = time.perf_counter()
     for epoch in range(w.first_epoch, tr.epochs + 1):
         seed_epoch(tr.seed, epoch, w.rank)  # distinct dropout masks per rank, resumable
@@ -947,7 +885,7 @@ def step_logger(
     """What runs after each optimizer step: the stall watchdog's beat; on rank 0, when the
     first step of this start finished (start-up or recovery cost, seen in MLflow), and the
     training loss every train.log_every_steps."""
-    tr, steps_per_epoch = w.spec.train, w.job["steps_per_epoch"]
+    tr, steps_per_epoch = w.spec.train, w.job.steps_per_epoch
     base_step = (epoch - 1) * steps_per_epoch
 
     def on_step(step: int, loss: torch.Tensor) -> None:
@@ -966,7 +904,7 @@ def step_logger(
     return on_step
 
 
-def progress_line(epoch: int, epochs: int, metrics: dict[str, float], job: dict[str, Any]) -> str:
+def progress_line(epoch: int, epochs: int, metrics: dict[str, float], data: DataFacts) -> str:
     """One line per epoch: losses, validation metrics, throughput, data wait."""
     line = f"epoch {epoch}/{epochs}  train_loss {metrics['train_loss']:.4f}"
     if "val_loss_vs_unigram" in metrics:
@@ -974,7 +912,7 @@ def progress_line(epoch: int, epochs: int, metrics: dict[str, float], job: dict[
             f"  val_loss {metrics['val_loss']:.4f} nats"
             f" ({metrics['val_bits_per_byte']:.3f} bits/byte,"
             f" {metrics['val_loss_vs_unigram']:.2f}× unigram entropy"
-            f" {job['unigram_entropy']:.2f})"
+            f" {data.unigram_entropy:.2f})"
             f"  tokens/s {metrics['tokens_per_s']:.0f}"
         )
         if "mfu" in metrics:
@@ -982,7 +920,7 @@ def progress_line(epoch: int, epochs: int, metrics: dict[str, float], job: dict[
     else:
         shown = {k: v for k, v in metrics.items() if k.startswith("val_")}
         line += "  " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-        unit = job.get("unit", "samples")
+        unit = data.unit or "samples"
         line += f"  {unit}/s {metrics['samples_per_s']:.0f}"
     return (
         line + f"  data_wait {100 * metrics['data_wait_share']:.1f}%"

@@ -1,0 +1,46 @@
+"""What the driver tells every worker besides the spec: one typed job, plain data across the
+Ray boundary (`to_dict` on the driver, `from_dict` on each worker), defaults written once."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from trainyard.pipelines.data.common import DataFacts
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    run_id: str
+    """The MLflow run rank 0 logs to."""
+    tracking_uri: str
+    model: dict[str, Any]
+    """What builds the model: config.user.model_recipe."""
+    torch_threads: int
+    """The resource plan's threads per worker."""
+    steps_per_epoch: int
+    schedule_steps: int
+    """The learning-rate schedule's length in optimizer steps."""
+    cache_shards: bool
+    """Each worker keeps its share of the rows in memory (else they stream every pass)."""
+    num_train: int
+    num_validation: int
+    data_task_cpus: float
+    """CPUs each Ray Data task asks for."""
+    data: DataFacts
+    inject_failure: dict[str, Any] | None = None
+    """A testing aid (loop.inject_failure): when to fail, or hang."""
+    per_epoch: dict[str, Any] | None = None
+    """Rows mapped anew every pass: {"fn", "kwargs", "remote_args"} (data.augment)."""
+    train_shards: list[Any] | None = None
+    """With per_epoch: each rank's own shard of the training rows."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data: the job's fields, `data` as a dict (shards and functions as they are)."""
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return plain | {"data": dataclasses.asdict(self.data)}
+
+    @classmethod
+    def from_dict(cls, plain: dict[str, Any]) -> WorkerJob:
+        return cls(**plain | {"data": DataFacts(**plain["data"])})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -184,6 +185,28 @@ class ResourcePlan:
     def needs_new_nodes(self) -> bool:
         """Whether the workers fit only once the autoscaler has added nodes."""
         return _places(self.worker_resources(), self.nodes.alive) < self.num_workers
+
+
+def short_of(wanted: dict[str, float], free: dict[str, float]) -> dict[str, float]:
+    """The resources of `wanted` that `free` holds less of."""
+    return {k: v for k, v in wanted.items() if free.get(k, 0.0) < v - 1e-9}
+
+
+def wait_for_free(
+    wanted: dict[str, float], timeout_s: float, poll_s: float = 0.1
+) -> dict[str, float]:
+    """Wait until the cluster has `wanted` free (other work may hold it; Ray's view of free
+    resources also lags tasks that just finished by up to a second), at most `timeout_s`.
+    Returns the free resources then: the caller decides what falling short means (the one
+    wait for free resources every part of trainyard uses)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free = ray.available_resources()
+        if not short_of(wanted, free) or time.monotonic() >= deadline:
+            return free
+        time.sleep(poll_s)
 
 
 def format_resources(resources: dict[str, float], zeros: bool = False) -> str:

@@ -253,8 +253,7 @@ def log_to_mlflow(
     from trainyard.pipelines import tracking
 
     client = tracking.mlflow_client(uri)
-    exp = client.get_experiment_by_name("trainyard-bench")
-    exp_id = exp.experiment_id if exp else client.create_experiment("trainyard-bench")
+    exp_id = tracking.experiment_id(uri, "trainyard-bench")
     run = client.create_run(
         exp_id,
         run_name=f"bench-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -9,7 +9,6 @@ import contextlib
 import fnmatch
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,11 +28,9 @@ def settle(timeout_s: float = 2.0) -> None:
     """Wait (briefly) until Ray's view of free CPUs has caught up with tasks that just
     finished. It lags by up to a second; in that window Ray Data warns that the cluster has no
     free CPU and "will hang", and a resource check reads the cluster as full."""
-    import ray
+    from trainyard.cluster.resources import wait_for_free
 
-    deadline = time.monotonic() + timeout_s
-    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_free({"CPU": 1e-6}, timeout_s, poll_s=0.05)
 
 
 @contextlib.contextmanager
@@ -149,16 +146,21 @@ def check_row_counts(num_train: int, num_val: int, num_workers: int, rows_per_st
         )
 
 
+def open_fs(path: str) -> tuple[pafs.FileSystem, str]:
+    """The file system of a local path or URI (anything pyarrow's file systems understand,
+    such as s3://bucket/prefix) and the path within it (a local one made absolute)."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
 def resolve_files(
     path: str, extensions: tuple[str, ...] | None = None
 ) -> tuple[list[str], pafs.FileSystem]:
     """Expand a file, directory or glob (local or URI) into a sorted list of files. A directory
     contributes every file below it whose name ends with one of `extensions` (any name when
     None), except hidden ones and those starting with `_`."""
-    if "://" in path:
-        fs, base = pafs.FileSystem.from_uri(path)
-    else:
-        fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    fs, base = open_fs(path)
     if any(ch in base for ch in "*?["):
         root = base[: min(base.index(ch) for ch in "*?[" if ch in base)].rsplit("/", 1)[0] or "/"
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))

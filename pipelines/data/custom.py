@@ -19,7 +19,6 @@ import numpy as np
 from trainyard.pipelines.config import user
 from trainyard.pipelines.config.spec import RunSpec, SpecError
 from trainyard.pipelines.data import augment
-from trainyard.pipelines.data.arrays import mix64
 from trainyard.pipelines.data.common import (
     DataError,
     DataFacts,
@@ -27,6 +26,7 @@ from trainyard.pipelines.data.common import (
     check_row_counts,
     ray_cause,
 )
+from trainyard.pipelines.data.split import below, position_hashes
 
 ROWS_PER_BLOCK = 4096
 """Rows a read task turns into one block (a torch Dataset is indexed row by row)."""
@@ -79,8 +79,7 @@ def normalize(batch: dict[str, np.ndarray], task: str | None) -> dict[str, np.nd
 
 def in_validation(index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Whether each row position goes to validation: a seeded hash of the position."""
-    h = mix64(index.astype(np.uint64) ^ mix64(np.array([seed], dtype=np.uint64)))
-    return h / np.float64(2**64) < fraction
+    return below(position_hashes(index, seed), fraction)
 
 
 # --- driver side --------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from trainyard.pipelines.data.arrays import (
     crop_flip,
     decode_image,
     derive_seed,
-    keyed_hash,
     normalize,
 )
 from trainyard.pipelines.data.common import (
@@ -35,10 +34,12 @@ from trainyard.pipelines.data.common import (
     Prepared,
     check_row_counts,
     errors_reported_here,
+    open_fs,
     resolve_files,
     settle,
     task_error,
 )
+from trainyard.pipelines.data.split import hold_out, key_hashes
 
 BUILTIN_DIGITS = "builtin:digits-images"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -138,15 +139,7 @@ def held_out(relative: list[str], labels: np.ndarray, fraction: float, seed: int
     """Which files go to validation: round(fraction × n) of each class (but never all of them),
     chosen by a seeded hash of the file's path below the data root (the same on every machine
     and run)."""
-    import pandas as pd
-
-    h = keyed_hash(pd.util.hash_array(np.asarray(relative, dtype=object)), seed)
-    held = np.zeros(len(relative), dtype=bool)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        order = members[np.argsort(h[members], kind="stable")]
-        held[order[: min(int(round(fraction * len(members))), len(members) - 1)]] = True
-    return held
+    return hold_out(key_hashes(relative, seed), fraction, groups=labels)
 
 
 # --- the files ----------------------------------------------------------------------------------
@@ -190,10 +183,7 @@ class Listing:
 
     def __init__(self, data: ImageDataSpec):
         path = str(digits_images()) if data.path == BUILTIN_DIGITS else data.path
-        if "://" in path:
-            self.fs, base = pafs.FileSystem.from_uri(path)
-        else:
-            self.fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+        self.fs, base = open_fs(path)
         base = base.rstrip("/")
         if self.fs.get_file_info(base).type == pafs.FileType.File:
             raise DataError(

@@ -172,12 +172,9 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
 
 def read_bytes(path: str) -> bytes:
     """A file's bytes, local or at a URI."""
-    if "://" not in path:
-        with open(path, "rb") as f:
-            return f.read()
-    import pyarrow.fs as pafs
+    from trainyard.pipelines.data.common import open_fs
 
-    fs, name = pafs.FileSystem.from_uri(path)
+    fs, name = open_fs(path)
     with fs.open_input_file(name) as f:
         return f.readall()
 

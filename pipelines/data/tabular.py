@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 
 from trainyard.pipelines.config.spec import DataSpec, RunSpec
 from trainyard.pipelines.data import augment
-from trainyard.pipelines.data.arrays import mix64
 from trainyard.pipelines.data.common import (
     DataError,
     DataFacts,
@@ -32,6 +31,7 @@ from trainyard.pipelines.data.common import (
     task_error,
 )
 from trainyard.pipelines.data.features import FeaturePlan, as_text, blank, is_category_type
+from trainyard.pipelines.data.split import below, hold_out, row_hashes
 
 BUILTIN_DIGITS = "builtin:digits"
 SPLIT_COLUMN = "__validation"
@@ -81,25 +81,15 @@ class TabularData:
 # --- pure batch functions (run inside Ray Data tasks) ------------------------------------------
 
 
-def row_hash(df: pd.DataFrame, seed: int) -> np.ndarray:
-    """A seeded 64-bit hash of each row's values: the same row always lands on the same side."""
-    rows = pd.util.hash_pandas_object(df, index=False).to_numpy(dtype=np.uint64)
-    return mix64(rows ^ mix64(np.array([seed], dtype=np.uint64)))
-
-
 def mark_validation(group: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
     """Mark round(fraction × n) rows of one class for validation, chosen by row hash, but
     never all of them: a class the training split lacks could not be learned (or encoded)."""
-    order = np.argsort(row_hash(group, seed), kind="stable")
-    flag = np.zeros(len(group), dtype=bool)
-    flag[order[: min(int(round(fraction * len(group))), len(group) - 1)]] = True
-    return group.assign(**{SPLIT_COLUMN: flag})
+    return group.assign(**{SPLIT_COLUMN: hold_out(row_hashes(group, seed), fraction)})
 
 
 def mark_validation_by_hash(batch: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
     """Mark each row for validation with probability `fraction`, by row hash (regression)."""
-    u = row_hash(batch, seed) / np.float64(2**64)
-    return batch.assign(**{SPLIT_COLUMN: u < fraction})
+    return batch.assign(**{SPLIT_COLUMN: below(row_hashes(batch, seed), fraction)})
 
 
 def select_split(batch: pd.DataFrame, validation: bool) -> pd.DataFrame:
@@ -299,6 +289,14 @@ def file_format(files: list[str], declared: str) -> str:
     )
 
 
+def digits_table() -> pd.DataFrame:
+    """The built-in data set (builtin:digits): scikit-learn's 1,797 handwritten 8x8 digits,
+    64 pixel columns and `label`."""
+    from sklearn.datasets import load_digits
+
+    return load_digits(as_frame=True).frame.rename(columns={"target": "label"})
+
+
 def local_files(spec: RunSpec) -> list[str]:
     """The data files on a local disk (none for built-in tables and URIs)."""
     from trainyard.cluster.shared import is_local
@@ -431,9 +429,7 @@ def read_raw(
     read_args = read_args or {}
 
     if spec.path == BUILTIN_DIGITS:
-        from sklearn.datasets import load_digits
-
-        frame = load_digits(as_frame=True).frame.rename(columns={"target": "label"})
+        frame = digits_table()
         schema = pa.Schema.from_pandas(frame, preserve_index=False)
         features, plan = check_columns(spec, schema, frame)
         return ray.data.from_pandas(frame[features + [spec.label]]), features, plan
@@ -647,9 +643,7 @@ def read_preprocessed(
     fn = user.load_callable(ref, "data.preprocess")
     read_args = read_args or {}
     if spec.path == BUILTIN_DIGITS:
-        from sklearn.datasets import load_digits
-
-        frame = load_digits(as_frame=True).frame.rename(columns={"target": "label"})
+        frame = digits_table()
         ds, sample = ray.data.from_pandas(frame), frame.head(1000)
     else:
         check_path(spec)
@@ -822,9 +816,7 @@ def describe_data(spec: RunSpec) -> str:
     if data.preprocess:  # (the features are what it returns: known once the run reads rows)
         return f"# features: the columns {data.preprocess} returns, planned when the run starts"
     if data.path == BUILTIN_DIGITS:
-        from sklearn.datasets import load_digits
-
-        sample = load_digits(as_frame=True).frame.rename(columns={"target": "label"})
+        sample = digits_table()
         schema, where = pa.Schema.from_pandas(sample, preserve_index=False), data.path
     else:
         files, fs = resolve_files(data.path, DATA_EXTENSIONS)

@@ -9,7 +9,6 @@ class with the `Tokenizer` interface.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import sysconfig
 import zlib
@@ -23,6 +22,7 @@ import pyarrow.fs as pafs
 from trainyard.pipelines.config.spec import RunSpec, TextDataSpec
 from trainyard.pipelines.data.arrays import derive_seed
 from trainyard.pipelines.data.common import DataError, DataFacts, Prepared, resolve_files
+from trainyard.pipelines.data.split import below, key_hashes
 from trainyard.pipelines.data.tokenizers import ByteTokenizer, load_tokenizer
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
@@ -120,8 +120,7 @@ def _common_dir(files: list[str]) -> str:
 def is_validation(relative_path: str, fraction: float, seed: int) -> bool:
     """Whether a file goes to validation: a hash of its path below the root, so the answer
     never depends on which other files exist or on the machine."""
-    digest = hashlib.sha256(f"{seed}:{relative_path}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return bool(below(key_hashes([relative_path], seed), fraction)[0])
 
 
 def split_files(
@@ -133,15 +132,12 @@ def split_files(
             f"data.path: {len(files)} file(s); the text pipeline splits train/validation by "
             "file and needs at least 2"
         )
-    flags = [is_validation(f[len(root) :].lstrip("/"), fraction, seed) for f in files]
-    if all(flags) or not any(flags):
+    hashes = key_hashes([f[len(root) :].lstrip("/") for f in files], seed)
+    flags = below(hashes, fraction)
+    if flags.all() or not flags.any():
         # Too few files for the fraction to pick any (or to leave any): hold out the one
-        # whose hash is smallest (or keep the largest), still decided by the hashes alone.
-        order = sorted(
-            range(len(files)),
-            key=lambda i: hashlib.sha256(f"{seed}:{files[i][len(root) :]}".encode()).digest(),
-        )
-        flags = [i == order[0] for i in range(len(files))]
+        # whose hash is smallest, still decided by the hashes alone.
+        flags = np.arange(len(files)) == np.argmin(hashes)
     train = [f for f, v in zip(files, flags, strict=True) if not v]
     val = [f for f, v in zip(files, flags, strict=True) if v]
     return train, val

@@ -31,7 +31,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import tempfile
 import threading
 import time
@@ -49,6 +48,7 @@ from trainyard.pipelines.config.spec import TrainyardError
 from trainyard.pipelines.data.common import (
     DataError,
     errors_reported_here,
+    open_fs,
     quiet_ray_data,
     resolve_files,
     task_error,
@@ -516,28 +516,23 @@ def plan_workers(workers: int | None, cpus_per_worker: float, gpus_per_worker: f
 def wait_for_room(cpus: float, gpus: float, timeout_s: float) -> None:
     """Wait until the cluster has `cpus` and `gpus` free (other jobs may hold them), at most
     `timeout_s`; then a pool that could not start is an error, not a wait without end."""
-    import ray
+    from trainyard.cluster.resources import short_of, wait_for_free
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        free = ray.available_resources()
-        if free.get("CPU", 0) >= cpus - 1e-6 and free.get("GPU", 0) >= gpus - 1e-6:
-            return
-        if time.monotonic() > deadline:
-            raise TrainyardError(
-                f"the cluster has had {free.get('CPU', 0):g} free CPU(s) and "
-                f"{free.get('GPU', 0):g} GPU(s) for {timeout_s:g} s; the pool needs {cpus:g} and "
-                f"{gpus:g} (other jobs hold the rest): wait for them, or pass fewer --workers"
-            )
-        time.sleep(0.5)
+    wanted = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+    free = wait_for_free(wanted, timeout_s, poll_s=0.5)
+    if short_of(wanted, free):
+        raise TrainyardError(
+            f"the cluster has had {free.get('CPU', 0):g} free CPU(s) and "
+            f"{free.get('GPU', 0):g} GPU(s) for {timeout_s:g} s; the pool needs {cpus:g} and "
+            f"{gpus:g} (other jobs hold the rest): wait for them, or pass fewer --workers"
+        )
 
 
 def check_out(out: str) -> None:
     """Refuse to write into a directory that has files (nothing overwritten, nothing mixed)."""
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(out) if "://" in out else (pafs.LocalFileSystem(), out)
-    path = path if "://" in out else os.path.abspath(out)
+    fs, path = open_fs(out)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         raise TrainyardError(f"--out: {out} is a file; give a new directory")

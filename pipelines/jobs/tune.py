@@ -332,7 +332,7 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
                 callbacks=[trial_lines(metric, spec.train.epochs)],
             ),
         )
-    try:
+    with tracking.ending(uri, parent, ended_by=(SearchInterrupted,)):
         results = tuner.fit()
         if unended := unended_trials(results.experiment_path):  # ^C: Tune saved its state
             tracking.end_run(uri, parent, stopped="interrupted")
@@ -343,12 +343,6 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
         summary = record_search(
             spec, uri, parent, results, metric, mode, storage, concurrency.plan, data
         )
-    except SearchInterrupted:
-        raise
-    except BaseException as e:
-        tracking.end_run(uri, parent, error=e)
-        raise
-    tracking.end_run(uri, parent)
     return summary | {"name": name, "seconds": round(time.monotonic() - started, 1)}
 
 

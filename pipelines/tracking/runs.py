@@ -6,6 +6,7 @@ tracking URI as plain data and log through `RankZeroLogger`, which is a no-op on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -63,6 +64,19 @@ def _git_commit() -> str | None:
         return None
 
 
+def experiment_id(uri: str, name: str) -> str:
+    """The id of experiment `name`, created where there is none (artifacts of a SQLite store
+    beside the database, at an absolute path every process agrees on)."""
+    client = mlflow_client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        location = Path(uri.removeprefix("sqlite:///")).parent.joinpath(ARTIFACT_DIR).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def start_run(
     uri: str,
     experiment: str,
@@ -73,15 +87,7 @@ def start_run(
 ) -> str:
     """Create the job's MLflow run with its params, tags and resolved spec; return its id."""
     client = mlflow_client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        location = None
-        if uri.startswith("sqlite:"):
-            # Keep artifacts beside the database, at an absolute path every process agrees on.
-            location = Path(uri.removeprefix("sqlite:///")).parent.joinpath(ARTIFACT_DIR).as_uri()
-        exp_id = client.create_experiment(experiment, artifact_location=location)
-    else:
-        exp_id = exp.experiment_id
+    exp_id = experiment_id(uri, experiment)
     commit = _git_commit()
     all_tags = {**tags, **({"mlflow.source.git.commit": commit} if commit else {})}
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
@@ -104,19 +110,18 @@ def start_predict_run(uri: str, source_run: str | None, model_uri: str, data: st
     from trainyard.cluster.secrets import redact_text
 
     client = mlflow_client(uri)
-    experiment_id = None
+    into = None
     if source_run:
         try:
-            experiment_id = client.get_run(source_run).info.experiment_id
+            into = client.get_run(source_run).info.experiment_id
         except MlflowException:
             pass  # a model from another store
-    if experiment_id is None:
-        exp = client.get_experiment_by_name(PREDICT_EXPERIMENT)
-        experiment_id = exp.experiment_id if exp else client.create_experiment(PREDICT_EXPERIMENT)
+    if into is None:
+        into = experiment_id(uri, PREDICT_EXPERIMENT)
     tags = {"trainyard.kind": "predict"}
     if source_run:
         tags["trainyard.model_run"] = source_run
-    run = client.create_run(experiment_id, run_name=f"predict-{int(time.time())}", tags=tags)
+    run = client.create_run(into, run_name=f"predict-{int(time.time())}", tags=tags)
     for key, value in {"model_uri": model_uri, "data": data, "out": out}.items():
         client.log_param(run.info.run_id, key, redact_text(value))
     return run.info.run_id
@@ -184,6 +189,20 @@ def end_run(
             client.delete_tag(run_id, "error")
     status = "FAILED" if error is not None else "KILLED" if stopped is not None else "FINISHED"
     client.set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def ending(uri: str, run_id: str, ended_by: tuple[type[BaseException], ...] = ()):
+    """End the run as the block ends: FINISHED, or FAILED with the error that left the block
+    (errors of the types `ended_by` ended the run themselves, and pass as they are)."""
+    try:
+        yield
+    except ended_by:
+        raise
+    except BaseException as e:
+        end_run(uri, run_id, error=e)
+        raise
+    end_run(uri, run_id)
 
 
 def child_runs(uri: str, parent: str, key: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from trainyard.cluster.resources import short_of, wait_for_free
 from trainyard.cluster.secrets import redact, redact_text
 from trainyard.pipelines.config.spec import (
     RunSpec,
@@ -32,7 +33,13 @@ from trainyard.pipelines.config.spec import (
     UserModelSpec,
     load_spec,
 )
-from trainyard.pipelines.data.common import Pipeline, Prepared, check_row_counts, quiet_ray_data
+from trainyard.pipelines.data.common import (
+    Pipeline,
+    Prepared,
+    check_row_counts,
+    open_fs,
+    quiet_ray_data,
+)
 from trainyard.pipelines.training import checkpoint as checkpoints
 from trainyard.pipelines.training.checkpoint import TrainingState
 from trainyard.pipelines.training.job import WorkerJob
@@ -94,9 +101,7 @@ def init_ray() -> None:
         # Just after connecting, this process may not have the cluster's resource view yet:
         # Ray Data would warn that the cluster "does not have any available CPUs" (and that
         # the job will hang) when it has. Wait for the view, briefly.
-        deadline = time.monotonic() + 5
-        while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for_free({"CPU": 1e-6}, timeout_s=5)
     quiet_ray_data()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -390,19 +395,13 @@ def fit(
 def waiting_notice(plan: Any, start_timeout_s: float) -> str | None:
     """A line saying that the workers do not fit in what the cluster has free now (they wait
     for other jobs, or for the autoscaler, up to start_timeout_s), or None."""
-    import ray
 
     from trainyard.cluster.resources import format_resources
 
     needed = {k: v * plan.num_workers for k, v in plan.worker_resources().items()}
     # Ray's view of free resources lags the data's last tasks by up to a second.
-    deadline = time.monotonic() + 1.5
-    while True:
-        free = ray.available_resources()
-        short = {k: v for k, v in needed.items() if free.get(k, 0) < v - 1e-9}
-        if not short or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    free = wait_for_free(needed, timeout_s=1.5)
+    short = short_of(needed, free)
     if not short:
         return None
     want = format_resources(short)
@@ -440,10 +439,7 @@ def latest_checkpoint(storage: str, run_name: str) -> tuple[str, TrainingState] 
     none."""
     import ray.train
 
-    if "://" in storage:
-        fs, base = pafs.FileSystem.from_uri(storage)
-    else:
-        fs, base = pafs.LocalFileSystem(), storage
+    fs, base = open_fs(storage)
     run_dir = f"{base.rstrip('/')}/{run_name}"
     snapshot = f"{run_dir}/checkpoint_manager_snapshot.json"
     if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
@@ -852,7 +848,7 @@ def run(
     if notice := waiting_notice(plan, timeout):
         print(notice)
     configure_ray_train(timeout)
-    try:
+    with tracking.ending(place.uri, run_id):
         # 3. Train: Ray Train runs the DDP workers, each reading its share from Ray Data.
         trainer = make_trainer(spec, plan, data, job, place, options.callbacks)
         stall = spec.train.stall_timeout_s
@@ -872,10 +868,6 @@ def run(
         registered = spec.tracking.register_as and tracking.register_model(
             place.uri, model_uri, spec.tracking.register_as, spec.tracking.alias
         )
-    except BaseException as e:
-        tracking.end_run(place.uri, run_id, error=e)
-        raise
-    tracking.end_run(place.uri, run_id)
     return summarize(spec, place, run_id, result, model_uri, registered or None)
 
 

@@ -703,7 +703,7 @@ def data_passes(
             local_shuffle_seed=pass_seed(n),
         )
 
-    if "train_shards" in job:
+    if job.train_shards is not None:
         from trainyard.pipelines.data.augment import one_pass
 
         shard = job.train_shards[rank]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-STEPS = {"quick": 14, "full": 150}
+STEPS = {"quick": 8, "full": 150}
 WARMUP_STEPS = 5
 
 

@@ -65,7 +65,7 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     from trainyard.pipelines.data.augment import ROW
     from trainyard.pipelines.data.images import as_dataset, decode_batch, train_batch
 
-    n = 2048 if quick else 16384
+    n = 256 if quick else 16384
     repeats = 1 if quick else 3
     paths, labels = image_files(n)
     table = pa.table({"path": paths, "label": labels, ROW: np.arange(n)})

@@ -84,7 +84,7 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     from trainyard.pipelines.training.loop import train_epoch
 
     x, y = digits()
-    n_batches = 24 if quick else 200
+    n_batches = 8 if quick else 200
     repeats = 1 if quick else 3
     loaders = {
         k: torch.utils.data.DataLoader(

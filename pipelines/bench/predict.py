@@ -134,7 +134,7 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     from trainyard.pipelines.jobs import predict
 
     repeats = 1 if quick else 3
-    sizes = {"images": 1024 if quick else 16384, "tabular": 40_000 if quick else 400_000}
+    sizes = {"images": 128 if quick else 16384, "tabular": 4_000 if quick else 400_000}
     scratch = Path(tempfile.mkdtemp(prefix="trainyard-bench-predict-"))
     try:
         uri = f"sqlite:///{scratch / tracking.DEFAULT_DB}"  # its models and runs stay in here

@@ -75,7 +75,7 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     import ray.data
     import torch.multiprocessing as tmp
 
-    rows = make_rows(12_000 if quick else 164_000)
+    rows = make_rows(2_000 if quick else 164_000)
     repeats = 1 if quick else 3
     # One chunk per core for the pools, one Ray Data block (and one batch, one task) per core:
     # per-task overhead, not compute, is what loses with many small blocks.

@@ -9,15 +9,8 @@ import torch
 from torch import nn
 
 from trainyard.pipelines.config.spec import TrainSpec
-from trainyard.pipelines.training.loop import (
-    evaluate,
-    lr_factor,
-    make_scheduler,
-    param_digest,
-    resolve_amp,
-    task_loss,
-    train_epoch,
-)
+from trainyard.pipelines.training.optim import lr_factor, make_scheduler, resolve_amp
+from trainyard.pipelines.training.step import evaluate, param_digest, task_loss, train_epoch
 
 
 def batches(x, y, size):
@@ -131,7 +124,7 @@ def test_amp_resolution():
 
 
 def test_memory_batches_are_a_seeded_permutation_of_every_row():
-    from trainyard.pipelines.training.loop import memory_batches
+    from trainyard.pipelines.training.feed import memory_batches
 
     rows = {"x": torch.arange(10).float().unsqueeze(1), "y": torch.arange(10)}
     first = [b["y"].tolist() for b in memory_batches(rows, 4, seed=7, drop_last=True)]
@@ -148,7 +141,7 @@ def test_memory_batches_are_a_seeded_permutation_of_every_row():
 def test_each_rank_keeps_an_equal_strided_share(ray_cluster):
     import ray.data
 
-    from trainyard.pipelines.training.loop import load_share
+    from trainyard.pipelines.training.feed import load_share
 
     items = [{"x": i, "y": 10 * i} for i in range(11)]
     dataset = ray.data.from_items(items).repartition(3).materialize()  # as training gets it

@@ -20,13 +20,9 @@ from trainyard.pipelines.training.checkpoint import (
     load,
     save,
 )
-from trainyard.pipelines.training.loop import (
-    make_scheduler,
-    param_digest,
-    seed_epoch,
-    task_loss,
-    train_epoch,
-)
+from trainyard.pipelines.training.loop import seed_epoch
+from trainyard.pipelines.training.optim import make_scheduler
+from trainyard.pipelines.training.step import param_digest, task_loss, train_epoch
 
 
 def _batches(rank: int, n: int, poison: int | None) -> list[dict[str, torch.Tensor]]:

@@ -22,14 +22,10 @@ from trainyard.pipelines.data.text import (
     stdlib_files,
     token_dtype,
 )
-from trainyard.pipelines.training.loop import (
-    BatchStream,
-    lr_factor,
-    make_optimizer,
-    task_loss,
-    throughput,
-    unwrap,
-)
+from trainyard.pipelines.training.feed import BatchStream
+from trainyard.pipelines.training.metrics import throughput
+from trainyard.pipelines.training.optim import lr_factor, make_optimizer
+from trainyard.pipelines.training.step import task_loss, unwrap
 
 
 class TwoBytesPerToken:

@@ -36,7 +36,7 @@ def models(device: torch.device, quick: bool):
 
 def step_ms(model, batches, optimizer, scheduler, loss_fn, dtype, steps: int) -> float:
     """Milliseconds per optimizer step of `steps` steps at autocast `dtype` (None: fp32)."""
-    from trainyard.pipelines.training.loop import train_epoch
+    from trainyard.pipelines.training.step import train_epoch
 
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -57,7 +57,8 @@ def step_ms(model, batches, optimizer, scheduler, loss_fn, dtype, steps: int) ->
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     from trainyard.pipelines.config.spec import TrainSpec
-    from trainyard.pipelines.training.loop import make_optimizer, make_scheduler, task_loss
+    from trainyard.pipelines.training.optim import make_optimizer, make_scheduler
+    from trainyard.pipelines.training.step import task_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = 3 if quick else 30

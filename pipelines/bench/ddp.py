@@ -22,7 +22,7 @@ def workload(config: dict[str, Any], wrap) -> dict[str, Any]:
     """Train `config["steps"]` steps; `wrap(model)` makes the model DDP (plain DDP under
     torchrun, ray.train.torch.prepare_model under Ray). Returns rank 0's timings."""
     from trainyard.pipelines.bench.core import repeated
-    from trainyard.pipelines.training.loop import train_epoch
+    from trainyard.pipelines.training.step import train_epoch
 
     torch.set_num_threads(config["threads"])
     rank = dist.get_rank()

@@ -134,7 +134,8 @@ def data_wait(table: pa.Table, options: dict[str, Any], quick: bool) -> Case:
     memory."""
     from trainyard.models import resnet
     from trainyard.pipelines.data.images import as_dataset, decode_batch, train_batch
-    from trainyard.pipelines.training.loop import ahead, train_epoch
+    from trainyard.pipelines.training.feed import ahead
+    from trainyard.pipelines.training.step import train_epoch
 
     torch.manual_seed(0)
     model = resnet(in_channels=1, num_classes=10, depth=10, width=16)

@@ -81,7 +81,7 @@ def consume(batches) -> int:
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
-    from trainyard.pipelines.training.loop import train_epoch
+    from trainyard.pipelines.training.step import train_epoch
 
     x, y = digits()
     n_batches = 8 if quick else 200

@@ -206,7 +206,7 @@ def checked_model(spec: RunSpec, data: Prepared) -> dict[str, Any]:
     import torch
 
     from trainyard.pipelines.config import user
-    from trainyard.pipelines.training import loop
+    from trainyard.pipelines.training.step import training_loss
 
     recipe = user.model_recipe(spec.model, data.facts)
     net = user.build_model(recipe)
@@ -220,7 +220,7 @@ def checked_model(spec: RunSpec, data: Prepared) -> dict[str, Any]:
             torch.tensor(batch[k]).to(getattr(torch, dtypes[k]) if k in dtypes else None)
             for k in ("x", "y")
         )
-        loss_fn = loop.training_loss(data.job.task, spec.train)
+        loss_fn = training_loss(data.job.task, spec.train)
         try:
             with torch.no_grad():
                 loss = loss_fn(net.eval()(x), y)
@@ -567,7 +567,7 @@ def check_resume(
 
 def failure_plan() -> dict[str, Any] | None:
     """TRAINYARD_INJECT_FAILURE=MARKER:EPOCH[:TIMES[:hang]], a testing aid (see
-    loop.inject_failure)."""
+    watchdog.inject_failure)."""
     value = os.environ.get("TRAINYARD_INJECT_FAILURE")
     if not value:
         return None

@@ -30,7 +30,7 @@ class WorkerJob:
     """CPUs each Ray Data task asks for."""
     data: DataFacts
     inject_failure: dict[str, Any] | None = None
-    """A testing aid (loop.inject_failure): when to fail, or hang."""
+    """A testing aid (watchdog.inject_failure): when to fail, or hang."""
     per_epoch: dict[str, Any] | None = None
     """Rows mapped anew every pass: {"fn", "kwargs", "remote_args"} (data.augment)."""
     train_shards: list[Any] | None = None

@@ -1,0 +1,266 @@
+"""The training step and evaluation: plain functions of what they use, testable without Ray.
+
+`train_epoch` runs a set number of optimizer steps (gradient accumulation, AMP, clipping, non-finite
+steps skipped on every rank alike); `evaluate` sums validation metrics over all ranks."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from trainyard.pipelines.config.spec import TrainSpec
+from trainyard.pipelines.config.user import load_callable
+
+
+def task_loss(task: str, label_smoothing: float = 0.0) -> Callable[..., torch.Tensor]:
+    """Cross-entropy on logits for classification and language modelling (logits of any
+    leading shape: (batch, classes) or (batch, time, vocab)), MSE on the scaled target for
+    regression."""
+    if task == "regression":
+        return lambda out, y, reduction="mean": F.mse_loss(out.squeeze(-1), y, reduction=reduction)
+
+    def cross_entropy(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(
+            out.flatten(0, -2).float(),
+            y.flatten(),
+            label_smoothing=label_smoothing,
+            reduction=reduction,
+        )
+
+    return cross_entropy
+
+
+def training_loss(task: str | None, train: TrainSpec) -> Callable[..., torch.Tensor]:
+    """The loss training minimises: the user's (train.loss), else the task's."""
+    if train.loss:
+        return load_callable(train.loss, "train.loss")
+    return task_loss(task, train.label_smoothing)
+
+
+def validation_loss(task: str | None, train: TrainSpec) -> Callable[..., torch.Tensor]:
+    """The validation loss, `fn(out, y, reduction)`: the task's (plain, no label smoothing);
+    with no task, the user's loss (its batch mean, weighted by the batch's rows)."""
+    if task is not None:
+        return task_loss(task)
+    fn = load_callable(train.loss, "train.loss")
+
+    def user_loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        loss = fn(out, y)
+        return loss * len(y) if reduction == "sum" else loss
+
+    return user_loss
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP and torch.compile wrappers (or the model itself)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def param_digest(model: nn.Module) -> str:
+    """A short hash of all parameter values, to check that ranks hold the same model."""
+    h = hashlib.sha256()
+    for p in unwrap(model).parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    samples: int
+    steps: int
+    seconds: float
+    data_seconds: float
+    """Time spent waiting for the next batch."""
+    skipped: int = 0
+    """Optimizer steps skipped: a non-finite loss on some rank, or an fp16 gradient overflow."""
+    nonfinite_run: int = 0
+    """Consecutive steps with a non-finite loss at the end of the epoch."""
+    stopped: bool = False
+    """The loss stayed non-finite for `max_nonfinite` steps: training must stop."""
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+    @property
+    def data_wait_share(self) -> float:
+        return self.data_seconds / self.seconds if self.seconds else 0.0
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on some rank (so that all ranks decide alike)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _grad_norm(model: nn.Module, clip: float | None) -> float:
+    """The global gradient norm, after clipping the gradients to `clip` (when not None)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip is not None:
+        return float(nn.utils.clip_grad_norm_(params, clip))
+    return float(nn.utils.get_total_norm([p.grad for p in params]))
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    *,
+    loss_fn: Callable[..., torch.Tensor],
+    steps: int,
+    accum: int = 1,
+    amp_dtype: torch.dtype | None = None,
+    grad_clip: float | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+    max_nonfinite: int | None = None,
+    nonfinite_run: int = 0,
+) -> EpochStats:
+    """Run exactly `steps` optimizer steps of `accum` micro-batches each and return the stats.
+
+    Gradients are all-reduced only on the last micro-batch of a step (`no_sync` before it).
+    A step whose loss is NaN/inf on any rank is skipped on every rank (no update, no scheduler
+    step); so is an fp16 step whose gradients overflow (GradScaler). After `max_nonfinite`
+    non-finite steps in a row (counting `nonfinite_run` from the previous epoch) the epoch
+    stops early with `stopped` set, on every rank alike. `on_step(step, loss)` is called after
+    each applied optimizer step with the step's last loss.
+    """
+    model.train()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    samples = micro = done = skipped = 0
+    step_finite = True
+    data_seconds = 0.0
+    start = time.perf_counter()
+    iterator = iter(batches)
+    while done < steps:
+        wait = time.perf_counter()
+        batch = next(iterator, None)
+        data_seconds += time.perf_counter() - wait
+        if batch is None:
+            raise RuntimeError(f"data ran out after {done} of {steps} steps")
+        x, y = batch["x"], batch["y"]
+        last = (micro + 1) % accum == 0
+        no_sync = getattr(model, "no_sync", None)
+        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = loss_fn(model(x), y)
+            scaler.scale(loss / accum).backward()
+        finite = bool(torch.isfinite(loss.detach()))
+        step_finite &= finite
+        if finite:
+            loss_sum += loss.detach().float() * len(y)
+            samples += len(y)
+        micro += 1
+        if not last:
+            continue
+        done += 1
+        if scaler.is_enabled():
+            # fp16: overflowing gradients are routine (the scaler skips the step and lowers
+            # its scale), so a NaN/inf loss is agreed on across ranks.
+            poisoned = _any_rank(not step_finite, device)
+        else:
+            # The gradients are all-reduced: a NaN/inf loss on any rank made them non-finite
+            # on every rank, so each rank reaches the same decision without a collective of
+            # its own. (Clipped here, when asked: the norm is computed once.)
+            poisoned = not math.isfinite(_grad_norm(model, grad_clip))
+        if poisoned:
+            # NaN/inf somewhere: the all-reduced gradients are poisoned on every rank.
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            nonfinite_run += 1
+            step_finite = True
+            if max_nonfinite is not None and nonfinite_run >= max_nonfinite:
+                break
+            continue
+        nonfinite_run = 0
+        if grad_clip is not None and scaler.is_enabled():
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scale = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if scale is not None and scaler.get_scale() < scale:
+            skipped += 1  # the scale only drops after an overflow: no update happened
+            continue
+        scheduler.step()
+        if on_step is not None:
+            on_step(done, loss)
+    return EpochStats(
+        loss=float(loss_sum) / max(samples, 1),
+        samples=samples,
+        steps=done,
+        seconds=time.perf_counter() - start,
+        data_seconds=data_seconds,
+        skipped=skipped,
+        nonfinite_run=nonfinite_run,
+        stopped=max_nonfinite is not None and nonfinite_run >= max_nonfinite,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    task: str | None,
+    loss_fn: Callable[..., torch.Tensor],
+    amp_dtype: torch.dtype | None = None,
+    target_std: float = 1.0,
+) -> dict[str, float]:
+    """Validation metrics over the batches of every rank (sums are all-reduced when
+    torch.distributed is initialized). Classification: val_loss, val_accuracy. Language
+    modelling: the same per token (nats; next-token accuracy). Regression: val_loss (scaled
+    target), val_rmse (original units), val_r2. No task (the user's loss): val_loss."""
+    model = unwrap(model)
+    model.eval()
+    device = next(model.parameters()).device
+    # loss, n, correct | loss, n, sse, sum(y), sum(y^2)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    for batch in batches:
+        x, y = batch["x"], batch["y"]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(x)
+        out = out.float()
+        sums[0] += loss_fn(out, y, reduction="sum").double()
+        sums[1] += y.numel() if task is not None else len(y)  # samples, or tokens
+        if task is None:
+            continue
+        if task != "regression":
+            sums[2] += (out.argmax(-1) == y).sum()
+        else:
+            pred = out.squeeze(-1).double()
+            yd = y.double()
+            sums[2] += ((pred - yd) ** 2).sum()
+            sums[3] += yd.sum()
+            sums[4] += (yd**2).sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    loss, n = sums[0].item(), max(sums[1].item(), 1.0)
+    if task is None:
+        return {"val_loss": loss / n}
+    if task != "regression":
+        return {"val_loss": loss / n, "val_accuracy": sums[2].item() / n}
+    sse, total = sums[2].item(), sums[4].item() - sums[3].item() ** 2 / n
+    return {
+        "val_loss": loss / n,
+        "val_rmse": math.sqrt(sse / n) * target_std,
+        "val_r2": 1.0 - sse / total if total > 0 else float("nan"),
+    }

@@ -196,7 +196,7 @@ def free_workers(cpus_per_worker: float) -> int:
     import ray
 
     from trainyard.pipelines.jobs.predict import IO_CPUS
-    from trainyard.pipelines.training.driver import init_ray
+    from trainyard.pipelines.training.session import init_ray
 
     init_ray()  # (as trainyard predict connects)
     free = ray.available_resources().get("CPU", 0.0)

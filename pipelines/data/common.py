@@ -230,3 +230,10 @@ class Pipeline(Protocol):
     def figures(self, spec: Any, prepared: Prepared, net: Any, directory: Any) -> list[Any]:
         """Pictures of the run beyond its curves, written into `directory`: their paths."""
         ...
+
+
+def pipeline_module(spec: Any) -> Pipeline:
+    """The module that implements the spec's pipeline (trainyard.pipelines.data.common.Pipeline)."""
+    import importlib
+
+    return importlib.import_module(f"trainyard.pipelines.data.{spec.pipeline}")

@@ -548,7 +548,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy, DataContext
 
     from trainyard.pipelines import tracking
-    from trainyard.pipelines.training.driver import init_ray
+    from trainyard.pipelines.training.session import init_ray
 
     keep = [c for c in args.keep.split(",") if c]
     if args.batch_size is not None and args.batch_size < 1:

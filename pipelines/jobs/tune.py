@@ -244,7 +244,7 @@ def restart_name(raw: dict[str, Any], name: str, search: dict[str, str]) -> str:
     newest checkpoint; where an interrupted trial left none, that run is closed (KILLED) and
     the trial starts afresh under a new name."""
     from trainyard.pipelines import tracking
-    from trainyard.pipelines.training.driver import latest_checkpoint
+    from trainyard.pipelines.training.resume import latest_checkpoint
 
     run_id = tracking.find_run(search["uri"], raw["tracking"]["experiment"], name)
     if run_id is None or latest_checkpoint(search["storage"], name) is not None:
@@ -263,13 +263,9 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
 
     from trainyard.cluster.resources import cluster_nodes
     from trainyard.pipelines import tracking
-    from trainyard.pipelines.training.driver import (
-        check_code,
-        default_dir,
-        init_ray,
-        read_args_for,
-        storage_path,
-    )
+    from trainyard.pipelines.training.driver import check_code
+    from trainyard.pipelines.training.resume import read_args_for, storage_path
+    from trainyard.pipelines.training.session import default_dir, init_ray
 
     check_code(spec)
     check_search(spec)
@@ -349,7 +345,7 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
 def prepare(spec: RunSpec, plan: Any, read_args: dict[str, Any] | None = None) -> Prepared:
     """The spec's data, prepared for a trial's share of the cluster (each trial checks that it
     holds an optimizer step of its own batch size)."""
-    from trainyard.pipelines.training.driver import pipeline_module
+    from trainyard.pipelines.data.common import pipeline_module
 
     return pipeline_module(spec).prepare(spec, plan.data_task_cpus, plan.num_workers, 1, read_args)
 
@@ -545,11 +541,9 @@ def log_best_model(
     """Log the best trial's model, from its last checkpoint, to its run (trials log none, so
     that a search pays for one model, not one per trial); its URI. `data`: the search's
     prepared data, else the best trial's is prepared again."""
-    from trainyard.pipelines.training.driver import (
-        latest_checkpoint,
-        log_trained_model,
-        pipeline_module,
-    )
+    from trainyard.pipelines.data.common import pipeline_module
+    from trainyard.pipelines.training.driver import log_trained_model
+    from trainyard.pipelines.training.resume import latest_checkpoint
 
     best_spec = RunSpec.from_dict(with_values(spec.to_dict(), best["config"]))
     found = latest_checkpoint(storage, best["run_name"])
@@ -608,7 +602,8 @@ def plot_trials(spec: RunSpec, trials: list[dict], metric: str, path: Path) -> P
 def dry_run(spec: RunSpec, trials: int) -> None:
     """Check the search and print it: on the cluster in RAY_ADDRESS, else on this machine."""
     from trainyard.cluster.resources import cluster_nodes, local_nodes
-    from trainyard.pipelines.training.driver import check_code, init_ray
+    from trainyard.pipelines.training.driver import check_code
+    from trainyard.pipelines.training.session import init_ray
 
     check_code(spec)
     check_search(spec)

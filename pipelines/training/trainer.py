@@ -1,0 +1,279 @@
+"""The TorchTrainer of a run and its bounded wait: DDP workers as the plan says, the datasets,
+failure handling, the worker's job, and `fit`, which ends a run whose workers cannot be
+placed or never take a step."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from trainyard.cluster.resources import short_of, wait_for_free
+from trainyard.pipelines.config.spec import (
+    RunSpec,
+)
+from trainyard.pipelines.data.common import (
+    Prepared,
+)
+from trainyard.pipelines.training.job import WorkerJob
+from trainyard.pipelines.training.resume import Place
+from trainyard.pipelines.training.session import ordered
+
+# Preprocessed splits of at most this size (as stored in Ray's object store) are read once by
+# every worker, which keeps its share in memory; larger data streams from Ray Data every pass.
+CACHE_BYTES = 512 * 1024**2
+
+
+# How often Ray Train's controller collects the workers' reports (Ray's default: 2 s). Each
+# worker's report waits until the previous one is collected, so every epoch shorter than this
+# waits for the controller: digits epochs took ~2 s instead of ~0.1 s. 0.05 s measured best
+# on 2 cores (0.2 s pinned epochs at 0.2 s; 0.02 s cost more CPU than it saved).
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+REPORT_POLL_S = "0.05"
+
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+START_TIMEOUT_S = 120.0
+
+
+AUTOSCALE_START_TIMEOUT_S = 600.0  # cloud nodes take minutes to boot and set up
+
+
+def configure_ray_train(start_timeout_s: float) -> None:
+    """Ray Train's settings that only its environment variables reach (the driver's, passed
+    on to its controller and workers); a value the user exported is kept, except the start
+    timeout, which the spec owns."""
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
+    os.environ[START_TIMEOUT_ENV] = str(start_timeout_s)
+    # The preemption watcher only logs node drains, and costs an actor per run (and a
+    # core_worker error line about its constructor arguments).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def fit(
+    trainer: Any,
+    plan: Any,
+    start_timeout_s: float,
+    first_step_within: float | None,
+    first_step_seen: Callable[[], bool],
+) -> Any:
+    """`trainer.fit()`, watched from here: a worker group that could not be placed in time
+    is reported as what was asked for and what the cluster had free, and a run whose first
+    optimizer step has not come `first_step_within` seconds after fit began (None: no bound;
+    `first_step_seen()` says whether it came) raises NoFirstStep. fit runs in a thread, since
+    Ray's wait cannot be interrupted; after NoFirstStep the caller must end the process."""
+    import ray
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    from trainyard.cluster.resources import format_resources
+    from trainyard.cluster.state import ray_state
+
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="trainer.fit", daemon=True).start()
+    deadline = first_step_within and time.monotonic() + first_step_within
+    while not done.wait(1.0):
+        if deadline and time.monotonic() > deadline:
+            if first_step_seen():
+                deadline = None
+            else:
+                raise NoFirstStep(
+                    f"no optimizer step finished within {first_step_within:g} s of starting "
+                    "the workers (scaling.start_timeout_s + train.stall_timeout_s); Ray's "
+                    "state:\n" + ray_state()
+                )
+    error = outcome.get("error")
+    if isinstance(error, ControllerError) and isinstance(
+        error.controller_failure, WorkerGroupStartupTimeoutError
+    ):
+        asked = plan.worker_resources()
+        free = ray.available_resources()
+        free = format_resources({k: free.get(k, 0.0) for k in ("CPU", *asked)}, zeros=True)
+        raise WorkersNotPlaced(
+            f"the {plan.num_workers} training worker(s) ({format_resources(asked)} each) "
+            "could not be placed "
+            f"within {start_timeout_s:g} s (scaling.start_timeout_s); free on the cluster "
+            f"now: {free}. Other jobs may hold the resources: wait for them, "
+            "or ask for fewer workers"
+        ) from None
+    if error is not None:
+        raise error
+    return outcome["result"]
+
+
+def waiting_notice(plan: Any, start_timeout_s: float) -> str | None:
+    """A line saying that the workers do not fit in what the cluster has free now (they wait
+    for other jobs, or for the autoscaler, up to start_timeout_s), or None."""
+
+    from trainyard.cluster.resources import format_resources
+
+    needed = {k: v * plan.num_workers for k, v in plan.worker_resources().items()}
+    # Ray's view of free resources lags the data's last tasks by up to a second.
+    free = wait_for_free(needed, timeout_s=1.5)
+    short = short_of(needed, free)
+    if not short:
+        return None
+    want = format_resources(short)
+    have = format_resources({k: free.get(k, 0.0) for k in short}, zeros=True)
+    for_what = "the autoscaler to add nodes" if plan.needs_new_nodes else "the workers' resources"
+    return (
+        f"trainyard: waiting up to {start_timeout_s:g} s for {for_what} ({want}; free now: {have})"
+    )
+
+
+def cache_shards(data: Prepared) -> bool:
+    """Whether the preprocessed splits that the workers read as they are (not the training
+    rows mapped anew every pass) are small enough for them to keep in memory."""
+    size = data.validation.size_bytes()
+    if data.per_epoch is None:
+        size += data.train.size_bytes()
+    return size <= CACHE_BYTES
+
+
+class TrainingStopped(Exception):
+    """Training stopped itself (its reason is in the MLflow run)."""
+
+
+class WorkersNotPlaced(Exception):
+    """The cluster did not place the training workers within scaling.start_timeout_s."""
+
+
+class NoFirstStep(Exception):
+    """No optimizer step came in time; Ray's wait for the run cannot be interrupted."""
+
+
+def failure_plan() -> dict[str, Any] | None:
+    """TRAINYARD_INJECT_FAILURE=MARKER:EPOCH[:TIMES[:hang]], a testing aid (see
+    watchdog.inject_failure)."""
+    value = os.environ.get("TRAINYARD_INJECT_FAILURE")
+    if not value:
+        return None
+    marker, epoch, *rest = value.split(":")
+    return {
+        "marker": marker,
+        "epoch": int(epoch),
+        "times": int(rest[0]) if rest else 1,
+        "hang": rest[1:] == ["hang"],
+    }
+
+
+def make_trainer(
+    spec: RunSpec,
+    plan: Any,
+    data: Prepared,
+    job: WorkerJob,
+    place: Place,
+    callbacks: tuple[Any, ...] = (),
+) -> Any:
+    """The TorchTrainer: DDP workers as the plan says, the datasets, failure handling."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from trainyard.pipelines.training.loop import train_loop_per_worker
+
+    max_failures = spec.scaling.max_failures
+    if max_failures is None:
+        max_failures = 2 if len(plan.nodes.cpus) > 1 else 0
+    datasets = {"validation": data.validation}
+    if data.per_epoch is None:  # else each rank gets its own shard, mapped anew every pass
+        datasets["train"] = data.train
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.to_dict(), "job": job.to_dict()},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.num_workers,
+            use_gpu=spec.scaling.use_gpu,
+            resources_per_worker=plan.worker_resources(),
+            placement_strategy=plan.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=place.run_name,
+            storage_path=place.storage,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            # A worker group that cannot be placed within start_timeout_s fails the run
+            # (Ray's default retries it forever).
+            failure_config=ray.train.FailureConfig(
+                max_failures=max_failures, controller_failure_limit=0
+            ),
+            callbacks=list(callbacks),
+        ),
+        datasets=datasets,
+        # The same rows to the same rank in the same order every epoch, on every run:
+        # what makes a resumed run continue exactly as an uninterrupted one.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[] if job.cache_shards else list(datasets),
+            execution_options=ordered(),
+        ),
+    )
+
+
+def steps_per_epoch(spec: RunSpec, plan: Any, data: Prepared) -> int:
+    """train.steps_per_epoch, else the optimizer steps of one pass over each worker's share."""
+    rows_per_step = spec.micro_batch_size * spec.accum_steps
+    return spec.train.steps_per_epoch or data.num_train // plan.num_workers // rows_per_step
+
+
+def schedule_steps(spec: RunSpec, steps: int, place: Place) -> int:
+    """The learning-rate schedule's length in optimizer steps: epochs × steps per epoch, or,
+    for a run continued from a checkpoint, the length it was trained with (so a raised
+    train.epochs goes on from the schedule's end: no jump in the learning rate)."""
+    if place.resumed and place.resumed.schedule_steps:
+        return place.resumed.schedule_steps
+    return steps * spec.train.epochs
+
+
+def worker_job(
+    spec: RunSpec, plan: Any, data: Prepared, recipe: dict[str, Any], run_id: str, place: Place
+) -> WorkerJob:
+    """What every worker gets besides the spec: the pipeline's facts, the model's recipe, the
+    MLflow run, the plan's threads, how the data reaches the workers."""
+    steps = steps_per_epoch(spec, plan, data)
+    per_epoch = shards = None
+    if data.per_epoch is not None:
+        from trainyard.pipelines.data.augment import rank_shards
+
+        per_epoch = {
+            "fn": data.per_epoch.fn,
+            "kwargs": data.per_epoch.kwargs,
+            "remote_args": data.per_epoch.remote_args,
+        }
+        shards = rank_shards(data.per_epoch.rows, plan.num_workers, plan.data_task_cpus)
+    return WorkerJob(
+        run_id=run_id,
+        tracking_uri=place.uri,
+        model=recipe,
+        torch_threads=plan.torch_threads,
+        steps_per_epoch=steps,
+        schedule_steps=schedule_steps(spec, steps, place),
+        cache_shards=cache_shards(data),
+        num_train=data.num_train,
+        num_validation=data.num_validation,
+        data_task_cpus=plan.data_task_cpus,
+        data=data.job,
+        inject_failure=failure_plan(),
+        per_epoch=per_epoch,
+        train_shards=shards,
+    )
+
+
+def start_timeout(spec: RunSpec, plan: Any) -> float:
+    return spec.scaling.start_timeout_s or (
+        AUTOSCALE_START_TIMEOUT_S if plan.needs_new_nodes else START_TIMEOUT_S
+    )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from trainyard.cluster.errors import SpecError
+from trainyard.cluster.errors import SpecError, TrainyardError
 from trainyard.cluster.errors import check as _check
 
 MIN_DATA_CPUS = 0.5
@@ -375,3 +375,82 @@ def local_nodes() -> Nodes:
     except ImportError:
         pass
     return Nodes(cpus=(float(os.cpu_count() or 1),), gpus=(float(gpus),))
+
+
+# --- shares of the cluster: trials of a search, actor pools ------------------------------------
+
+TRIAL_MIN_WORKER_CPUS = 0.5
+"""The least CPU `max_concurrent: auto` gives a trial's worker: more trials at once than that
+allows only make every trial slower."""
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    trials: int
+    """Trials at once."""
+    plan: ResourcePlan
+    """Each trial's resource plan, on its share of the cluster."""
+
+    @property
+    def share(self) -> float:
+        return 1 / self.trials
+
+
+def plan_trials(
+    scaling: ScalingSpec, nodes: Nodes, trials: int, max_concurrent: int | str
+) -> Concurrency:
+    """How many trials of a search run at once, and each one's resources: `max_concurrent`
+    (tune.max_concurrent), or (auto) as many as give each trial's workers at least
+    scaling.cpus_per_worker (else TRIAL_MIN_WORKER_CPUS) with Ray Data's share kept, and never
+    more than the trials."""
+    if max_concurrent != "auto":
+        share = nodes.scaled(1 / max_concurrent)
+        try:
+            return Concurrency(max_concurrent, plan_resources(scaling, share))
+        except SpecError as e:
+            raise SpecError(
+                f"tune.max_concurrent: {max_concurrent} trials at once leave each "
+                f"{nodes.total_cpus / max_concurrent:.3g} CPU(s) of the cluster's "
+                f"{nodes.total_cpus:g}: {e}"
+            ) from None
+    least = scaling.cpus_per_worker or TRIAL_MIN_WORKER_CPUS
+    best = None
+    for k in range(1, trials + 1):
+        try:
+            plan = plan_resources(scaling, nodes.scaled(1 / k))
+        except SpecError:
+            break
+        if plan.cpus_per_worker + 1e-9 < least:
+            break
+        best = Concurrency(k, plan)
+    if best is None:  # not even one trial fits: the same error a plain run gives
+        plan_resources(scaling, nodes)
+        raise AssertionError("unreachable")
+    return best
+
+
+def plan_actors(
+    total: dict[str, float],
+    workers: int | None,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    keep_cpus: float,
+) -> int:
+    """The actors of a pool (trainyard predict) on a cluster of `total` resources: `workers`,
+    else one per CPU (per GPU share with GPUs), `keep_cpus` kept for the tasks that read and
+    write. Refused when they would leave those no CPU: the pool would wait forever."""
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    if gpus_per_worker and gpus < gpus_per_worker:
+        raise TrainyardError(
+            f"--gpus-per-worker {gpus_per_worker:g}: the cluster has {gpus:g} GPU(s)"
+        )
+    if workers is None:
+        workers = int(min(cpus, (cpus - keep_cpus) // cpus_per_worker))
+        if gpus_per_worker:
+            workers = min(workers, int(gpus // gpus_per_worker))
+    if workers < 1 or workers * cpus_per_worker > cpus - keep_cpus:
+        raise TrainyardError(
+            f"--workers {workers} x --cpus-per-worker {cpus_per_worker:g} leaves no CPU of the "
+            f"cluster's {cpus:g} to read and write with (they need {keep_cpus:g}); use fewer"
+        )
+    return workers

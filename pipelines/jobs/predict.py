@@ -491,26 +491,12 @@ def read_table_file(batch: Any, filesystem: Any, fmt: str) -> Any:
 
 
 def plan_workers(workers: int | None, cpus_per_worker: float, gpus_per_worker: float) -> int:
-    """The actors to start: `workers`, else one per CPU (per GPU share with GPUs). Refused when
-    they would leave reading and writing no CPU: the run would wait forever."""
+    """The actors to start (cluster.resources.plan_actors), IO_CPUS kept to read and write."""
     import ray
 
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
-    if gpus_per_worker and gpus < gpus_per_worker:
-        raise TrainyardError(
-            f"--gpus-per-worker {gpus_per_worker:g}: the cluster has {gpus:g} GPU(s)"
-        )
-    if workers is None:
-        workers = int(min(cpus, (cpus - IO_CPUS) // cpus_per_worker))
-        if gpus_per_worker:
-            workers = min(workers, int(gpus // gpus_per_worker))
-    if workers < 1 or workers * cpus_per_worker > cpus - IO_CPUS:
-        raise TrainyardError(
-            f"--workers {workers} x --cpus-per-worker {cpus_per_worker:g} leaves no CPU of the "
-            f"cluster's {cpus:g} to read and write with (they need {IO_CPUS:g}); use fewer"
-        )
-    return workers
+    from trainyard.cluster.resources import plan_actors
+
+    return plan_actors(ray.cluster_resources(), workers, cpus_per_worker, gpus_per_worker, IO_CPUS)
 
 
 def wait_for_room(cpus: float, gpus: float, timeout_s: float) -> None:

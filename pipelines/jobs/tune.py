@@ -23,10 +23,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainyard.cluster.resources import Concurrency, plan_trials
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines.config.spec import (
     RunSpec,
@@ -38,9 +38,6 @@ from trainyard.pipelines.config.spec import (
 from trainyard.pipelines.data.common import Prepared, ray_cause
 from trainyard.pipelines.training.driver import add_spec_arguments
 
-TRIAL_MIN_WORKER_CPUS = 0.5
-"""The least CPU `max_concurrent: auto` gives a trial's worker: more trials at once than that
-allows only make every trial slower."""
 FIXED_SECTIONS = ("scaling", "tracking", "tune")
 """Sections a search may not vary: each trial's resources and tracking are planned before it."""
 
@@ -144,47 +141,9 @@ def param_space(spec: RunSpec) -> dict[str, Any]:
     return space
 
 
-@dataclass(frozen=True)
-class Concurrency:
-    trials: int
-    """Trials at once."""
-    plan: Any
-    """Each trial's resource plan, on its share of the cluster."""
-
-    @property
-    def share(self) -> float:
-        return 1 / self.trials
-
-
 def plan_concurrency(spec: RunSpec, trials: int, nodes: Any) -> Concurrency:
-    """How many trials run at once, and each one's resources: `tune.max_concurrent`, or (auto)
-    as many as give each trial's workers at least scaling.cpus_per_worker (else
-    TRIAL_MIN_WORKER_CPUS) with Ray Data's share kept, and never more than the trials."""
-    from trainyard.cluster.resources import plan_resources
-
-    wanted = spec.tune.max_concurrent
-    if wanted != "auto":
-        try:
-            return Concurrency(wanted, plan_resources(spec.scaling, nodes.scaled(1 / wanted)))
-        except SpecError as e:
-            raise SpecError(
-                f"tune.max_concurrent: {wanted} trials at once leave each "
-                f"{nodes.total_cpus / wanted:.3g} CPU(s) of the cluster's {nodes.total_cpus:g}: {e}"
-            ) from None
-    least = spec.scaling.cpus_per_worker or TRIAL_MIN_WORKER_CPUS
-    best = None
-    for k in range(1, trials + 1):
-        try:
-            plan = plan_resources(spec.scaling, nodes.scaled(1 / k))
-        except SpecError:
-            break
-        if plan.cpus_per_worker + 1e-9 < least:
-            break
-        best = Concurrency(k, plan)
-    if best is None:  # not even one trial fits: the same error a plain run gives
-        plan_resources(spec.scaling, nodes)
-        raise AssertionError("unreachable")
-    return best
+    """How many trials run at once, and each one's resources (cluster.resources.plan_trials)."""
+    return plan_trials(spec.scaling, nodes, trials, spec.tune.max_concurrent)
 
 
 def describe(spec: RunSpec, trials: int, concurrency: Concurrency) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import zlib
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +29,31 @@ def keyed_hash(values: np.ndarray, *key: int) -> np.ndarray:
     for part in key:
         k = mix64(k ^ np.uint64(part & 0xFFFFFFFFFFFFFFFF))
     return mix64(np.asarray(values).astype(np.uint64) ^ k)
+
+
+def decode_images(
+    items: Iterable[Any],
+    read: Callable[[Any], bytes],
+    size: tuple[int, int],
+    mode: str,
+    refuse: Callable[[Any, str], str] | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """Each of `items` read (`read(item)`: its bytes) and decoded as `decode_image` does: the
+    images as uint8 (n, h, w, c) and the positions of the items that decoded. An item that does
+    not decode raises ValueError(refuse(item, error)) — the one line the caller's user reads —
+    or, with `refuse` None, is left out (skipped)."""
+    images, kept = [], []
+    for i, item in enumerate(items):
+        try:
+            images.append(decode_image(read(item), size, mode))
+        except Exception as e:
+            if refuse is not None:
+                raise ValueError(refuse(item, f"{type(e).__name__}: {e}")) from None
+            continue
+        kept.append(i)
+    channels = 3 if mode == "RGB" else 1
+    stacked = np.stack(images) if images else np.zeros((0, *size, channels), dtype=np.uint8)
+    return stacked, kept
 
 
 def derive_seed(seed: int, what: str, *parts: int) -> int:

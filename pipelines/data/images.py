@@ -23,7 +23,7 @@ from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines.config.spec import ImageDataSpec, RunSpec
 from trainyard.pipelines.data.arrays import (
     crop_flip,
-    decode_image,
+    decode_images,
     derive_seed,
     normalize,
 )
@@ -63,21 +63,20 @@ def decode_batch(
 ) -> dict[str, np.ndarray]:
     """Rows {"path", "label", ...} → {"image": uint8 (n, h, w, c), "label", ...}: each file read
     and decoded; one that does not decode raises, naming it, or (`skip`) is left out."""
-    images, keep = [], []
-    for i, path in enumerate(batch["path"]):
-        try:
-            with filesystem.open_input_file(path) as f:
-                images.append(decode_image(f.readall(), size, mode))
-            keep.append(i)
-        except Exception as e:
-            if not skip:
-                raise ValueError(
-                    f"data.path: {path} does not decode as an image ({type(e).__name__}: {e}); "
-                    "fix or remove it, or set data.on_bad_rows=skip"
-                ) from None
-    channels = 3 if mode == "RGB" else 1
+
+    def read(path: str) -> bytes:
+        with filesystem.open_input_file(path) as f:
+            return f.readall()
+
+    def refuse(path: str, error: str) -> str:
+        return (
+            f"data.path: {path} does not decode as an image ({error}); fix or remove it, or set "
+            "data.on_bad_rows=skip"
+        )
+
+    images, keep = decode_images(batch["path"], read, size, mode, None if skip else refuse)
     out = {k: v[keep] for k, v in batch.items() if k != "path"}
-    out["image"] = np.stack(images) if images else np.zeros((0, *size, channels), dtype=np.uint8)
+    out["image"] = images
     return out
 
 

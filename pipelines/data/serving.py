@@ -219,15 +219,22 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def decode(self, model_input: pd.DataFrame) -> np.ndarray:
         """The images as uint8 (n, h, w, c)."""
-        from trainyard.pipelines.data.arrays import decode_image
+        from trainyard.pipelines.data.arrays import decode_images
 
         column, values = sources(model_input, "image")
-        images = []
-        for item in values:
-            if column == "path" or isinstance(item, str):
-                item = read_bytes(item)
-            images.append(decode_image(bytes(item), self.size, self.mode))
-        return np.stack(images)
+
+        def read(item: Any) -> bytes:
+            return read_bytes(item) if column == "path" or isinstance(item, str) else bytes(item)
+
+        def refuse(item: Any, error: str) -> str:
+            what = item if isinstance(item, str) else f"an image of {len(bytes(item))} bytes"
+            return f"Incompatible input types for column {column}: {what} does not decode ({error})"
+
+        try:
+            images, _ = decode_images(values, read, self.size, self.mode, refuse)
+        except ValueError as e:
+            raise refused(str(e)) from None
+        return images
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Decoded images (uint8 (n, h, w, c)) normalized and through the network (on its

@@ -292,27 +292,29 @@ def predict_images(model: Any, batch: pd.DataFrame, skip_bad: bool) -> tuple[lis
     training, then classified: the positions of the rows that decoded, and their predictions
     (with the `path` where the rows have one). An image that does not decode raises, naming
     it, or (`skip_bad`) is left out."""
-    from trainyard.pipelines.data.arrays import decode_image
+    from trainyard.pipelines.data.arrays import decode_images
     from trainyard.pipelines.data.serving import read_bytes
 
     has_bytes = "image" in batch
-    images, kept = [], []
-    for i, value in enumerate(batch["image" if has_bytes else "path"]):
-        try:
-            data = value if has_bytes else read_bytes(value)
-            images.append(decode_image(data, model.size, model.mode))
-            kept.append(i)
-        except Exception as e:
-            if not skip_bad:
-                what = f"an `image` value of {len(value or b'')} bytes" if has_bytes else value
-                raise ValueError(
-                    f"DATA: {what} does not decode as an image ({type(e).__name__}: {e}); "
-                    "fix or remove it, or pass --on-bad-rows skip"
-                ) from None
+
+    def refuse(value: Any, error: str) -> str:
+        what = f"an `image` value of {len(value or b'')} bytes" if has_bytes else value
+        return (
+            f"DATA: {what} does not decode as an image ({error}); fix or remove it, or pass "
+            "--on-bad-rows skip"
+        )
+
+    images, kept = decode_images(
+        batch["image" if has_bytes else "path"],
+        (lambda value: value) if has_bytes else read_bytes,
+        model.size,
+        model.mode,
+        None if skip_bad else refuse,
+    )
     out = pd.DataFrame({"path": batch["path"].iloc[kept].to_numpy()}) if "path" in batch else None
-    if not images:
+    if not kept:
         return kept, out if out is not None else pd.DataFrame()
-    predicted = labelled(model.logits(np.stack(images)), model.classes)
+    predicted = labelled(model.logits(images), model.classes)
     return kept, predicted if out is None else pd.concat([out, predicted], axis=1)
 
 

@@ -43,10 +43,8 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/trainyard train $(CONFIG)
 
-# Two test processes, each with its own local Ray cluster, a test file at a time: most of the
-# suite waits (process and worker start-up, timeouts it checks), so two share two cores well.
 test: setup
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest
 
 bench: setup
 	$(BIN)/trainyard bench all

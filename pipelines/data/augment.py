@@ -70,7 +70,8 @@ def plan(train: Any, ref: str | None) -> Any:
     """The PerEpoch of a user's augmentation `ref` over the training rows (None: none)."""
     from trainyard.pipelines.data.common import PerEpoch
 
-    return PerEpoch(train, "augment:augment_batch", {"ref": ref}) if ref else None
+    fn = "trainyard.pipelines.data.augment:augment_batch"
+    return PerEpoch(train, fn, {"ref": ref}) if ref else None
 
 
 def one_pass(

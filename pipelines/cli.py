@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from trainyard.cluster.errors import TrainyardError
 from trainyard.cluster.secrets import redact_text
-from trainyard.pipelines.config.spec import TrainyardError
 from trainyard.pipelines.training import driver
 
 

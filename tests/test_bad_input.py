@@ -12,7 +12,7 @@ import pytest
 from conftest import train_command as main
 from mlflow.tracking import MlflowClient
 
-from trainyard.pipelines.config.spec import DataSpec
+from trainyard.pipelines.config.data import DataSpec
 from trainyard.pipelines.data.tabular import read_raw
 
 ROOT = Path(__file__).resolve().parent.parent

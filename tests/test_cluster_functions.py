@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from trainyard.cluster import auth, jobs
+from trainyard.cluster.errors import TrainyardError
 from trainyard.cluster.shared import is_local
-from trainyard.pipelines.config.spec import TrainyardError
 from trainyard.pipelines.tracking import local_store_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,8 +133,8 @@ def test_a_jobs_api_that_does_not_answer_is_an_error_in_bounded_time():
 
     import pytest
 
+    from trainyard.cluster.errors import TrainyardError
     from trainyard.cluster.jobs import check_answers
-    from trainyard.pipelines.config.spec import TrainyardError
 
     with socket.socket() as silent:  # accepts connections, never answers
         silent.bind(("127.0.0.1", 0))

@@ -104,7 +104,7 @@ def test_a_few_steps_learn_a_repeating_sequence_and_greedy_generation_continues_
 
 @pytest.mark.gpu
 def test_bf16_compiled_fused_adamw_step_on_gpu():
-    from trainyard.pipelines.config.spec import TrainSpec
+    from trainyard.pipelines.config.train import TrainSpec
     from trainyard.pipelines.training.optim import make_optimizer
 
     torch.manual_seed(0)

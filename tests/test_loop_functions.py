@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainyard.pipelines.config.spec import TrainSpec
+from trainyard.pipelines.config.train import TrainSpec
 from trainyard.pipelines.training.optim import lr_factor, make_scheduler, resolve_amp
 from trainyard.pipelines.training.step import evaluate, param_digest, task_loss, train_epoch
 

@@ -11,8 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from trainyard.cluster.errors import SpecError
 from trainyard.cluster.local import free_port
-from trainyard.pipelines.config.spec import SpecError, TrainSpec
+from trainyard.pipelines.config.train import TrainSpec
 from trainyard.pipelines.config.user import build_model
 from trainyard.pipelines.training.checkpoint import (
     CheckpointError,

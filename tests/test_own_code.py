@@ -21,8 +21,9 @@ import pytest
 from conftest import pyfunc_elsewhere
 from conftest import train_command as main
 
+from trainyard.cluster.errors import SpecError
 from trainyard.pipelines.config import user
-from trainyard.pipelines.config.spec import SpecError, UserModelSpec
+from trainyard.pipelines.config.model import UserModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "own-code"

@@ -1,7 +1,13 @@
 import pytest
 
-from trainyard.cluster.resources import AUTOSCALING_CONFIG_ENV, Nodes, addable_nodes, plan_resources
-from trainyard.pipelines.config.spec import ScalingSpec, SpecError
+from trainyard.cluster.errors import SpecError
+from trainyard.cluster.resources import (
+    AUTOSCALING_CONFIG_ENV,
+    Nodes,
+    ScalingSpec,
+    addable_nodes,
+    plan_resources,
+)
 
 
 def test_two_workers_on_two_cpus_leave_cpu_for_data():

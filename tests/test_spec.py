@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from trainyard.pipelines.config.spec import RunSpec, SpecError, apply_override, load_spec
+from trainyard.cluster.errors import SpecError
+from trainyard.pipelines.config.spec import RunSpec, apply_override, load_spec
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from trainyard.cluster.errors import SpecError
 from trainyard.cluster.hardware import peak_flops
-from trainyard.pipelines.config.spec import SpecError, TrainSpec
+from trainyard.pipelines.config.train import TrainSpec
 from trainyard.pipelines.data.common import DataError, DataFacts
 from trainyard.pipelines.data.text import (
     ByteTokenizer,

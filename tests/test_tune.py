@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from trainyard.cluster.errors import SpecError
 from trainyard.cluster.resources import Nodes
 from trainyard.pipelines import cli
-from trainyard.pipelines.config.spec import SpecError, load_spec
+from trainyard.pipelines.config.spec import load_spec
 from trainyard.pipelines.jobs.tune import (
     check_search,
     objective,

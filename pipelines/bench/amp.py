@@ -56,7 +56,7 @@ def step_ms(model, batches, optimizer, scheduler, loss_fn, dtype, steps: int) ->
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
-    from trainyard.pipelines.config.spec import TrainSpec
+    from trainyard.pipelines.config.train import TrainSpec
     from trainyard.pipelines.training.optim import make_optimizer, make_scheduler
     from trainyard.pipelines.training.step import task_loss
 

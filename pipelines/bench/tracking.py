@@ -15,7 +15,7 @@ from trainyard.pipelines.bench.core import Case, alternate, repeated
 
 def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
     from trainyard.pipelines import tracking
-    from trainyard.pipelines.config.spec import TrainSpec
+    from trainyard.pipelines.config.train import TrainSpec
     from trainyard.pipelines.training.step import train_epoch
 
     every = TrainSpec().log_every_steps

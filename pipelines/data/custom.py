@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from trainyard.cluster.errors import SpecError
 from trainyard.pipelines.config import user
-from trainyard.pipelines.config.spec import RunSpec, SpecError
+from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.data import augment
 from trainyard.pipelines.data.common import (
     DataError,

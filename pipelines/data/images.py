@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from trainyard.cluster.secrets import redact_text
-from trainyard.pipelines.config.spec import ImageDataSpec, RunSpec
+from trainyard.pipelines.config.data import ImageDataSpec
+from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.data.arrays import (
     crop_flip,
     decode_images,

@@ -20,7 +20,8 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from trainyard.pipelines.config.spec import DataSpec, RunSpec
+from trainyard.pipelines.config.data import DataSpec
+from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.data import augment
 from trainyard.pipelines.data.common import (
     DataError,

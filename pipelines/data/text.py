@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from trainyard.pipelines.config.spec import RunSpec, TextDataSpec
+from trainyard.pipelines.config.data import TextDataSpec
+from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.data.arrays import derive_seed
 from trainyard.pipelines.data.common import DataError, DataFacts, Prepared, resolve_files
 from trainyard.pipelines.data.split import below, key_hashes
@@ -249,7 +250,7 @@ def prepare(
     built-in GPT, FLOPs per token for MFU; the unigram entropy that the validation loss is
     printed beside)."""
     from trainyard.models.gpt import flops_per_token, num_params
-    from trainyard.pipelines.config.spec import GPTSpec
+    from trainyard.pipelines.config.model import GPTSpec
 
     data = build_datasets(spec, task_cpus, num_workers, rows_per_step, read_args)
     print(

@@ -9,7 +9,7 @@ import argparse
 import sys
 import tempfile
 
-from trainyard.pipelines.config.spec import TrainyardError
+from trainyard.cluster.errors import TrainyardError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from trainyard.pipelines.config.spec import TrainyardError
+from trainyard.cluster.errors import TrainyardError
 from trainyard.pipelines.data.common import (
     DataError,
     errors_reported_here,

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 from trainyard.cluster import jobs
+from trainyard.cluster.errors import TrainyardError
 from trainyard.cluster.secrets import redact_override
 from trainyard.pipelines.config.overrides import holds_credentials, overrides_package
-from trainyard.pipelines.config.spec import TrainyardError, load_spec
+from trainyard.pipelines.config.spec import load_spec
 from trainyard.pipelines.training.driver import add_spec_arguments, check_code
 
 

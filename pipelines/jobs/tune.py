@@ -26,15 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from trainyard.cluster.errors import SpecError, TrainyardError
 from trainyard.cluster.resources import Concurrency, plan_trials
 from trainyard.cluster.secrets import redact_text
-from trainyard.pipelines.config.spec import (
-    RunSpec,
-    SpecError,
-    TrainyardError,
-    load_spec,
-    set_dotted,
-)
+from trainyard.pipelines.config.spec import RunSpec, load_spec, set_dotted
 from trainyard.pipelines.data.common import Prepared, ray_cause
 from trainyard.pipelines.training.driver import add_spec_arguments
 

@@ -131,7 +131,7 @@ def register_model(uri: str, model_uri: str, name: str, alias: str | None = None
     import mlflow
     from mlflow import MlflowClient
 
-    from trainyard.pipelines.config.spec import TrainyardError
+    from trainyard.cluster.errors import TrainyardError
 
     try:
         with fluent(uri):
@@ -185,7 +185,7 @@ def fetch_model(model_uri: str, uri: str, into: str | Path, trust: bool = False)
     from mlflow.exceptions import MlflowException
 
     from trainyard.cluster import signing
-    from trainyard.pipelines.config.spec import TrainyardError
+    from trainyard.cluster.errors import TrainyardError
 
     try:
         with fluent(uri):

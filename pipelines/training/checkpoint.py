@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainyard.pipelines.config.spec import TrainyardError
+from trainyard.cluster.errors import TrainyardError
 
 FORMAT = 2
 CHECKPOINT_FILE = "state.pt"

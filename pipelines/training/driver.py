@@ -19,13 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainyard.cluster.errors import SpecError
 from trainyard.cluster.secrets import redact_text
-from trainyard.pipelines.config.spec import (
-    RunSpec,
-    SpecError,
-    UserModelSpec,
-    load_spec,
-)
+from trainyard.pipelines.config.model import UserModelSpec
+from trainyard.pipelines.config.spec import RunSpec, load_spec
 from trainyard.pipelines.data.common import (
     Pipeline,
     Prepared,

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from trainyard.pipelines.config.spec import TrainSpec
+from trainyard.pipelines.config.train import TrainSpec
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:

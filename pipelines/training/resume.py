@@ -12,12 +12,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from trainyard.cluster.errors import SpecError, TrainyardError
 from trainyard.cluster.secrets import redact, redact_text
-from trainyard.pipelines.config.spec import (
-    RunSpec,
-    SpecError,
-    TrainyardError,
-)
+from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.data.common import (
     open_fs,
     pipeline_module,

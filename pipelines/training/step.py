@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from trainyard.pipelines.config.spec import TrainSpec
+from trainyard.pipelines.config.train import TrainSpec
 from trainyard.pipelines.config.user import load_callable
 
 

@@ -11,9 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from trainyard.cluster.resources import short_of, wait_for_free
-from trainyard.pipelines.config.spec import (
-    RunSpec,
-)
+from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.data.common import (
     Prepared,
 )

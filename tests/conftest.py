@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
+import threading
 
 import pytest
 
@@ -102,3 +104,76 @@ print(json.dumps(outs))
 """
     outs = json.loads(python_elsewhere(script, cwd))
     return outs[0] if isinstance(read, str) else outs
+
+
+@pytest.fixture
+def storage(tmp_path) -> str:
+    return str(tmp_path / "results")
+
+
+LAST = ("test_fault_tolerance", "test_bench")
+
+
+def pytest_collection_modifyitems(items):
+    """Run the tests that kill nodes and drivers of the shared cluster, then the benchmark (many
+    Ray Train and Ray Data runs of its own), last, so that nothing they leave behind in Ray
+    (dead nodes, aborted runs) can disturb the other tests."""
+
+    def order(item) -> int:
+        name = item.module.__name__.rsplit(".", 1)[-1]
+        return LAST.index(name) + 1 if name in LAST else 0
+
+    items.sort(key=order)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item, settings):
+    """pytest-timeout's own timer (SIGALRM) never fires inside `ray.get`, which does not
+    return to Python while it waits: a thread does the timing instead. A test still running
+    at its timeout prints Ray's state and every thread's stack, then ends the session (exit
+    1), so that a hang costs minutes, never CI's hour."""
+    if not settings.timeout:
+        return None
+    timer = threading.Timer(settings.timeout, _timed_out, args=(item, settings.timeout))
+    timer.daemon = True
+    timer.start()
+    item.stash[_TIMER] = timer
+    return True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_cancel_timer(item):
+    timer = item.stash.get(_TIMER, None)
+    if timer is not None:
+        timer.cancel()
+    return True
+
+
+_TIMER = pytest.StashKey[threading.Timer]()
+
+
+def _timed_out(item, seconds: float) -> None:
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=True)
+    out = sys.stderr
+    out.write(f"\n+++ {item.nodeid} still running after {seconds:g} s (pytest timeout) +++\n")
+    try:
+        from trainyard.cluster.state import ray_state
+
+        out.write("Ray's state:\n" + ray_state() + "\n")
+    except Exception as e:  # the state API may hang-proof fail; the stacks matter more
+        out.write(f"(Ray's state unavailable: {e})\n")
+    out.write("Every thread's stack:\n")
+    out.flush()
+    faulthandler.dump_traceback(file=out, all_threads=True)
+    out.flush()
+    os._exit(1)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")

@@ -8,10 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from trainyard.cluster.resources import wait_for_free
-from trainyard.pipelines.data.common import (
-    quiet_ray_data,
-)
+from trainyard.pipelines.data.common import quiet_ray_data, settle
 
 
 def init_ray() -> None:
@@ -36,7 +33,7 @@ def init_ray() -> None:
         # Just after connecting, this process may not have the cluster's resource view yet:
         # Ray Data would warn that the cluster "does not have any available CPUs" (and that
         # the job will hang) when it has. Wait for the view, briefly.
-        wait_for_free({"CPU": 1e-6}, timeout_s=5)
+        settle(timeout_s=5)
     quiet_ray_data()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -10,6 +10,9 @@ import threading
 
 import pytest
 
+# Runs that several files read, trained once per session (tests/shared_runs.py).
+pytest_plugins = ["shared_runs"]
+
 # Models logged by the tests are signed with a key of the session's, never the developer's
 # ~/.trainyard/model.key (subprocesses inherit it; the README's blocks make their own).
 os.environ.setdefault("TRAINYARD_MODEL_KEY", os.urandom(16).hex())

@@ -1,15 +1,16 @@
 """Surviving failures on the local 3-node cluster: a worker node killed mid-run, a failure raised
-inside the loop, more failures than allowed, and a killed driver resumed with --resume. Each run
-must finish (or fail) as one MLflow run whose per-epoch metrics have one point per epoch, and a
-resumed run must end bit-identical to one that was never interrupted."""
+inside the loop, and a killed driver resumed with --resume. Each run must finish (or fail) as one
+MLflow run whose per-epoch metrics have one point per epoch, and a resumed run must end
+bit-identical to one that was never interrupted: the session's `digits_straight` and `text_run`
+(tests/shared_runs.py). (More failures than allowed: test_never_hang's stalled worker.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -18,15 +19,15 @@ import pytest
 import torch
 from conftest import train_command as main
 from mlflow.tracking import MlflowClient
+from shared_runs import FAST, FAULTS, TEXT, TEXT_SPEC
 
 from trainyard.pipelines.training.checkpoint import TrainingState, load
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "digits.yaml")
-EXPERIMENT = "test-faults"
-FAST = ["train.log_every_steps=1000", "tracking.log_model=false"]
+EXPERIMENT = FAULTS
 # Epochs of a few seconds, so that a node or the driver can be killed in the middle of a run.
-SLOW = FAST + ["model.hidden=[1024, 1024]", "train.batch_size=16"]
+SLOW = [*FAST, "model.hidden=[1024, 1024]", "train.batch_size=16"]
 
 
 def args(out: Path, name: str, epochs: int, *overrides: str, config: str = CONFIG) -> list[str]:
@@ -104,12 +105,10 @@ def assert_one_clean_run(tracking_uri: str, name: str, epochs: int) -> object:
     return run
 
 
-@pytest.fixture(scope="module")
-def straight(ray_cluster, tracking_uri, tmp_path_factory) -> Path:
-    """The reference: 4 epochs, never interrupted."""
-    out = tmp_path_factory.mktemp("straight")
-    assert main(args(out, "straight", 4, *FAST)) == 0
-    return out
+@pytest.fixture
+def straight(digits_straight) -> Path:
+    """The reference: 4 epochs, never interrupted (its directory)."""
+    return digits_straight["out"]
 
 
 def test_a_failure_inside_the_loop_resumes_exactly(straight, tracking_uri, tmp_path, monkeypatch):
@@ -129,48 +128,19 @@ def test_a_failure_inside_the_loop_resumes_exactly(straight, tracking_uri, tmp_p
         assert curve == [m.value for m in client.get_metric_history(reference.info.run_id, key)]
 
 
-TEXT = str(ROOT / "configs" / "stdlib-gpt-tiny.yaml")
-# A small GPT on ~170 KB of the standard library; epochs of 7 steps end in the middle of a pass.
-TEXT_SMALL = [
-    f"data.path={sysconfig.get_paths()['stdlib']}/[jc]*/*.py",
-    "data.validation_windows=32",
-    "model.context=32",
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "train.steps_per_epoch=7",
-    "train.batch_size=16",
-    *FAST,
-]
-
-
 def test_a_text_run_resumes_in_the_middle_of_a_pass_exactly(
-    ray_cluster, tracking_uri, tmp_path, monkeypatch
+    text_run, tracking_uri, tmp_path, monkeypatch
 ):
     """The data position in the checkpoint: after a failure in epoch 2 the stream replays pass
     1 up to epoch 1's last batch and goes on, so the run ends as the uninterrupted one."""
-    straight_out, injected_out = tmp_path / "straight", tmp_path / "injected"
-    assert main(args(straight_out, "text-straight", 3, *TEXT_SMALL, config=TEXT)) == 0
     monkeypatch.setenv("TRAINYARD_INJECT_FAILURE", f"{tmp_path / 'marker'}:2")
-    overrides = (*TEXT_SMALL, "scaling.max_failures=1")
-    assert main(args(injected_out, "text-injected", 3, *overrides, config=TEXT)) == 0
+    overrides = (*TEXT_SPEC, *FAST, "scaling.max_failures=1")
+    assert main(args(tmp_path, "text-injected", 3, *overrides, config=TEXT)) == 0
     assert (tmp_path / "marker").read_text() == "1"
-    assert final_state(injected_out, "text-injected").data_position == (1, 21)
-    assert_same_training(
-        final_state(straight_out, "text-straight"), final_state(injected_out, "text-injected")
-    )
+    assert final_state(tmp_path, "text-injected").data_position == (1, 36)  # 3 epochs × 12
+    assert_same_training(load(text_run["checkpoint"]), final_state(tmp_path, "text-injected"))
     run = assert_one_clean_run(tracking_uri, "text-injected", 3)
     assert run.data.tags["trainyard.restarts"] == "1"
-
-
-def test_more_failures_than_allowed_fail_the_run(ray_cluster, tracking_uri, tmp_path, monkeypatch):
-    # max_failures + 1 failures, with max_failures = 0: the first failure ends the run.
-    monkeypatch.setenv("TRAINYARD_INJECT_FAILURE", f"{tmp_path / 'marker'}:1:2")
-    assert main(args(tmp_path, "too-many", 2, *FAST, "scaling.max_failures=0")) == 1
-    assert (tmp_path / "marker").read_text() == "1"
-    (run,) = runs_named(tracking_uri, "too-many")
-    assert run.info.status == "FAILED"
-    assert "injected failure 1/2" in run.data.tags["error"]
 
 
 def test_a_killed_worker_node_costs_minutes_not_the_run(ray_cluster, tracking_uri, tmp_path):
@@ -263,10 +233,13 @@ def test_resume_refuses_what_would_change_the_computation(straight, tracking_uri
     assert epoch_steps(tracking_uri, run.info.run_id) == [1, 2, 3, 4]  # untouched
 
 
-def test_resume_refuses_a_corrupt_checkpoint(straight, tracking_uri):
-    state = Path(json.loads((straight / "straight.json").read_text())["checkpoint"]) / "state.pt"
+def test_resume_refuses_a_corrupt_checkpoint(straight, tracking_uri, tmp_path):
+    copy = tmp_path / "results"  # (the reference's own checkpoints stay as they are)
+    shutil.copytree(straight / "results", copy)
+    newest = Path(json.loads((straight / "straight.json").read_text())["checkpoint"])
+    state = copy / newest.relative_to(straight / "results") / "state.pt"
     state.write_bytes(state.read_bytes()[:100])  # as if cut short mid-write
-    rc = main(args(straight, "straight", 6, *FAST) + ["--resume", "straight"])
+    rc = main(args(tmp_path, "straight", 6, *FAST) + ["--resume", "straight"])
     assert rc == 2  # a clear error, never a silent fresh start
     (run,) = runs_named(tracking_uri, "straight")
     assert epoch_steps(tracking_uri, run.info.run_id) == [1, 2, 3, 4]

@@ -5,22 +5,19 @@ config's path (token budget, gradient accumulation) shrunk to run on CPU."""
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import pyfunc_elsewhere, train
 from mlflow.tracking import MlflowClient
+from shared_runs import SMALL_CORPUS
 
 from trainyard.pipelines import cli
 from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.data.text import build_datasets, split_files
 
 ROOT = Path(__file__).resolve().parent.parent
-STDLIB = sysconfig.get_paths()["stdlib"]
-# ~130 KB of real code: json, email's header modules and a few more.
-SMALL_CORPUS = f"{STDLIB}/[jc]*/*.py"
 
 
 def test_windows_never_cross_the_split(ray_cluster, tmp_path):
@@ -56,21 +53,10 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-@pytest.fixture(scope="module")
-def tiny_run(ray_cluster, tracking_uri, tmp_path_factory) -> dict:
-    return train(
-        ROOT / "configs" / "stdlib-gpt-tiny.yaml",
-        tmp_path_factory.mktemp("gpt-tiny"),
-        f"data.path={SMALL_CORPUS}",
-        "data.validation_windows=64",
-        "model.context=64",
-        "train.epochs=3",
-        "train.steps_per_epoch=12",
-        "train.batch_size=16",
-        "train.log_every_steps=6",
-        "scaling.placement_strategy=SPREAD",
-        "tracking.experiment=test-gpt-tiny",
-    )
+@pytest.fixture
+def tiny_run(text_run) -> dict:
+    """The tiny config, shrunk: 3 epochs of 12 steps (tests/shared_runs.py)."""
+    return text_run
 
 
 def test_tiny_config_trains_loss_falls_one_run_with_tokens_per_second(tiny_run, tracking_uri):

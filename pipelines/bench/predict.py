@@ -155,8 +155,8 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
 
             def ours(kind: str = kind) -> None:
                 args = predict_args(uris[kind], scratch / kind, scratch / f"out-{next(outs)}", uri)
-                if quick:  # a smoke run, maybe on a shared cluster: the actors that fit now
-                    args.workers = free_workers(args.cpus_per_worker)
+                if quick:  # a smoke run, maybe on a shared cluster: one actor
+                    args.workers = 1
                 predict.predict(args)
 
             contenders = {
@@ -188,19 +188,6 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
         return cases
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def free_workers(cpus_per_worker: float) -> int:
-    """Actors of `cpus_per_worker` that the CPUs free now hold beside the reading and writing
-    tasks (at least one): what a smoke run asks for where other work still holds CPUs."""
-    import ray
-
-    from trainyard.pipelines.jobs.predict import IO_CPUS
-    from trainyard.pipelines.training.session import init_ray
-
-    init_ray()  # (as trainyard predict connects)
-    free = ray.available_resources().get("CPU", 0.0)
-    return max(1, int((free - IO_CPUS) // cpus_per_worker))
 
 
 def predict_args(model: str, data: Path, out: Path, uri: str) -> argparse.Namespace:

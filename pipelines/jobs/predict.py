@@ -79,7 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("parquet", "csv"), default="parquet")
     parser.add_argument("--batch-size", type=int, help="rows per model call")
     parser.add_argument(
-        "--workers", type=int, help="actors, each with the model (default: one per CPU)"
+        "--workers",
+        type=int,
+        help="actors, each with the model (default: one per CPU, at most one per block of input)",
     )
     parser.add_argument(
         "--cpus-per-worker",
@@ -411,11 +413,12 @@ def input_files(kind: str | None, data: str) -> tuple[list[str], Any, bool]:
     return files, fs, all(f.endswith(DATA_EXTENSIONS) for f in files)
 
 
-def read_input(data: str, job: Job) -> tuple[Any, int | None]:
+def read_input(data: str, job: Job) -> tuple[Any, int | None, int]:
     """DATA as a Ray Dataset of the rows the actors take (a column `path` of files, or the
-    rows of CSV/Parquet files), and how many rows that is: files are counted, Parquet rows
-    from the files' footers, CSV rows only for image models (their rows may be skipped, and
-    such a table holds paths), else None."""
+    rows of CSV/Parquet files); how many rows that is: files are counted, Parquet rows from the
+    files' footers, CSV rows only for image models (their rows may be skipped, and such a
+    table holds paths), else None; and into how many blocks it comes, at most (the most
+    actors that can work at once)."""
     import pyarrow.dataset as pads
     import ray.data
 
@@ -427,7 +430,8 @@ def read_input(data: str, job: Job) -> tuple[Any, int | None]:
             raise DataError(f"--keep: {data} is files, not a table; there are no columns to keep")
         blocks = max(1, min(len(files) // 512, 200))
         parts = np.array_split(files, blocks)
-        return ray.data.from_pandas([pd.DataFrame({"path": part}) for part in parts]), len(files)
+        ds = ray.data.from_pandas([pd.DataFrame({"path": part}) for part in parts])
+        return ds, len(files), blocks
     fmt = file_format(files, "auto")
     check_columns(data, sample_schema(files, fs, fmt)[0], job)
     # Each file read by a task of its own that holds IO_CPUS: Ray Data's readers first list
@@ -441,7 +445,18 @@ def read_input(data: str, job: Job) -> tuple[Any, int | None]:
         num_cpus=IO_CPUS,
     )
     counted = fmt == "parquet" or job.kind == "images"
-    return ds, pads.dataset(files, filesystem=fs, format=fmt).count_rows() if counted else None
+    total = pads.dataset(files, filesystem=fs, format=fmt).count_rows() if counted else None
+    return ds, total, table_blocks(files, fs)
+
+
+def table_blocks(files: list[str], fs: Any) -> int:
+    """The blocks that reading `files` (a task each) gives at most: Ray Data cuts a task's
+    output into blocks of at most DataContext.target_max_block_size (the file's size on disk
+    standing in for its size in memory)."""
+    from ray.data import DataContext
+
+    limit = DataContext.get_current().target_max_block_size or float("inf")
+    return sum(1 + int(info.size // limit) for info in fs.get_file_info(files))
 
 
 def check_columns(data: str, schema: Any, job: Job) -> None:
@@ -563,7 +578,9 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     failure = None
     try:
-        ds, total = read_input(args.data, job)
+        ds, total, blocks = read_input(args.data, job)
+        if args.workers is None:  # more actors than blocks would only start and wait
+            workers = min(workers, blocks)
         counter = ray.remote(num_cpus=0)(Counter).remote()
         predicted = ds.map_batches(
             Predictor,

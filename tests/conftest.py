@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import json
 import logging
 import os
 import sys
@@ -55,8 +56,6 @@ def train_command(argv: list[str]) -> int:
 def train(config, out, *overrides: str) -> dict:
     """`trainyard train CONFIG` with `--set` overrides and checkpoints under `out`; asserts it
     succeeded and returns its --summary."""
-    import json
-
     summary = out / "summary.json"
     overrides = (f"scaling.storage_path={out / 'results'}", *overrides)
     rc = train_command(
@@ -66,23 +65,71 @@ def train(config, out, *overrides: str) -> dict:
     return json.loads(summary.read_text())
 
 
+# A process that has imported what every "elsewhere" check imports first, and nothing of
+# trainyard's or of any project's: each check runs in a child forked from it (a fresh process,
+# less ~4 CPU-s of imports), in its own directory. Started on first use, ended with the session.
+ELSEWHERE = r"""
+import json, os, sys, traceback
+import mlflow, mlflow.pyfunc, numpy, pandas, torch
+assert not [m for m in sys.modules if m.split(".")[0] == "trainyard"], "trainyard imported"
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.chdir(job["cwd"])  # ("" on sys.path, as for any `python -c`, is this directory)
+            for fd, path in ((1, job["out"]), (2, job["err"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            exec(compile(job["script"], "<elsewhere>", "exec"), {"__name__": "__main__"})
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+_elsewhere: list = []
+
+
 def python_elsewhere(script: str, cwd) -> str:
     """Run `script` in a fresh Python process in `cwd` (a directory with none of a project's
-    modules), without PYTHONPATH, as a user loading a logged model would; assert that it
+    modules), without PYTHONPATH, as a user loading a logged model would (forked from a
+    process that imported only mlflow, numpy, pandas and torch: ELSEWHERE); assert that it
     succeeded and return its last line of output."""
+    import select
     import subprocess
+    import tempfile
+    from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
+    if not _elsewhere:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        home = tempfile.mkdtemp(prefix="trainyard-elsewhere-")
+        server = subprocess.Popen(
+            [sys.executable, "-c", ELSEWHERE],
+            cwd=home,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        _elsewhere.append(server)
+    server = _elsewhere[0]
+    out, err = Path(cwd) / ".elsewhere.out", Path(cwd) / ".elsewhere.err"
+    job = {"script": script, "cwd": str(cwd), "out": str(out), "err": str(err)}
+    server.stdin.write(json.dumps(job) + "\n")
+    server.stdin.flush()
+    ready, _, _ = select.select([server.stdout], [], [], 300)
+    assert ready, f"no answer in 300 s from the elsewhere process: {err.read_text()[-3000:]}"
+    code = int(server.stdout.readline() or -1)
+    assert code == 0, err.read_text()[-3000:] if err.exists() else "the elsewhere process ended"
+    return out.read_text().strip().splitlines()[-1]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for server in _elsewhere:
+        server.kill()
 
 
 def pyfunc_elsewhere(tracking_uri: str, model_uri: str, read: str | list[str], cwd) -> list:
@@ -90,8 +137,6 @@ def pyfunc_elsewhere(tracking_uri: str, model_uri: str, read: str | list[str], c
     `cwd`, `rows` being what the Python expression `read` gives (plain pandas: `pd`), as
     plain values: one per row, or a list of them. With a list of expressions, the model is
     loaded once and predicts each: a list of their outputs."""
-    import json
-
     cwd.mkdir(parents=True, exist_ok=True)
     reads = [read] if isinstance(read, str) else read
     script = f"""

@@ -147,7 +147,7 @@ def test_a_killed_worker_node_costs_minutes_not_the_run(ray_cluster, tracking_ur
     result = {}
     thread = threading.Thread(
         target=lambda: result.update(
-            rc=main(args(tmp_path, "node-kill", 4, *SLOW, "scaling.max_failures=1"))
+            rc=main(args(tmp_path, "node-kill", 2, *SLOW, "scaling.max_failures=1"))
         )
     )
     thread.start()
@@ -162,8 +162,8 @@ def test_a_killed_worker_node_costs_minutes_not_the_run(ray_cluster, tracking_ur
     ray_cluster.add_node(num_cpus=1)  # the replacement an autoscaler would bring
     thread.join(timeout=600)
     assert result.get("rc") == 0
-    run = assert_one_clean_run(tracking_uri, "node-kill", 4)
-    assert final_state(tmp_path, "node-kill").epoch == 4
+    run = assert_one_clean_run(tracking_uri, "node-kill", 2)
+    assert final_state(tmp_path, "node-kill").epoch == 2
     tags = run.data.tags
     resumed_after = int(tags["trainyard.restart.1"].split()[2])
     print(
@@ -180,7 +180,7 @@ def test_a_killed_driver_is_resumed_in_the_same_run(ray_cluster, tracking_uri, t
             sys.executable,
             "-m",
             "trainyard.pipelines.train",
-            *args(tmp_path, "driver-kill", 4, *SLOW),
+            *args(tmp_path, "driver-kill", 2, *SLOW),
         ],
         cwd=ROOT,
         env=env,
@@ -193,8 +193,8 @@ def test_a_killed_driver_is_resumed_in_the_same_run(ray_cluster, tracking_uri, t
     finally:
         driver.kill()
         driver.wait()
-    assert main(args(tmp_path, "driver-kill", 4, *SLOW) + ["--resume", "driver-kill"]) == 0
-    run = assert_one_clean_run(tracking_uri, "driver-kill", 4)
+    assert main(args(tmp_path, "driver-kill", 2, *SLOW) + ["--resume", "driver-kill"]) == 0
+    run = assert_one_clean_run(tracking_uri, "driver-kill", 2)
     assert run.info.run_id == run_id
     assert int(run.data.tags["trainyard.restart.1"].split()[2]) >= 1
 

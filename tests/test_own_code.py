@@ -212,18 +212,11 @@ def test_own_dataset_model_loss_and_augment_resume_exactly(
     pixels = load_digits().data[:300].astype(np.float32) / 16
     rows = pd.DataFrame(pixels, columns=[f"p{i}" for i in range(64)]).assign(id=range(300))
     rows.to_csv(tmp_path / "rows.csv", index=False)
+    from trainyard.pipelines import cli
+
     out = tmp_path / "predicted"
-    env = {"RAY_ADDRESS": ray_cluster.address, "MLFLOW_TRACKING_URI": tracking_uri}
-    predict = [str(BIN / "trainyard"), "predict", straight["model_uri"], str(tmp_path / "rows.csv")]
-    proc = subprocess.run(
-        [*predict, "--keep", "id", "--out", str(out)],
-        cwd=project,
-        env=os.environ | env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    predict = ["predict", straight["model_uri"], str(tmp_path / "rows.csv")]
+    assert cli.main([*predict, "--keep", "id", "--out", str(out)]) == 0  # (from the project)
     predicted = pd.read_parquet(out)
     mlflow.set_tracking_uri(tracking_uri)
     logits = mlflow.pyfunc.load_model(straight["model_uri"]).predict(pixels.reshape(-1, 1, 8, 8))

@@ -24,6 +24,7 @@ def test_run_lifecycle_and_rank_zero_logging(tmp_path):
     tracking.RankZeroLogger(uri, run_id, rank=1).metrics({"loss": 1.0}, step=1)
     zero = tracking.RankZeroLogger(uri, run_id, rank=0)
     zero.metrics({"loss": 0.5, "bad": math.nan}, step=1)
+    zero.flush()
     tracking.end_run(uri, run_id)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"train.lr": "0.1"}

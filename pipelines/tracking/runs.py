@@ -232,8 +232,11 @@ def log_batch(
 
 class RankZeroLogger:
     """Logs metrics and tags to the job's run from rank 0; does nothing on other ranks.
-    Metrics are written asynchronously (the training step does not wait for the store) until
-    `flush`.
+
+    On rank 0 every call is queued to one thread of its own, which creates the MLflow client
+    (importing MLflow and opening the store: seconds) and makes the calls in order: none of it
+    is on the way to the first step, and a step never waits for the store. `flush` waits until
+    everything queued so far is stored, and raises what failed meanwhile.
 
     A run resumed from a checkpoint recomputes the epochs after it, some of which it may have
     logged before the failure: a metric step already in the run is never logged again, so each
@@ -242,73 +245,103 @@ class RankZeroLogger:
 
     def __init__(self, uri: str, run_id: str, rank: int):
         self.run_id = run_id
-        self.client = mlflow_client(uri) if rank == 0 else None
+        self.active = rank == 0
         self._last_step: dict[str, int] = {}
-        self._pending: list[Any] = []
+        self._restarted = False
+        self._failed: BaseException | None = None
+        if self.active:
+            import queue
+            import threading
 
-    @property
-    def active(self) -> bool:
-        return self.client is not None
+            self._queue: queue.Queue = queue.Queue()
+            threading.Thread(
+                target=self._serve, args=(uri,), name="mlflow-logger", daemon=True
+            ).start()
 
-    def _logged_through(self, key: str) -> int:
-        if key not in self._last_step:
-            history = self.client.get_metric_history(self.run_id, key)
-            self._last_step[key] = max((m.step for m in history), default=-1)
-        return self._last_step[key]
+    def _serve(self, uri: str) -> None:
+        client = None
+        while True:
+            call = self._queue.get()
+            try:
+                client = client or mlflow_client(uri)
+                call(client)
+            except BaseException as e:  # kept for flush, which raises it on the training thread
+                self._failed = self._failed or e
 
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        import math
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [
-            Metric(k, float(v), now, step)
-            for k, v in values.items()
-            if math.isfinite(float(v)) and step > self._logged_through(k)
-        ]
-        for metric in batch:
-            self._last_step[metric.key] = step
-        if batch:
-            # Written by MLflow's background thread while training goes on; `flush` waits.
-            self._pending.append(
-                self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
-            )
+    def _later(self, call) -> None:
+        if self.active:
+            self._queue.put(call)
 
     def flush(self) -> None:
-        """Wait until every metric logged so far is stored (before each checkpoint, so that a
-        run resumed from it never misses a metric of the epochs before it)."""
-        pending, self._pending = self._pending, []
-        for operation in pending:
-            operation.wait()
+        """Wait until every call so far is stored (before each checkpoint, so that a run
+        resumed from it never misses a metric of the epochs before it); raise what failed."""
+        if not self.active:
+            return
+        import threading
+
+        done = threading.Event()
+        self._queue.put(lambda client: done.set())
+        done.wait()
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        import math
+
+        now = int(time.time() * 1000)
+        values = {k: float(v) for k, v in values.items() if math.isfinite(float(v))}
+        self._later(lambda client: self._log_metrics(client, values, step, now))
+
+    def _log_metrics(self, client: Any, values: dict[str, float], step: int, now: int) -> None:
+        from mlflow.entities import Metric
+
+        batch = []
+        for key, value in values.items():
+            if key not in self._last_step:
+                history = client.get_metric_history(self.run_id, key)
+                self._last_step[key] = max((m.step for m in history), default=-1)
+            if step > self._last_step[key]:
+                self._last_step[key] = step
+                batch.append(Metric(key, value, now, step))
+        if batch:
+            client.log_batch(self.run_id, metrics=batch)
 
     def tags(self, values: dict[str, str]) -> None:
-        if self.client is not None:
-            from mlflow.entities import RunTag
+        values = dict(values)
+        self._later(lambda client: self._log_tags(client, values))
 
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
+    def _log_tags(self, client: Any, values: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
 
-    def started_before(self) -> bool:
-        """Whether an earlier attempt of this run already trained (its first step is tagged)."""
-        return "trainyard.first_step_at" in self.client.get_run(self.run_id).data.tags
+        client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
 
-    def restarted(self, from_epoch: int) -> int:
-        """Record a (re)start from the checkpoint of `from_epoch`; return the restart count."""
-        import time
+    def started(self, checkpoint_epoch: int | None) -> None:
+        """This attempt starts, from the checkpoint of `checkpoint_epoch` (None: from the
+        start). A start after a checkpoint, or after an earlier attempt that trained (its
+        first step is tagged), is a restart: counted and tagged with when and from where."""
+        self._later(lambda client: self._record_start(client, checkpoint_epoch, time.time()))
 
-        tags = self.client.get_run(self.run_id).data.tags
+    def _record_start(self, client: Any, checkpoint_epoch: int | None, at: float) -> None:
+        tags = client.get_run(self.run_id).data.tags
+        self._restarted = checkpoint_epoch is not None or "trainyard.first_step_at" in tags
+        if not self._restarted:
+            return
+        after = checkpoint_epoch or 0
         count = int(tags.get("trainyard.restarts", 0)) + 1
-        self.tags(
-            {
-                "trainyard.restarts": count,
-                f"trainyard.restart.{count}": f"after epoch {from_epoch} at {time.time():.3f}",
-            }
-        )
-        self.metrics({"restarted_after_epoch": from_epoch}, step=count)
-        return count
+        when = f"after epoch {after} at {at:.3f}"
+        self._log_tags(client, {"trainyard.restarts": count, f"trainyard.restart.{count}": when})
+        self._log_metrics(client, {"restarted_after_epoch": after}, count, int(at * 1000))
+        logging.getLogger("trainyard").info(f"restart {count}: resuming after epoch {after}")
+
+    def first_step(self, at: float) -> None:
+        """This attempt's first optimizer step finished at `at` (a restart's: resumed_step_at)."""
+
+        def tag(client: Any) -> None:
+            key = "resumed_step_at" if self._restarted else "first_step_at"
+            self._log_tags(client, {f"trainyard.{key}": f"{at:.3f}"})
+
+        self._later(tag)
 
 
 def log_artifact(uri: str, run_id: str, path: str | Path) -> None:

@@ -81,7 +81,6 @@ class Worker:
     """Where the data stream of epochs of a set number of steps stands: (pass, batches taken)."""
     elapsed: float = 0.0
     """Training seconds before this start (from the checkpoint)."""
-    restarted: bool = False
     peak: float | None = None
     """The device's peak FLOP/s, for MFU (GPUs only)."""
 
@@ -157,8 +156,8 @@ def distribute(w: Worker) -> None:
 
 
 def resume(w: Worker, checkpoint: Any) -> None:
-    """Continue from `checkpoint` (None: from the start), and record a restart in MLflow (after
-    a failure, or the same run submitted again, with or without a checkpoint)."""
+    """Continue from `checkpoint` (None: from the start); the logger records a restart in
+    MLflow (after a failure, or the same run submitted again, with or without a checkpoint)."""
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = checkpoints.load(d)
@@ -169,10 +168,7 @@ def resume(w: Worker, checkpoint: Any) -> None:
         w.first_epoch = state.epoch + 1
         w.position = state.data_position or w.position
         w.elapsed = state.elapsed
-    w.restarted = w.log.active and (checkpoint is not None or w.log.started_before())
-    if w.restarted:
-        restarts = w.log.restarted(from_epoch=w.first_epoch - 1)
-        logger.info(f"restart {restarts}: resuming after epoch {w.first_epoch - 1}")
+    w.log.started(w.first_epoch - 1 if checkpoint is not None else None)
 
 
 def data_passes(
@@ -361,6 +357,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
         if result.stopped:  # the same decision on every rank: all leave the loop together
             message = stop_message(nonfinite_run, epoch)
             w.log.tags({STOPPED_TAG: message})  # for people; the driver reads the return value
+            w.log.flush()
             logger.error(message)
             watchdog.stop()
             return {"stopped": message}
@@ -381,9 +378,8 @@ def step_logger(
 
     def on_step(step: int, loss: torch.Tensor) -> None:
         watchdog.beat()
-        if step == 1 and epoch == w.first_epoch and w.log.active:
-            key = "resumed_step_at" if w.restarted else "first_step_at"
-            w.log.tags({f"trainyard.{key}": f"{time.time():.3f}"})
+        if step == 1 and epoch == w.first_epoch:
+            w.log.first_step(time.time())
         if step % tr.log_every_steps == 0 and w.log.active:
             value = loss.item()
             logger.info(

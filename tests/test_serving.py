@@ -23,9 +23,7 @@ def log(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     def logged(model, example, metadata):
-        run = mlflow.MlflowClient(uri).create_run(
-            mlflow.MlflowClient(uri).create_experiment("serving")
-        )
+        run = mlflow.MlflowClient(uri).create_run(tracking.experiment_id(uri, "serving"))
         model_uri = tracking.log_model(uri, run.info.run_id, model, example, metadata)
         with tracking.fluent(uri):
             return mlflow.pyfunc.load_model(model_uri)

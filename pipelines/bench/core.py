@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -115,6 +118,23 @@ def best(values: dict[str, list[float]], prefix: str) -> str:
     return max(
         (c for c in values if c.startswith(prefix)), key=lambda c: statistics.median(values[c])
     )
+
+
+def torchrun(workers: int, module: str, *args: str, threads: int = 1) -> None:
+    """`python -m torch.distributed.run` of `module` on this machine, as a user starts a plain
+    DDP script. The standalone rendezvous binds its store to a free port itself (a port picked
+    beforehand can be taken by then); a failure raises with the script's own last words."""
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+            *(f"--nproc_per_node={workers}", "-m", module, *args),
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"OMP_NUM_THREADS": str(threads)},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun {module} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
 
 
 def timed(fn: Callable[[], Any]) -> float:

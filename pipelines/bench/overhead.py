@@ -15,15 +15,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from trainyard.pipelines.bench.core import Case, alternate
+from trainyard.pipelines.bench.core import Case, alternate, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAIN, WARM, COLD = "plain torchrun script", "trainyard, running cluster", "trainyard, cold start"
 
 
 def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
-    from trainyard.cluster.local import free_port
-
     # A round is three whole runs: --quick runs one round of two epochs (the fewest that have
     # a per-epoch time), without the cold start (a whole new Ray).
     epochs = 2 if quick else 40
@@ -44,16 +42,7 @@ def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
     def plain() -> float:
         out = tmp / f"plain-{uuid.uuid4().hex[:6]}.json"
         launch = time.time()
-        subprocess.run(
-            [
-                *(sys.executable, "-m", "torch.distributed.run"),
-                *(f"--nproc_per_node={workers}", f"--master_port={free_port()}"),
-                *("-m", "trainyard.pipelines.bench.plain_digits", str(out), str(epochs)),
-            ],
-            check=True,
-            capture_output=True,
-            env=os.environ | {"OMP_NUM_THREADS": "1"},
-        )
+        torchrun(workers, "trainyard.pipelines.bench.plain_digits", str(out), str(epochs))
         result = json.loads(out.read_text())
         ends = result["epoch_ends"]
         return record(PLAIN, launch, result["first_step_at"], (ends[-1] - ends[0]) / (epochs - 1))

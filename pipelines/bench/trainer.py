@@ -5,9 +5,6 @@ the time from launch to the first finished step."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -16,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from trainyard.pipelines.bench import core
 from trainyard.pipelines.bench.core import Case, alternate
 from trainyard.pipelines.bench.ddp import STEPS, WARMUP_STEPS
 
@@ -25,7 +23,6 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from trainyard.cluster.local import free_port
     from trainyard.pipelines.bench.ddp import ray_loop
     from trainyard.pipelines.training.trainer import START_TIMEOUT_S, configure_ray_train
 
@@ -42,25 +39,9 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
 
     def torchrun() -> float:
         out = tmp / f"torchrun-{uuid.uuid4().hex[:6]}.json"
-        env = os.environ | {"OMP_NUM_THREADS": str(threads)}
         launch = time.time()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                f"--nproc_per_node={workers}",
-                f"--master_port={free_port()}",
-                "-m",
-                "trainyard.pipelines.bench.ddp",
-                str(out),
-                str(steps),
-                str(threads),
-            ],
-            check=True,
-            capture_output=True,
-            env=env,
-        )
+        args = (str(out), str(steps), str(threads))
+        core.torchrun(workers, "trainyard.pipelines.bench.ddp", *args, threads=threads)
         return _record(out, launch, startup["torchrun"])
 
     def ray_train() -> float:

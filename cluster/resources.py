@@ -30,7 +30,16 @@ class ScalingSpec:
     """The `scaling` part of a run spec: how many workers, on what, placed how."""
 
     num_workers: int = 2
-    """Training workers (DDP ranks)."""
+    """Training workers (data-parallel ranks)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """`ddp`: every worker holds the whole model, gradients and optimizer state. `fsdp`: each
+    holds 1/num_workers of them (FSDP2), for models too big for one device."""
+    blocks: list[str] | None = None
+    """Class names of the model's repeated blocks (FSDP's units, and activation checkpointing's).
+    None: the model's `_no_split_modules` (built-in models and Hugging Face's declare them), else
+    the modules of its `nn.ModuleList`s."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them."""
     use_gpu: bool = False
     cpus_per_worker: float | None = None
     """CPUs each training worker reserves; None lets the resource plan leave CPUs for Ray Data."""
@@ -56,6 +65,12 @@ class ScalingSpec:
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, "an integer >= 1")
+        _check(
+            self.blocks is None or (len(self.blocks) > 0 and all(self.blocks)),
+            "scaling.blocks",
+            self.blocks,
+            "a list of module class names, or null",
+        )
         _check(
             self.max_failures is None or self.max_failures >= 0,
             "scaling.max_failures",

@@ -126,6 +126,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Token ids (batch, time) in, next-token logits (batch, time, vocab) out."""
 
+    _no_split_modules = ["Block"]  # its repeated blocks (what FSDP shards one at a time)
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config

@@ -20,6 +20,8 @@ class MLPConfig:
 class MLP(nn.Module):
     """Linear → ReLU → Dropout blocks, then a linear head. Inputs are standardized features."""
 
+    _no_split_modules = ["Linear"]  # its repeated blocks (what FSDP shards one at a time)
+
     def __init__(self, config: MLPConfig):
         super().__init__()
         self.config = config

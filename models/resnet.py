@@ -51,6 +51,8 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """Images (n, channels, height, width) → class logits (n, num_classes)."""
 
+    _no_split_modules = ["BasicBlock"]  # its repeated blocks (what FSDP shards one at a time)
+
     def __init__(self, config: ResNetConfig):
         super().__init__()
         self.config = config

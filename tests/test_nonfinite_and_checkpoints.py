@@ -125,10 +125,10 @@ def _write_as_is(directory, plain: dict) -> None:
 
 def test_checkpoints_name_their_format_and_older_ones_still_load(tmp_path):
     """A checkpoint says its format; one written before it had a name (format 1: the same
-    fields, no `format`) loads as it was; a newer format, or what is not a training state, is
-    refused in one line."""
+    fields, no `format`, its optimizer state keyed by position) loads as it was; a newer
+    format, or what is not a training state, is refused in one line."""
     save(tmp_path, TrainingState(model={"w": torch.ones(1)}, epoch=3, data_position=(2, 5)))
-    assert torch.load(tmp_path / "state.pt", weights_only=True)["format"] == 2
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["format"] == 3
     before = {"model": {"w": torch.ones(1)}, "optimizer": {"state": {}}, "scheduler": {}}
     before |= {"scaler": {}, "epoch": 4, "model_recipe": {"name": "mlp", "kwargs": {}}}
     before |= {"spec": {"train": {"epochs": 5}}, "schedule_steps": 50}
@@ -138,7 +138,7 @@ def test_checkpoints_name_their_format_and_older_ones_still_load(tmp_path):
     assert (old.epoch, old.data_position, old.schedule_steps, old.elapsed) == (4, (3, 1), 50, 12.5)
     assert load(tmp_path, optimizer=False).optimizer is None
     for plain, why in [
-        ({**before, "format": 3}, "format 3, written by a newer trainyard"),
+        ({**before, "format": 4}, "format 4, written by a newer trainyard"),
         ({"weights": {}, "epoch": 1}, "not a trainyard training state"),
     ]:
         _write_as_is(tmp_path, plain)

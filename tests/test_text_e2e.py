@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import pyfunc_elsewhere, train
 from mlflow.tracking import MlflowClient
-from shared_runs import SMALL_CORPUS
+from shared_runs import SMALL_CORPUS, TEXT, TEXT_SPEC
 
 from trainyard.pipelines import cli
 from trainyard.pipelines.config.spec import RunSpec
@@ -88,6 +88,37 @@ def test_tiny_config_every_worker_ran_the_same_steps_on_two_nodes(tiny_run, trac
     assert tags["num_nodes"] == "2"
     digests = tags["param_digests"].split(",")
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_fsdp_trains_the_same_gpt_as_ddp_holding_half_the_parameters(
+    tiny_run, tracking_uri, tmp_path
+):
+    """The shared text run again with scaling.strategy=fsdp: two workers on two nodes, each
+    holding half the parameters, reach DDP's losses from the same start (tolerance 1e-3
+    relative: the reductions differ, reduce-scatter vs all-reduce), and the logged model,
+    gathered whole, scores text in a fresh process elsewhere."""
+    fsdp = train(
+        TEXT, tmp_path, *TEXT_SPEC, "scaling.strategy=fsdp", "tracking.experiment=test-gpt-fsdp"
+    )
+    client = MlflowClient(tracking_uri)
+    for key in ("train_loss", "val_loss"):
+        ddp_curve, fsdp_curve = (
+            [m.value for m in sorted(client.get_metric_history(r, key), key=lambda m: m.step)]
+            for r in (tiny_run["run_id"], fsdp["run_id"])
+        )
+        assert len(fsdp_curve) == 3
+        assert fsdp_curve == pytest.approx(ddp_curve, rel=1e-3), key
+    ddp_tags = client.get_run(tiny_run["run_id"]).data.tags
+    tags = client.get_run(fsdp["run_id"]).data.tags
+    assert (tags["strategy"], tags["blocks"], tags["num_nodes"]) == ("fsdp", "Block", "2")
+    held, whole = int(tags["param_bytes_per_rank"]), int(ddp_tags["param_bytes_per_rank"])
+    assert 0.5 <= held / whole < 0.51
+    digests = tags["param_digests"].split(",")
+    assert digests[0] == digests[1]  # the whole parameters, gathered on each rank
+    scores = pyfunc_elsewhere(
+        tracking_uri, fsdp["model_uri"], "pd.DataFrame({'text': ['def f(x): return x']})", tmp_path
+    )
+    assert 0 < scores["loss"][0] < np.log(256)
 
 
 def test_generate_continues_the_prompt_from_mlflow(tiny_run, tracking_uri, capsys):

@@ -5,7 +5,8 @@ reads it to continue a run (`--resume`), to check a spec against it, and to log 
 model. On disk it is plain data, tensors and values only (`torch.load(weights_only=True)` reads
 nothing that could run code), the file hashed as it is written with its SHA-256 beside it.
 
-Formats: 2 names itself (`format`); 1 (before it had a name) held the same fields and still loads.
+Formats: 3 keys the optimizer state by parameter name (it loads into DDP or FSDP at any world
+size); 2 and 1 (before the format had a name) keyed it by position, and still load.
 A newer format than this trainyard reads is refused with one line.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 
 from trainyard.cluster.errors import TrainyardError
 
-FORMAT = 2
+FORMAT = 3
 CHECKPOINT_FILE = "state.pt"
 DIGEST_FILE = "state.sha256"
 HASH_CHUNK = 1024**2
@@ -36,7 +37,7 @@ class TrainingState:
     """What a checkpoint holds: enough to continue training exactly, and to rebuild the model."""
 
     model: dict[str, Any]
-    """The unwrapped model's state dict."""
+    """The whole model's state dict (gathered from the shards under FSDP)."""
     epoch: int
     """The last epoch it finished."""
     model_recipe: dict[str, Any] | None = None

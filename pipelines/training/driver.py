@@ -148,6 +148,7 @@ def checked_model(spec: RunSpec, data: Prepared) -> dict[str, Any]:
     params = sum(p.numel() for p in net.parameters())
     shown = ", ".join(f"{k}={v}" for k, v in recipe["kwargs"].items())
     print(f"trainyard: model {recipe['name']}({shown}): {params / 1e6:.3g}M parameters")
+    print(held_per_worker(spec, net, params))
     if isinstance(spec.model, UserModelSpec) or spec.train.loss:
         batch = data.train.take_batch(2, batch_format="numpy")
         dtypes = data.job.dtypes
@@ -168,6 +169,22 @@ def checked_model(spec: RunSpec, data: Prepared) -> dict[str, Any]:
                 f"{type(e).__name__}: {e}"
             ) from None
     return recipe
+
+
+def held_per_worker(spec: RunSpec, net: Any, params: int) -> str:
+    """One line: what each worker holds under the spec's strategy, and the blocks FSDP shards
+    one at a time (scaling.blocks naming no module of the model is a SpecError here)."""
+    from trainyard.pipelines.training import parallel
+
+    sc = spec.scaling
+    blocks = parallel.block_names(net, sc.blocks)
+    found = len(parallel.blocks_of(net, blocks))
+    held = parallel.per_rank_bytes(params, sc.strategy, sc.num_workers, spec.train.optimizer)
+    line = f"trainyard: each worker holds {parallel.describe_bytes(held)} ({sc.strategy}"
+    if sc.strategy == "fsdp":
+        unit = f"{found} × {'/'.join(blocks)}" if found else "the whole model as one unit"
+        line += f" over {sc.num_workers} workers, sharding {unit}"
+    return line + ")"
 
 
 def _shape(t: Any) -> str:

@@ -26,6 +26,7 @@ from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.config.user import build_model
 from trainyard.pipelines.data.arrays import derive_seed
 from trainyard.pipelines.training import checkpoint as checkpoints
+from trainyard.pipelines.training import parallel
 from trainyard.pipelines.training.feed import BatchStream, ahead, load_share, memory_batches
 from trainyard.pipelines.training.job import WorkerJob
 from trainyard.pipelines.training.metrics import (
@@ -41,7 +42,6 @@ from trainyard.pipelines.training.step import (
     param_digest,
     train_epoch,
     training_loss,
-    unwrap,
     validation_loss,
 )
 from trainyard.pipelines.training.watchdog import StallWatchdog, inject_failure
@@ -69,13 +69,20 @@ class Worker:
     world: int
     device: torch.device
     model: nn.Module
-    """The model as trained: compiled where asked, inside DDP."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
+    """The model as trained: compiled where asked, inside DDP or sharded by FSDP."""
     amp_dtype: torch.dtype | None
     log: Any
     """The rank-0 MLflow logger (inactive on other ranks)."""
+    optimizer: torch.optim.Optimizer | None = None
+    """(This and the schedule and scaler are built by `distribute`, over the parameters as
+    trained: FSDP replaces them with its shards.)"""
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    scaler: torch.amp.GradScaler | None = None
+    autocast: torch.dtype | None = None
+    """The dtype the step's autocast runs in: `amp_dtype` under DDP; None under FSDP, whose
+    mixed-precision policy casts the parameters instead."""
+    saved: checkpoints.TrainingState | None = None
+    """The checkpoint resumed from, until `distribute` has loaded its optimizer state."""
     first_epoch: int = 1
     position: tuple[int, int] = (1, 0)
     """Where the data stream of epochs of a set number of steps stands: (pass, batches taken)."""
@@ -86,8 +93,8 @@ class Worker:
 
 
 def set_up(config: dict[str, Any]) -> Worker:
-    """Build this rank's model (the same initial weights on every rank), optimizer, schedule and
-    scaler; load the newest checkpoint where there is one (`distribute` then wraps it)."""
+    """Build this rank's model (the same initial weights on every rank) and load the newest
+    checkpoint's weights where there is one (`distribute` then wraps or shards it)."""
     import ray.train
     import ray.train.torch
 
@@ -109,8 +116,6 @@ def set_up(config: dict[str, Any]) -> Worker:
     model.to(device)
     if job.data.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # convolutions' fast layout on GPUs
-    optimizer = make_optimizer(model, spec.train)
-    scheduler = make_scheduler(optimizer, spec.train, job.schedule_steps)
     amp_dtype = resolve_amp(spec.amp.mode, device)
     w = Worker(
         spec,
@@ -119,9 +124,6 @@ def set_up(config: dict[str, Any]) -> Worker:
         world,
         device,
         model,
-        optimizer,
-        scheduler,
-        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         amp_dtype,
         RankZeroLogger(job.tracking_uri, job.run_id, rank),
     )
@@ -130,15 +132,35 @@ def set_up(config: dict[str, Any]) -> Worker:
 
 
 def distribute(w: Worker) -> None:
-    """Compile the model where asked, wrap it in DDP, and tag the run with where it trains."""
+    """Wrap the model in DDP or shard it with FSDP (compiled where asked), build the optimizer,
+    schedule and scaler over the parameters as trained (resumed from the checkpoint where there
+    is one), and tag the run with where it trains and what each rank holds."""
     import ray
     import ray.train.torch
 
     from trainyard.cluster.hardware import device_name, peak_flops
 
-    if w.spec.train.compile:
-        w.model = torch.compile(w.model)
-    w.model = ray.train.torch.prepare_model(w.model)
+    sc, tr = w.spec.scaling, w.spec.train
+    blocks = parallel.block_names(w.model, sc.blocks)
+    if sc.activation_checkpointing:
+        parallel.checkpoint_blocks(w.model, blocks)
+    if sc.strategy == "fsdp":
+        w.model = parallel.shard(w.model, w.device, w.world, blocks, w.amp_dtype)
+        if tr.compile:
+            w.model = torch.compile(w.model)
+    else:
+        if tr.compile:
+            w.model = torch.compile(w.model)
+        w.model = ray.train.torch.prepare_model(w.model)
+        w.autocast = w.amp_dtype
+    w.optimizer = make_optimizer(w.model, tr)
+    w.scheduler = make_scheduler(w.optimizer, tr, w.job.schedule_steps)
+    w.scaler = parallel.grad_scaler(w.device, w.amp_dtype, sharded=sc.strategy == "fsdp")
+    if w.saved is not None:
+        state, w.saved = w.saved, None
+        parallel.load_optimizer(w.model, w.optimizer, state.optimizer)
+        w.scheduler.load_state_dict(state.scheduler)
+        w.scaler.load_state_dict(state.scaler)
     nodes = [ray.get_runtime_context().get_node_id()] * w.world
     if w.world > 1:
         dist.all_gather_object(nodes, nodes[0])
@@ -150,21 +172,23 @@ def distribute(w: Worker) -> None:
             "worker_nodes": ",".join(nodes),
             "amp_dtype": str(w.amp_dtype).removeprefix("torch.") if w.amp_dtype else "fp32",
             "device": name,
+            "strategy": sc.strategy,
+            "blocks": ",".join(blocks) or "-",
+            "param_bytes_per_rank": parallel.local_bytes(w.model),
         }
     )
     w.peak = peak_flops(name) if w.device.type == "cuda" else None
 
 
 def resume(w: Worker, checkpoint: Any) -> None:
-    """Continue from `checkpoint` (None: from the start); the logger records a restart in
-    MLflow (after a failure, or the same run submitted again, with or without a checkpoint)."""
+    """Continue from `checkpoint` (None: from the start): its weights now, its optimizer state
+    once `distribute` has built the optimizer. The logger records a restart in MLflow (after a
+    failure, or the same run submitted again, with or without a checkpoint)."""
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = checkpoints.load(d)
         w.model.load_state_dict(state.model)
-        w.optimizer.load_state_dict(state.optimizer)
-        w.scheduler.load_state_dict(state.scheduler)
-        w.scaler.load_state_dict(state.scaler)
+        w.saved = state
         w.first_epoch = state.epoch + 1
         w.position = state.data_position or w.position
         w.elapsed = state.elapsed
@@ -256,7 +280,7 @@ def epoch_metrics(
         val_batches,
         task=data.task,
         loss_fn=val_loss,
-        amp_dtype=w.amp_dtype,
+        amp_dtype=w.autocast,
         target_std=data.target_std,
     )
     metrics.update(text_metrics(metrics, data))
@@ -298,12 +322,15 @@ def report(
         )
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
-        if rank == 0 and (last or epoch % tr.checkpoint_every == 0):
+        due = last or epoch % tr.checkpoint_every == 0
+        # Whole state dicts keyed by parameter name, gathered to rank 0 (every rank takes part).
+        model_state, optim_state = parallel.full_state(w.model, w.optimizer) if due else ({}, {})
+        if rank == 0 and due:
             state = checkpoints.TrainingState(
-                model=unwrap(w.model).state_dict(),
+                model=model_state,
                 epoch=epoch,
                 model_recipe=w.job.model,
-                optimizer=w.optimizer.state_dict(),
+                optimizer=optim_state,
                 scheduler=w.scheduler.state_dict(),
                 scaler=w.scaler.state_dict(),
                 spec=redact(w.spec.to_dict()),  # what a resumed run must keep
@@ -346,7 +373,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
             loss_fn=train_loss,
             steps=steps_per_epoch,
             accum=w.spec.accum_steps,
-            amp_dtype=w.amp_dtype,
+            amp_dtype=w.autocast,
             grad_clip=tr.grad_clip,
             on_step=step_logger(w, epoch, watchdog),
             max_nonfinite=tr.max_nonfinite_steps,

@@ -16,9 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from trainyard.pipelines.config.train import TrainSpec
 from trainyard.pipelines.config.user import load_callable
+from trainyard.pipelines.training.parallel import full_parameters, is_sharded
 
 
 def task_loss(task: str, label_smoothing: float = 0.0) -> Callable[..., torch.Tensor]:
@@ -69,7 +71,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def param_digest(model: nn.Module) -> str:
     """A short hash of all parameter values, to check that ranks hold the same model."""
     h = hashlib.sha256()
-    for p in unwrap(model).parameters():
+    for p in full_parameters(unwrap(model)):  # (gathered under FSDP: every rank calls it)
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -111,8 +113,11 @@ def _grad_norm(model: nn.Module, clip: float | None) -> float:
     """The global gradient norm, after clipping the gradients to `clip` (when not None)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if clip is not None:
-        return float(nn.utils.clip_grad_norm_(params, clip))
-    return float(nn.utils.get_total_norm([p.grad for p in params]))
+        norm = nn.utils.clip_grad_norm_(params, clip)
+    else:
+        norm = nn.utils.get_total_norm([p.grad for p in params])
+    # Under FSDP the norm of the sharded gradients is a DTensor: its value is over all ranks.
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def train_epoch(
@@ -232,9 +237,23 @@ def evaluate(
     model = unwrap(model)
     model.eval()
     device = next(model.parameters()).device
+    # Under FSDP every forward pass gathers parameters from every rank, so the ranks run the
+    # same number: one that has run out of batches runs its last one again, unscored.
+    lockstep = is_sharded(model)
     # loss, n, correct | loss, n, sse, sum(y), sum(y^2)
     sums = torch.zeros(5, dtype=torch.float64, device=device)
-    for batch in batches:
+    iterator, spare = iter(batches), None
+    while True:
+        batch = next(iterator, None)
+        if lockstep and _any_rank(batch is not None, device) and batch is None:
+            if spare is None:
+                raise RuntimeError("this rank has no validation batch, the others have some")
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                model(spare["x"])
+            continue
+        if batch is None:
+            break
+        spare = batch
         x, y = batch["x"], batch["y"]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(x)
@@ -251,6 +270,10 @@ def evaluate(
             sums[2] += ((pred - yd) ** 2).sum()
             sums[3] += yd.sum()
             sums[4] += (yd**2).sum()
+    if lockstep:
+        # FSDP keeps the root's parameters gathered after a forward pass that no backward
+        # follows: free them, so that what reads the parameters next sees the shards.
+        model.reshard()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     loss, n = sums[0].item(), max(sums[1].item(), 1.0)

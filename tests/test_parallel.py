@@ -1,0 +1,173 @@
+"""FSDP2 beside DDP on a real two-rank gloo group (two processes, no Ray): the same losses from
+the same start, half the parameter bytes per rank, whole state dicts that load anywhere, and the
+blocks of built-in and user models found by class name."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from trainyard.cluster.errors import SpecError
+from trainyard.cluster.local import free_port
+from trainyard.models import build_model
+from trainyard.pipelines.config.train import TrainSpec
+from trainyard.pipelines.training import parallel
+from trainyard.pipelines.training.optim import make_optimizer, make_scheduler
+from trainyard.pipelines.training.step import evaluate, param_digest, task_loss, train_epoch
+
+GPT = {"vocab_size": 64, "context": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0}
+STEPS = 4
+
+
+class Stack(nn.Module):
+    """A user's model: its repeated blocks are `Layer`s in a plain Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*(Layer() for _ in range(3)))
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+def _batches(rank: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(100 + rank)
+    return [
+        {"x": (x := torch.randint(0, 64, (4, 16), generator=g)), "y": torch.roll(x, -1, 1)}
+        for _ in range(STEPS)
+    ]
+
+
+def _train(rank: int, strategy: str, amp: torch.dtype | None) -> dict:
+    torch.manual_seed(0)
+    model = build_model("gpt", **GPT)
+    full_bytes = parallel.local_bytes(model)
+    blocks = parallel.block_names(model)
+    if strategy == "fsdp":
+        model = parallel.shard(model, torch.device("cpu"), 2, blocks, amp)
+    else:
+        model = nn.parallel.DistributedDataParallel(model)
+    train = TrainSpec(warmup_fraction=0.0, lr=1e-2)
+    optimizer = make_optimizer(model, train)
+    scheduler = make_scheduler(optimizer, train, STEPS)
+    scaler = parallel.grad_scaler(torch.device("cpu"), amp, sharded=strategy == "fsdp")
+    for epoch in range(2):  # two epochs of a step each, both ending with an evaluation
+        stats = train_epoch(
+            model,
+            _batches(rank)[2 * epoch :],
+            optimizer,
+            scheduler,
+            scaler,
+            loss_fn=task_loss("language_model"),
+            steps=1,
+            accum=2,
+            amp_dtype=None if strategy == "fsdp" else amp,
+            grad_clip=0.5,
+        )
+        # Validation: rank 1 has one batch fewer; under FSDP it keeps step with rank 0.
+        metrics = evaluate(
+            model, _batches(rank)[: 3 - rank], task="language_model", loss_fn=task_loss("lm")
+        )
+    model_state, optim_state = parallel.full_state(model, optimizer)
+    return {
+        "loss": stats.loss,
+        "skipped": stats.skipped,
+        "val_loss": metrics["val_loss"],
+        "digest": param_digest(model),
+        "held": parallel.local_bytes(model),
+        "full": full_bytes,
+        "blocks": blocks,
+        "model_state": model_state,
+        "optim_state": optim_state,
+    }
+
+
+def _worker(rank: int, port: int, cases: list, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    for strategy, amp in cases:
+        results[(rank, strategy, str(amp))] = _train(rank, strategy, amp)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def trained() -> dict:
+    cases = [("ddp", None), ("fsdp", None), ("fsdp", torch.bfloat16), ("fsdp", torch.float16)]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(free_port(), cases, results), nprocs=2, join=True)
+        return dict(results)
+
+
+def test_fsdp_trains_like_ddp_on_half_the_bytes(trained):
+    ddp, fsdp = trained[(0, "ddp", "None")], trained[(0, "fsdp", "None")]
+    assert ddp["blocks"] == ["Block"]
+    # The same start, batches and clipping: the same losses to float rounding.
+    assert fsdp["loss"] == pytest.approx(ddp["loss"], rel=1e-5)
+    assert fsdp["val_loss"] == pytest.approx(ddp["val_loss"], rel=1e-5)
+    assert trained[(1, "fsdp", "None")]["val_loss"] == fsdp["val_loss"]  # all ranks' batches
+    # Each rank holds half the parameters (the shards are padded to equal sizes).
+    for rank in (0, 1):
+        held = trained[(rank, "fsdp", "None")]["held"]
+        assert 0.5 <= held / fsdp["full"] < 0.52
+    assert ddp["held"] == ddp["full"]
+    # The whole parameters, gathered, agree on both ranks and with DDP's within rounding.
+    assert fsdp["digest"] == trained[(1, "fsdp", "None")]["digest"]
+    for name, value in ddp["model_state"].items():
+        assert torch.allclose(fsdp["model_state"][name], value, atol=1e-5), name
+
+
+def test_mixed_precision_under_fsdp_trains(trained):
+    for amp in ("torch.bfloat16", "torch.float16"):
+        r = trained[(0, "fsdp", amp)]
+        assert torch.isfinite(torch.tensor(r["loss"])) and r["loss"] < 5.0
+        # Parameters and optimizer state stay fp32 in the gathered state.
+        assert all(v.dtype == torch.float32 for v in r["model_state"].values())
+
+
+def test_a_whole_state_loads_without_torch_distributed_at_another_world_size(trained):
+    """What FSDP on 2 ranks saved loads into one process, model and optimizer, and trains on."""
+    saved = trained[(0, "fsdp", "None")]
+    torch.manual_seed(1)
+    model = build_model("gpt", **GPT)
+    model.load_state_dict(saved["model_state"])
+    optimizer = make_optimizer(model, TrainSpec())
+    make_scheduler(optimizer, TrainSpec(), STEPS)  # (as the loop builds them, before loading)
+    parallel.load_optimizer(model, optimizer, saved["optim_state"])
+    moments = [s["exp_avg"] for s in optimizer.state.values()]
+    assert len(moments) == len(list(model.parameters()))  # (each once: head and wte are tied)
+    assert all(m.abs().sum() > 0 for m in moments)
+    x = torch.randint(0, 64, (2, 16))
+    loss = task_loss("lm")(model(x), torch.roll(x, -1, 1))
+    loss.backward()
+    optimizer.step()
+
+
+def test_blocks_are_found_by_class_name_and_a_wrong_name_is_one_line():
+    assert parallel.block_names(build_model("mlp", in_features=4, out_features=2)) == ["Linear"]
+    net = Stack()
+    # No declared blocks and no ModuleList: the whole model is one unit unless named.
+    assert parallel.block_names(net) == []
+    assert parallel.block_names(net, ["Layer"]) == ["Layer"]
+    assert [type(b).__name__ for b in parallel.blocks_of(net, ["Layer"])] == ["Layer"] * 3
+    with pytest.raises(SpecError, match=r"scaling.blocks: Blok match\(es\) no module of Stack"):
+        parallel.block_names(net, ["Blok"])
+    held = parallel.per_rank_bytes(1000, "fsdp", 3, "adamw")
+    assert held == {"parameters": 1336, "gradients": 1336, "optimizer": 2672}
+    assert sum(parallel.per_rank_bytes(1000, "ddp", 3, "adamw").values()) == 16000

@@ -21,6 +21,11 @@ EXPECTED = {
     "images": {"decode + augment into batches", "data-wait share of a ResNet's step"},
     "predict": {"images: batch inference", "tabular: batch inference"},
     "trainer": {"steady-state step time", "launch to first step"},
+    "sharding": {
+        "bytes held per worker, 2 workers",
+        "peak memory per worker, 2 workers",
+        "step time, 2 workers",
+    },
     "amp": None,  # one case per model, named after the device
     "tracking": {"step time", "share of step time in MLflow calls"},
     "overhead": {"command to first step", "per-epoch time", "command to done"},
@@ -90,6 +95,9 @@ def test_every_contender_is_measured_and_ratios_match_the_timings(quick_bench):
         "torchrun",
         "Ray Train TorchTrainer",
     }
+    # FSDP holds half of what DDP holds on each of 2 workers (shards padded: a little more).
+    held = contenders[("sharding", "bytes held per worker, 2 workers")]
+    assert held["fsdp"]["ratio"] == pytest.approx(0.5, abs=0.01)
     assert set(contenders[("overhead", "command to done")]) == {
         "plain torchrun script",
         "trainyard, running cluster",  # (--quick leaves out the cold start: a whole new Ray)

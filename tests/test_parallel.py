@@ -58,14 +58,16 @@ def _train(rank: int, strategy: str, amp: torch.dtype | None) -> dict:
     model = build_model("gpt", **GPT)
     full_bytes = parallel.local_bytes(model)
     blocks = parallel.block_names(model)
-    if strategy == "fsdp":
+    if strategy == "fsdp+ac":
+        assert parallel.checkpoint_blocks(model, blocks) == GPT["n_layer"]
+    if strategy.startswith("fsdp"):
         model = parallel.shard(model, torch.device("cpu"), 2, blocks, amp)
     else:
         model = nn.parallel.DistributedDataParallel(model)
     train = TrainSpec(warmup_fraction=0.0, lr=1e-2)
     optimizer = make_optimizer(model, train)
     scheduler = make_scheduler(optimizer, train, STEPS)
-    scaler = parallel.grad_scaler(torch.device("cpu"), amp, sharded=strategy == "fsdp")
+    scaler = parallel.grad_scaler(torch.device("cpu"), amp, sharded=strategy != "ddp")
     for epoch in range(2):  # two epochs of a step each, both ending with an evaluation
         stats = train_epoch(
             model,
@@ -76,7 +78,7 @@ def _train(rank: int, strategy: str, amp: torch.dtype | None) -> dict:
             loss_fn=task_loss("language_model"),
             steps=1,
             accum=2,
-            amp_dtype=None if strategy == "fsdp" else amp,
+            amp_dtype=None if strategy != "ddp" else amp,
             grad_clip=0.5,
         )
         # Validation: rank 1 has one batch fewer; under FSDP it keeps step with rank 0.
@@ -103,12 +105,21 @@ def _worker(rank: int, port: int, cases: list, results) -> None:
     torch.set_num_threads(1)
     for strategy, amp in cases:
         results[(rank, strategy, str(amp))] = _train(rank, strategy, amp)
+    # A user's model, its blocks named: sharded, trained a step, gathered whole.
+    torch.manual_seed(0)
+    net = parallel.shard(Stack(), torch.device("cpu"), 2, ["Layer"], None)
+    optimizer = torch.optim.AdamW(net.parameters())
+    net(torch.randn(4, 16)).square().mean().backward()
+    optimizer.step()
+    state, _ = parallel.full_state(net, optimizer)
+    results[(rank, "stack")] = {"held": parallel.local_bytes(net), "state": state}
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def trained() -> dict:
-    cases = [("ddp", None), ("fsdp", None), ("fsdp", torch.bfloat16), ("fsdp", torch.float16)]
+    cases = [("ddp", None), ("fsdp", None), ("fsdp+ac", None)]
+    cases += [("fsdp", torch.bfloat16), ("fsdp", torch.float16)]
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_worker, args=(free_port(), cases, results), nprocs=2, join=True)
@@ -131,6 +142,19 @@ def test_fsdp_trains_like_ddp_on_half_the_bytes(trained):
     assert fsdp["digest"] == trained[(1, "fsdp", "None")]["digest"]
     for name, value in ddp["model_state"].items():
         assert torch.allclose(fsdp["model_state"][name], value, atol=1e-5), name
+
+
+def test_activation_checkpointing_changes_memory_not_results(trained):
+    fsdp, ac = trained[(0, "fsdp", "None")], trained[(0, "fsdp+ac", "None")]
+    assert ac["loss"] == pytest.approx(fsdp["loss"], rel=1e-6)
+    assert ac["model_state"].keys() == fsdp["model_state"].keys()  # no wrapper in the names
+
+
+def test_a_users_model_shards_by_the_blocks_named(trained):
+    whole = sum(p.numel() * 4 for p in Stack().parameters())
+    assert trained[(0, "stack")]["held"] / whole == pytest.approx(0.5, abs=0.02)
+    Stack().load_state_dict(trained[(0, "stack")]["state"])  # every name, whole
+    assert trained[(1, "stack")]["state"] == {}  # gathered to rank 0 only
 
 
 def test_mixed_precision_under_fsdp_trains(trained):

@@ -4,7 +4,8 @@ PyTorch training, measured side by side with what trainyard uses instead, on thi
 Suites: preprocess (threads / processes / torch.multiprocessing / Ray Data), ingest (DataLoader
 workers / Ray Data), images (DataLoader workers over image folders / Ray Data), predict
 (pyfunc.predict in one process / a thread pool / trainyard predict), trainer
-(torchrun / Ray Train), amp (fp32 / bf16 / fp16), tracking (MLflow logging / none), overhead
+(torchrun / Ray Train), sharding (DDP / FSDP: bytes and memory per worker, step time), amp
+(fp32 / bf16 / fp16), tracking (MLflow logging / none), overhead
 (the digits recipe: a plain torchrun script / trainyard on a running cluster / trainyard from a
 cold start); `all` runs them in that order.
 """
@@ -18,7 +19,17 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("preprocess", "ingest", "images", "predict", "trainer", "amp", "tracking", "overhead")
+SUITES = (
+    "preprocess",
+    "ingest",
+    "images",
+    "predict",
+    "trainer",
+    "sharding",
+    "amp",
+    "tracking",
+    "overhead",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -138,6 +138,29 @@ def test_memory_batches_are_a_seeded_permutation_of_every_row():
     assert batch["x"].dtype == torch.float64 and batch["y"].tolist() == [0, 1, 2]
 
 
+def test_global_batches_are_the_same_at_any_world_size():
+    """Each optimizer step trains on the same rows whether 1, 2 or 3 workers split it (and
+    however each splits it into micro-batches); only the seed changes the order."""
+    from trainyard.pipelines.training.feed import global_batches
+
+    rows = {"x": torch.arange(50).float().unsqueeze(1), "y": torch.arange(50)}
+
+    def steps(world: int, micro: int, seed: int = 7) -> list[list[int]]:
+        accum = 12 // (world * micro)
+        ranks = [[b["y"].tolist() for b in global_batches(rows, 12, micro, r, world, seed)]
+                 for r in range(world)]  # fmt: skip
+        assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == 4 * accum
+        return [
+            sorted(y for r in ranks for b in r[s * accum : (s + 1) * accum] for y in b)
+            for s in range(4)  # 50 // 12 steps; the 2 rows left over wait
+        ]
+
+    alone = steps(1, 12)
+    assert steps(2, 6) == steps(2, 3) == steps(3, 4) == steps(3, 2) == alone
+    assert len({y for s in alone for y in s}) == 48
+    assert steps(2, 6, seed=8) != alone
+
+
 def test_each_rank_keeps_an_equal_strided_share(ray_cluster):
     import ray.data
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainyard.cluster.errors import SpecError
+from trainyard.cluster.errors import SpecError, TrainyardError
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines.config.model import UserModelSpec
 from trainyard.pipelines.config.spec import RunSpec, load_spec
@@ -30,7 +30,12 @@ from trainyard.pipelines.data.common import (
     pipeline_module,
 )
 from trainyard.pipelines.training import checkpoint as checkpoints
-from trainyard.pipelines.training.resume import Place, check_model_loads, place_run
+from trainyard.pipelines.training.resume import (
+    Place,
+    check_model_loads,
+    place_run,
+    shape_change,
+)
 from trainyard.pipelines.training.session import init_ray, submission_id
 from trainyard.pipelines.training.trainer import (
     NoFirstStep,
@@ -38,6 +43,7 @@ from trainyard.pipelines.training.trainer import (
     WorkersNotPlaced,
     configure_ray_train,
     fit,
+    global_order,
     make_trainer,
     schedule_steps,
     start_timeout,
@@ -216,6 +222,23 @@ def dry_run(spec: RunSpec) -> None:
         checked_model(spec, data)
 
 
+def check_split(spec: RunSpec, place: Place, data: Prepared) -> None:
+    """A continued run may split its global batch over other workers (a cluster that grew or
+    shrank) when the workers draw global batches from rows they all hold; with data each worker
+    streams a share of, it is refused (TrainyardError)."""
+    change = place.resumed.spec and shape_change(place.resumed.spec, spec)
+    if not change:
+        return
+    if not global_order(data):
+        raise TrainyardError(
+            f"continuing {place.run_name}: {change}, but each worker streams its own share of "
+            "these data, so another split would train on other batches; put it back, or start "
+            "a new run (data small enough for every worker to hold are drawn in global "
+            "batches, the same on any number of workers)"
+        )
+    print(f"trainyard: {change}: the same global batches of {spec.global_batch}, split anew")
+
+
 def open_run(
     spec: RunSpec, place: Place, plan: Any, data: Prepared, steps: int, tags: dict[str, str]
 ) -> str:
@@ -241,6 +264,8 @@ def open_run(
                 f"{epochs_then} → {spec.train.epochs} after epoch {place.resumed.epoch}; "
                 f"the learning-rate schedule keeps its {schedule_steps(spec, steps, place)} steps"
             )
+        if change := spec_then and shape_change(spec_then, spec):
+            tags["trainyard.split_changed"] = f"{change} after epoch {place.resumed.epoch}"
         tracking.reopen_run(place.uri, place.run_id, tags)
         where = redact_text(place.uri)
         print(f"trainyard: continuing MLflow run {place.run_id} ({place.run_name}) at {where}")
@@ -323,6 +348,7 @@ def run(
     recipe = checked_model(spec, data)
     if place.resumed is not None:
         check_model_loads(recipe, place.resumed.model)
+        check_split(spec, place, data)
     # 2. One MLflow run for the job, shared with the workers by id.
     run_id = open_run(spec, place, plan, data, steps_per_epoch(spec, plan, data), options.tags)
     job = worker_job(spec, plan, data, recipe, run_id, place)

@@ -109,6 +109,45 @@ def load_share(
     return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in parts.items()}
 
 
+def load_rows(dataset: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every row of a dataset that every rank reads whole, one tensor per column as stored
+    (uint8 tokens stay uint8) on `device`. Read once; later passes come from memory."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for key, values in block.items():
+            parts.setdefault(key, []).append(values)
+    return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in parts.items()}
+
+
+def global_batches(
+    rows: dict[str, torch.Tensor],
+    global_batch: int,
+    micro_batch: int,
+    rank: int,
+    world: int,
+    seed: int,
+    dtypes: dict[str, torch.dtype] | None = None,
+) -> Iterable[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of one pass over `rows`, which every rank holds whole: the pass
+    is a permutation drawn from `seed` alone, cut into global batches of `global_batch` rows
+    (the rest dropped); each global batch is cut into micro-batches of `micro_batch` rows, of
+    which rank r takes the r-th of every `world`. So the rows of optimizer step s are the same
+    at any world size: a run resumed on more or fewer workers trains on the same global
+    batches."""
+    n = len(next(iter(rows.values())))
+    device = next(iter(rows.values())).device
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+    accum = global_batch // (world * micro_batch)
+    for step in range(n // global_batch):
+        for j in range(accum):
+            start = step * global_batch + (j * world + rank) * micro_batch
+            index = order[start : start + micro_batch]
+            yield {
+                k: v[index].to(dtypes[k]) if dtypes and k in dtypes else v[index]
+                for k, v in rows.items()
+            }
+
+
 def memory_batches(
     rows: dict[str, torch.Tensor],
     batch_size: int,

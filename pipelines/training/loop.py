@@ -27,7 +27,14 @@ from trainyard.pipelines.config.user import build_model
 from trainyard.pipelines.data.arrays import derive_seed
 from trainyard.pipelines.training import checkpoint as checkpoints
 from trainyard.pipelines.training import parallel
-from trainyard.pipelines.training.feed import BatchStream, ahead, load_share, memory_batches
+from trainyard.pipelines.training.feed import (
+    BatchStream,
+    ahead,
+    global_batches,
+    load_rows,
+    load_share,
+    memory_batches,
+)
 from trainyard.pipelines.training.job import WorkerJob
 from trainyard.pipelines.training.metrics import (
     progress_line,
@@ -190,9 +197,20 @@ def resume(w: Worker, checkpoint: Any) -> None:
         w.model.load_state_dict(state.model)
         w.saved = state
         w.first_epoch = state.epoch + 1
-        w.position = state.data_position or w.position
+        w.position = resumed_position(state, w.spec) or w.position
         w.elapsed = state.elapsed
     w.log.started(w.first_epoch - 1 if checkpoint is not None else None)
+
+
+def resumed_position(state: checkpoints.TrainingState, spec: RunSpec) -> tuple[int, int] | None:
+    """The checkpoint's data position in this run's micro-batches: (pass, micro-batches taken
+    in it) counts this rank's, which is steps × accumulation, and the accumulation follows the
+    world size (the global batch stays)."""
+    if state.data_position is None:
+        return None
+    n, taken = state.data_position
+    then = RunSpec.from_dict(state.spec).accum_steps if state.spec else spec.accum_steps
+    return n, taken // then * spec.accum_steps
 
 
 def data_passes(
@@ -240,11 +258,14 @@ def data_passes(
         first = w.position[0] if tr.steps_per_epoch else w.first_epoch
         train_pass = ahead(mapped_pass, first, None if tr.steps_per_epoch else tr.epochs)
     elif job.cache_shards:
-        rows = job.num_train
-        train_rows = load_share(ray.train.get_dataset_shard("train"), rows, rank, world, device)
+        # Every rank holds every row; each pass is one permutation cut into global batches:
+        # the same at any world size.
+        train_rows = load_rows(ray.train.get_dataset_shard("train"), device)
+        global_batch = w.spec.global_batch
 
         def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
-            return memory_batches(train_rows, micro, dtypes, seed=pass_seed(n), drop_last=True)
+            seed = derive_seed(tr.seed, "shuffle", n) % 2**32
+            return global_batches(train_rows, global_batch, micro, rank, world, seed, dtypes)
     else:
         train_shard = ray.train.get_dataset_shard("train")
 

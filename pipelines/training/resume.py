@@ -51,7 +51,6 @@ KEPT_ON_RESUME = ("pipeline", "model.", "data.", "train.seed", "train.steps_per_
 
 
 KEPT_BATCH = (
-    "scaling.num_workers",
     "train.batch_size",
     "train.tokens_per_step",
     "train.micro_batch_size",
@@ -72,16 +71,22 @@ def resume_changes(saved: dict[str, Any], spec: RunSpec) -> list[str]:
         and k not in FREE_ON_RESUME
         and old.get(k) != new.get(k)
     ]
+    return changed
+
+
+def shape_change(saved: dict[str, Any], spec: RunSpec) -> str | None:
+    """How `spec` splits the global batch otherwise than the checkpoint's run did, as
+    `workers × micro-batch × accumulation: old → new`; None when it splits it alike. (Data
+    every worker holds in memory are drawn in global batches, the same at any split; data each
+    worker streams a share of are not: the driver decides, once it knows which.)"""
     was = RunSpec.from_dict(saved)
     shape = (was.scaling.num_workers, was.micro_batch_size, was.accum_steps)
     now = (spec.scaling.num_workers, spec.micro_batch_size, spec.accum_steps)
-    if shape != now:
-        changed.append(
-            "workers × micro-batch × accumulation: {} → {}".format(
-                " × ".join(map(str, shape)), " × ".join(map(str, now))
-            )
-        )
-    return changed
+    if shape == now:
+        return None
+    return "workers × micro-batch × accumulation: {} → {}".format(
+        " × ".join(map(str, shape)), " × ".join(map(str, now))
+    )
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

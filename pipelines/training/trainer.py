@@ -223,9 +223,20 @@ def make_trainer(
 
 
 def steps_per_epoch(spec: RunSpec, plan: Any, data: Prepared) -> int:
-    """train.steps_per_epoch, else the optimizer steps of one pass over each worker's share."""
+    """train.steps_per_epoch, else the optimizer steps of one pass: over all rows in global
+    batches (data every worker holds), else over each worker's share."""
+    if spec.train.steps_per_epoch:
+        return spec.train.steps_per_epoch
+    if global_order(data):
+        return data.num_train // spec.global_batch
     rows_per_step = spec.micro_batch_size * spec.accum_steps
-    return spec.train.steps_per_epoch or data.num_train // plan.num_workers // rows_per_step
+    return data.num_train // plan.num_workers // rows_per_step
+
+
+def global_order(data: Prepared) -> bool:
+    """Whether every worker holds every training row and takes its part of each global batch
+    (the same batches at any world size), not a share of its own streamed or mapped anew."""
+    return data.per_epoch is None and cache_shards(data)
 
 
 def schedule_steps(spec: RunSpec, steps: int, place: Place) -> int:

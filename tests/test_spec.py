@@ -44,6 +44,8 @@ def test_unknown_key_names_the_closest(tmp_path):
         ("model: {hidden: [64, -1]}", r"model\.hidden"),
         ("model: {name: vit}", r"model\.name: expected one of mlp, gpt, resnet"),
         ("scaling: {use_gpu: yes please}", r"scaling\.use_gpu: expected true or false"),
+        ("scaling: {strategy: zero}", r"scaling\.strategy: expected one of ddp, fsdp"),
+        ("scaling: {blocks: []}", r"scaling\.blocks: expected a list of module class names"),
         ("tracking: {alias: champion}", r"tracking\.alias: expected a tracking\.register_as"),
         ("tracking: {register_as: d, alias: v2}", r"tracking\.alias: expected letters, digits"),
         (

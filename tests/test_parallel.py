@@ -56,7 +56,7 @@ def _batches(rank: int) -> list[dict[str, torch.Tensor]]:
 def _train(rank: int, strategy: str, amp: torch.dtype | None) -> dict:
     torch.manual_seed(0)
     model = build_model("gpt", **GPT)
-    full_bytes = parallel.local_bytes(model)
+    full_bytes = parallel.local_bytes(model.parameters())
     blocks = parallel.block_names(model)
     if strategy == "fsdp+ac":
         assert parallel.checkpoint_blocks(model, blocks) == GPT["n_layer"]
@@ -91,7 +91,7 @@ def _train(rank: int, strategy: str, amp: torch.dtype | None) -> dict:
         "skipped": stats.skipped,
         "val_loss": metrics["val_loss"],
         "digest": param_digest(model),
-        "held": parallel.local_bytes(model),
+        "held": parallel.local_bytes(model.parameters()),
         "full": full_bytes,
         "blocks": blocks,
         "model_state": model_state,
@@ -112,7 +112,7 @@ def _worker(rank: int, port: int, cases: list, results) -> None:
     net(torch.randn(4, 16)).square().mean().backward()
     optimizer.step()
     state, _ = parallel.full_state(net, optimizer)
-    results[(rank, "stack")] = {"held": parallel.local_bytes(net), "state": state}
+    results[(rank, "stack")] = {"held": parallel.local_bytes(net.parameters()), "state": state}
     dist.destroy_process_group()
 
 

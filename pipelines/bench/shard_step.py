@@ -29,16 +29,6 @@ MICRO_BATCH = 4
 WARMUP_STEPS = 1
 
 
-def _local_bytes(tensors) -> int:
-    from torch.distributed.tensor import DTensor
-
-    total = 0
-    for t in tensors:
-        local = t.to_local() if isinstance(t, DTensor) else t
-        total += local.numel() * local.element_size()
-    return total
-
-
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -52,6 +42,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = GPTConfig.sized(size)
     model = GPT(config)
+    total = sum(p.numel() for p in model.parameters())
     if strategy == "fsdp":
         blocks = parallel.block_names(model)
         model = parallel.shard(model, torch.device("cpu"), world, blocks, None)
@@ -82,9 +73,9 @@ def main() -> None:
     task_loss("language_model")(model(batches[0]["x"]), batches[0]["y"]).backward()
     params = list(model.parameters())
     held = {
-        "parameters": _local_bytes(params),
-        "gradients": _local_bytes(p.grad for p in params if p.grad is not None),
-        "optimizer": _local_bytes(
+        "parameters": parallel.local_bytes(params),
+        "gradients": parallel.local_bytes(p.grad for p in params if p.grad is not None),
+        "optimizer": parallel.local_bytes(
             v for s in optimizer.state.values() for v in s.values() if v.dim() > 0
         ),
     }
@@ -93,7 +84,6 @@ def main() -> None:
     everyone = [mine] * world
     dist.all_gather_object(everyone, mine)
     if rank == 0:
-        total = sum(p.numel() for p in GPT(config).parameters())
         with open(out, "w") as f:
             json.dump({"ranks": everyone, "params": total, "world": world}, f)
     dist.destroy_process_group()

@@ -222,13 +222,13 @@ def dry_run(spec: RunSpec) -> None:
         checked_model(spec, data)
 
 
-def check_split(spec: RunSpec, place: Place, data: Prepared) -> None:
+def check_split(spec: RunSpec, place: Place, data: Prepared) -> dict[str, str]:
     """A continued run may split its global batch over other workers (a cluster that grew or
     shrank) when the workers draw global batches from rows they all hold; with data each worker
-    streams a share of, it is refused (TrainyardError)."""
+    streams a share of, it is refused (TrainyardError). The tag that records a new split."""
     change = place.resumed.spec and shape_change(place.resumed.spec, spec)
     if not change:
-        return
+        return {}
     if not global_order(data):
         raise TrainyardError(
             f"continuing {place.run_name}: {change}, but each worker streams its own share of "
@@ -237,6 +237,7 @@ def check_split(spec: RunSpec, place: Place, data: Prepared) -> None:
             "batches, the same on any number of workers)"
         )
     print(f"trainyard: {change}: the same global batches of {spec.global_batch}, split anew")
+    return {"trainyard.split_changed": f"{change} after epoch {place.resumed.epoch}"}
 
 
 def open_run(
@@ -264,8 +265,6 @@ def open_run(
                 f"{epochs_then} → {spec.train.epochs} after epoch {place.resumed.epoch}; "
                 f"the learning-rate schedule keeps its {schedule_steps(spec, steps, place)} steps"
             )
-        if change := spec_then and shape_change(spec_then, spec):
-            tags["trainyard.split_changed"] = f"{change} after epoch {place.resumed.epoch}"
         tracking.reopen_run(place.uri, place.run_id, tags)
         where = redact_text(place.uri)
         print(f"trainyard: continuing MLflow run {place.run_id} ({place.run_name}) at {where}")
@@ -346,11 +345,12 @@ def run(
             spec, plan.data_task_cpus, plan.num_workers, rows_per_step, place.read_args
         )
     recipe = checked_model(spec, data)
+    tags = options.tags
     if place.resumed is not None:
         check_model_loads(recipe, place.resumed.model)
-        check_split(spec, place, data)
+        tags = tags | check_split(spec, place, data)
     # 2. One MLflow run for the job, shared with the workers by id.
-    run_id = open_run(spec, place, plan, data, steps_per_epoch(spec, plan, data), options.tags)
+    run_id = open_run(spec, place, plan, data, steps_per_epoch(spec, plan, data), tags)
     job = worker_job(spec, plan, data, recipe, run_id, place)
     print(plan.describe())
     timeout = start_timeout(spec, plan)

@@ -109,16 +109,6 @@ def load_share(
     return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in parts.items()}
 
 
-def load_rows(dataset: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every row of a dataset that every rank reads whole, one tensor per column as stored
-    (uint8 tokens stay uint8) on `device`. Read once; later passes come from memory."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for key, values in block.items():
-            parts.setdefault(key, []).append(values)
-    return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in parts.items()}
-
-
 def global_batches(
     rows: dict[str, torch.Tensor],
     global_batch: int,
@@ -135,17 +125,10 @@ def global_batches(
     at any world size: a run resumed on more or fewer workers trains on the same global
     batches."""
     n = len(next(iter(rows.values())))
-    device = next(iter(rows.values())).device
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
-    accum = global_batch // (world * micro_batch)
-    for step in range(n // global_batch):
-        for j in range(accum):
-            start = step * global_batch + (j * world + rank) * micro_batch
-            index = order[start : start + micro_batch]
-            yield {
-                k: v[index].to(dtypes[k]) if dtypes and k in dtypes else v[index]
-                for k, v in rows.items()
-            }
+    order = _permutation(n, seed, next(iter(rows.values())).device)
+    per_pass = n // global_batch * (global_batch // micro_batch)  # micro-batches, all ranks'
+    for m in range(rank, per_pass, world):
+        yield _take(rows, order[m * micro_batch : (m + 1) * micro_batch], dtypes)
 
 
 def memory_batches(
@@ -159,15 +142,23 @@ def memory_batches(
     """Batches of in-memory rows, in a random order drawn from `seed` alone (None: in order),
     so that a pass is the same whether a run got there straight or resumed."""
     n = len(next(iter(rows.values())))
-    device = next(iter(rows.values())).device
     order = None
     if seed is not None:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+        order = _permutation(n, seed, next(iter(rows.values())).device)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         window = slice(start, start + batch_size)
-        index = order[window] if order is not None else window
-        yield {
-            k: v[index].to(dtypes[k]) if dtypes and k in dtypes else v[index]
-            for k, v in rows.items()
-        }
+        yield _take(rows, order[window] if order is not None else window, dtypes)
+
+
+def _permutation(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A permutation of range(n) drawn from `seed` alone (the same on every machine)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _take(
+    rows: dict[str, torch.Tensor], index: Any, dtypes: dict[str, torch.dtype] | None
+) -> dict[str, torch.Tensor]:
+    """The rows at `index`, each column cast to its dtype in `dtypes` where it has one."""
+    dtypes = dtypes or {}
+    return {k: v[index].to(dtypes[k]) if k in dtypes else v[index] for k, v in rows.items()}

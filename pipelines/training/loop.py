@@ -31,7 +31,6 @@ from trainyard.pipelines.training.feed import (
     BatchStream,
     ahead,
     global_batches,
-    load_rows,
     load_share,
     memory_batches,
 )
@@ -153,13 +152,11 @@ def distribute(w: Worker) -> None:
         parallel.checkpoint_blocks(w.model, blocks)
     if sc.strategy == "fsdp":
         w.model = parallel.shard(w.model, w.device, w.world, blocks, w.amp_dtype)
-        if tr.compile:
-            w.model = torch.compile(w.model)
-    else:
-        if tr.compile:
-            w.model = torch.compile(w.model)
+    if tr.compile:
+        w.model = torch.compile(w.model)
+    if sc.strategy == "ddp":
         w.model = ray.train.torch.prepare_model(w.model)
-        w.autocast = w.amp_dtype
+        w.autocast = w.amp_dtype  # (under FSDP the mixed-precision policy casts instead)
     w.optimizer = make_optimizer(w.model, tr)
     w.scheduler = make_scheduler(w.optimizer, tr, w.job.schedule_steps)
     w.scaler = parallel.grad_scaler(w.device, w.amp_dtype, sharded=sc.strategy == "fsdp")
@@ -181,7 +178,7 @@ def distribute(w: Worker) -> None:
             "device": name,
             "strategy": sc.strategy,
             "blocks": ",".join(blocks) or "-",
-            "param_bytes_per_rank": parallel.local_bytes(w.model),
+            "param_bytes_per_rank": parallel.local_bytes(w.model.parameters()),
         }
     )
     w.peak = peak_flops(name) if w.device.type == "cuda" else None
@@ -258,9 +255,9 @@ def data_passes(
         first = w.position[0] if tr.steps_per_epoch else w.first_epoch
         train_pass = ahead(mapped_pass, first, None if tr.steps_per_epoch else tr.epochs)
     elif job.cache_shards:
-        # Every rank holds every row; each pass is one permutation cut into global batches:
-        # the same at any world size.
-        train_rows = load_rows(ray.train.get_dataset_shard("train"), device)
+        # Every rank holds every row (the share of rank 0 of 1); each pass is one permutation
+        # cut into global batches: the same at any world size.
+        train_rows = load_share(ray.train.get_dataset_shard("train"), job.num_train, 0, 1, device)
         global_batch = w.spec.global_batch
 
         def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:

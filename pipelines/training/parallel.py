@@ -79,13 +79,14 @@ def describe_bytes(held: dict[str, int]) -> str:
     return f"{parts} = {sum(mb.values()):.3g} MB"
 
 
-def local_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters this rank holds (its shards, under FSDP)."""
+def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of `tensors` this rank holds (parameters, gradients, optimizer state: its shards,
+    under FSDP)."""
     from torch.distributed.tensor import DTensor
 
     total = 0
-    for p in model.parameters():
-        local = p.to_local() if isinstance(p, DTensor) else p
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
         total += local.numel() * local.element_size()
     return total
 

@@ -245,14 +245,14 @@ def evaluate(
     iterator, spare = iter(batches), None
     while True:
         batch = next(iterator, None)
-        if lockstep and _any_rank(batch is not None, device) and batch is None:
+        if not (_any_rank(batch is not None, device) if lockstep else batch is not None):
+            break
+        if batch is None:  # (in lockstep: some other rank still has one)
             if spare is None:
                 raise RuntimeError("this rank has no validation batch, the others have some")
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 model(spare["x"])
             continue
-        if batch is None:
-            break
         spare = batch
         x, y = batch["x"], batch["y"]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -316,6 +316,10 @@ class RankZeroLogger:
 
         client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
 
+    def text(self, text: str, artifact_file: str) -> None:
+        """Store `text` as the run's artifact `artifact_file`."""
+        self._later(lambda client: client.log_text(self.run_id, text, artifact_file))
+
     def started(self, checkpoint_epoch: int | None) -> None:
         """This attempt starts, from the checkpoint of `checkpoint_epoch` (None: from the
         start). A start after a checkpoint, or after an earlier attempt that trained (its

@@ -377,7 +377,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
     stream = BatchStream(train_pass, w.position) if tr.steps_per_epoch else None
     steps_per_epoch = job.steps_per_epoch
     nonfinite_run = steps_done = 0
-    watchdog = StallWatchdog(tr.stall_timeout_s, w.rank)
+    watchdog = StallWatchdog(tr.stall_timeout_s, w.rank, keep_stack(w) if w.log.active else None)
     inject_failure(job.inject_failure, 0, w.rank)  # epoch 0: before the first step
     started = time.perf_counter()
     for epoch in range(w.first_epoch, tr.epochs + 1):
@@ -410,6 +410,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
         report(w, epoch, metrics, stream, steps_done)
     watchdog.stop()
     return {}
+
+
+def keep_stack(w: Worker) -> Callable[[str], None]:
+    """Rank 0's stall stack, stored in the run (artifact stalls/<unix time>-rank-0.txt)."""
+
+    def keep(where: str) -> None:
+        w.log.text(where, f"stalls/{int(time.time())}-rank-{w.rank}.txt")
+        w.log.flush()
+
+    return keep
 
 
 def step_logger(

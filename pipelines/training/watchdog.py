@@ -8,19 +8,26 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+KEEP_STACK_S = 15.0  # the most a stalled worker waits for its stack to be kept before it ends
 
 
 class StallWatchdog:
     """Ends this worker when no optimizer step has finished for `timeout_s`, after printing
     where every thread of it is (py-spy, with native frames, where it is installed; else
-    Python's own tracebacks): a hung collective, data wait or deadlock then fails the run, and
-    Ray Train restarts it or reports it, instead of waiting forever. Armed by the first step,
-    so start-up and compilation do not count."""
+    Python's own tracebacks) and handing that text to `keep` (rank 0 stores it in the run: the
+    console lines travel through Ray's log monitor, which may not forward them before the run
+    ends): a hung collective, data wait or deadlock then fails the run, and Ray Train restarts
+    it or reports it, instead of waiting forever. Armed by the first step, so start-up and
+    compilation do not count."""
 
-    def __init__(self, timeout_s: float | None, rank: int):
-        self.timeout_s, self.rank = timeout_s, rank
+    def __init__(
+        self, timeout_s: float | None, rank: int, keep: Callable[[str], None] | None = None
+    ):
+        self.timeout_s, self.rank, self.keep = timeout_s, rank, keep
         self.last: float | None = None
         self.stopped = False
         if timeout_s is not None:
@@ -38,12 +45,17 @@ class StallWatchdog:
             time.sleep(min(1.0, self.timeout_s / 4))
             if self.stopped:
                 return
+        where = stacks()
         print(
             f"trainyard: rank {self.rank}: no optimizer step finished for {self.timeout_s:g} s "
-            "(train.stall_timeout_s); where this worker is:\n" + stacks(),
+            "(train.stall_timeout_s); where this worker is:\n" + where,
             file=sys.stderr,
             flush=True,
         )
+        if self.keep is not None:  # bounded: a store that does not answer must not hang us
+            keeping = threading.Thread(target=self.keep, args=(where,), daemon=True)
+            keeping.start()
+            keeping.join(KEEP_STACK_S)
         os._exit(1)
 
 

@@ -45,13 +45,11 @@ class StallWatchdog:
             time.sleep(min(1.0, self.timeout_s / 4))
             if self.stopped:
                 return
-        where = stacks()
-        print(
+        where = (
             f"trainyard: rank {self.rank}: no optimizer step finished for {self.timeout_s:g} s "
-            "(train.stall_timeout_s); where this worker is:\n" + where,
-            file=sys.stderr,
-            flush=True,
+            "(train.stall_timeout_s); where this worker is:\n" + stacks()
         )
+        print(where, file=sys.stderr, flush=True)
         if self.keep is not None:  # bounded: a store that does not answer must not hang us
             keeping = threading.Thread(target=self.keep, args=(where,), daemon=True)
             keeping.start()

@@ -8,6 +8,7 @@ on the nodes that exist, before anything starts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -29,8 +30,14 @@ refused rather than started as dozens of starved processes."""
 class ScalingSpec:
     """The `scaling` part of a run spec: how many workers, on what, placed how."""
 
-    num_workers: int = 2
-    """Training workers (data-parallel ranks)."""
+    num_workers: int | list[int] = 2
+    """Training workers (data-parallel ranks). `[min, max]` runs elastic: the run starts once
+    `min` fit, and restarts from its newest checkpoint at the size that fits (at most `max`)
+    when a node is lost or, checked every `resize_interval_s`, when more fit; the global batch
+    stays, split over the workers there are (its data must be held in memory)."""
+    resize_interval_s: float = 60.0
+    """Elastic runs: the least seconds between two looks at whether the workers could grow
+    (Ray Train's elastic_resize_monitor_interval_s)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """`ddp`: every worker holds the whole model, gradients and optimizer state. `fsdp`: each
     holds 1/num_workers of them (FSDP2), for models too big for one device."""
@@ -64,7 +71,19 @@ class ScalingSpec:
     None: 120, or 600 when the workers need nodes the autoscaler has yet to start."""
 
     def __post_init__(self) -> None:
-        _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, "an integer >= 1")
+        n = self.num_workers
+        _check(
+            n >= 1 if isinstance(n, int) else len(n) == 2 and 1 <= n[0] <= n[1],
+            "scaling.num_workers",
+            n,
+            "an integer >= 1, or [min, max] with 1 <= min <= max (elastic)",
+        )
+        _check(
+            self.resize_interval_s > 0,
+            "scaling.resize_interval_s",
+            self.resize_interval_s,
+            "a positive number of seconds",
+        )
         _check(
             self.blocks is None or (len(self.blocks) > 0 and all(self.blocks)),
             "scaling.blocks",
@@ -101,6 +120,19 @@ class ScalingSpec:
             self.data_cpus,
             "a positive number or null",
         )
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run trains on (all of them, when it is not elastic)."""
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
 
 
 @dataclass(frozen=True)
@@ -180,7 +212,7 @@ class ResourcePlan:
         lines = [
             f"cluster: {len(up.cpus)} node(s), {up.total_cpus:g} CPUs, {up.total_gpus:g} GPUs"
             + (more or ""),
-            f"training: {self.num_workers} worker(s) × {self.cpus_per_worker:g} CPU"
+            f"training: {self.workers_text} × {self.cpus_per_worker:g} CPU"
             + (f" + {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else "")
             + f", {self.torch_threads} torch thread(s) each, placement {self.placement_strategy}",
             f"Ray Data: {self.data_cpus:g} CPU(s) kept free, {self.data_task_cpus:g} CPU per task",
@@ -189,6 +221,13 @@ class ResourcePlan:
 
     custom: dict[str, float] | None = None
     """Custom resources each worker asks for besides CPUs and GPUs."""
+    elastic: tuple[int, int] | None = None
+    """An elastic run's (min, max) workers: it starts once min fit; None: not elastic."""
+
+    @property
+    def starts_with(self) -> int:
+        """The workers that must fit for the run to start."""
+        return self.elastic[0] if self.elastic else self.num_workers
 
     def worker_resources(self) -> dict[str, float]:
         res = {"CPU": self.cpus_per_worker}
@@ -199,7 +238,15 @@ class ResourcePlan:
     @property
     def needs_new_nodes(self) -> bool:
         """Whether the workers fit only once the autoscaler has added nodes."""
-        return _places(self.worker_resources(), self.nodes.alive) < self.num_workers
+        return _places(self.worker_resources(), self.nodes.alive) < self.starts_with
+
+    @property
+    def workers_text(self) -> str:
+        """`2 worker(s)`, or `1 to 3 worker(s), elastic (3 fit now)`."""
+        if self.elastic is None:
+            return f"{self.num_workers} worker(s)"
+        low, high = self.elastic
+        return f"{low} to {high} worker(s), elastic ({self.num_workers} fit now)"
 
 
 def short_of(wanted: dict[str, float], free: dict[str, float]) -> dict[str, float]:
@@ -245,11 +292,25 @@ def _fits(per_worker: float, workers: int, node_cpus: tuple[float, ...]) -> bool
 
 
 def plan_resources(scaling: ScalingSpec, nodes: Nodes) -> ResourcePlan:
-    """Share `nodes` between `scaling.num_workers` training workers and Ray Data.
+    """Share `nodes` between `scaling.num_workers` training workers and Ray Data; an elastic
+    run is planned at the most workers that fit now (each worker's share is what it keeps
+    when more fit later).
 
-    Raises SpecError when the workers cannot fit or would leave Ray Data no CPU.
+    Raises SpecError when the workers (an elastic run's `min`) cannot fit or would leave Ray
+    Data no CPU.
     """
-    w = scaling.num_workers
+    if not scaling.elastic:
+        return _plan(scaling.num_workers, scaling, nodes)
+    elastic = (scaling.min_workers, scaling.max_workers)
+    for w in range(scaling.max_workers, scaling.min_workers, -1):
+        try:
+            return dataclasses.replace(_plan(w, scaling, nodes), elastic=elastic)
+        except SpecError:
+            continue
+    return dataclasses.replace(_plan(scaling.min_workers, scaling, nodes), elastic=elastic)
+
+
+def _plan(w: int, scaling: ScalingSpec, nodes: Nodes) -> ResourcePlan:
     total = nodes.total_cpus
     most = math.floor((total - MIN_DATA_CPUS) / MIN_WORKER_CPUS + 1e-9)
     if w > most:

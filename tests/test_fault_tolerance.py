@@ -143,34 +143,63 @@ def test_a_text_run_resumes_in_the_middle_of_a_pass_exactly(
     assert run.data.tags["trainyard.restarts"] == "1"
 
 
-def test_a_killed_worker_node_costs_minutes_not_the_run(ray_cluster, tracking_uri, tmp_path):
+def test_an_elastic_run_loses_a_node_and_finishes_on_the_workers_left(
+    ray_cluster, tracking_uri, tmp_path
+):
+    """Workers [1, 3], one per node: a worker node killed mid-run (its raylet and workers,
+    SIGKILL) costs the epoch in flight, not the run: Ray Train restarts it from the newest
+    checkpoint on the 2 workers that fit, without a human, on the same global batches of 24
+    (now 2 × 12), and it finishes as one MLflow run that records the resize."""
+    name = "elastic"
+    # (the first restart asks for the killed node too, until the cluster knows it is gone:
+    # that try ends after start_timeout_s, and the next starts on the 2 left)
+    elastic = (
+        "scaling.num_workers=[1, 3]",
+        "scaling.resize_interval_s=5",
+        "scaling.start_timeout_s=30",
+        "train.batch_size=24",
+    )
     result = {}
     thread = threading.Thread(
-        target=lambda: result.update(
-            rc=main(args(tmp_path, "node-kill", 2, *SLOW, "scaling.max_failures=1"))
-        )
+        target=lambda: result.update(rc=main(args(tmp_path, name, 3, *SLOW, *elastic)))
     )
     thread.start()
-    run_id = wait_for_epoch(tracking_uri, "node-kill", 1)
-    wait_for_checkpoint(tmp_path, "node-kill", 1)
-    tags = MlflowClient(tracking_uri).get_run(run_id).data.tags
-    victim = next(
-        node for node in ray_cluster.worker_nodes if node.node_id in tags["worker_nodes"].split(",")
-    )
-    killed_at = time.time()
-    ray_cluster.remove_node(victim, allow_graceful=False)  # its raylet and workers, SIGKILL
-    ray_cluster.add_node(num_cpus=1)  # the replacement an autoscaler would bring
-    thread.join(timeout=600)
+    client = MlflowClient(tracking_uri)
+    try:
+        # (it starts on the workers that fit at once, and grows to 3 within resize_interval_s)
+        deadline = time.monotonic() + 240
+        while True:
+            run_id = wait_for_epoch(tracking_uri, name, 1)
+            tags = client.get_run(run_id).data.tags
+            if tags.get("num_workers") == "3" and len(tags["worker_nodes"].split(",")) == 3:
+                break
+            assert time.monotonic() < deadline, tags
+            time.sleep(0.2)
+        wait_for_checkpoint(tmp_path, name, 1)
+        victim = next(
+            node
+            for node in ray_cluster.worker_nodes
+            if node.node_id in tags["worker_nodes"].split(",")
+        )
+        killed_at = time.time()
+        ray_cluster.remove_node(victim, allow_graceful=False)
+        thread.join(timeout=600)
+    finally:
+        ray_cluster.add_node(num_cpus=1)  # (the session's cluster has 3 nodes for later tests)
     assert result.get("rc") == 0
-    run = assert_one_clean_run(tracking_uri, "node-kill", 2)
-    assert final_state(tmp_path, "node-kill").epoch == 2
+    run = assert_one_clean_run(tracking_uri, name, 3)
+    assert final_state(tmp_path, name).epoch == 3
     tags = run.data.tags
-    resumed_after = int(tags["trainyard.restart.1"].split()[2])
+    last = tags[f"trainyard.restart.{tags['trainyard.restarts']}"]
+    assert last.endswith("on 2 worker(s) (was 3)"), last
+    assert int(last.split()[2]) >= 1  # from a checkpoint, not from the start
+    sizes = [int(m.value) for m in client.get_metric_history(run.info.run_id, "num_workers")]
+    assert sizes[-2:] == [3, 2], sizes  # one point per start
+    assert tags["num_workers"] == "2"
     print(
-        f"node kill: training resumed {float(tags['trainyard.resumed_step_at']) - killed_at:.1f}"
-        f" s after the kill, from the checkpoint of epoch {resumed_after}"
+        f"elastic node kill: sizes per start {sizes}; training resumed "
+        f"{float(tags['trainyard.resumed_step_at']) - killed_at:.1f} s after the kill, {last}"
     )
-    assert resumed_after >= 1
 
 
 def test_a_killed_driver_is_resumed_in_the_same_run(ray_cluster, tracking_uri, tmp_path):

@@ -32,6 +32,17 @@ def test_plan_fits_workers_on_nodes():
     assert big.cpus_per_worker == 6.0 and big.torch_threads == 6 and big.data_cpus == 4.0
 
 
+def test_an_elastic_run_is_planned_at_the_most_workers_that_fit_and_needs_its_least():
+    three = Nodes(cpus=(1.0, 1.0, 1.0), gpus=(0, 0, 0))
+    plan = plan_resources(ScalingSpec(num_workers=[1, 3]), three)
+    assert (plan.num_workers, plan.elastic, plan.cpus_per_worker) == (3, (1, 3), 0.75)
+    assert "1 to 3 worker(s), elastic (3 fit now) × 0.75 CPU" in plan.describe()
+    fewer = plan_resources(ScalingSpec(num_workers=[2, 3], cpus_per_worker=1.0), three)
+    assert (fewer.num_workers, fewer.starts_with) == (2, 2)  # 3 would leave Ray Data nothing
+    with pytest.raises(SpecError, match="scaling.cpus_per_worker: 2 worker"):
+        plan_resources(ScalingSpec(num_workers=[2, 3], cpus_per_worker=1.5), three)
+
+
 def test_workers_that_do_not_fit_a_node_are_refused():
     with pytest.raises(SpecError, match="do not fit on nodes"):
         plan_resources(

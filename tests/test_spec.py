@@ -25,6 +25,17 @@ def test_defaults_and_roundtrip():
     assert spec.train.epochs == 30 and spec.amp.mode == "auto" and spec.scaling.num_workers == 2
     assert RunSpec.from_dict(spec.to_dict()) == spec
     assert spec.flat()["train.lr"] == 1e-3
+    elastic = load_spec_from(spec, "scaling.num_workers=[1, 3]", "train.batch_size=24")
+    assert RunSpec.from_dict(elastic.to_dict()) == elastic and elastic.scaling.elastic
+    # the same global batch at every size it may train on: micro-batches follow the size
+    assert [elastic.at_world(n).micro_batch_size for n in (1, 2, 3)] == [24, 12, 8]
+
+
+def load_spec_from(spec: RunSpec, *overrides: str) -> RunSpec:
+    raw = spec.to_dict()
+    for item in overrides:
+        apply_override(raw, item)
+    return RunSpec.from_dict(raw)
 
 
 def test_unknown_key_names_the_closest(tmp_path):
@@ -46,6 +57,11 @@ def test_unknown_key_names_the_closest(tmp_path):
         ("scaling: {use_gpu: yes please}", r"scaling\.use_gpu: expected true or false"),
         ("scaling: {strategy: zero}", r"scaling\.strategy: expected one of ddp, fsdp"),
         ("scaling: {blocks: []}", r"scaling\.blocks: expected a list of module class names"),
+        ("scaling: {num_workers: [3, 1]}", r"scaling\.num_workers: expected .* \[min, max\]"),
+        (
+            "scaling: {num_workers: [1, 3]}",
+            r"train\.batch_size: .* multiple of 3 worker\(s\) .* \(elastic: every size from 1",
+        ),
         ("tracking: {alias: champion}", r"tracking\.alias: expected a tracking\.register_as"),
         ("tracking: {register_as: d, alias: v2}", r"tracking\.alias: expected letters, digits"),
         (

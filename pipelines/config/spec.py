@@ -73,7 +73,7 @@ class RunSpec:
                 None,
                 "classification or regression, unless train.loss names your own loss",
             )
-        tr, workers = self.train, self.scaling.num_workers
+        tr, sc = self.train, self.scaling
         if tr.tokens_per_step is not None:
             _check(
                 self.context is not None and tr.tokens_per_step % self.context == 0,
@@ -83,20 +83,28 @@ class RunSpec:
                 if self.context
                 else "unset outside the text pipeline",
             )
-        if tr.micro_batch_size is not None:
-            per_step = workers * tr.micro_batch_size
-            what = f"scaling.num_workers × train.micro_batch_size = {per_step}"
-        else:
-            per_step = workers * tr.grad_accum_steps
-            what = f"scaling.num_workers × train.grad_accum_steps = {per_step}"
+        per_worker, key = (
+            (tr.micro_batch_size, "train.micro_batch_size")
+            if tr.micro_batch_size is not None
+            else (tr.grad_accum_steps, "train.grad_accum_steps")
+        )
         name = "train.tokens_per_step" if tr.tokens_per_step else "train.batch_size"
         value = tr.tokens_per_step or tr.batch_size
-        _check(
-            self.global_batch % per_step == 0,
-            name,
-            value,
-            f"a global batch ({self.global_batch} samples) that is a multiple of {what}",
-        )
+        # (an elastic run may train on any number of workers from min to max)
+        for workers in range(sc.min_workers, sc.max_workers + 1):
+            per_step = workers * per_worker
+            _check(
+                self.global_batch % per_step == 0,
+                name,
+                value,
+                f"a global batch ({self.global_batch} samples) that is a multiple of "
+                f"{workers} worker(s) × {key} = {per_step}"
+                + (
+                    f" (elastic: every size from {sc.min_workers} to {sc.max_workers})"
+                    if sc.elastic
+                    else ""
+                ),
+            )
 
     @property
     def context(self) -> int | None:
@@ -118,18 +126,26 @@ class RunSpec:
     def accum_steps(self) -> int:
         """Micro-batches per optimizer step on each worker."""
         if self.train.micro_batch_size is not None:
-            return self.global_batch // (self.scaling.num_workers * self.train.micro_batch_size)
+            return self.global_batch // (self.scaling.max_workers * self.train.micro_batch_size)
         return self.train.grad_accum_steps
 
     @property
     def micro_batch_size(self) -> int:
         """Samples one worker feeds through the model per forward pass."""
-        return self.global_batch // (self.scaling.num_workers * self.accum_steps)
+        return self.global_batch // (self.scaling.max_workers * self.accum_steps)
 
     @property
     def eval_batch_size(self) -> int:
         """Samples one worker feeds through the model per validation forward pass."""
         return self.train.eval_batch_size or self.micro_batch_size
+
+    def at_world(self, world: int) -> RunSpec:
+        """This spec as trained on `world` workers (an elastic run's size of the moment): the
+        same global batch, its micro-batches and accumulation split over `world`."""
+        if self.scaling.num_workers == world:
+            return self
+        scaling = dataclasses.replace(self.scaling, num_workers=world)
+        return dataclasses.replace(self, scaling=scaling)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -238,8 +254,15 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(name, value, inner)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # `int | list[int]`: the list when a list is given
+            listed = [a for a in inner if typing.get_origin(a) is list]
+            inner = (
+                listed
+                if isinstance(value, list) and listed
+                else [a for a in inner if a not in listed]
+            )
+        return _coerce(name, value, inner[0])
     if origin is Literal:
         _check(value in args, name, value, "one of " + ", ".join(map(str, args)))
         return value

@@ -320,23 +320,33 @@ class RankZeroLogger:
         """Store `text` as the run's artifact `artifact_file`."""
         self._later(lambda client: client.log_text(self.run_id, text, artifact_file))
 
-    def started(self, checkpoint_epoch: int | None) -> None:
-        """This attempt starts, from the checkpoint of `checkpoint_epoch` (None: from the
-        start). A start after a checkpoint, or after an earlier attempt that trained (its
-        first step is tagged), is a restart: counted and tagged with when and from where."""
-        self._later(lambda client: self._record_start(client, checkpoint_epoch, time.time()))
+    def started(self, checkpoint_epoch: int | None, world: int) -> None:
+        """This attempt starts on `world` workers, from the checkpoint of `checkpoint_epoch`
+        (None: from the start). A start after a checkpoint, or after an earlier attempt that
+        trained (its first step is tagged), is a restart: counted and tagged with when, from
+        where and on how many workers (the metric num_workers, one point per start, shows an
+        elastic run's sizes)."""
+        at = time.time()
+        self._later(lambda client: self._record_start(client, checkpoint_epoch, world, at))
 
-    def _record_start(self, client: Any, checkpoint_epoch: int | None, at: float) -> None:
+    def _record_start(
+        self, client: Any, checkpoint_epoch: int | None, world: int, at: float
+    ) -> None:
         tags = client.get_run(self.run_id).data.tags
         self._restarted = checkpoint_epoch is not None or "trainyard.first_step_at" in tags
+        count = int(tags.get("trainyard.restarts", 0)) + self._restarted
+        self._log_metrics(client, {"num_workers": world}, count, int(at * 1000))
         if not self._restarted:
             return
         after = checkpoint_epoch or 0
-        count = int(tags.get("trainyard.restarts", 0)) + 1
-        when = f"after epoch {after} at {at:.3f}"
+        was = tags.get("num_workers")  # (the earlier attempt's size, until this one tags its own)
+        resized = f" (was {was})" if was and was != str(world) else ""
+        when = f"after epoch {after} at {at:.3f} on {world} worker(s){resized}"
         self._log_tags(client, {"trainyard.restarts": count, f"trainyard.restart.{count}": when})
         self._log_metrics(client, {"restarted_after_epoch": after}, count, int(at * 1000))
-        logging.getLogger("trainyard").info(f"restart {count}: resuming after epoch {after}")
+        logging.getLogger("trainyard").info(
+            f"restart {count}: resuming after epoch {after} on {world} worker(s){resized}"
+        )
 
     def first_step(self, at: float) -> None:
         """This attempt's first optimizer step finished at `at` (a restart's: resumed_step_at)."""

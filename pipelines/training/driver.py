@@ -185,11 +185,13 @@ def held_per_worker(spec: RunSpec, net: Any, params: int) -> str:
     sc = spec.scaling
     blocks = parallel.block_names(net, sc.blocks)
     found = len(parallel.blocks_of(net, blocks))
-    held = parallel.per_rank_bytes(params, sc.strategy, sc.num_workers, spec.train.optimizer)
+    # (an elastic run's workers hold the most when there are fewest of them)
+    held = parallel.per_rank_bytes(params, sc.strategy, sc.min_workers, spec.train.optimizer)
     line = f"trainyard: each worker holds {parallel.describe_bytes(held)} ({sc.strategy}"
     if sc.strategy == "fsdp":
         unit = f"{found} × {'/'.join(blocks)}" if found else "the whole model as one unit"
-        line += f" over {sc.num_workers} workers, sharding {unit}"
+        fewest = ", the fewest of this elastic run" if sc.elastic else ""
+        line += f" over {sc.min_workers} workers{fewest}, sharding {unit}"
     return line + ")"
 
 
@@ -212,13 +214,14 @@ def dry_run(spec: RunSpec) -> None:
     print("# resource plan")
     print(plan.describe())
     print(
-        f"# global batch {spec.global_batch}: {plan.num_workers} worker(s) × "
+        f"# global batch {spec.global_batch}: {spec.scaling.max_workers} worker(s) × "
         f"{spec.accum_steps} micro-batch(es) of {spec.micro_batch_size}"
         + (f" × {spec.context} tokens" if spec.context else "")
     )
     if user_model:
         rows_per_step = spec.micro_batch_size * spec.accum_steps
-        data = pipeline.prepare(spec, plan.data_task_cpus, plan.num_workers, rows_per_step, None)
+        workers = spec.scaling.max_workers
+        data = pipeline.prepare(spec, plan.data_task_cpus, workers, rows_per_step, None)
         checked_model(spec, data)
 
 
@@ -336,13 +339,19 @@ def run(
     # 1. Data: read, validate, split and preprocess on the driver (bad input stops here);
     #    the model is built once here, so a bad one stops here too.
     pipeline = pipeline_module(spec)
-    rows_per_step = spec.micro_batch_size * spec.accum_steps  # per worker
+    rows_per_step = spec.micro_batch_size * spec.accum_steps  # per worker, at the most workers
+    workers = spec.scaling.max_workers
     if options.data is not None:
         data = options.data
-        check_row_counts(data.num_train, data.num_validation, plan.num_workers, rows_per_step)
+        check_row_counts(data.num_train, data.num_validation, workers, rows_per_step)
     else:
-        data = pipeline.prepare(
-            spec, plan.data_task_cpus, plan.num_workers, rows_per_step, place.read_args
+        data = pipeline.prepare(spec, plan.data_task_cpus, workers, rows_per_step, place.read_args)
+    if spec.scaling.elastic and not global_order(data):
+        raise SpecError(
+            f"scaling.num_workers: {spec.scaling.num_workers} (elastic) needs training data "
+            "every worker holds in memory, drawn in the same global batches at any size; "
+            "these are streamed to each worker (too big, or augmented every pass): use a "
+            "fixed number of workers"
         )
     recipe = checked_model(spec, data)
     tags = options.tags

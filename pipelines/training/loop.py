@@ -112,9 +112,11 @@ def set_up(config: dict[str, Any]) -> Worker:
     logging.getLogger().setLevel(logging.WARNING)
     logger.setLevel(logging.INFO)
     quiet_ray_data()  # the workers read the data themselves
-    spec, job = RunSpec.from_dict(config["spec"]), WorkerJob.from_dict(config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # (an elastic run's micro-batches and accumulation follow the size it got)
+    spec = RunSpec.from_dict(config["spec"]).at_world(world)
+    job = WorkerJob.from_dict(config["job"])
     torch.set_num_threads(job.torch_threads)
     torch.manual_seed(spec.train.seed)  # the same initial weights on every rank
     model = build_model(job.model)
@@ -196,7 +198,7 @@ def resume(w: Worker, checkpoint: Any) -> None:
         w.first_epoch = state.epoch + 1
         w.position = resumed_position(state, w.spec) or w.position
         w.elapsed = state.elapsed
-    w.log.started(w.first_epoch - 1 if checkpoint is not None else None)
+    w.log.started(w.first_epoch - 1 if checkpoint is not None else None, w.world)
 
 
 def resumed_position(state: checkpoints.TrainingState, spec: RunSpec) -> tuple[int, int] | None:

@@ -104,7 +104,7 @@ def fit(
         free = ray.available_resources()
         free = format_resources({k: free.get(k, 0.0) for k in ("CPU", *asked)}, zeros=True)
         raise WorkersNotPlaced(
-            f"the {plan.num_workers} training worker(s) ({format_resources(asked)} each) "
+            f"the {plan.starts_with} training worker(s) ({format_resources(asked)} each) "
             "could not be placed "
             f"within {start_timeout_s:g} s (scaling.start_timeout_s); free on the cluster "
             f"now: {free}. Other jobs may hold the resources: wait for them, "
@@ -121,7 +121,7 @@ def waiting_notice(plan: Any, start_timeout_s: float) -> str | None:
 
     from trainyard.cluster.resources import format_resources
 
-    needed = {k: v * plan.num_workers for k, v in plan.worker_resources().items()}
+    needed = {k: v * plan.starts_with for k, v in plan.worker_resources().items()}
     # Ray's view of free resources lags the data's last tasks by up to a second.
     free = wait_for_free(needed, timeout_s=1.5)
     short = short_of(needed, free)
@@ -185,9 +185,10 @@ def make_trainer(
 
     from trainyard.pipelines.training.loop import train_loop_per_worker
 
-    max_failures = spec.scaling.max_failures
+    sc = spec.scaling
+    max_failures = sc.max_failures
     if max_failures is None:
-        max_failures = 2 if len(plan.nodes.cpus) > 1 else 0
+        max_failures = 2 if len(plan.nodes.cpus) > 1 or sc.elastic else 0
     datasets = {"validation": data.validation}
     if data.per_epoch is None:  # else each rank gets its own shard, mapped anew every pass
         datasets["train"] = data.train
@@ -195,10 +196,11 @@ def make_trainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.to_dict(), "job": job.to_dict()},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=plan.num_workers,
-            use_gpu=spec.scaling.use_gpu,
+            num_workers=plan.elastic or plan.num_workers,
+            use_gpu=sc.use_gpu,
             resources_per_worker=plan.worker_resources(),
             placement_strategy=plan.placement_strategy,
+            elastic_resize_monitor_interval_s=sc.resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=place.run_name,
@@ -206,9 +208,11 @@ def make_trainer(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             # A worker group that cannot be placed within start_timeout_s fails the run
-            # (Ray's default retries it forever).
+            # (Ray's default retries it forever); an elastic run tries twice more, each time
+            # at the size that fits then (after a node is lost, the cluster's view of it can
+            # lag the restart by tens of seconds, and the first try asks for it too).
             failure_config=ray.train.FailureConfig(
-                max_failures=max_failures, controller_failure_limit=0
+                max_failures=max_failures, controller_failure_limit=2 if sc.elastic else 0
             ),
             callbacks=list(callbacks),
         ),

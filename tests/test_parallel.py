@@ -183,6 +183,56 @@ def test_a_whole_state_loads_without_torch_distributed_at_another_world_size(tra
     optimizer.step()
 
 
+def _resume_at_three(rank: int, port: int, saved: dict, results) -> None:
+    """What FSDP on 2 ranks saved, loaded by 3 FSDP ranks (shards of other sizes), trained a
+    step: every rank's moments loaded, the same step on all."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=3)
+    torch.set_num_threads(1)
+    torch.manual_seed(1)
+    model = build_model("gpt", **GPT)
+    model.load_state_dict(saved["model_state"])  # (the loop loads weights, then shards)
+    model = parallel.shard(model, torch.device("cpu"), 3, ["Block"], None)
+    optimizer = make_optimizer(model, TrainSpec())
+    make_scheduler(optimizer, TrainSpec(), STEPS)  # (as the loop builds them, before loading)
+    parallel.load_optimizer(model, optimizer, saved["optim_state"])
+    moments = [s["exp_avg"].to_local() for s in optimizer.state.values()]
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
+    task_loss("lm")(model(x), torch.roll(x, -1, 1)).backward()
+    optimizer.step()
+    results[rank] = {
+        "held": parallel.local_bytes(model.parameters()),
+        "moments": sum(float(m.abs().sum()) for m in moments),
+        "digest": param_digest(model),
+    }
+    dist.destroy_process_group()
+
+
+def test_a_state_saved_by_two_ranks_resumes_sharded_over_three(trained):
+    saved = trained[(0, "fsdp", "None")]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_resume_at_three, args=(free_port(), saved, results), nprocs=3, join=True)
+        results = dict(results)
+    assert sum(r["held"] for r in results.values()) / saved["full"] == pytest.approx(1, abs=0.02)
+    assert all(r["moments"] > 0 for r in results.values())  # each rank got its moments' shard
+    assert len({r["digest"] for r in results.values()}) == 1  # one model after the step
+
+
+def test_dry_run_sizes_the_gpt_and_what_each_worker_holds(capsys):
+    """No Ray, no data: the spec gives GPT's shape (the tokenizer's vocabulary, the context)."""
+    from trainyard.pipelines.cli import main
+
+    config = "configs/stdlib-gpt-tiny.yaml"
+    assert main(["train", config, "--dry-run", "--set", "scaling.strategy=fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "gpt(vocab_size=256, context=128, n_layer=4" in out and "0.837M parameters" in out
+    tiny = build_model("gpt", vocab_size=256, context=128, n_layer=4, n_head=4, n_embd=128)
+    params = sum(p.numel() for p in tiny.parameters())
+    held = parallel.per_rank_bytes(params, "fsdp", 2, "adamw")
+    assert f"each worker holds {parallel.describe_bytes(held)} (fsdp over 2 worker(s)" in out
+
+
 def test_blocks_are_found_by_class_name_and_a_wrong_name_is_one_line():
     assert parallel.block_names(build_model("mlp", in_features=4, out_features=2)) == ["Linear"]
     net = Stack()

@@ -231,6 +231,12 @@ class Pipeline(Protocol):
         """Pictures of the run beyond its curves, written into `directory`: their paths."""
         ...
 
+    def model_facts(self, spec: Any) -> dict[str, Any] | None:
+        """The facts the model is built from that the spec alone gives (text: the tokenizer's
+        vocabulary and the context), for --dry-run to size the model without Ray or data;
+        None where the data decide them."""
+        ...
+
 
 def pipeline_module(spec: Any) -> Pipeline:
     """The module that implements the spec's pipeline (trainyard.pipelines.data.common.Pipeline)."""

@@ -255,3 +255,8 @@ def metric_keys(spec: RunSpec) -> list[str]:
 def figures(spec: RunSpec, prepared: Prepared, net: Any, directory: Any) -> list[Any]:
     """None beyond the curves."""
     return []
+
+
+def model_facts(spec: RunSpec) -> None:
+    """The data decide the model's shape: known once they are read."""
+    return None

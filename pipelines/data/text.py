@@ -310,6 +310,11 @@ def describe_data(spec: RunSpec) -> None:
     return None
 
 
+def model_facts(spec: RunSpec) -> dict[str, Any]:
+    """The tokenizer's vocabulary and the context: all the built-in GPT needs."""
+    return {"vocab_size": load_tokenizer(spec.data.tokenizer).vocab_size, "context": spec.context}
+
+
 def metric_keys(spec: RunSpec) -> list[str]:
     """The metrics plotted into the run's curves."""
     return ["train_loss", "val_loss", "val_bits_per_byte", "tokens_per_s"]

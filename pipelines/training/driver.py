@@ -151,10 +151,7 @@ def checked_model(spec: RunSpec, data: Prepared) -> dict[str, Any]:
 
     recipe = user.model_recipe(spec.model, data.facts)
     net = user.build_model(recipe)
-    params = sum(p.numel() for p in net.parameters())
-    shown = ", ".join(f"{k}={v}" for k, v in recipe["kwargs"].items())
-    print(f"trainyard: model {recipe['name']}({shown}): {params / 1e6:.3g}M parameters")
-    print(held_per_worker(spec, net, params))
+    describe_model(spec, recipe, net)
     if isinstance(spec.model, UserModelSpec) or spec.train.loss:
         batch = data.train.take_batch(2, batch_format="numpy")
         dtypes = data.job.dtypes
@@ -177,6 +174,14 @@ def checked_model(spec: RunSpec, data: Prepared) -> dict[str, Any]:
     return recipe
 
 
+def describe_model(spec: RunSpec, recipe: dict[str, Any], net: Any) -> None:
+    """Print the model's size and what each worker holds of it."""
+    params = sum(p.numel() for p in net.parameters())
+    shown = ", ".join(f"{k}={v}" for k, v in recipe["kwargs"].items())
+    print(f"trainyard: model {recipe['name']}({shown}): {params / 1e6:.3g}M parameters")
+    print(held_per_worker(spec, net, params))
+
+
 def held_per_worker(spec: RunSpec, net: Any, params: int) -> str:
     """One line: what each worker holds under the spec's strategy, and the blocks FSDP shards
     one at a time (scaling.blocks naming no module of the model is a SpecError here)."""
@@ -191,7 +196,7 @@ def held_per_worker(spec: RunSpec, net: Any, params: int) -> str:
     if sc.strategy == "fsdp":
         unit = f"{found} × {'/'.join(blocks)}" if found else "the whole model as one unit"
         fewest = ", the fewest of this elastic run" if sc.elastic else ""
-        line += f" over {sc.min_workers} workers{fewest}, sharding {unit}"
+        line += f" over {sc.min_workers} worker(s){fewest}, sharding {unit}"
     return line + ")"
 
 
@@ -223,6 +228,14 @@ def dry_run(spec: RunSpec) -> None:
         workers = spec.scaling.max_workers
         data = pipeline.prepare(spec, plan.data_task_cpus, workers, rows_per_step, None)
         checked_model(spec, data)
+    elif (facts := pipeline.model_facts(spec)) is not None:  # sized without data or memory
+        import torch
+
+        from trainyard.pipelines.config import user
+
+        recipe = user.model_recipe(spec.model, facts)
+        with torch.device("meta"):
+            describe_model(spec, recipe, user.build_model(recipe))
 
 
 def check_split(spec: RunSpec, place: Place, data: Prepared) -> dict[str, str]:

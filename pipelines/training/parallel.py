@@ -73,10 +73,10 @@ def per_rank_bytes(params: int, strategy: str, world: int, optimizer: str) -> di
 
 
 def describe_bytes(held: dict[str, int]) -> str:
-    """'parameters 1.2 MB + gradients 1.2 MB + optimizer 2.4 MB = 4.8 MB'."""
-    mb = {k: v / 1e6 for k, v in held.items()}
-    parts = " + ".join(f"{k} {v:.3g} MB" for k, v in mb.items())
-    return f"{parts} = {sum(mb.values()):.3g} MB"
+    """'parameters 1.2 MB + gradients 1.2 MB + optimizer 2.4 MB = 4.8 MB' (GB from 1 GB)."""
+    scale, unit = (1e9, "GB") if sum(held.values()) >= 1e9 else (1e6, "MB")
+    parts = " + ".join(f"{k} {v / scale:.3g} {unit}" for k, v in held.items())
+    return f"{parts} = {sum(held.values()) / scale:.3g} {unit}"
 
 
 def local_bytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -128,7 +128,7 @@ def test_checkpoints_name_their_format_and_older_ones_still_load(tmp_path):
     fields, no `format`, its optimizer state keyed by position) loads as it was; a newer
     format, or what is not a training state, is refused in one line."""
     save(tmp_path, TrainingState(model={"w": torch.ones(1)}, epoch=3, data_position=(2, 5)))
-    assert torch.load(tmp_path / "state.pt", weights_only=True)["format"] == 3
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["format"] == 4
     before = {"model": {"w": torch.ones(1)}, "optimizer": {"state": {}}, "scheduler": {}}
     before |= {"scaler": {}, "epoch": 4, "model_recipe": {"name": "mlp", "kwargs": {}}}
     before |= {"spec": {"train": {"epochs": 5}}, "schedule_steps": 50}
@@ -138,7 +138,7 @@ def test_checkpoints_name_their_format_and_older_ones_still_load(tmp_path):
     assert (old.epoch, old.data_position, old.schedule_steps, old.elapsed) == (4, (3, 1), 50, 12.5)
     assert load(tmp_path, optimizer=False).optimizer is None
     for plain, why in [
-        ({**before, "format": 4}, "format 4, written by a newer trainyard"),
+        ({**before, "format": 5}, "format 5, written by a newer trainyard"),
         ({"weights": {}, "epoch": 1}, "not a trainyard training state"),
     ]:
         _write_as_is(tmp_path, plain)
@@ -168,6 +168,24 @@ def test_checkpoints_hold_tensors_and_plain_values_and_nothing_else_loads(tmp_pa
     digest = hashlib.sha256((tmp_path / "state.pt").read_bytes()).hexdigest()
     (tmp_path / "state.sha256").write_text(digest)
     with pytest.raises(CheckpointError, match="more than tensors and plain values"):
+        load(tmp_path)
+    assert "this ran" not in capsys.readouterr().out
+    # ... nor does a sharded one whose tensor index (DCP's pickled .metadata) would.
+    import pickle
+
+    from trainyard.pipelines.training.checkpoint import SHARDS_DIR, file_digest, save_shards
+
+    net = nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(net.parameters())
+    groups, digests = save_shards(net, optimizer, tmp_path / SHARDS_DIR)
+    state = TrainingState({}, epoch=1, optimizer={"param_groups": groups}, shards=digests)
+    save(tmp_path, state)
+    assert torch.equal(load(tmp_path).model["weight"], net.weight.detach())  # as it should be
+    index = tmp_path / SHARDS_DIR / ".metadata"
+    index.write_bytes(pickle.dumps(Payload()))
+    state.shards = {**digests, ".metadata": file_digest(index)}  # (its digest matches)
+    save(tmp_path, state)
+    with pytest.raises(CheckpointError, match="names builtins.print, which could run code"):
         load(tmp_path)
     assert "this ran" not in capsys.readouterr().out
 

@@ -4,7 +4,11 @@ blocks of built-in and user models found by class name."""
 
 from __future__ import annotations
 
+import copy
+import io
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from trainyard.cluster.errors import SpecError
 from trainyard.cluster.local import free_port
 from trainyard.models import build_model
 from trainyard.pipelines.config.train import TrainSpec
+from trainyard.pipelines.training import checkpoint as checkpoints
 from trainyard.pipelines.training import parallel
 from trainyard.pipelines.training.optim import make_optimizer, make_scheduler
 from trainyard.pipelines.training.step import evaluate, param_digest, task_loss, train_epoch
@@ -45,6 +50,38 @@ class Layer(nn.Module):
         return torch.relu(self.fc(x))
 
 
+def _whole(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The whole model's and optimizer's state dicts on rank 0 (a collective)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (
+        get_model_state_dict(model, options=options),
+        get_optimizer_state_dict(model, optimizer, options=options),
+    )
+
+
+class Results:
+    """What the ranks send back, as bytes: tensors sent through a multiprocessing manager share
+    memory with the sending process, which may reuse it for other tensors before the test reads
+    them (the tensors as they are when put)."""
+
+    def __init__(self, manager) -> None:
+        self.shared = manager.dict()
+
+    def __setitem__(self, key, value) -> None:
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        self.shared[key] = buffer.getvalue()
+
+    def read(self) -> dict:
+        return {k: torch.load(io.BytesIO(v), weights_only=False) for k, v in self.shared.items()}
+
+
 def _batches(rank: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(100 + rank)
     return [
@@ -53,7 +90,7 @@ def _batches(rank: int) -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def _train(rank: int, strategy: str, amp: torch.dtype | None) -> dict:
+def _train(rank: int, strategy: str, amp: torch.dtype | None, out: Path) -> dict:
     torch.manual_seed(0)
     model = build_model("gpt", **GPT)
     full_bytes = parallel.local_bytes(model.parameters())
@@ -85,8 +122,15 @@ def _train(rank: int, strategy: str, amp: torch.dtype | None) -> dict:
         metrics = evaluate(
             model, _batches(rank)[: 3 - rank], task="language_model", loss_fn=task_loss("lm")
         )
-    model_state, optim_state = parallel.full_state(model, optimizer)
+    model_state, optim_state = _whole(model, optimizer)
+    saved = {}
+    if (strategy, amp) == ("fsdp", None):  # a checkpoint as the loop writes it, each rank's part
+        part = out / f"rank{rank}"
+        part.mkdir()
+        groups, digests = checkpoints.save_shards(model, optimizer, part / checkpoints.SHARDS_DIR)
+        saved = {"part": part, "groups": groups, "digests": digests}
     return {
+        "saved": saved,
         "loss": stats.loss,
         "skipped": stats.skipped,
         "val_loss": metrics["val_loss"],
@@ -99,31 +143,44 @@ def _train(rank: int, strategy: str, amp: torch.dtype | None) -> dict:
     }
 
 
-def _worker(rank: int, port: int, cases: list, results) -> None:
+def _worker(rank: int, port: int, cases: list, out: Path, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     for strategy, amp in cases:
-        results[(rank, strategy, str(amp))] = _train(rank, strategy, amp)
+        results[(rank, strategy, str(amp))] = _train(rank, strategy, amp, out)
     # A user's model, its blocks named: sharded, trained a step, gathered whole.
     torch.manual_seed(0)
     net = parallel.shard(Stack(), torch.device("cpu"), 2, ["Layer"], None)
     optimizer = torch.optim.AdamW(net.parameters())
     net(torch.randn(4, 16)).square().mean().backward()
     optimizer.step()
-    state, _ = parallel.full_state(net, optimizer)
+    state, _ = _whole(net, optimizer)
     results[(rank, "stack")] = {"held": parallel.local_bytes(net.parameters()), "state": state}
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def trained() -> dict:
+def trained(tmp_path_factory) -> dict:
     cases = [("ddp", None), ("fsdp", None), ("fsdp+ac", None)]
     cases += [("fsdp", torch.bfloat16), ("fsdp", torch.float16)]
+    out = tmp_path_factory.mktemp("ranks")
     with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(free_port(), cases, results), nprocs=2, join=True)
-        return dict(results)
+        results = Results(manager)
+        mp.spawn(_worker, args=(free_port(), cases, out, results), nprocs=2, join=True)
+        results = results.read()
+    # Both ranks' parts merged into one directory, as Ray Train does, with rank 0's state file.
+    merged = out / "checkpoint"
+    for rank in (0, 1):
+        shutil.copytree(
+            results[(rank, "fsdp", "None")]["saved"]["part"], merged, dirs_exist_ok=True
+        )
+    first = results[(0, "fsdp", "None")]["saved"]
+    state = checkpoints.TrainingState(
+        model={}, epoch=1, optimizer={"param_groups": first["groups"]}, shards=first["digests"]
+    )
+    checkpoints.save(merged, state)
+    return results | {"checkpoint": merged}
 
 
 def test_fsdp_trains_like_ddp_on_half_the_bytes(trained):
@@ -173,7 +230,8 @@ def test_a_whole_state_loads_without_torch_distributed_at_another_world_size(tra
     model.load_state_dict(saved["model_state"])
     optimizer = make_optimizer(model, TrainSpec())
     make_scheduler(optimizer, TrainSpec(), STEPS)  # (as the loop builds them, before loading)
-    parallel.load_optimizer(model, optimizer, saved["optim_state"])
+    # (a copy: the optimizer keeps the step counts it loads, and its step would change them)
+    parallel.load_optimizer(model, optimizer, copy.deepcopy(saved["optim_state"]))
     moments = [s["exp_avg"] for s in optimizer.state.values()]
     assert len(moments) == len(list(model.parameters()))  # (each once: head and wte are tied)
     assert all(m.abs().sum() > 0 for m in moments)
@@ -183,19 +241,22 @@ def test_a_whole_state_loads_without_torch_distributed_at_another_world_size(tra
     optimizer.step()
 
 
-def _resume_at_three(rank: int, port: int, saved: dict, results) -> None:
-    """What FSDP on 2 ranks saved, loaded by 3 FSDP ranks (shards of other sizes), trained a
-    step: every rank's moments loaded, the same step on all."""
+def _resume_at_three(rank: int, port: int, checkpoint: Path, results) -> None:
+    """The checkpoint 2 FSDP ranks wrote, loaded by 3 FSDP ranks (shards of other sizes) as the
+    loop loads it, and trained a step."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=3)
     torch.set_num_threads(1)
-    torch.manual_seed(1)
-    model = build_model("gpt", **GPT)
-    model.load_state_dict(saved["model_state"])  # (the loop loads weights, then shards)
-    model = parallel.shard(model, torch.device("cpu"), 3, ["Block"], None)
+    torch.manual_seed(1)  # (other initial weights: the checkpoint's must replace them)
+    model = parallel.shard(build_model("gpt", **GPT), torch.device("cpu"), 3, ["Block"], None)
     optimizer = make_optimizer(model, TrainSpec())
     make_scheduler(optimizer, TrainSpec(), STEPS)  # (as the loop builds them, before loading)
-    parallel.load_optimizer(model, optimizer, saved["optim_state"])
+    state = checkpoints.load(checkpoint, tensors=False)
+    shards = checkpoint / checkpoints.SHARDS_DIR
+    checkpoints.load_shards(model, optimizer, shards, state.optimizer["param_groups"])
+    model_state, optim_state = _whole(model, optimizer)  # (rank 0's; the others' are empty)
+    if rank == 0:
+        results[(rank, "loaded")] = {"model": model_state, "optim": optim_state["state"]}
     moments = [s["exp_avg"].to_local() for s in optimizer.state.values()]
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
     task_loss("lm")(model(x), torch.roll(x, -1, 1)).backward()
@@ -208,15 +269,45 @@ def _resume_at_three(rank: int, port: int, saved: dict, results) -> None:
     dist.destroy_process_group()
 
 
-def test_a_state_saved_by_two_ranks_resumes_sharded_over_three(trained):
+def test_a_checkpoint_of_two_ranks_resumes_sharded_over_three_and_whole_in_one(trained):
+    """Each of 2 FSDP ranks wrote its shards (DCP) into a directory of its own, merged as Ray
+    Train merges them: 3 ranks load it exactly (model and optimizer), and so does one process
+    without torch.distributed (the driver, logging the model)."""
     saved = trained[(0, "fsdp", "None")]
+    checkpoint = trained["checkpoint"]
+    files = sorted(p.name for p in (checkpoint / checkpoints.SHARDS_DIR).iterdir())
+    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own
     with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_resume_at_three, args=(free_port(), saved, results), nprocs=3, join=True)
-        results = dict(results)
-    assert sum(r["held"] for r in results.values()) / saved["full"] == pytest.approx(1, abs=0.02)
-    assert all(r["moments"] > 0 for r in results.values())  # each rank got its moments' shard
-    assert len({r["digest"] for r in results.values()}) == 1  # one model after the step
+        results = Results(manager)
+        mp.spawn(_resume_at_three, args=(free_port(), checkpoint, results), nprocs=3, join=True)
+        results = results.read()
+    loaded = results[(0, "loaded")]
+    for name, value in saved["model_state"].items():
+        assert torch.equal(loaded["model"][name], value), name
+    for name, moments in saved["optim_state"]["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(loaded["optim"][name][key], value), (name, key)
+    ranks = [results[r] for r in range(3)]
+    assert sum(r["held"] for r in ranks) / saved["full"] == pytest.approx(1, abs=0.02)
+    assert all(r["moments"] > 0 for r in ranks)  # each rank got its moments' shard
+    assert len({r["digest"] for r in ranks}) == 1  # one model after the step
+    whole = checkpoints.load(checkpoint)  # no process group here
+    assert whole.model.keys() == saved["model_state"].keys()
+    assert all(torch.equal(whole.model[k], v) for k, v in saved["model_state"].items())
+    assert whole.optimizer["param_groups"] == saved["optim_state"]["param_groups"]
+    build_model("gpt", **GPT).load_state_dict(whole.model)
+
+
+def test_a_checkpoint_with_a_tensor_file_changed_or_missing_is_refused(trained, tmp_path):
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(trained["checkpoint"], copy)
+    part = copy / checkpoints.SHARDS_DIR / "__1_0.distcp"
+    part.write_bytes(part.read_bytes()[:-8])
+    with pytest.raises(checkpoints.CheckpointError, match=r"corrupt \(shards/__1_0.distcp"):
+        checkpoints.load(copy)
+    part.unlink()  # (a rank's part that never arrived: the workers check only that)
+    with pytest.raises(checkpoints.CheckpointError, match=r"incomplete \(no shards/__1_0"):
+        checkpoints.load(copy, tensors=False)
 
 
 def test_dry_run_sizes_the_gpt_and_what_each_worker_holds(capsys):

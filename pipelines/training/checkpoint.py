@@ -1,18 +1,25 @@
 """A training checkpoint: one typed state, written whole or not at all, versioned.
 
-Rank 0 writes it at the end of an epoch; the workers resume from it after a failure, the driver
-reads it to continue a run (`--resume`), to check a spec against it, and to log the trained
-model. On disk it is plain data, tensors and values only (`torch.load(weights_only=True)` reads
-nothing that could run code), the file hashed as it is written with its SHA-256 beside it.
+Every rank writes it at the end of an epoch: its shards of the model's and optimizer's tensors
+through `torch.distributed.checkpoint` (DCP; under DDP the ranks share the writing of the
+replicated tensors), rank 0 the rest — epoch, schedule, scaler, spec, data position, and the
+SHA-256 of every rank's tensor files — in one file, hashed as it is written, its SHA-256 beside
+it. Ray Train merges what the ranks report into one directory. The workers resume from it after
+a failure at any world size and either strategy (DCP reshards on load); the driver reads it to
+continue a run (`--resume`), to check a spec against it, and to log the trained model (whole,
+no process group needed). Nothing in it can run code as it loads: the state file is read with
+`torch.load(weights_only=True)`, DCP's tensor files likewise, and DCP's pickled index only
+through an unpickler that builds DCP's own metadata classes and nothing else.
 
-Formats: 3 keys the optimizer state by parameter name (it loads into DDP or FSDP at any world
-size); 2 and 1 (before the format had a name) keyed it by position, and still load.
+Formats: 4 is the above; 3 held whole state dicts gathered to rank 0, keyed by parameter name;
+2 and 1 (before the format had a name) keyed the optimizer state by position. All still load.
 A newer format than this trainyard reads is refused with one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import pickle
 from dataclasses import dataclass
@@ -21,8 +28,10 @@ from typing import Any
 
 from trainyard.cluster.errors import TrainyardError
 
-FORMAT = 3
+FORMAT = 4
 CHECKPOINT_FILE = "state.pt"
+SHARDS_DIR = "shards"
+"""Where format 4 keeps the model's and optimizer's tensors (a DCP checkpoint)."""
 DIGEST_FILE = "state.sha256"
 HASH_CHUNK = 1024**2
 
@@ -37,7 +46,8 @@ class TrainingState:
     """What a checkpoint holds: enough to continue training exactly, and to rebuild the model."""
 
     model: dict[str, Any]
-    """The whole model's state dict (gathered from the shards under FSDP)."""
+    """The whole model's state dict (format 4: read from the shards, unless `load` was asked
+    to leave them)."""
     epoch: int
     """The last epoch it finished."""
     model_recipe: dict[str, Any] | None = None
@@ -53,6 +63,9 @@ class TrainingState:
     """Where a stream of epochs of a set number of steps stood: (pass, batches taken)."""
     elapsed: float = 0.0
     """Training seconds so far."""
+    shards: dict[str, str] | None = None
+    """Format 4: each tensor file under SHARDS_DIR (every rank's) and its SHA-256; the
+    optimizer field then holds its param_groups, the tensors its state."""
 
     def build_model(self) -> Any:
         """The network this state holds, its weights loaded."""
@@ -102,10 +115,12 @@ def save(directory: str | Path, state: TrainingState) -> Path:
     return path
 
 
-def load(directory: str | Path, optimizer: bool = True) -> TrainingState:
+def load(directory: str | Path, optimizer: bool = True, tensors: bool = True) -> TrainingState:
     """The state `save` wrote to `directory`, after checking that it is complete and of a
     format this trainyard reads (CheckpointError otherwise). `optimizer=False` drops the
-    optimizer's state, which only the workers need."""
+    optimizer's state, which only the workers need; `tensors=False` leaves format 4's tensor
+    files unread (the workers read their shards with `load_shards`) and checks only that every
+    one of them is there."""
     import torch
 
     path = Path(directory) / CHECKPOINT_FILE
@@ -137,7 +152,145 @@ def load(directory: str | Path, optimizer: bool = True) -> TrainingState:
             f"checkpoint {directory} is not a trainyard training state "
             f"(unknown: {', '.join(unknown) or '-'}; model and epoch are needed)"
         )
+    shards = plain.get("shards")
+    if shards is not None:
+        check_shards(Path(directory), shards, digests=tensors)
+        with open(Path(directory) / SHARDS_DIR / ".metadata", "rb") as f:
+            read_index(f)  # (before DCP reads it: it unpickles it as it is)
+        if tensors:
+            keys = {"model", "optimizer"} if optimizer else {"model"}
+            read = _read_whole(Path(directory) / SHARDS_DIR, keys)
+            plain["model"] = read["model"]
+            if optimizer:
+                plain["optimizer"] = {"state": read["optimizer"], **plain["optimizer"]}
     if not optimizer:
         plain.pop("optimizer", None)
     position = plain.get("data_position")
     return TrainingState(**plain | {"data_position": tuple(position) if position else None})
+
+
+def check_shards(directory: Path, shards: dict[str, str], digests: bool) -> None:
+    """Every tensor file the state lists is there (and, with `digests`, is what was written):
+    CheckpointError otherwise."""
+    if ".metadata" not in shards:
+        raise CheckpointError(f"checkpoint {directory} is incomplete (its shards have no index)")
+    for name, digest in sorted(shards.items()):
+        path = directory / SHARDS_DIR / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {directory} is incomplete (no {SHARDS_DIR}/{name})")
+        if digests and file_digest(path) != digest:
+            raise CheckpointError(
+                f"checkpoint {directory} is corrupt ({SHARDS_DIR}/{name} does not match)"
+            )
+
+
+def save_shards(model: Any, optimizer: Any, directory: Path) -> tuple[list, dict[str, str]]:
+    """Write this rank's shards of the model's and optimizer's tensors into `directory` (a
+    collective: every rank calls it, each with a directory of its own, which Ray Train merges).
+    Returns the optimizer's param_groups and every rank's files with their SHA-256."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    tensors = {"model": model_state, "optimizer": optim_state["state"]}
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(directory))
+    mine = {p.name: file_digest(p) for p in sorted(directory.iterdir()) if p.is_file()}
+    every = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = [{}] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    return optim_state["param_groups"], {k: v for files in every for k, v in files.items()}
+
+
+def load_shards(model: Any, optimizer: Any, directory: Path, param_groups: list) -> None:
+    """Load a format-4 checkpoint's tensors into `model` and `optimizer` as they are trained
+    (sharded or whole, at any world size: DCP reads each rank's part). A collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # this rank's parts, to fill
+    tensors = {"model": model_state, "optimizer": optim_state["state"]}
+    dcp.load(tensors, storage_reader=_reader(directory))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=tensors["model"],
+        optim_state_dict={"state": tensors["optimizer"], "param_groups": param_groups},
+    )
+
+
+def _read_whole(directory: Path, keys: set[str]) -> dict[str, Any]:
+    """The tensors under `keys`, whole, in this process (no process group: the driver)."""
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():  # ("... assuming the intent is to load in a single process")
+        warnings.filterwarnings("ignore", "torch.distributed is unavailable or uninitialized")
+        return _load_state_dict_from_keys(keys, storage_reader=_reader(directory))
+
+
+def read_index(f: Any) -> Any:
+    """DCP's index of a checkpoint's tensors (its pickled `.metadata`), read by an unpickler
+    that builds DCP's own metadata classes, torch dtypes, sizes and layouts, and paths: nothing
+    that could run code. An index of anything but tensors is refused too (DCP reads those with
+    torch.load(weights_only=False)). CheckpointError otherwise."""
+    import torch
+    from torch.distributed.checkpoint import metadata as dcp_metadata
+
+    allowed = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("torch", "Size"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+    }
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if module == "torch.distributed.checkpoint.metadata" and not name.startswith("__"):
+                return getattr(dcp_metadata, name)
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
+            if (module, name) in allowed:
+                return super().find_class(module, name)
+            raise CheckpointError(
+                f"a checkpoint's tensor index names {module}.{name}, which could run code as "
+                "it loads; refused"
+            )
+
+    try:
+        metadata = Unpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"a checkpoint's tensor index is unreadable ({e})") from None
+    items = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(items, dict):
+        raise CheckpointError("a checkpoint's tensor index is not DCP's")
+    for key, item in items.items():
+        if not isinstance(item, dcp_metadata.TensorStorageMetadata):
+            raise CheckpointError(f"a checkpoint's tensor files hold a non-tensor value, {key}")
+    return metadata
+
+
+@functools.cache
+def _safe_reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """DCP's FileSystemReader, reading its index with `read_index`."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = read_index(f)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader
+
+
+def _reader(directory: Path) -> Any:
+    return _safe_reader_class()(directory)

@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,7 +89,10 @@ class Worker:
     """The dtype the step's autocast runs in: `amp_dtype` under DDP; None under FSDP, whose
     mixed-precision policy casts the parameters instead."""
     saved: checkpoints.TrainingState | None = None
-    """The checkpoint resumed from, until `distribute` has loaded its optimizer state."""
+    """The checkpoint resumed from, until `distribute` has loaded its optimizer state (and,
+    format 4, its tensors)."""
+    checkpoint: Any = None
+    """Ray Train's checkpoint of `saved` (where format 4's tensor files are)."""
     first_epoch: int = 1
     position: tuple[int, int] = (1, 0)
     """Where the data stream of epochs of a set number of steps stands: (pass, batches taken)."""
@@ -164,7 +168,13 @@ def distribute(w: Worker) -> None:
     w.scaler = parallel.grad_scaler(w.device, w.amp_dtype, sharded=sc.strategy == "fsdp")
     if w.saved is not None:
         state, w.saved = w.saved, None
-        parallel.load_optimizer(w.model, w.optimizer, state.optimizer)
+        if state.shards is not None:  # format 4: each rank reads its parts, resharded
+            with w.checkpoint.as_directory() as d:
+                shards = Path(d) / checkpoints.SHARDS_DIR
+                groups = state.optimizer["param_groups"]
+                checkpoints.load_shards(w.model, w.optimizer, shards, groups)
+        else:
+            parallel.load_optimizer(w.model, w.optimizer, state.optimizer)
         w.scheduler.load_state_dict(state.scheduler)
         w.scaler.load_state_dict(state.scaler)
     nodes = [ray.get_runtime_context().get_node_id()] * w.world
@@ -192,9 +202,10 @@ def resume(w: Worker, checkpoint: Any) -> None:
     failure, or the same run submitted again, with or without a checkpoint)."""
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = checkpoints.load(d)
-        w.model.load_state_dict(state.model)
-        w.saved = state
+            state = checkpoints.load(d, tensors=False)
+        if state.shards is None:  # formats 1-3: the whole model, loaded before it is sharded
+            w.model.load_state_dict(state.model)
+        w.saved, w.checkpoint = state, checkpoint
         w.first_epoch = state.epoch + 1
         w.position = resumed_position(state, w.spec) or w.position
         w.elapsed = state.elapsed
@@ -342,15 +353,18 @@ def report(
         )
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
-        due = last or epoch % tr.checkpoint_every == 0
-        # Whole state dicts keyed by parameter name, gathered to rank 0 (every rank takes part).
-        model_state, optim_state = parallel.full_state(w.model, w.optimizer) if due else ({}, {})
-        if rank == 0 and due:
+        if last or epoch % tr.checkpoint_every == 0:
+            # Every rank writes its shards; Ray Train merges the ranks' directories.
+            shards = Path(d) / checkpoints.SHARDS_DIR
+            groups, digests = checkpoints.save_shards(w.model, w.optimizer, shards)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        if rank == 0 and checkpoint is not None:
             state = checkpoints.TrainingState(
-                model=model_state,
+                model={},
                 epoch=epoch,
                 model_recipe=w.job.model,
-                optimizer=optim_state,
+                optimizer={"param_groups": groups},
+                shards=digests,
                 scheduler=w.scheduler.state_dict(),
                 scaler=w.scaler.state_dict(),
                 spec=redact(w.spec.to_dict()),  # what a resumed run must keep
@@ -359,7 +373,6 @@ def report(
                 elapsed=metrics["elapsed_s"],
             )
             checkpoints.save(d, state)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
         w.log.flush()
         inject_failure(w.job.inject_failure, epoch, rank)
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -141,26 +141,10 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """The whole model's and optimizer's state dicts, gathered to CPU on rank 0 (empty on the
-    other ranks). A collective: every rank calls it. Keys are parameter names, so the state loads
-    into any world size and either strategy."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
-    return model_state, optim_state
-
-
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load an optimizer state saved by `full_state` (keys are parameter names) on every rank,
-    each keeping its shards; a state of checkpoint formats 1 and 2 (keyed by position, written
-    under DDP) loads as it was saved."""
+    """Load a whole optimizer state of checkpoint format 3 (keys are parameter names) on every
+    rank, each keeping its shards; a state of formats 1 and 2 (keyed by position, written under
+    DDP) loads as it was saved."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     if all(isinstance(i, int) for g in state["param_groups"] for i in g["params"]):

@@ -185,7 +185,7 @@ def test_checkpoints_hold_tensors_and_plain_values_and_nothing_else_loads(tmp_pa
     index.write_bytes(pickle.dumps(Payload()))
     state.shards = {**digests, ".metadata": file_digest(index)}  # (its digest matches)
     save(tmp_path, state)
-    with pytest.raises(CheckpointError, match="names builtins.print, which could run code"):
+    with pytest.raises(CheckpointError, match=r"names \S*print, which could run code"):
         load(tmp_path)
     assert "this ran" not in capsys.readouterr().out
 

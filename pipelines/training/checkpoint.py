@@ -1,8 +1,8 @@
 """A training checkpoint: one typed state, written whole or not at all, versioned.
 
 Every rank writes it at the end of an epoch: its shards of the model's and optimizer's tensors
-through `torch.distributed.checkpoint` (DCP; under DDP the ranks share the writing of the
-replicated tensors), rank 0 the rest — epoch, schedule, scaler, spec, data position, and the
+through `torch.distributed.checkpoint` (DCP; tensors every rank holds, as under DDP, rank 0
+writes), rank 0 the rest — epoch, schedule, scaler, spec, data position, and the
 SHA-256 of every rank's tensor files — in one file, hashed as it is written, its SHA-256 beside
 it. Ray Train merges what the ranks report into one directory. The workers resume from it after
 a failure at any world size and either strategy (DCP reshards on load); the driver reads it to
@@ -194,7 +194,11 @@ def save_shards(model: Any, optimizer: Any, directory: Path) -> tuple[list, dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
     tensors = {"model": model_state, "optimizer": optim_state["state"]}
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(directory))
+    # Tensors every rank holds (DDP's parameters; buffers, which may differ by rank, such as
+    # BatchNorm's running statistics) are written by rank 0, as DDP's own broadcast would
+    # have them: a resumed run then continues exactly.
+    planner = dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True)
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(directory), planner=planner)
     mine = {p.name: file_digest(p) for p in sorted(directory.iterdir()) if p.is_file()}
     every = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:

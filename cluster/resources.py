@@ -47,6 +47,11 @@ class ScalingSpec:
     the modules of its `nn.ModuleList`s."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them."""
+    cpu_offload: bool = False
+    """`fsdp` only: keep each worker's shards of parameters, gradients and optimizer state in
+    CPU memory (FSDP2's CPUOffloadPolicy), copying a block to the GPU while it computes, so a
+    model whose shards do not fit the GPUs trains, slower (the optimizer steps on the CPU). On
+    CPU workers everything is in CPU memory already: it changes nothing."""
     use_gpu: bool = False
     cpus_per_worker: float | None = None
     """CPUs each training worker reserves; None lets the resource plan leave CPUs for Ray Data."""
@@ -77,6 +82,12 @@ class ScalingSpec:
             "scaling.num_workers",
             n,
             "an integer >= 1, or [min, max] with 1 <= min <= max (elastic)",
+        )
+        _check(
+            not self.cpu_offload or self.strategy == "fsdp",
+            "scaling.cpu_offload",
+            self.cpu_offload,
+            "false unless scaling.strategy is fsdp (DDP keeps the whole model on each device)",
         )
         _check(
             self.resize_interval_s > 0,

@@ -98,7 +98,8 @@ def _train(rank: int, strategy: str, amp: torch.dtype | None, out: Path) -> dict
     if strategy == "fsdp+ac":
         assert parallel.checkpoint_blocks(model, blocks) == GPT["n_layer"]
     if strategy.startswith("fsdp"):
-        model = parallel.shard(model, torch.device("cpu"), 2, blocks, amp)
+        offload = strategy == "fsdp+offload"  # (on CPUs: the same code path, nothing moves)
+        model = parallel.shard(model, torch.device("cpu"), 2, blocks, amp, offload)
     else:
         model = nn.parallel.DistributedDataParallel(model)
     train = TrainSpec(warmup_fraction=0.0, lr=1e-2)
@@ -162,7 +163,7 @@ def _worker(rank: int, port: int, cases: list, out: Path, results) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
-    cases = [("ddp", None), ("fsdp", None), ("fsdp+ac", None)]
+    cases = [("ddp", None), ("fsdp", None), ("fsdp+ac", None), ("fsdp+offload", None)]
     cases += [("fsdp", torch.bfloat16), ("fsdp", torch.float16)]
     out = tmp_path_factory.mktemp("ranks")
     with mp.Manager() as manager:
@@ -201,9 +202,10 @@ def test_fsdp_trains_like_ddp_on_half_the_bytes(trained):
         assert torch.allclose(fsdp["model_state"][name], value, atol=1e-5), name
 
 
-def test_activation_checkpointing_changes_memory_not_results(trained):
+def test_activation_checkpointing_and_offload_change_memory_not_results(trained):
     fsdp, ac = trained[(0, "fsdp", "None")], trained[(0, "fsdp+ac", "None")]
     assert ac["loss"] == pytest.approx(fsdp["loss"], rel=1e-6)
+    assert trained[(0, "fsdp+offload", "None")]["digest"] == fsdp["digest"]
     assert ac["model_state"].keys() == fsdp["model_state"].keys()  # no wrapper in the names
 
 

@@ -57,6 +57,7 @@ def test_unknown_key_names_the_closest(tmp_path):
         ("scaling: {use_gpu: yes please}", r"scaling\.use_gpu: expected true or false"),
         ("scaling: {strategy: zero}", r"scaling\.strategy: expected one of ddp, fsdp"),
         ("scaling: {blocks: []}", r"scaling\.blocks: expected a list of module class names"),
+        ("scaling: {cpu_offload: true}", r"scaling\.cpu_offload: expected false unless"),
         ("scaling: {num_workers: [3, 1]}", r"scaling\.num_workers: expected .* \[min, max\]"),
         (
             "scaling: {num_workers: [1, 3]}",

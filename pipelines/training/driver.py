@@ -197,6 +197,7 @@ def held_per_worker(spec: RunSpec, net: Any, params: int) -> str:
         unit = f"{found} × {'/'.join(blocks)}" if found else "the whole model as one unit"
         fewest = ", the fewest of this elastic run" if sc.elastic else ""
         line += f" over {sc.min_workers} worker(s){fewest}, sharding {unit}"
+        line += ", in CPU memory" if sc.cpu_offload else ""
     return line + ")"
 
 

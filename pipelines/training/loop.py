@@ -157,7 +157,7 @@ def distribute(w: Worker) -> None:
     if sc.activation_checkpointing:
         parallel.checkpoint_blocks(w.model, blocks)
     if sc.strategy == "fsdp":
-        w.model = parallel.shard(w.model, w.device, w.world, blocks, w.amp_dtype)
+        w.model = parallel.shard(w.model, w.device, w.world, blocks, w.amp_dtype, sc.cpu_offload)
     if tr.compile:
         w.model = torch.compile(w.model)
     if sc.strategy == "ddp":

@@ -105,18 +105,26 @@ def shard(
     world: int,
     blocks: list[str],
     amp_dtype: torch.dtype | None,
+    cpu_offload: bool = False,
 ) -> nn.Module:
     """FSDP2 over all `world` ranks: `fully_shard` on each block, then on the root (which
     keeps what no block holds: embeddings, heads, tied weights). An explicit device mesh: with
-    a gloo group on a machine with a GPU, FSDP2 would otherwise move the model to CUDA."""
+    a gloo group on a machine with a GPU, FSDP2 would otherwise move the model to CUDA. With
+    `cpu_offload` the shards (and gradients, and so the optimizer's state) stay in CPU memory."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world,))
-    policy = mixed_precision(amp_dtype)
+    options = {
+        "mesh": mesh,
+        "mp_policy": mixed_precision(amp_dtype),
+        "offload_policy": (
+            CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+        ),
+    }
     for block in blocks_of(model, blocks):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, **options)
+    fully_shard(model, **options)
     return model
 
 

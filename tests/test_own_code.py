@@ -2,8 +2,9 @@
 
 Without Ray: the `module:attr` seam and each of its errors. On the local multi-node cluster, as a
 user runs it (`trainyard train` from a copy of the example project): a torch Dataset read by Ray
-Data tasks, a model class, a focal loss and a per-epoch augmentation, resumed after a failure
-bit for bit, and the logged model loaded in a fresh process in another directory. (From the
+Data tasks, a model class sharded by FSDP on the blocks the spec names, a focal loss and a
+per-epoch augmentation, resumed after a failure bit for bit, and the logged model loaded in a
+fresh process in another directory. (From the
 example's directory, test_cluster_e2e sends preprocessing on the tabular pipeline with
 `trainyard submit`, and a Ray Dataset with a model factory with `ray job submit`.)
 """
@@ -176,12 +177,13 @@ def test_own_dataset_model_loss_and_augment_resume_exactly(
         "        f.write(f'{rng.random()!r}\\n')\n"
         "    return out\n"
     )
+    # Sharded by FSDP on the blocks named (WideNet's two Sequentials): a checkpoint of each
+    # rank's shards resumes bit for bit, and the model is logged whole.
     common = (
         "configs/cnn.yaml",
-        "--set",
-        "train.epochs=3",
-        "--set",
-        "data.augment=noted:jitter_noted",
+        *("--set", "train.epochs=3"),
+        *("--set", "data.augment=noted:jitter_noted"),
+        *("--set", "scaling.strategy=fsdp", "--set", "scaling.blocks=[Sequential]"),
     )
     straight = _train(project, tracking_uri, ray_cluster, *common, "--set", "tracking.run_name=cnn")
     noted = draws.read_text().split()
@@ -199,6 +201,7 @@ def test_own_dataset_model_loss_and_augment_resume_exactly(
     a = client.get_run(straight["run_id"]).data.tags
     b = client.get_run(resumed["run_id"]).data.tags
     assert b["trainyard.restarts"] == "1"
+    assert (a["strategy"], a["blocks"]) == ("fsdp", "Sequential")
     assert a["param_digests"] == b["param_digests"]  # bit for bit, augmentation included
     assert straight["metrics"] == resumed["metrics"]
     print(f"cnn.yaml, 3 epochs: val_accuracy {straight['metrics']['val_accuracy']:.4f}")

@@ -153,7 +153,7 @@ def test_an_elastic_run_loses_a_node_and_finishes_on_the_workers_left(
     from trainyard.cluster.resources import wait_for_free
 
     name = "elastic"
-    epochs = 6  # (epochs of 1-3 s: time to grow before it ends, then to lose a node)
+    epochs = 8  # (epochs of 1-3 s: time to grow before it ends, then to lose a node)
     # (the first restart asks for the killed node too, until the cluster knows it is gone:
     # that try ends after start_timeout_s, and the next starts on the workers left)
     elastic = (
@@ -172,9 +172,10 @@ def test_an_elastic_run_loses_a_node_and_finishes_on_the_workers_left(
     try:
         # It starts on the workers that fit then, and grows to 3 within resize_interval_s;
         # Ray's view of what fits also counts what Ray Data holds at that moment, so a run may
-        # keep 2 for a while: after 10 s of training it loses a node at the size it has.
+        # keep 2 (seen in CI, something else holding a CPU): after 3 s more it loses a node
+        # at the size it has, mid-run.
         run_id = wait_for_epoch(tracking_uri, name, 1)
-        grace = time.monotonic() + 10
+        grace = time.monotonic() + 3
         while True:
             tags = client.get_run(run_id).data.tags
             size, nodes = int(tags["num_workers"]), tags["worker_nodes"].split(",")

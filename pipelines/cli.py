@@ -70,7 +70,16 @@ def _add_cluster(commands) -> None:
     status.set_defaults(func=_cluster_status)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """The command with `argv` (None: this process's command line); `started` is when the
+    command started (default: this process's start for the command line, else now), what
+    `trainyard train` times its start-up from."""
+    import time
+
+    from trainyard.pipelines.training.startup import process_started
+
+    if started is None:
+        started = process_started() if argv is None else time.time()
     from trainyard.cluster import mlflow_server
     from trainyard.pipelines import bench
     from trainyard.pipelines.jobs import generate, predict, submit, tune
@@ -123,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:2] == ["submit", "--predict"]:
             return submit.predict_command(argv[2:])
         args = parser.parse_args(argv)
+        args.started = started
         return args.func(args)
     except TrainyardError as e:  # a mistake of the user's: one line, credentials masked
         print(f"trainyard: error: {redact_text(str(e))}", file=sys.stderr)

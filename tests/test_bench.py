@@ -14,6 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from trainyard.pipelines.bench import SUITES
+from trainyard.pipelines.training.startup import PHASES
 
 EXPECTED = {
     "preprocess": {"gil-holding", "gil-releasing"},
@@ -28,7 +29,8 @@ EXPECTED = {
     },
     "amp": None,  # one case per model, named after the device
     "tracking": {"step time", "share of step time in MLflow calls"},
-    "overhead": {"command to first step", "per-epoch time", "command to done"},
+    "overhead": {"command to first step", "per-epoch time", "command to done"}
+    | {f"trainyard: to {end}" for end in PHASES.values()},
 }
 
 
@@ -102,6 +104,12 @@ def test_every_contender_is_measured_and_ratios_match_the_timings(quick_bench):
         "plain torchrun script",
         "trainyard, running cluster",  # (--quick leaves out the cold start: a whole new Ray)
     }
+    # The run's start-up phases, as its tags record them, end in order, within its whole time.
+    ends = [contenders[("overhead", f"trainyard: to {end}")] for end in PHASES.values()]
+    ends = [c["trainyard, running cluster"]["median"] for c in ends]
+    assert ends == sorted(ends), ends
+    done = contenders[("overhead", "command to done")]["trainyard, running cluster"]["median"]
+    assert ends[-1] <= done
     for case in result["cases"]:
         ref = case["contenders"][case["reference"]]["median"]
         for name, c in case["contenders"].items():

@@ -13,6 +13,8 @@ from conftest import pyfunc_elsewhere, train
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_digits
 
+from trainyard.pipelines.training.startup import PHASES
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -50,6 +52,9 @@ def test_digits_is_one_finished_mlflow_run(digits_run, tracking_uri):
     assert run.data.metrics["val_accuracy"] == pytest.approx(digits_run["metrics"]["val_accuracy"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"spec.yaml", "curves.png"} <= artifacts
+    # Where its start went: seconds from the command to each phase's end, in order.
+    ends = [float(run.data.tags[f"trainyard.startup.{phase}_s"]) for phase in PHASES]
+    assert 0 < ends[0] and ends == sorted(ends), ends
 
 
 def test_digits_workers_ran_on_two_nodes_and_agree(digits_run, tracking_uri):

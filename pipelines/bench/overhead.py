@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainyard.pipelines.bench.core import Case, alternate, torchrun
+from trainyard.pipelines.training.startup import PHASES
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAIN, WARM, COLD = "plain torchrun script", "trainyard, running cluster", "trainyard, cold start"
@@ -31,6 +32,7 @@ def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
     timings: dict[str, dict[str, list[float]]] = {
         k: {PLAIN: [], WARM: [], COLD: []} for k in ("first", "epoch", "done")
     }
+    phases: dict[str, dict[str, list[float]]] = {p: {WARM: [], COLD: []} for p in PHASES}
 
     def record(name: str, launch: float, first_at: float, epoch_s: float) -> float:
         done = time.time() - launch
@@ -74,7 +76,9 @@ def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
             cwd=ROOT,
         )
         run_id = json.loads(summary.read_text())["run_id"]
-        first_at, elapsed = _from_mlflow(tracking_uri, run_id)
+        first_at, elapsed, seconds = _from_mlflow(tracking_uri, run_id)
+        for phase, s in seconds.items():
+            phases[phase][name].append(s)
         return record(name, launch, first_at, (elapsed[-1] - elapsed[0]) / (epochs - 1))
 
     import ray
@@ -98,14 +102,29 @@ def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
     ]
     cases[0].notes.append(recipe)
     cases[1].notes.append("training + evaluation + checkpoint, from the first epoch's end on")
+    for phase, values in phases.items():
+        if values := {n: v for n, v in values.items() if v}:
+            cases.append(
+                Case("overhead", f"trainyard: to {PHASES[phase]}", "s", False, WARM, values)
+            )
+    cases[3:4] and cases[3].notes.append(
+        "seconds from the driver process's start, as the run's tags trainyard.startup.* record "
+        "them; the worker group is up when rank 0's train function starts"
+    )
     return cases
 
 
-def _from_mlflow(uri: str, run_id: str) -> tuple[float, list[float]]:
-    """When the run's first optimizer step finished, and its elapsed time at each epoch."""
+def _from_mlflow(uri: str, run_id: str) -> tuple[float, list[float], dict[str, float]]:
+    """When the run's first optimizer step finished, its elapsed time at each epoch, and the
+    seconds from its command to the end of each start-up phase (trainyard.startup.*)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    first_at = float(client.get_run(run_id).data.tags["trainyard.first_step_at"])
+    tags = client.get_run(run_id).data.tags
     history = sorted(client.get_metric_history(run_id, "elapsed_s"), key=lambda m: m.step)
-    return first_at, [m.value for m in history]
+    seconds = {
+        p: float(tags[f"trainyard.startup.{p}_s"])
+        for p in PHASES
+        if f"trainyard.startup.{p}_s" in tags
+    }
+    return float(tags["trainyard.first_step_at"]), [m.value for m in history], seconds

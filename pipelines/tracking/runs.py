@@ -167,6 +167,13 @@ def reopen_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    """Tag the run, in one request."""
+    from mlflow.entities import RunTag
+
+    mlflow_client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
 def first_step_after(uri: str, run_id: str, since: float) -> bool:
     """Whether the run's rank 0 finished an optimizer step after time `since` (its
     first_step_at, or resumed_step_at after a restart, tag)."""
@@ -320,22 +327,24 @@ class RankZeroLogger:
         """Store `text` as the run's artifact `artifact_file`."""
         self._later(lambda client: client.log_text(self.run_id, text, artifact_file))
 
-    def started(self, checkpoint_epoch: int | None, world: int) -> None:
-        """This attempt starts on `world` workers, from the checkpoint of `checkpoint_epoch`
-        (None: from the start). A start after a checkpoint, or after an earlier attempt that
-        trained (its first step is tagged), is a restart: counted and tagged with when, from
-        where and on how many workers (the metric num_workers, one point per start, shows an
-        elastic run's sizes)."""
+    def started(self, checkpoint_epoch: int | None, world: int, up_at: float) -> None:
+        """This attempt's workers started their train function at `up_at`, `world` of them,
+        from the checkpoint of `checkpoint_epoch` (None: from the start). A start after a
+        checkpoint, or after an earlier attempt that trained (its first step is tagged), is a
+        restart: counted and tagged with when, from where and on how many workers (the metric
+        num_workers, one point per start, shows an elastic run's sizes)."""
         at = time.time()
-        self._later(lambda client: self._record_start(client, checkpoint_epoch, world, at))
+        self._later(lambda client: self._record_start(client, checkpoint_epoch, world, at, up_at))
 
     def _record_start(
-        self, client: Any, checkpoint_epoch: int | None, world: int, at: float
+        self, client: Any, checkpoint_epoch: int | None, world: int, at: float, up_at: float
     ) -> None:
         tags = client.get_run(self.run_id).data.tags
         self._restarted = checkpoint_epoch is not None or "trainyard.first_step_at" in tags
         count = int(tags.get("trainyard.restarts", 0)) + self._restarted
         self._log_metrics(client, {"num_workers": world}, count, int(at * 1000))
+        up = "resumed_workers_up_at" if self._restarted else "workers_up_at"
+        self._log_tags(client, {f"trainyard.{up}": f"{up_at:.3f}"})
         if not self._restarted:
             return
         after = checkpoint_epoch or 0

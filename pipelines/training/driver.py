@@ -37,6 +37,7 @@ from trainyard.pipelines.training.resume import (
     shape_change,
 )
 from trainyard.pipelines.training.session import init_ray, submission_id
+from trainyard.pipelines.training.startup import Startup
 from trainyard.pipelines.training.trainer import (
     NoFirstStep,
     TrainingStopped,
@@ -110,6 +111,8 @@ class RunOptions:
     """Ray Train callbacks (e.g. the one that reports epochs to Tune)."""
     data: Prepared | None = None
     """Data prepared already, used as it is (else the run prepares its own)."""
+    started: float | None = None
+    """When the command started, for the start-up's phases (None: as the run starts)."""
 
 
 def check_code(spec: RunSpec) -> None:
@@ -347,8 +350,10 @@ def run(
     `resume` names a run to continue from its newest checkpoint."""
     from trainyard.pipelines import tracking
 
+    startup = Startup(options.started or time.time())
     check_code(spec)
     plan = plan_for(spec, connect=True, share=options.share)
+    startup.mark("ray")
     place = place_run(spec, resume)
     # 1. Data: read, validate, split and preprocess on the driver (bad input stops here);
     #    the model is built once here, so a bad one stops here too.
@@ -368,12 +373,14 @@ def run(
             "fixed number of workers"
         )
     recipe = checked_model(spec, data)
+    startup.mark("data")
     tags = options.tags
     if place.resumed is not None:
         check_model_loads(recipe, place.resumed.model)
         tags = tags | check_split(spec, place, data)
     # 2. One MLflow run for the job, shared with the workers by id.
     run_id = open_run(spec, place, plan, data, steps_per_epoch(spec, plan, data), tags)
+    startup.mark("mlflow_run")
     job = worker_job(spec, plan, data, recipe, run_id, place)
     print(plan.describe())
     timeout = start_timeout(spec, plan)
@@ -400,7 +407,25 @@ def run(
         registered = spec.tracking.register_as and tracking.register_model(
             place.uri, model_uri, spec.tracking.register_as, spec.tracking.alias
         )
+        record_startup(startup, place, run_id)
     return summarize(spec, place, run_id, result, model_uri, registered or None)
+
+
+def record_startup(startup: Startup, place: Place, run_id: str) -> None:
+    """The run is done: take when its workers came up and took their first step from rank 0's
+    tags (a continued run's: its resumed_ ones), print the phases and tag the run with them."""
+    from trainyard.pipelines import tracking
+
+    tags = tracking.mlflow_client(place.uri).get_run(run_id).data.tags
+    names = ("workers_up_at", "first_step_at")
+    if place.run_id is not None:
+        names = ("resumed_workers_up_at", "resumed_step_at")
+    for phase, name in zip(("workers", "first_step"), names, strict=True):
+        if stamp := tags.get(f"trainyard.{name}"):
+            startup.mark(phase, float(stamp))
+    startup.mark("done")
+    tracking.set_tags(place.uri, run_id, startup.tags())
+    print(f"trainyard: {startup.describe()}")
 
 
 def summarize(
@@ -450,7 +475,7 @@ def train_command(args: argparse.Namespace) -> int:
         if args.dry_run:
             dry_run(spec)
             return 0
-        summary = run(spec, args.resume)
+        summary = run(spec, args.resume, RunOptions(started=args.started))
     except NoFirstStep as e:
         print(f"trainyard: training failed: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()

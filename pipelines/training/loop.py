@@ -100,11 +100,14 @@ class Worker:
     """Training seconds before this start (from the checkpoint)."""
     peak: float | None = None
     """The device's peak FLOP/s, for MFU (GPUs only)."""
+    up_at: float = 0.0
+    """When this rank's train function started (Unix time): the worker group is up."""
 
 
 def set_up(config: dict[str, Any]) -> Worker:
     """Build this rank's model (the same initial weights on every rank) and load the newest
     checkpoint's weights where there is one (`distribute` then wraps or shards it)."""
+    up_at = time.time()
     import ray.train
     import ray.train.torch
 
@@ -138,6 +141,7 @@ def set_up(config: dict[str, Any]) -> Worker:
         model,
         amp_dtype,
         RankZeroLogger(job.tracking_uri, job.run_id, rank),
+        up_at=up_at,
     )
     resume(w, ray.train.get_checkpoint())
     return w
@@ -209,7 +213,7 @@ def resume(w: Worker, checkpoint: Any) -> None:
         w.first_epoch = state.epoch + 1
         w.position = resumed_position(state, w.spec) or w.position
         w.elapsed = state.elapsed
-    w.log.started(w.first_epoch - 1 if checkpoint is not None else None, w.world)
+    w.log.started(w.first_epoch - 1 if checkpoint is not None else None, w.world, w.up_at)
 
 
 def resumed_position(state: checkpoints.TrainingState, spec: RunSpec) -> tuple[int, int] | None:

@@ -21,7 +21,13 @@ from trainyard.cluster.errors import SpecError
 from trainyard.cluster.errors import check as _check
 from trainyard.cluster.resources import ScalingSpec
 from trainyard.cluster.secrets import redact
-from trainyard.pipelines.config.data import CustomDataSpec, DataSpec, ImageDataSpec, TextDataSpec
+from trainyard.pipelines.config.data import (
+    CacheSpec,
+    CustomDataSpec,
+    DataSpec,
+    ImageDataSpec,
+    TextDataSpec,
+)
 from trainyard.pipelines.config.model import GPTSpec, MLPSpec, ResNetSpec, UserModelSpec
 from trainyard.pipelines.config.search import TuneSpec
 from trainyard.pipelines.config.tracking import TrackingSpec
@@ -49,6 +55,7 @@ class RunSpec:
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     tune: TuneSpec = field(default_factory=TuneSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
 
     def __post_init__(self) -> None:
         data_cls, model_cls = PIPELINES[self.pipeline]

@@ -187,6 +187,35 @@ def resolve_files(
     return [base], fs
 
 
+def fingerprint(files: list[str], fs: pafs.FileSystem) -> str:
+    """A digest of the files' paths, sizes and modification times: it changes when one of
+    them is written to, added or removed (what the preprocessing cache keys on)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for info in fs.get_file_info(files):
+        digest.update(f"{info.path}\0{info.size}\0{info.mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def code_digest(refs: list[str | None]) -> str:
+    """A digest of the source of the user code `refs` name (module:attr; None for none):
+    changed code is another preprocessing."""
+    import hashlib
+    from pathlib import Path
+
+    from trainyard.pipelines.config import user
+
+    refs = [r for r in refs if isinstance(r, str) and ":" in r]
+    for ref in refs:
+        user.load_callable(ref, "code")  # (imported: its file is known)
+    digest = hashlib.sha256()
+    for path in map(Path, user.source_paths(refs)):
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(f"{file}\0".encode() + file.read_bytes())
+    return digest.hexdigest()
+
+
 def _glob_match(path: str, pattern: str) -> bool:
     """Shell-style match where wildcards never cross a `/`."""
     parts, wanted = path.split("/"), pattern.split("/")
@@ -229,6 +258,12 @@ class Pipeline(Protocol):
 
     def figures(self, spec: Any, prepared: Prepared, net: Any, directory: Any) -> list[Any]:
         """Pictures of the run beyond its curves, written into `directory`: their paths."""
+        ...
+
+    def cache_inputs(self, spec: Any) -> dict[str, Any] | None:
+        """What determines the prepared data besides the number of workers (the spec's parts
+        that `prepare` reads, a fingerprint of the input files and of the user code that
+        transforms them), as plain data: the preprocessing cache's key. None: not cached."""
         ...
 
     def model_facts(self, spec: Any) -> dict[str, Any] | None:

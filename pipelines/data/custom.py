@@ -257,6 +257,11 @@ def figures(spec: RunSpec, prepared: Prepared, net: Any, directory: Any) -> list
     return []
 
 
+def cache_inputs(spec: RunSpec) -> None:
+    """Never cached: what the user's dataset reads is not known here."""
+    return None
+
+
 def model_facts(spec: RunSpec) -> None:
     """The data decide the model's shape: known once they are read."""
     return None

@@ -35,6 +35,7 @@ from trainyard.pipelines.data.common import (
     Prepared,
     check_row_counts,
     errors_reported_here,
+    fingerprint,
     open_fs,
     resolve_files,
     settle,
@@ -502,6 +503,21 @@ def figures(spec: RunSpec, prepared: Prepared, net: Any, directory: Path) -> lis
     fig.savefig(paths[1], dpi=100)
     plt.close(fig)
     return paths
+
+
+def cache_inputs(spec: RunSpec) -> dict[str, Any]:
+    """The data spec, the seed, the files' fingerprint, and whether the decoded images are
+    kept (data.keep_decoded, or the object store's size decides)."""
+    from dataclasses import asdict
+
+    listing = Listing(spec.data)
+    return {
+        "pipeline": "images",
+        "data": asdict(spec.data),
+        "seed": spec.train.seed,
+        "files": fingerprint(listing.files, listing.fs),
+        "keep_decoded": keep_decoded(spec.data, len(listing.files)),
+    }
 
 
 def model_facts(spec: RunSpec) -> None:

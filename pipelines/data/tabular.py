@@ -28,6 +28,8 @@ from trainyard.pipelines.data.common import (
     DataFacts,
     Prepared,
     check_row_counts,
+    code_digest,
+    fingerprint,
     resolve_files,
     task_error,
 )
@@ -841,6 +843,24 @@ def metric_keys(spec: RunSpec) -> list[str]:
 def figures(spec: RunSpec, prepared: Prepared, net: Any, directory: Any) -> list[Any]:
     """None beyond the curves."""
     return []
+
+
+def cache_inputs(spec: RunSpec) -> dict[str, Any]:
+    """The data spec, the seed, the files' fingerprint and the preprocessing's code."""
+    data = spec.data
+    if data.path == BUILTIN_DIGITS:
+        import sklearn
+
+        files = f"{BUILTIN_DIGITS} scikit-learn {sklearn.__version__}"
+    else:
+        files = fingerprint(*resolve_files(data.path, DATA_EXTENSIONS))
+    return {
+        "pipeline": "tabular",
+        "data": asdict(data),
+        "seed": spec.train.seed,
+        "files": files,
+        "code": code_digest([data.preprocess]),
+    }
 
 
 def model_facts(spec: RunSpec) -> None:

@@ -22,7 +22,14 @@ import pyarrow.fs as pafs
 from trainyard.pipelines.config.data import TextDataSpec
 from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.data.arrays import derive_seed
-from trainyard.pipelines.data.common import DataError, DataFacts, Prepared, resolve_files
+from trainyard.pipelines.data.common import (
+    DataError,
+    DataFacts,
+    Prepared,
+    code_digest,
+    fingerprint,
+    resolve_files,
+)
 from trainyard.pipelines.data.split import below, key_hashes
 from trainyard.pipelines.data.tokenizers import ByteTokenizer, load_tokenizer
 
@@ -308,6 +315,23 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
 def describe_data(spec: RunSpec) -> None:
     """Nothing beyond the spec."""
     return None
+
+
+def cache_inputs(spec: RunSpec) -> dict[str, Any]:
+    """The data spec, the seed, the context, the model (its FLOPs per token are facts of the
+    prepared data), the files' fingerprint and the tokenizer's code."""
+    from dataclasses import asdict
+
+    _, files, fs = list_files(spec.data)
+    return {
+        "pipeline": "text",
+        "data": asdict(spec.data),
+        "seed": spec.train.seed,
+        "context": spec.context,
+        "model": asdict(spec.model),
+        "files": fingerprint(files, fs),
+        "code": code_digest([spec.data.tokenizer]),
+    }
 
 
 def model_facts(spec: RunSpec) -> dict[str, Any]:

@@ -298,10 +298,16 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
 
 def prepare(spec: RunSpec, plan: Any, read_args: dict[str, Any] | None = None) -> Prepared:
     """The spec's data, prepared for a trial's share of the cluster (each trial checks that it
-    holds an optimizer step of its own batch size)."""
+    holds an optimizer step of its own batch size); from the preprocessing cache where it
+    holds them."""
+    from trainyard.pipelines.data import cache
     from trainyard.pipelines.data.common import pipeline_module
+    from trainyard.pipelines.training.resume import cache_path
 
-    return pipeline_module(spec).prepare(spec, plan.data_task_cpus, plan.num_workers, 1, read_args)
+    pipeline, root = pipeline_module(spec), cache_path(spec)
+    cpus, workers = plan.data_task_cpus, plan.num_workers
+    data, _ = cache.prepare(pipeline, spec, root, cpus, workers, 1, read_args)
+    return data
 
 
 def scheduler_for(spec: RunSpec) -> Any:

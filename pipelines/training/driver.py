@@ -23,6 +23,7 @@ from trainyard.cluster.errors import SpecError, TrainyardError
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines.config.model import UserModelSpec
 from trainyard.pipelines.config.spec import RunSpec, load_spec
+from trainyard.pipelines.data import cache
 from trainyard.pipelines.data.common import (
     Pipeline,
     Prepared,
@@ -32,6 +33,7 @@ from trainyard.pipelines.data.common import (
 from trainyard.pipelines.training import checkpoint as checkpoints
 from trainyard.pipelines.training.resume import (
     Place,
+    cache_path,
     check_model_loads,
     place_run,
     shape_change,
@@ -360,11 +362,21 @@ def run(
     pipeline = pipeline_module(spec)
     rows_per_step = spec.micro_batch_size * spec.accum_steps  # per worker, at the most workers
     workers = spec.scaling.max_workers
+    tags = options.tags
     if options.data is not None:
         data = options.data
         check_row_counts(data.num_train, data.num_validation, workers, rows_per_step)
     else:
-        data = pipeline.prepare(spec, plan.data_task_cpus, workers, rows_per_step, place.read_args)
+        data, cached = cache.prepare(
+            pipeline,
+            spec,
+            cache_path(spec),
+            plan.data_task_cpus,
+            workers,
+            rows_per_step,
+            place.read_args,
+        )
+        tags = tags | cached.tags()
     if spec.scaling.elastic and not global_order(data):
         raise SpecError(
             f"scaling.num_workers: {spec.scaling.num_workers} (elastic) needs training data "
@@ -374,7 +386,6 @@ def run(
         )
     recipe = checked_model(spec, data)
     startup.mark("data")
-    tags = options.tags
     if place.resumed is not None:
         check_model_loads(recipe, place.resumed.model)
         tags = tags | check_split(spec, place, data)

@@ -192,6 +192,11 @@ def storage_path(spec: RunSpec) -> str:
     )
 
 
+def cache_path(spec: RunSpec) -> str:
+    """Where the preprocessing cache is: cache.path, else `cache` beside the checkpoints."""
+    return spec.cache.path or storage_path(spec).rstrip("/") + "/cache"
+
+
 def place_run(spec: RunSpec, resume: str | None) -> Place:
     """The run's MLflow store, checkpoint storage and name (a name seen before continues its
     MLflow run; --resume also needs a complete checkpoint with epochs left)."""

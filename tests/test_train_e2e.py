@@ -55,6 +55,7 @@ def test_digits_is_one_finished_mlflow_run(digits_run, tracking_uri):
     # Where its start went: seconds from the command to each phase's end, in order.
     ends = [float(run.data.tags[f"trainyard.startup.{phase}_s"]) for phase in PHASES]
     assert 0 < ends[0] and ends == sorted(ends), ends
+    assert run.data.tags["trainyard.data_cache"].startswith("filled ")  # (its key follows)
 
 
 def test_digits_workers_ran_on_two_nodes_and_agree(digits_run, tracking_uri):

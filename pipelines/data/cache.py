@@ -35,6 +35,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from trainyard.cluster.errors import TrainyardError
 from trainyard.pipelines.data.common import Pipeline, Prepared, check_row_counts, open_fs
 
 FORMAT = 1
@@ -79,7 +80,10 @@ def prepare(
     written to it (under `root`, a directory or URI every node sees). What the cache did is
     printed and returned."""
     settings = spec.cache
-    inputs = pipeline.cache_inputs(spec) if settings.enabled else None
+    try:
+        inputs = pipeline.cache_inputs(spec) if settings.enabled else None
+    except TrainyardError:  # (bad input: the preparation below says it as it always does)
+        inputs = None
     if inputs is None:
         why = "cache.enabled: false" if not settings.enabled else f"{spec.pipeline} data"
         data = pipeline.prepare(spec, task_cpus, num_workers, rows_per_step, read_args)
@@ -116,8 +120,9 @@ def _mac(manifest: dict[str, Any]) -> str:
     return hmac.new(model_key(), body.encode(), hashlib.sha256).hexdigest()
 
 
-def manifests(fs: pafs.FileSystem, directory: str) -> list[dict[str, Any]]:
-    """The complete copies of an entry (their manifests), the earliest first."""
+def manifests(fs: pafs.FileSystem, directory: str, signed: bool = True) -> list[dict[str, Any]]:
+    """The complete copies of an entry (their manifests), the earliest first; with `signed`,
+    only those signed with this model key (the others are not ours: never read)."""
     found = []
     for info in fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True)):
         if info.is_file and info.path.endswith(".json"):
@@ -126,13 +131,22 @@ def manifests(fs: pafs.FileSystem, directory: str) -> list[dict[str, Any]]:
                     found.append(json.loads(f.read()))
             except (OSError, ValueError):
                 continue  # (removed meanwhile, or not one of ours)
+    if signed:
+        found = [m for m in found if hmac.compare_digest(str(m.get("mac", "")), _mac(m))]
     return sorted(found, key=lambda m: (m.get("created", 0), m.get("writer", "")))
 
 
 def lookup(root: str, key: str) -> dict[str, Any] | None:
-    """The manifest of the entry's copy to read (the earliest complete one), or None."""
+    """The manifest of the entry's copy to read (the earliest complete one), or None; says
+    so when a copy is not signed with this model key (ignored)."""
     fs, base = open_fs(root)
+    every = manifests(fs, f"{base}/{key}", signed=False)
     copies = manifests(fs, f"{base}/{key}")
+    if len(every) > len(copies):
+        print(
+            f"trainyard: data cache: {len(every) - len(copies)} cop(ies) of entry {key[:12]} "
+            "not signed with this model key: not read"
+        )
     return copies[0] if copies else None
 
 
@@ -142,7 +156,7 @@ def load(root: str, key: str, manifest: dict[str, Any]) -> Prepared:
     import ray.data
 
     if not hmac.compare_digest(str(manifest.get("mac", "")), _mac(manifest)):
-        raise CacheUnusable("its manifest is not signed with this model key")
+        raise CacheUnusable("its manifest is not signed with this model key")  # (checked again)
     fs, base = open_fs(root)
     where = f"{base}/{key}/{manifest['writer']}"
     try:
@@ -286,7 +300,7 @@ def entries(root: str) -> list[dict[str, Any]]:
     found = []
     for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
         if info.type == pafs.FileType.Directory:
-            found += manifests(fs, info.path)
+            found += manifests(fs, info.path, signed=False)
     return sorted(found, key=lambda m: m.get("created", 0))
 
 

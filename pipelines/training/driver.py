@@ -353,9 +353,11 @@ def run(
     from trainyard.pipelines import tracking
 
     startup = Startup(options.started or time.time())
+    importing = import_in_background()
     check_code(spec)
     plan = plan_for(spec, connect=True, share=options.share)
     startup.mark("ray")
+    importing.wait()  # (MLflow is needed next; torch not before the data are prepared)
     place = place_run(spec, resume)
     # 1. Data: read, validate, split and preprocess on the driver (bad input stops here);
     #    the model is built once here, so a bad one stops here too.
@@ -420,6 +422,29 @@ def run(
         )
         record_startup(startup, place, run_id)
     return summarize(spec, place, run_id, result, model_uri, registered or None)
+
+
+def import_in_background() -> threading.Event:
+    """Import MLflow (with its SQL store), then torch, in a thread while Ray connects and the
+    data are prepared: seconds of CPU (about 2.6 s and 1.3 s here) that would otherwise come
+    after those waits. The event is set once MLflow is imported (an import of torch meanwhile
+    waits for the thread's)."""
+    mlflow_imported = threading.Event()
+
+    def load() -> None:
+        import importlib
+
+        for name in ("mlflow", "mlflow.store.tracking.sqlalchemy_store", "torch"):
+            if name == "torch":
+                mlflow_imported.set()
+            try:
+                importlib.import_module(name)
+            except Exception:  # (not installed, or failing: the step that needs it says so)
+                pass
+        mlflow_imported.set()
+
+    threading.Thread(target=load, name="trainyard-imports", daemon=True).start()
+    return mlflow_imported
 
 
 def record_startup(startup: Startup, place: Place, run_id: str) -> None:

@@ -93,7 +93,8 @@ def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
     timings = {k: {n: v for n, v in t.items() if v} for k, t in timings.items()}
     recipe = (
         f"configs/digits.yaml, {epochs} epochs, {workers} DDP workers (gloo); trainyard logs "
-        "the model to MLflow at the end, the script does not"
+        "the model to MLflow at the end, the script does not; after the first, trainyard's "
+        "runs read the preprocessed digits from the cache (cache.path)"
     )
     cases = [
         Case("overhead", "command to first step", "s", False, PLAIN, timings["first"]),

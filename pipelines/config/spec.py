@@ -165,8 +165,11 @@ class RunSpec:
         _check(pipeline in PIPELINES, "pipeline", pipeline, "one of " + ", ".join(PIPELINES))
         data_cls, model_cls = PIPELINES[pipeline]
         model = raw.get("model") or {}
-        names = {c().name: c for c in (MLPSpec, GPTSpec, ResNetSpec)}
-        name = model.get("name", model_cls().name) if isinstance(model, dict) else None
+        # (by the field's default: a GPTSpec checks its size against the model's table, and
+        # that imports torch, which a tabular run's driver does not need yet)
+        names = {c.__dataclass_fields__["name"].default: c for c in (MLPSpec, GPTSpec, ResNetSpec)}
+        default = model_cls.__dataclass_fields__["name"].default
+        name = model.get("name", default) if isinstance(model, dict) else None
         if name in names:
             model_cls = names[name]
         elif isinstance(name, str) and ":" in name:

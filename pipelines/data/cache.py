@@ -40,6 +40,8 @@ from trainyard.pipelines.data.common import Pipeline, Prepared, check_row_counts
 
 FORMAT = 1
 STATE = "state.pkl"
+READ_HERE_BYTES = 64 * 1024**2
+"""A materialized dataset up to this size is read by the driver, larger ones by tasks."""
 
 
 class CacheUnusable(Exception):
@@ -172,7 +174,10 @@ def load(root: str, key: str, manifest: dict[str, Any]) -> Prepared:
         for found in fs.get_file_info(list(paths)):
             if found.size != paths[found.path]:  # (None: gone)
                 raise CacheUnusable(f"{found.path} is gone or changed")
-        if info["materialized"]:  # read block for block, in order
+        if info["materialized"] and sum(paths.values()) <= READ_HERE_BYTES:
+            # Small: read here, block for block, in order (tasks would cost more to start).
+            datasets[name] = ray.data.from_arrow([_read_block_fn(root, p) for p in paths])
+        elif info["materialized"]:  # read by tasks on the cluster, block for block, in order
             datasets[name] = ray.data.from_arrow_refs([_read_block.remote(root, p) for p in paths])
         else:
             datasets[name] = ray.data.read_parquet(list(paths), filesystem=fs)

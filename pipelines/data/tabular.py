@@ -849,9 +849,9 @@ def cache_inputs(spec: RunSpec) -> dict[str, Any]:
     """The data spec, the seed, the files' fingerprint and the preprocessing's code."""
     data = spec.data
     if data.path == BUILTIN_DIGITS:
-        import sklearn
+        from importlib.metadata import version
 
-        files = f"{BUILTIN_DIGITS} scikit-learn {sklearn.__version__}"
+        files = f"{BUILTIN_DIGITS} scikit-learn {version('scikit-learn')}"
     else:
         files = fingerprint(*resolve_files(data.path, DATA_EXTENSIONS))
     return {

@@ -48,9 +48,7 @@ def manifest_files(root: Path) -> list[Path]:
     return sorted(root.glob("*/*.json"))
 
 
-def test_a_hit_skips_preprocessing_and_gives_the_same_blocks(
-    table, tmp_path, capsys, monkeypatch
-):
+def test_a_hit_skips_preprocessing_and_gives_the_same_blocks(table, tmp_path, capsys, monkeypatch):
     spec = spec_for(table)
     first, filled = prepare(spec, tmp_path)
     assert filled.what == "filled" and "written to" in capsys.readouterr().out

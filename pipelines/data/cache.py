@@ -4,8 +4,8 @@ again by every run, resume, trial and benchmark of the same data.
 An entry's key is the SHA-256 of what determines the prepared data: the pipeline's inputs
 (the data spec, the seed, a fingerprint of every input file — sizes and modification times —
 and of the user code that transforms them; `Pipeline.cache_inputs`), the number of workers the
-blocks are laid out for, and the versions of trainyard, Ray and pyarrow. A changed file,
-setting or version is another key: a miss.
+blocks are laid out for, the versions of trainyard, Ray and pyarrow, and the source of
+trainyard's data modules. A changed file, setting or version is another key: a miss.
 
     <cache.path>/<key>/<writer>/d0/000000.parquet ...   each dataset's blocks, one file a block
     <cache.path>/<key>/<writer>/state.pkl               the rest of `Prepared` (sizes, facts, ...)
@@ -62,11 +62,29 @@ class Outcome:
 
 def key_of(inputs: dict[str, Any], num_workers: int) -> str:
     """The entry's key: what determines the prepared data, with the versions that read them."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    versions = {p: version(p) for p in ("trainyard", "ray", "pyarrow")}
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:  # (trainyard run from a source tree)
+            return "unknown"
+
+    versions = {p: installed(p) for p in ("trainyard", "ray", "pyarrow")}
+    versions["trainyard.pipelines.data"] = own_code()
     message = {"format": FORMAT, "inputs": inputs, "workers": num_workers, "versions": versions}
     return hashlib.sha256(json.dumps(message, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def own_code() -> str:
+    """A digest of trainyard's data modules' source: a change to how trainyard prepares data
+    is another key, whatever the version number says."""
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def prepare(

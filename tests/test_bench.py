@@ -48,7 +48,7 @@ def quick_bench(ray_cluster, tracking_uri, tmp_path_factory):
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-10000:]
     assert "trainer / steady-state step time" in proc.stdout
     return out
 

@@ -134,7 +134,9 @@ def torchrun(workers: int, module: str, *args: str, threads: int = 1) -> None:
         env=os.environ | {"OMP_NUM_THREADS": str(threads)},
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"torchrun {module} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+        # (torchrun's own summary of a failure takes ~2,000 characters: the scripts' last
+        # words, what says why, come before it)
+        raise RuntimeError(f"torchrun {module} exited {proc.returncode}:\n{proc.stderr[-8000:]}")
 
 
 def timed(fn: Callable[[], Any]) -> float:

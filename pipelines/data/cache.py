@@ -152,8 +152,13 @@ def manifests(fs: pafs.FileSystem, directory: str, signed: bool = True) -> list[
             except (OSError, ValueError):
                 continue  # (removed meanwhile, or not one of ours)
     if signed:
-        found = [m for m in found if hmac.compare_digest(str(m.get("mac", "")), _mac(m))]
+        found = [m for m in found if authentic(m)]
     return sorted(found, key=lambda m: (m.get("created", 0), m.get("writer", "")))
+
+
+def authentic(manifest: dict[str, Any]) -> bool:
+    """Whether the manifest is signed with this model key."""
+    return hmac.compare_digest(str(manifest.get("mac", "")), _mac(manifest))
 
 
 def lookup(root: str, key: str) -> dict[str, Any] | None:
@@ -161,7 +166,7 @@ def lookup(root: str, key: str) -> dict[str, Any] | None:
     so when a copy is not signed with this model key (ignored)."""
     fs, base = open_fs(root)
     every = manifests(fs, f"{base}/{key}", signed=False)
-    copies = manifests(fs, f"{base}/{key}")
+    copies = [m for m in every if authentic(m)]
     if len(every) > len(copies):
         print(
             f"trainyard: data cache: {len(every) - len(copies)} cop(ies) of entry {key[:12]} "
@@ -175,7 +180,7 @@ def load(root: str, key: str, manifest: dict[str, Any]) -> Prepared:
     the manifest is not authentic or a file is missing or changed)."""
     import ray.data
 
-    if not hmac.compare_digest(str(manifest.get("mac", "")), _mac(manifest)):
+    if not authentic(manifest):
         raise CacheUnusable("its manifest is not signed with this model key")  # (checked again)
     fs, base = open_fs(root)
     where = f"{base}/{key}/{manifest['writer']}"

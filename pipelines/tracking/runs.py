@@ -167,13 +167,6 @@ def reopen_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
-    """Tag the run, in one request."""
-    from mlflow.entities import RunTag
-
-    mlflow_client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-
 def first_step_after(uri: str, run_id: str, since: float) -> bool:
     """Whether the run's rank 0 finished an optimizer step after time `since` (its
     first_step_at, or resumed_step_at after a restart, tag)."""

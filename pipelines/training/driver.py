@@ -460,7 +460,7 @@ def record_startup(startup: Startup, place: Place, run_id: str) -> None:
         if stamp := tags.get(f"trainyard.{name}"):
             startup.mark(phase, float(stamp))
     startup.mark("done")
-    tracking.set_tags(place.uri, run_id, startup.tags())
+    tracking.log_batch(place.uri, run_id, {}, {}, startup.tags())
     print(f"trainyard: {startup.describe()}")
 
 

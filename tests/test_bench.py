@@ -16,11 +16,12 @@ from mlflow.tracking import MlflowClient
 from trainyard.pipelines.bench import SUITES
 from trainyard.pipelines.training.startup import PHASES
 
+PREDICT = ("batch inference", "steady state per actor")
 EXPECTED = {
     "preprocess": {"gil-holding", "gil-releasing"},
     "ingest": {"feeding batches", "training step time", "data-wait share of step time"},
     "images": {"decode + augment into batches", "data-wait share of a ResNet's step"},
-    "predict": {"images: batch inference", "tabular: batch inference"},
+    "predict": {f"{kind}: {what}" for kind in ("images", "tabular") for what in PREDICT},
     "trainer": {"steady-state step time", "launch to first step"},
     "sharding": {
         "bytes held per worker, 2 workers",
@@ -93,6 +94,8 @@ def test_every_contender_is_measured_and_ratios_match_the_timings(quick_bench):
         predict = set(contenders[("predict", f"{kind}: batch inference")])
         assert {"pyfunc.predict, one process", "trainyard predict (Ray Data actors)"} < predict
         assert any(k.startswith("ThreadPoolExecutor(") for k in predict)
+        steady = contenders[("predict", f"{kind}: steady state per actor")]
+        assert len(steady) == 3 and all(c["median"] > 0 for c in steady.values())
     assert set(contenders[("trainer", "steady-state step time")]) == {
         "torchrun",
         "Ray Train TorchTrainer",

@@ -269,7 +269,7 @@ def test_predict_classifies_image_files_as_the_model_does(
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith(f"trainyard: error: DATA: {images}/0100-broken.png does not decode")
     summary = tmp_path / "summary.json"
-    skip = ["--on-bad-rows", "skip", "--summary", str(summary)]
+    skip = ["--on-bad-rows", "skip", "--summary", str(summary), "--probabilities"]
     assert cli.main([*args, "--out", str(tmp_path / "out"), *skip]) == 0
     assert json.loads(summary.read_text())["skipped"] == 1
     out = pd.read_parquet(tmp_path / "out")

@@ -86,6 +86,7 @@ def test_a_mixed_table_trains_like_one_encoded_by_hand_and_predicts_raw_rows(
     rows.to_csv(tmp_path / "new.csv", index=False)
     assert pd.read_csv(tmp_path / "new.csv")["autopay"].dtype == bool
     args = ["predict", ours["model_uri"], str(tmp_path / "new.csv"), "--out", str(tmp_path / "p")]
+    args.append("--probabilities")
     assert cli.main(args) == 0
     out = pd.read_parquet(tmp_path / "p")
     read = f"pd.read_csv({str(tmp_path / 'new.csv')!r})"

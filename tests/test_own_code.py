@@ -219,7 +219,8 @@ def test_own_dataset_model_loss_and_augment_resume_exactly(
 
     out = tmp_path / "predicted"
     predict = ["predict", straight["model_uri"], str(tmp_path / "rows.csv")]
-    assert cli.main([*predict, "--keep", "id", "--out", str(out)]) == 0  # (from the project)
+    keep = ["--keep", "id", "--probabilities"]
+    assert cli.main([*predict, *keep, "--out", str(out)]) == 0  # (from the project)
     predicted = pd.read_parquet(out)
     mlflow.set_tracking_uri(tracking_uri)
     logits = mlflow.pyfunc.load_model(straight["model_uri"]).predict(pixels.reshape(-1, 1, 8, 8))
@@ -253,7 +254,7 @@ def test_predict_reads_a_custom_models_x_from_nested_lists_or_numeric_columns(tm
     pd.DataFrame({"x": [row.tolist() for row in x]}).to_parquet(tmp_path / "x.parquet")
     nested = pd.read_parquet(tmp_path / "x.parquet")
     columns = pd.DataFrame(x.reshape(5, 4), columns=list("abcd")).assign(id=range(5))
-    job = Job("custom", shape=(1, 2, 2), keep=("id",))
+    job = Job("custom", shape=(1, 2, 2), keep=("id",), probabilities=True)
     expected = net(torch.from_numpy(x)).detach().numpy()
     for batch in (nested, columns):
         out = predict_arrays(model, {"task": "classification"}, batch, job)

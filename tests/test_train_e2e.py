@@ -143,7 +143,7 @@ def test_predict_writes_what_the_model_predicts_in_the_inputs_order(
     frame.iloc[1000:].to_csv(data / "b.csv", index=False)
     rc, out, err = predict_cli(
         "models:/test-digits@champion", data, "--out", tmp_path / "p", "--keep", "id,label",
-        "--summary", tmp_path / "p.json", capsys=capsys,
+        "--probabilities", "--summary", tmp_path / "p.json", capsys=capsys,
     )  # fmt: skip
     assert rc == 0, err
     parquet = pd.read_parquet(tmp_path / "p")
@@ -170,6 +170,7 @@ def test_predict_writes_what_the_model_predicts_in_the_inputs_order(
     assert progress and progress[0].startswith("trainyard: ") and f" of {len(frame)} (" not in out
     shards = sorted((tmp_path / "c").glob("*.csv"))
     csv = pd.concat([pd.read_csv(f) for f in shards], ignore_index=True)
+    assert csv.columns.tolist() == ["id", "prediction"]  # no probabilities unless asked
     assert csv["id"].tolist() == list(range(len(frame)))
     assert csv["prediction"].tolist() == parquet["prediction"].tolist()
 
@@ -178,6 +179,10 @@ def test_predict_writes_what_the_model_predicts_in_the_inputs_order(
     assert run.data.tags["trainyard.kind"] == "predict"
     assert run.data.tags["trainyard.model_run"] == digits_run["run_id"]
     assert run.data.metrics["rows"] == len(frame) and run.data.metrics["rows_per_s"] > 0
+    # Each actor's steady state: rows/s while predicting, at least its rate from its first
+    # batch to its last, which waits on reads and writes for part of that span.
+    assert run.data.metrics["busy_rows_per_s"] >= run.data.metrics["actor_rows_per_s"] > 0
+    assert 0 < run.data.metrics["busy_share"] <= 1
     experiment = MlflowClient(tracking_uri).get_experiment(run.info.experiment_id)
     assert experiment.name == "test-digits" and run.info.status == "FINISHED"
 

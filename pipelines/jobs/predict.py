@@ -2,6 +2,7 @@
 
     trainyard predict MODEL DATA --out PATH [--batch-size N] [--workers N]
                       [--gpus-per-worker G] [--keep col,col] [--format parquet|csv]
+                      [--probabilities]
 
 MODEL is a run id, `runs:/...`, `models:/NAME/VERSION`, `models:/NAME@ALIAS` or a model's
 directory; the driver fetches it once and checks trainyard's signature (cluster.signing) before
@@ -13,15 +14,16 @@ rows/s.
 
 What each kind of model reads, and writes (beside the `--keep` columns of a table):
 - tabular: rows of a CSV/Parquet table with the raw feature columns, as in training;
-  `prediction` (the class, or the value in the label's units) and, for classes,
-  `probability_<class>`;
+  `prediction` (the class, or the value in the label's units) and, for classes with
+  --probabilities, `probability_<class>`;
 - images: image files (a folder tree, a glob), or a table with a column `image` (the encoded
-  bytes) or `path`; `prediction` (the class name) and `probability_<class>`, and the `path`;
+  bytes) or `path`; `prediction` (the class name) (and `probability_<class>` with
+  --probabilities), and the `path`;
 - text: text files, or a table with a column `text`; `bytes`, `tokens`, `loss` (nats per
   token) and `bits_per_byte` of each, or with `--generate N` its `continuation` (N bytes);
 - custom (your own dataset): a table with a column `x` (each row the dataset's x, nested
   lists) or one numeric column per element of x; `prediction` and, for a classifier,
-  `probability_<class index>`;
+  `probability_<class index>` with --probabilities;
 - any other MLflow pyfunc model: rows of a table; `prediction` (or one column per output).
 """
 
@@ -95,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--keep", default="", metavar="COL,COL", help="input columns to write beside predictions"
     )
     parser.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="classifiers: write each class's probability (probability_<class>) beside the "
+        "likeliest class",
+    )
+    parser.add_argument(
         "--on-bad-rows",
         choices=("error", "skip"),
         default="error",
@@ -136,6 +144,8 @@ class Job:
     """Custom models: the shape of one row of x (what the driver checks a table against)."""
     keep: tuple[str, ...] = ()
     skip_bad: bool = False
+    probabilities: bool = False
+    """Classifiers: each class's probability beside the likeliest class."""
     generate: dict[str, Any] | None = None
     """Text models: {max_bytes, temperature, top_k, seed}; None scores the texts."""
 
@@ -156,6 +166,7 @@ class Predictor:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         torch.set_num_threads(max(1, threads))
         self.job, self.counter = job, counter
+        self.actor = ray.get_runtime_context().get_actor_id()
         self.directory = tempfile.mkdtemp(prefix="trainyard-model-")
         for name, data in ray.get(files_ref[0]).items():
             path = Path(self.directory, name)
@@ -164,38 +175,70 @@ class Predictor:
         device = torch.device("cuda" if use_gpu else "cpu")
         self.model, self.metadata = load_model(self.directory, job.kind, device)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, batch: Any) -> Any:
+        """A batch of input rows (an Arrow table) → its kept columns and predictions."""
+        import pyarrow as pa
         import torch
 
-        job, kept = self.job, slice(None)
+        began = time.perf_counter()
+        job, kept = self.job, None
         with torch.no_grad():
-            if job.kind == "images":
-                kept, out = predict_images(self.model, batch, job.skip_bad)
+            if job.kind in (None, "tabular"):
+                out = predict_rows(self.model, self.metadata, batch, job)
+            elif job.kind == "images":
+                kept, out = predict_images(self.model, batch.to_pandas(), job)
             elif job.kind == "text" and job.generate is not None:
-                out = continue_texts(self.model, batch, job.generate)
+                out = continue_texts(self.model, batch.to_pandas(), job.generate)
             elif job.kind == "text":
-                out = score_texts(self.model, batch)
-            elif job.kind == "custom":
-                out = predict_arrays(self.model, self.metadata, batch, job)
+                out = score_texts(self.model, batch.to_pandas())
             else:
-                out = predict_rows(self.model, self.metadata, batch, job.inputs)
-        kept_rows = batch[list(job.keep)].iloc[kept].reset_index(drop=True)
-        self.counter.add.remote(len(batch))  # not waited for: progress only
-        return pd.concat([kept_rows, out], axis=1)
+                out = predict_arrays(self.model, self.metadata, batch.to_pandas(), job)
+        rows = batch.select(list(job.keep))
+        if kept is not None:
+            rows = rows.take(pa.array(kept, type=pa.int64()))
+        columns = dict(zip(rows.column_names, rows.columns, strict=True)) | columns_of(out)
+        ended = time.perf_counter()
+        self.counter.add.remote(self.actor, batch.num_rows, began, ended)  # not waited for
+        return pa.table(columns)
+
+
+def columns_of(out: Any) -> dict[str, Any]:
+    """Predictions as columns: a DataFrame's, or a dict of arrays as it is."""
+    if isinstance(out, pd.DataFrame):
+        return {c: out[c].to_numpy() for c in out.columns}
+    return out
 
 
 class Counter:
-    """Rows the actors have predicted (a Ray actor that holds no CPU): what the progress lines
-    show."""
+    """What the actors have done (a Ray actor that holds no CPU): the rows predicted, what the
+    progress lines show, and for each actor the seconds spent predicting and the time from its
+    first batch to its last, what the summary's steady-state rates come from."""
 
     def __init__(self) -> None:
         self.rows = 0
+        self.busy = 0.0
+        self.spans: dict[str, list[float]] = {}
 
-    def add(self, rows: int) -> None:
+    def add(self, actor: str, rows: int, began: float, ended: float) -> None:
+        """`rows` predicted by `actor` from `began` to `ended` (its own perf_counter)."""
         self.rows += rows
+        self.busy += ended - began
+        span = self.spans.setdefault(actor, [began, ended])
+        span[0], span[1] = min(span[0], began), max(span[1], ended)
 
     def count(self) -> int:
         return self.rows
+
+    def rates(self) -> dict[str, float]:
+        """Rows per second per actor while it predicted (`busy_rows_per_s`) and from its first
+        batch to its last (`actor_rows_per_s`: waits for input and output included), and the
+        share of that span spent predicting."""
+        span = sum(end - start for start, end in self.spans.values())
+        return {
+            "busy_rows_per_s": self.rows / self.busy if self.busy else 0.0,
+            "actor_rows_per_s": self.rows / span if span else 0.0,
+            "busy_share": self.busy / span if span else 0.0,
+        }
 
 
 @contextmanager
@@ -244,42 +287,51 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def labelled(logits: np.ndarray, classes: list) -> pd.DataFrame:
-    """The likeliest class and each class's probability."""
-    probs = softmax(logits.astype(np.float64))
-    out = {"prediction": np.asarray(classes, dtype=object)[probs.argmax(axis=1)]}
+def labelled(logits: np.ndarray, classes: list, probabilities: bool) -> dict[str, np.ndarray]:
+    """The likeliest class and, where asked, each class's probability."""
+    out = {"prediction": np.asarray(classes, dtype=object)[logits.argmax(axis=1)]}
     if all(isinstance(c, int) for c in classes):
         out["prediction"] = out["prediction"].astype(np.int64)
-    out |= {f"probability_{c}": probs[:, i] for i, c in enumerate(classes)}
-    return pd.DataFrame(out)
+    if probabilities:
+        probs = softmax(logits.astype(np.float64))
+        out |= {f"probability_{c}": probs[:, i] for i, c in enumerate(classes)}
+    return out
 
 
-def predict_rows(model: Any, metadata: dict, batch: pd.DataFrame, inputs: dict | None) -> Any:
-    """Tabular (and plain pyfunc) models on the input columns: trainyard's own take them as
-    read and check them themselves (data.serving); other pyfunc models get each column
-    cast to their signature's type. A value the model cannot take is a DATA error."""
+def predict_rows(model: Any, metadata: dict, batch: Any, job: Job) -> Any:
+    """Tabular (and plain pyfunc) models on the input columns of an Arrow table: trainyard's
+    own take numeric features straight from Arrow (data.serving.RawRowsModel.from_arrow), else
+    as pandas reads them, and check them themselves; other pyfunc models get each column cast
+    to their signature's type. A value the model cannot take is a DATA error."""
     from mlflow.exceptions import MlflowException
 
     from trainyard.pipelines.data.serving import RawRowsModel
 
+    inputs = job.inputs
     ours = isinstance(model, RawRowsModel)
-    frame = batch
-    if ours:
-        frame = batch[list(inputs)] if inputs else batch
-    elif inputs:
-        try:
-            frame = pd.DataFrame({c: np.array(batch[c], dtype=t) for c, t in inputs.items()})
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"DATA: a column does not convert to the model's types: {e}") from None
     try:
-        raw = model.predict(None, frame) if ours else model.predict(frame)
+        if ours:
+            columns = list(inputs) if inputs else batch.column_names
+            raw = model.predict_arrow(batch.select(columns))
+        else:
+            try:
+                frame = batch.to_pandas()
+                if inputs:
+                    frame = pd.DataFrame(
+                        {c: np.array(frame[c], dtype=t) for c, t in inputs.items()}
+                    )
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"DATA: a column does not convert to the model's types: {e}"
+                ) from None
+            raw = model.predict(frame)
     except MlflowException as e:
         raise ValueError(f"DATA: {e.message.splitlines()[-1]}") from None
     if metadata.get("pipeline") == "tabular" and metadata.get("classes") is not None:
-        return labelled(np.asarray(raw), metadata["classes"])
+        return labelled(np.asarray(raw), metadata["classes"], job.probabilities)
     if isinstance(raw, pd.DataFrame):
         return raw.add_prefix("prediction_").reset_index(drop=True)
-    return predictions(np.asarray(raw), len(batch))
+    return predictions(np.asarray(raw), batch.num_rows)
 
 
 def predictions(raw: np.ndarray, rows: int) -> pd.DataFrame:
@@ -289,7 +341,7 @@ def predictions(raw: np.ndarray, rows: int) -> pd.DataFrame:
     return pd.DataFrame({"prediction": raw.reshape(rows)})
 
 
-def predict_images(model: Any, batch: pd.DataFrame, skip_bad: bool) -> tuple[list[int], Any]:
+def predict_images(model: Any, batch: pd.DataFrame, job: Job) -> tuple[list[int], Any]:
     """Images (column `image`: encoded bytes, or `path`: files) decoded and sized as in
     training, then classified: the positions of the rows that decoded, and their predictions
     (with the `path` where the rows have one). An image that does not decode raises, naming
@@ -311,13 +363,13 @@ def predict_images(model: Any, batch: pd.DataFrame, skip_bad: bool) -> tuple[lis
         (lambda value: value) if has_bytes else read_bytes,
         model.size,
         model.mode,
-        None if skip_bad else refuse,
+        None if job.skip_bad else refuse,
     )
     out = pd.DataFrame({"path": batch["path"].iloc[kept].to_numpy()}) if "path" in batch else None
     if not kept:
         return kept, out if out is not None else pd.DataFrame()
-    predicted = labelled(model.logits(images), model.classes)
-    return kept, predicted if out is None else pd.concat([out, predicted], axis=1)
+    predicted = labelled(model.logits(images), model.classes, job.probabilities)
+    return kept, predicted if out is None else columns_of(out) | predicted
 
 
 def score_texts(model: Any, batch: pd.DataFrame) -> pd.DataFrame:
@@ -355,7 +407,7 @@ def predict_arrays(model: Any, metadata: dict, batch: pd.DataFrame, job: Job) ->
         raise ValueError(f"DATA: {e.message}") from None
     raw = model.outputs(x)
     if metadata.get("task") == "classification":
-        return labelled(raw, list(range(raw.shape[1])))
+        return labelled(raw, list(range(raw.shape[1])), job.probabilities)
     return predictions(raw, len(batch))
 
 
@@ -593,7 +645,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
             },
             compute=ActorPoolStrategy(size=workers),
             batch_size=batch_size,
-            batch_format="pandas",
+            batch_format="pyarrow",
             num_cpus=args.cpus_per_worker,
             num_gpus=args.gpus_per_worker,
         )
@@ -612,6 +664,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
             write(args.out, ray_remote_args={"num_cpus": IO_CPUS})
         seconds = time.monotonic() - started
         rows = read_back_count(args.out, args.format)
+        rates = ray.get(counter.rates.remote())
         ray.kill(counter)
     except Exception as e:
         failure = task_error(e, "DATA")
@@ -635,12 +688,14 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "rows_per_s": rows / seconds,
         "workers": workers,
-    }
+    } | {k: round(v, 3) for k, v in rates.items()}
     tracking.finish_predict_run(uri, run_id, summary)
     print(
         f"trainyard: predicted {rows} rows in {seconds:.1f} s ({rows / seconds:.0f} rows/s)"
         + (f", skipped {skipped} that did not decode" if skipped else "")
-        + f" -> {args.out}"
+        + f" -> {args.out}\n"
+        f"trainyard: each actor {summary['actor_rows_per_s']:.0f} rows/s from its first batch "
+        f"to its last, predicting {100 * summary['busy_share']:.0f}% of that time"
     )
     return summary
 
@@ -668,6 +723,7 @@ def plan_job(mlmodel: Any, source: str, keep: list[str], args: argparse.Namespac
         shape=custom_shape(mlmodel, source) if kind == "custom" else None,
         keep=tuple(keep),
         skip_bad=args.on_bad_rows == "skip",
+        probabilities=args.probabilities,
         generate=generate,
     )
 

@@ -128,12 +128,14 @@ def start_predict_run(uri: str, source_run: str | None, model_uri: str, data: st
 
 
 def finish_predict_run(uri: str, run_id: str, summary: dict[str, Any]) -> None:
-    """Log what a prediction did (rows, skipped, seconds, rows/s, workers) and end its run."""
+    """Log what a prediction did (rows, skipped, seconds, rows/s, workers, and each actor's
+    steady-state rates) and end its run."""
     from mlflow.entities import Metric
 
     client = mlflow_client(uri)
     now = int(time.time() * 1000)
     keys = ("rows", "skipped", "seconds", "rows_per_s", "workers")
+    keys += ("actor_rows_per_s", "busy_rows_per_s", "busy_share")
     client.log_batch(run_id, metrics=[Metric(k, float(summary[k]), now, 0) for k in keys])
     end_run(uri, run_id)
 

@@ -33,7 +33,8 @@ $(STAMP): pyproject.toml
 	    $(BIN)/pip install --retries 1 "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); \
 	  fi; \
 	fi
-	$(BIN)/pip install -e '.[dev]'
+	@# (the gpu extra: MLflow's GPU system metrics, where nvidia-smi finds a GPU)
+	$(BIN)/pip install -e ".[dev$$(command -v nvidia-smi >/dev/null 2>&1 && echo ,gpu)]"
 	@# Ray 2.60's clients (ray job submit, ray status) talk to a `ray start --head` cluster,
 	@# which has token authentication on, only when told so: the activated venv tells them.
 	@grep -q RAY_AUTH_MODE $(BIN)/activate || \

@@ -116,11 +116,14 @@ def job_tracking_uri(flag: str | None) -> str | None:
 
 
 def runtime_env(
-    working_dir: str | Path, tracking_uri: str | None, py_modules: list[str] = ()
+    working_dir: str | Path,
+    tracking_uri: str | None,
+    py_modules: list[str] = (),
+    env_vars: dict[str, str] | None = None,
 ) -> dict:
-    """The job's runtime environment: the project directory, the MLflow server and
-    `py_modules` (uploaded packages, whose contents the dashboard does not show)."""
-    env_vars = {"PYTHONUNBUFFERED": "1"}
+    """The job's runtime environment: the project directory, the MLflow server, `env_vars`
+    and `py_modules` (uploaded packages, whose contents the dashboard does not show)."""
+    env_vars = {"PYTHONUNBUFFERED": "1"} | (env_vars or {})
     if tracking_uri:
         env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
     env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
@@ -184,16 +187,17 @@ def submit(
     tracking_uri: str | None = None,
     metadata: dict[str, str] | None = None,
     py_modules: list[str] = (),
+    env_vars: dict[str, str] | None = None,
 ) -> tuple[object, str]:
-    """Submit `entrypoint` with `working_dir` as the job's working directory; return the
-    client and the submission id."""
+    """Submit `entrypoint` with `working_dir` as the job's working directory (and `env_vars`
+    set for it); return the client and the submission id."""
     address = resolve_address(address)
     uri = job_tracking_uri(tracking_uri)
     jobs = client(address)
     try:
         job_id = jobs.submit_job(
             entrypoint=entrypoint,
-            runtime_env=runtime_env(working_dir, uri, py_modules),
+            runtime_env=runtime_env(working_dir, uri, py_modules, env_vars),
             metadata=metadata or {},
         )
     except RuntimeError as e:  # the Jobs API answered with an error (e.g. no job agent)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from trainyard.models.outputs import logits
+
 
 @dataclass
 class MLPConfig:
@@ -62,7 +64,7 @@ class TabularPredictor(nn.Module):
         self.classes = classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net((x.float() - self.mean) / self.std)
+        out = logits(self.net((x.float() - self.mean) / self.std))
         if self.classes is None:
             return out.squeeze(-1) * self.target_std + self.target_mean
         return out

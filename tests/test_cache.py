@@ -142,3 +142,15 @@ def test_the_size_bound_evicts_the_oldest_entries(table, tmp_path):
     _, third = prepare(spec_for(table, "train.seed=2", "cache.max_gb=0.000001"), tmp_path)
     assert [m["key"] for m in cache.entries(str(tmp_path))] == [third.key]
     assert sorted(p.name for p in tmp_path.iterdir()) == [third.key]
+
+
+def test_one_changed_byte_changes_the_key_that_digests_a_runs_inputs(tmp_path):
+    """The key is also the digest of a run's logged inputs (where the cache is off too):
+    a byte changed in place (same size) gives another."""
+    path = tmp_path / "t.csv"
+    path.write_text("a,b,label\n1,2,yes\n3,4,no\n")
+    spec = load_spec(ROOT / "configs" / "churn.yaml", [f"data.path={path}", "data.label=label"])
+    before = cache.key_of(tabular.cache_inputs(spec), 2)
+    assert cache.key_of(tabular.cache_inputs(spec), 2) == before
+    path.write_text("a,b,label\n1,3,yes\n3,4,no\n")
+    assert cache.key_of(tabular.cache_inputs(spec), 2) != before

@@ -100,6 +100,38 @@ def test_a_few_steps_learn_a_repeating_sequence_and_greedy_generation_continues_
     assert bytes(out[0].tolist()).startswith(b"abcdefghabcdefgh")
     sampled = model.generate(torch.tensor([list(b"abc")]), 5, temperature=1.0, top_k=3)
     assert sampled.shape == (1, 8) and sampled[0, :3].tolist() == list(b"abc")
+    # trainyard's own sampler (any next-token model: generate, predict --generate) draws
+    # what the GPT's own generate draws, from the same generator, and reads the logits out of
+    # what Hugging Face models return.
+    from trainyard.models.outputs import logits
+    from trainyard.pipelines.jobs.generate import sample
+
+    prompt = torch.tensor([list(b"abc")])
+    for temperature, top_k in ((0.0, None), (1.0, 3)):
+        draws = [
+            model.generate(prompt, 30, temperature, top_k, torch.Generator().manual_seed(1)),
+            sample(
+                model,
+                prompt,
+                30,
+                SMALL.context,
+                temperature,
+                top_k,
+                torch.Generator().manual_seed(1),
+            ),
+        ]
+        assert torch.equal(*draws)
+
+    class Output(dict):  # a ModelOutput is a dict subclass; its `logits` are the predictions
+        @property
+        def logits(self):
+            return self["logits"]
+
+    out = model(prompt)
+    for returned in (out, {"logits": out}, Output(logits=out), (out, None), [out]):
+        assert logits(returned) is out
+    with pytest.raises(TypeError, match=r"the model returned dict with keys \['hidden'\]; "):
+        logits({"hidden": out})
 
 
 @pytest.mark.gpu

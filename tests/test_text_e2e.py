@@ -98,8 +98,9 @@ def test_fsdp_trains_the_same_gpt_as_ddp_holding_half_the_parameters(
     relative: the reductions differ, reduce-scatter vs all-reduce), and the logged model,
     gathered whole, scores text in a fresh process elsewhere."""
     fsdp = train(
-        TEXT, tmp_path, *TEXT_SPEC, "scaling.strategy=fsdp", "tracking.experiment=test-gpt-fsdp"
-    )
+        TEXT, tmp_path, *TEXT_SPEC, "scaling.strategy=fsdp", "tracking.experiment=test-gpt-fsdp",
+        "tracking.system_metrics=false", "tracking.system_metrics_interval_s=0.5",
+    )  # fmt: skip
     client = MlflowClient(tracking_uri)
     for key in ("train_loss", "val_loss"):
         ddp_curve, fsdp_curve = (
@@ -111,6 +112,8 @@ def test_fsdp_trains_the_same_gpt_as_ddp_holding_half_the_parameters(
     ddp_tags = client.get_run(tiny_run["run_id"]).data.tags
     tags = client.get_run(fsdp["run_id"]).data.tags
     assert (tags["strategy"], tags["blocks"], tags["num_nodes"]) == ("fsdp", "Block", "2")
+    # system_metrics: false leaves no system metrics (at an interval that would have sampled)
+    assert not [k for k in client.get_run(fsdp["run_id"]).data.metrics if k.startswith("system/")]
     held, whole = int(tags["param_bytes_per_rank"]), int(ddp_tags["param_bytes_per_rank"])
     assert 0.5 <= held / whole < 0.51
     digests = tags["param_digests"].split(",")

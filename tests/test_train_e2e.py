@@ -28,6 +28,7 @@ def digits_run(ray_cluster, tracking_uri, tmp_path_factory) -> dict:
         "tracking.experiment=test-digits",
         "tracking.register_as=test-digits",
         "tracking.alias=champion",
+        "tracking.system_metrics_interval_s=1",  # (its ~12 s of training: samples from each node)
     )
 
 
@@ -56,6 +57,45 @@ def test_digits_is_one_finished_mlflow_run(digits_run, tracking_uri):
     ends = [float(run.data.tags[f"trainyard.startup.{phase}_s"]) for phase in PHASES]
     assert 0 < ends[0] and ends == sorted(ends), ends
     assert run.data.tags["trainyard.data_cache"].startswith("filled ")  # (its key follows)
+
+
+def test_digits_run_holds_each_nodes_system_metrics_its_inputs_source_and_summary(
+    digits_run, tracking_uri
+):
+    import json
+    import subprocess
+
+    run = MlflowClient(tracking_uri).get_run(digits_run["run_id"])
+    # System metrics from both nodes of the run, a series per node.
+    system = [k.split("/") for k in run.data.metrics if k.startswith("system/")]
+    nodes = {parts[1] for parts in system}
+    assert len(nodes) == 2 and all(n.startswith("node") for n in nodes), nodes
+    for node in nodes:
+        assert f"system/{node}/cpu_utilization_percentage" in run.data.metrics
+        assert f"system/{node}/system_memory_usage_megabytes" in run.data.metrics
+    # What it trained on: both splits, digested by the key of the prepared data.
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    key = run.data.tags["trainyard.data_cache"].split()[1]
+    assert {d.digest for d in inputs.values()} == {key[:16]}
+    assert json.loads(inputs["training"].source) == {"uri": "builtin:digits"}
+    profile = json.loads(inputs["validation"].profile)
+    assert profile == {"rows": int(run.data.params["data.num_validation"]), "num_classes": 10}
+    features = json.loads(json.loads(inputs["training"].schema)["mlflow_tensorspec"]["features"])
+    assert features[0]["tensor-spec"] == {"dtype": "float32", "shape": [-1, 64]}
+    # The code it ran: the spec file, and the commit of the project it ran from.
+    tags = run.data.tags
+    assert tags["mlflow.source.name"].endswith("configs/digits.yaml")
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True)
+    if head.returncode == 0:  # (the tests run from a clone in CI)
+        assert tags["mlflow.source.git.commit"] == head.stdout.decode().strip()
+        assert tags["trainyard.git.dirty"] in ("true", "false")
+    # The one-glance summary, as the run's description.
+    note = tags["mlflow.note.content"]
+    assert note.startswith("**tabular** · model mlp(") and "M parameters" in note
+    assert f"{int(run.data.params['data.num_train']):,} training and" in note
+    assert "workers: 2 × " in note and "on 2 node(s)" in note and "ddp" in note
+    assert "finished: val_loss" in note and "after 40 epoch(s)" in note
 
 
 def test_digits_workers_ran_on_two_nodes_and_agree(digits_run, tracking_uri):

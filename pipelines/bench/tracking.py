@@ -1,9 +1,12 @@
 """tracking: the training loop's step time with MLflow logging as trainyard does it (rank 0
 logs the step loss every train.log_every_steps steps, written in the background) against no
-logging and against waiting for every write; the once-per-epoch log and flush in a note."""
+logging, against waiting for every write, and with MLflow's system-metrics monitor sampling
+the machine (every second: ten times as often as trainyard's default); the once-per-epoch log
+and flush in a note."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Any
@@ -35,11 +38,15 @@ def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
     log = tracking.RankZeroLogger(tracking_uri, run_id, rank=0)
     offset = [0]
     epoch_ms: list[float] = []
-    in_calls: dict[str, list[float]] = {"background": [], "synchronous": []}
+    in_calls: dict[str, list[float]] = {"background": [], "synchronous": [], "system": []}
 
     def epoch(mode: str) -> float:
         """ms per step over one epoch: no logging, or the step loss every `every` steps
-        written in the background (as trainyard does) or waited for (synchronous)."""
+        written in the background (as trainyard does; with `system`, the system-metrics
+        monitor running too) or waited for (synchronous)."""
+        monitor = contextlib.nullcontext()
+        if mode == "system":
+            monitor = tracking.system_metrics(tracking_uri, run_id, "bench", 1.0)
         base = offset[0]
         offset[0] += steps
         spent = [0.0]
@@ -49,19 +56,20 @@ def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
                 start = time.perf_counter()
                 log.metrics({"train_loss_step": loss.item()}, step=base + step)
                 if mode == "synchronous":
-                    log.flush()
+                    log.flush()  # (otherwise written in the background, as trainyard does)
                 spent[0] += time.perf_counter() - start
 
-        stats = train_epoch(
-            model,
-            repeated(batches, steps),
-            optimizer,
-            scheduler,
-            scaler,
-            loss_fn=torch.nn.functional.cross_entropy,
-            steps=steps,
-            on_step=None if mode == "off" else on_step,
-        )
+        with monitor:
+            stats = train_epoch(
+                model,
+                repeated(batches, steps),
+                optimizer,
+                scheduler,
+                scaler,
+                loss_fn=torch.nn.functional.cross_entropy,
+                steps=steps,
+                on_step=None if mode == "off" else on_step,
+            )
         if mode != "off":  # the epoch's metrics and the flush before the checkpoint report
             in_calls[mode].append(100 * spent[0] / stats.seconds)
             start = time.perf_counter()
@@ -76,6 +84,7 @@ def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
                 "no logging": lambda: epoch("off"),
                 "MLflow in the background (trainyard)": lambda: epoch("background"),
                 "MLflow synchronous": lambda: epoch("synchronous"),
+                "MLflow in the background + system metrics every 1 s": lambda: epoch("system"),
             },
             repeats,
         )

@@ -24,9 +24,20 @@ class TrackingSpec:
     (then `models:/NAME/VERSION`, or `models:/NAME@ALIAS` with `alias`, names it)."""
     alias: str | None = None
     """Point this alias of the registered model at the new version (e.g. champion)."""
+    system_metrics: bool = True
+    """Each node's CPU, memory, disk and network (and GPUs) in the run as system metrics, a
+    series per node (`system/node<N>-<ip>/...`), sampled by MLflow's monitor."""
+    system_metrics_interval_s: float = 10.0
+    """Seconds between samples of the system metrics."""
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment), "tracking.experiment", self.experiment, "a name")
+        _check(
+            self.system_metrics_interval_s >= 0.5,
+            "tracking.system_metrics_interval_s",
+            self.system_metrics_interval_s,
+            "seconds >= 0.5",
+        )
         if self.register_as is not None:
             _check(bool(self.register_as.strip()), "tracking.register_as", "", "a model name")
             _check(self.log_model, "tracking.register_as", self.register_as, "log_model: true")

@@ -101,14 +101,15 @@ def prepare(
     printed and returned."""
     settings = spec.cache
     try:
-        inputs = pipeline.cache_inputs(spec) if settings.enabled else None
+        inputs = pipeline.cache_inputs(spec)
     except TrainyardError:  # (bad input: the preparation below says it as it always does)
         inputs = None
-    if inputs is None:
+    # (The key names the prepared data even where the cache is off: the run's inputs' digest.)
+    key = key_of(inputs, num_workers) if inputs is not None else None
+    if key is None or not settings.enabled:
         why = "cache.enabled: false" if not settings.enabled else f"{spec.pipeline} data"
         data = pipeline.prepare(spec, task_cpus, num_workers, rows_per_step, read_args)
-        return data, Outcome("off", note=f"({why})")
-    key = key_of(inputs, num_workers)
+        return data, Outcome("off", key, note=f"({why})")
     if (manifest := lookup(root, key)) is not None:
         try:
             data = load(root, key, manifest)

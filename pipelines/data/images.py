@@ -447,6 +447,7 @@ def figures(spec: RunSpec, prepared: Prepared, net: Any, directory: Path) -> lis
     import matplotlib.pyplot as plt
     import torch
 
+    from trainyard.models.outputs import logits
     from trainyard.pipelines.data.augment import ROW
 
     extra, per_epoch = prepared.extra, prepared.per_epoch
@@ -476,7 +477,7 @@ def figures(spec: RunSpec, prepared: Prepared, net: Any, directory: Path) -> lis
     net = net.eval()
     with torch.no_grad():
         for b in prepared.validation.iter_batches(batch_size=512, batch_format="numpy"):
-            predicted = net(torch.from_numpy(b["x"])).argmax(-1).numpy()
+            predicted = logits(net(torch.from_numpy(b["x"]))).argmax(-1).numpy()
             np.add.at(counts, (b["y"], predicted), 1)
     size = max(4.0, 0.45 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))

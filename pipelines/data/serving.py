@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 
+from trainyard.models.outputs import logits
 from trainyard.pipelines.data.tokenizers import bits_per_byte
 
 
@@ -282,7 +283,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         device = next(self.net.parameters()).device
         x = torch.from_numpy(normalize(images, self.mean, self.std)).to(device)
         with torch.no_grad():
-            return self.net(x).float().cpu().numpy()
+            return logits(self.net(x)).float().cpu().numpy()
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:
         logits = self.logits(self.decode(model_input))
@@ -295,9 +296,18 @@ class TextModel(mlflow.pyfunc.PythonModel):
     model's context, as `trainyard predict` writes them. `net` gives next-token logits for
     token ids (batch, time)."""
 
-    def __init__(self, net: torch.nn.Module, tokenizer: Any):
+    context: int | None = None  # (models logged before it was kept: the GPT's own)
+
+    def __init__(self, net: torch.nn.Module, tokenizer: Any, context: int | None = None):
         self.net = net.eval()
         self.tokenizer = tokenizer
+        self.context = context
+        """The tokens the model was trained on at a time (the spec's context)."""
+
+    def window(self) -> int:
+        """The tokens the model reads at a time: its training context (for models logged
+        without it, the built-in GPT's configured context)."""
+        return self.context or self.net.config.context
 
     def input_schema(self, example: pd.DataFrame) -> Any:
         from mlflow.types import ColSpec, DataType, Schema
@@ -323,7 +333,7 @@ class TextModel(mlflow.pyfunc.PythonModel):
         """Each text's bytes, tokens, loss (nats per token) and bits per byte."""
         import torch.nn.functional as F
 
-        context = self.net.config.context
+        context = self.window()
         device = next(self.net.parameters()).device
         rows = []
         for data in datas:
@@ -333,8 +343,8 @@ class TextModel(mlflow.pyfunc.PythonModel):
             with torch.no_grad():
                 for start in range(0, max(len(ids) - 1, 0), context):
                     window = ids[start : start + context + 1]
-                    logits = self.net(window[None, :-1])[0].float()
-                    nll += F.cross_entropy(logits, window[1:], reduction="sum").item()
+                    out = logits(self.net(window[None, :-1]))[0].float()
+                    nll += F.cross_entropy(out, window[1:], reduction="sum").item()
                     count += len(window) - 1
             rows.append(
                 {
@@ -396,7 +406,7 @@ class ArrayModel(mlflow.pyfunc.PythonModel):
         device = next(self.net.parameters()).device
         with torch.no_grad():
             x = torch.from_numpy(np.ascontiguousarray(x)).to(device)
-            return self.net(x).float().cpu().numpy()
+            return logits(self.net(x)).float().cpu().numpy()
 
     # `np.ndarray`: a hint MLflow passes through unchecked (tables come in too; a union is a
     # hint it warns about, and so is none).
@@ -427,7 +437,9 @@ def load(directory: str, device: Any = "cpu") -> Any:
             return ArrayModel(net.to(device), list(spec.shape[1:]), spec.type.str)
         from trainyard.pipelines.data.tokenizers import load_tokenizer
 
-        return TextModel(net.to(device), load_tokenizer(metadata["tokenizer"]))
+        return TextModel(
+            net.to(device), load_tokenizer(metadata["tokenizer"]), metadata.get("context")
+        )
     model = mlflow.pyfunc.load_model(directory)
     try:
         python_model = model.unwrap_python_model()

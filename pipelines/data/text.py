@@ -307,9 +307,10 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
 
     from trainyard.pipelines.data.serving import TextModel
 
-    model = TextModel(net, load_tokenizer(spec.data.tokenizer))
+    model = TextModel(net, load_tokenizer(spec.data.tokenizer), spec.context)
     example = pd.DataFrame({"text": ["def main():\n    return 0\n", "import os\n"]})
-    return model, example, {"pipeline": "text", "tokenizer": spec.data.tokenizer}
+    metadata = {"pipeline": "text", "tokenizer": spec.data.tokenizer, "context": spec.context}
+    return model, example, metadata
 
 
 def describe_data(spec: RunSpec) -> None:

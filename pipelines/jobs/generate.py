@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from typing import Any
 
 from trainyard.cluster.errors import TrainyardError
 
@@ -44,9 +45,10 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise TrainyardError("--top-k: expected an integer >= 1")
 
 
-def load(uri: str, tracking_uri: str, trust: bool = False):
-    """The model at `uri` and its tokenizer, checked to be a text model trainyard signed
-    before it is unpickled or its tokenizer imported."""
+def load(uri: str, tracking_uri: str, trust: bool = False) -> Any:
+    """The text model at `uri` (data.serving.TextModel: the network, its tokenizer and
+    context), checked to be a text model trainyard signed before it is unpickled or its
+    tokenizer imported."""
     from mlflow.models import Model
 
     from trainyard.pipelines.data.serving import load as load_model
@@ -60,13 +62,11 @@ def load(uri: str, tracking_uri: str, trust: bool = False):
                 f"{uri} is not a text model (pipeline: {metadata.get('pipeline', 'unknown')}); "
                 "generate samples from models trained with `pipeline: text`"
             )
-        model = load_model(str(local))
-        return model.net, model.tokenizer
+        return load_model(str(local))
 
 
 def generate(
-    model,
-    tokenizer,
+    model: Any,
     prompt: str,
     max_bytes: int,
     temperature: float = 0.8,
@@ -76,31 +76,70 @@ def generate(
     """The prompt and up to `max_bytes` bytes sampled after it (invalid UTF-8 replaced)."""
     if not prompt:
         raise TrainyardError("--prompt: give at least one character to continue")
-    new = continuation(model, tokenizer, prompt.encode(), max_bytes, temperature, top_k, seed)
+    new = continuation(model, prompt.encode(), max_bytes, temperature, top_k, seed)
     return (prompt.encode() + new).decode("utf-8", errors="replace")
 
 
 def continuation(
-    model,
-    tokenizer,
+    model: Any,
     prompt: bytes,
     max_bytes: int,
     temperature: float = 0.8,
     top_k: int | None = None,
     seed: int = 0,
 ) -> bytes:
-    """Up to `max_bytes` bytes sampled after `prompt` (not empty), on the model's device; the
-    same prompt and seed give the same bytes."""
+    """Up to `max_bytes` bytes sampled after `prompt` (not empty) from a text model
+    (data.serving.TextModel), on its network's device; the same prompt and seed give the same
+    bytes."""
     import numpy as np
     import torch
 
-    device = next(model.parameters()).device
+    tokenizer = model.tokenizer
+    device = next(model.net.parameters()).device
     ids = torch.as_tensor(np.asarray(tokenizer.encode(prompt), dtype=np.int64), device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(
-        ids[None, :], max_bytes, temperature=temperature, top_k=top_k, generator=generator
-    )
+    out = sample(model.net, ids[None, :], max_bytes, model.window(), temperature, top_k, generator)
     return tokenizer.decode(out[0, len(ids) :].tolist())[:max_bytes]
+
+
+def sample(
+    net: Any,
+    ids: Any,
+    new_tokens: int,
+    context: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: Any = None,
+) -> Any:
+    """`ids` (batch, time) extended by `new_tokens` tokens, each sampled from the network's
+    next-token logits over the last `context` tokens (greedy when `temperature` is 0, among
+    the `top_k` likeliest where given). Any network that maps token ids to logits (batch,
+    time, vocabulary) — trainyard's GPT, a Hugging Face causal LM — is sampled alike."""
+    import torch
+    import torch.nn.functional as F
+
+    from trainyard.models.outputs import logits
+
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            scores = logits(net(ids[:, -context:]))
+            if scores.dim() != 3:
+                raise TrainyardError(
+                    f"the model gives logits of shape {tuple(scores.shape)} for token ids of "
+                    f"shape {tuple(ids[:, -context:].shape)}; sampling needs (batch, time, "
+                    "vocabulary)"
+                )
+            scores = scores[:, -1, :].float()
+            if temperature == 0:
+                nxt = scores.argmax(-1, keepdim=True)
+            else:
+                scores = scores / temperature
+                if top_k is not None:
+                    kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]
+                    scores = scores.masked_fill(scores < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(scores, -1), 1, generator=generator)
+            ids = torch.cat([ids, nxt], dim=1)
+    return ids
 
 
 def command(args: argparse.Namespace) -> int:
@@ -110,9 +149,7 @@ def command(args: argparse.Namespace) -> int:
         raise TrainyardError("--max-bytes: expected an integer >= 1")
     check_sampling(args)
     uri = args.tracking_uri or tracking.tracking_uri(".")
-    model, tokenizer = load(tracking.model_uri(args.model), uri, args.trust_model)
-    text = generate(
-        model, tokenizer, args.prompt, args.max_bytes, args.temperature, args.top_k, args.seed
-    )
+    model = load(tracking.model_uri(args.model), uri, args.trust_model)
+    text = generate(model, args.prompt, args.max_bytes, args.temperature, args.top_k, args.seed)
     sys.stdout.write(text + "\n")
     return 0

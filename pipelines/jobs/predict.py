@@ -50,6 +50,7 @@ from trainyard.cluster.errors import TrainyardError
 from trainyard.pipelines.data.common import (
     DataError,
     errors_reported_here,
+    fingerprint,
     open_fs,
     quiet_ray_data,
     resolve_files,
@@ -388,11 +389,7 @@ def continue_texts(model: Any, batch: pd.DataFrame, sampling: dict[str, Any]) ->
     for data in datas:
         if not data:
             raise ValueError("DATA: an empty text; give each at least one character to continue")
-        out.append(
-            continuation(model.net, model.tokenizer, data, **sampling).decode(
-                "utf-8", errors="replace"
-            )
-        )
+        out.append(continuation(model, data, **sampling).decode("utf-8", errors="replace"))
     return pd.DataFrame(names | {"continuation": out})
 
 
@@ -465,25 +462,33 @@ def input_files(kind: str | None, data: str) -> tuple[list[str], Any, bool]:
     return files, fs, all(f.endswith(DATA_EXTENSIONS) for f in files)
 
 
-def read_input(data: str, job: Job) -> tuple[Any, int | None, int]:
+def read_input(data: str, job: Job) -> tuple[Any, int | None, int, dict[str, Any]]:
     """DATA as a Ray Dataset of the rows the actors take (a column `path` of files, or the
     rows of CSV/Parquet files); how many rows that is: files are counted, Parquet rows from the
     files' footers, CSV rows only for image models (their rows may be skipped, and such a
-    table holds paths), else None; and into how many blocks it comes, at most (the most
-    actors that can work at once)."""
+    table holds paths), else None; into how many blocks it comes, at most (the most actors
+    that can work at once); and the run's input record (tracking.log_inputs): its files'
+    fingerprint as digest, its files and rows."""
     import pyarrow.dataset as pads
     import ray.data
 
     from trainyard.pipelines.data.tabular import file_format, sample_schema
 
     files, fs, table = input_files(job.kind, data)
+    record = {
+        "name": f"{data[-200:]} (prediction)",
+        "digest": fingerprint(files, fs)[:16],
+        "source": data,
+        "context": "prediction",
+        "profile": {"files": len(files)},
+    }
     if not table:
         if job.keep:
             raise DataError(f"--keep: {data} is files, not a table; there are no columns to keep")
         blocks = max(1, min(len(files) // 512, 200))
         parts = np.array_split(files, blocks)
         ds = ray.data.from_pandas([pd.DataFrame({"path": part}) for part in parts])
-        return ds, len(files), blocks
+        return ds, len(files), blocks, record
     fmt = file_format(files, "auto")
     check_columns(data, sample_schema(files, fs, fmt)[0], job)
     # Each file read by a task of its own that holds IO_CPUS: Ray Data's readers first list
@@ -498,7 +503,9 @@ def read_input(data: str, job: Job) -> tuple[Any, int | None, int]:
     )
     counted = fmt == "parquet" or job.kind == "images"
     total = pads.dataset(files, filesystem=fs, format=fmt).count_rows() if counted else None
-    return ds, total, table_blocks(files, fs)
+    if total is not None:
+        record["profile"]["rows"] = total
+    return ds, total, table_blocks(files, fs), record
 
 
 def table_blocks(files: list[str], fs: Any) -> int:
@@ -630,7 +637,8 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     failure = None
     try:
-        ds, total, blocks = read_input(args.data, job)
+        ds, total, blocks, record = read_input(args.data, job)
+        tracking.log_inputs(uri, run_id, [record])
         if args.workers is None:  # more actors than blocks would only start and wait
             workers = min(workers, blocks)
         counter = ray.remote(num_cpus=0)(Counter).remote()

@@ -14,6 +14,7 @@ Overrides that hold a credential therefore travel as a file inside a package of 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import tempfile
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from trainyard.cluster import jobs
 from trainyard.cluster.errors import TrainyardError
 from trainyard.cluster.secrets import redact_override
+from trainyard.pipelines import tracking
 from trainyard.pipelines.config.overrides import holds_credentials, overrides_package
 from trainyard.pipelines.config.spec import load_spec
 from trainyard.pipelines.training.driver import add_spec_arguments, check_code
@@ -81,6 +83,12 @@ def job_metadata(config: str, overrides: list[str]) -> dict[str, str]:
     }
 
 
+def job_source(config: str, project: Path) -> dict[str, str]:
+    """The source tags of the project as it is sent (its copy has no git history), marked as
+    a job's."""
+    return tracking.source_tags(config, project) | {"mlflow.source.type": "JOB"}
+
+
 def command(args: argparse.Namespace) -> int:
     started = time.monotonic()
     project = Path.cwd()
@@ -113,6 +121,7 @@ def command(args: argparse.Namespace) -> int:
             metadata=job_metadata(args.config, args.overrides)
             | ({"trainyard.kind": "tune"} if args.tune else {}),
             py_modules=[str(package)] if package else [],
+            env_vars={tracking.SOURCE_ENV: json.dumps(job_source(args.config, project))},
         )
     if args.no_wait:
         print(f"  follow: ray job logs -f {job_id}   stop: ray job stop {job_id}")

@@ -189,7 +189,15 @@ def run_trial(
         "trainyard.tune_parent": search["run_id"],
         "trainyard.trial_id": trial_id,
     }
-    options = RunOptions(float(search["share"]), tags, (TuneReportCallback(),), data)
+    source = json.loads(search["source"])
+    options = RunOptions(
+        float(search["share"]),
+        tags,
+        (TuneReportCallback(),),
+        data,
+        data_key=search.get("data_key") or None,
+        source=source,
+    )
     run(RunSpec.from_dict(raw), options=options)
 
 
@@ -210,8 +218,11 @@ def restart_name(raw: dict[str, Any], name: str, search: dict[str, str]) -> str:
 # --- the search ---------------------------------------------------------------------------------
 
 
-def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
-    """Run the search; return its summary."""
+def search(
+    spec: RunSpec, trials: int, resume: str | None, source: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run the search; return its summary. `source`: the MLflow tags of the code it runs
+    (tracking.source_tags), on its run and every trial's."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
@@ -235,11 +246,14 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
     )
     # Data every trial shares is prepared once, here: bad input stops the search before its
     # run or any trial starts, and no trial pays for it again.
-    data = None
+    data = key = None
     if shares_data(spec):
-        data = prepare(spec, concurrency.plan, read_args_for(spec, storage, uri))
-    parent = open_search_run(spec, uri, name, trials, concurrency, resume is not None)
+        data, key = prepare(spec, concurrency.plan, read_args_for(spec, storage, uri))
+    source = source or {}
+    parent = open_search_run(spec, uri, name, trials, concurrency, resume is not None, source)
     context = {
+        "source": json.dumps(source),
+        "data_key": key or "",
         "run_id": parent,
         "name": name,
         "share": str(concurrency.share),
@@ -296,18 +310,20 @@ def search(spec: RunSpec, trials: int, resume: str | None) -> dict[str, Any]:
     return summary | {"name": name, "seconds": round(time.monotonic() - started, 1)}
 
 
-def prepare(spec: RunSpec, plan: Any, read_args: dict[str, Any] | None = None) -> Prepared:
+def prepare(
+    spec: RunSpec, plan: Any, read_args: dict[str, Any] | None = None
+) -> tuple[Prepared, str | None]:
     """The spec's data, prepared for a trial's share of the cluster (each trial checks that it
-    holds an optimizer step of its own batch size); from the preprocessing cache where it
-    holds them."""
+    holds an optimizer step of its own batch size), from the preprocessing cache where it
+    holds them; and their key (data.cache.key_of)."""
     from trainyard.pipelines.data import cache
     from trainyard.pipelines.data.common import pipeline_module
     from trainyard.pipelines.training.resume import cache_path
 
     pipeline, root = pipeline_module(spec), cache_path(spec)
     cpus, workers = plan.data_task_cpus, plan.num_workers
-    data, _ = cache.prepare(pipeline, spec, root, cpus, workers, 1, read_args)
-    return data
+    data, outcome = cache.prepare(pipeline, spec, root, cpus, workers, 1, read_args)
+    return data, outcome.key
 
 
 def scheduler_for(spec: RunSpec) -> Any:
@@ -382,7 +398,13 @@ def _short(value: Any) -> str:
 
 
 def open_search_run(
-    spec: RunSpec, uri: str, name: str, trials: int, concurrency: Concurrency, resumed: bool
+    spec: RunSpec,
+    uri: str,
+    name: str,
+    trials: int,
+    concurrency: Concurrency,
+    resumed: bool,
+    source: dict[str, str],
 ) -> str:
     """The search's MLflow run (a continued search's, found by name), with the space and the
     search's settings as params; its id."""
@@ -408,7 +430,7 @@ def open_search_run(
         "tune.reduction_factor": spec.tune.reduction_factor,
         **{f"search.{k}": json.dumps(v) for k, v in spec.tune.search.items()},
     }
-    tags = {"trainyard.kind": "tune", "ray.train.run_name": name}
+    tags = source | {"trainyard.kind": "tune", "ray.train.run_name": name}
     run_id = tracking.start_run(uri, spec.tracking.experiment, name, params, spec.to_yaml(), tags)
     print(f"trainyard: MLflow run {run_id} ({name}) holds the search; each trial is a child run")
     return run_id
@@ -526,7 +548,10 @@ def _number(value: Any) -> bool:
 
 def plot_trials(spec: RunSpec, trials: list[dict], metric: str, path: Path) -> Path | None:
     """One scatter per search key: each trial's value against its metric, finished trials
-    filled, stopped ones hollow; None without matplotlib."""
+    filled, stopped ones hollow; None without matplotlib, or without a trial that reached the
+    metric (every trial failed: nothing to plot)."""
+    if not any(_number(t.get(metric)) for t in trials):
+        return None
     try:
         import matplotlib
     except ImportError:
@@ -588,7 +613,9 @@ def command(args: argparse.Namespace) -> int:
         if args.dry_run:
             dry_run(spec, trials)
             return 0
-        summary = search(spec, trials, args.resume)
+        from trainyard.pipelines import tracking
+
+        summary = search(spec, trials, args.resume, tracking.source_tags(args.config))
     except SearchInterrupted as e:
         print(f"trainyard: {e}", file=sys.stderr)
         return 1

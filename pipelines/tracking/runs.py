@@ -54,14 +54,76 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def _git_commit() -> str | None:
+SOURCE_ENV = "TRAINYARD_SOURCE"
+"""Where `trainyard submit` hands a job the source tags of the project it sent (JSON): the job
+runs in a copy of the project without its git history."""
+
+
+def _git(project: str | Path, *args: str) -> str | None:
+    """`git ARGS` in `project`, its output stripped; None where git or the repository is not
+    there (or takes over 5 s)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+            ["git", "-C", str(project), *args],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
-        return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.stdout.strip()
+
+
+def source_tags(config: str | None, project: str | Path = ".") -> dict[str, str]:
+    """The MLflow tags that say what code a run ran: the spec file (`mlflow.source.name`,
+    relative to the project directory), the project's git commit, branch and remote (without
+    credentials) where it is a git repository, whether tracked files had uncommitted changes
+    (`trainyard.git.dirty`), trainyard's version and the user. In a job `trainyard submit`
+    sent, the tags it took in the project before sending it (SOURCE_ENV)."""
+    import getpass
+    import json
+    from importlib.metadata import PackageNotFoundError, version
+
+    from trainyard.cluster.secrets import redact_text
+
+    if sent := os.environ.get(SOURCE_ENV):
+        return json.loads(sent)
+    tags = {"mlflow.source.type": "LOCAL"}
+    if config:
+        path = Path(config).resolve()
+        root = Path(project).resolve()
+        tags["mlflow.source.name"] = (
+            path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+        )
+    try:
+        tags["trainyard.version"] = version("trainyard")
+    except PackageNotFoundError:
+        tags["trainyard.version"] = "unknown"
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # (no name for this uid, e.g. in some containers)
+        pass
+    if commit := _git(project, "rev-parse", "HEAD"):
+        tags["mlflow.source.git.commit"] = commit
+        changed = _git(project, "status", "--porcelain", "--untracked-files=no")
+        if changed is not None:
+            tags["trainyard.git.dirty"] = str(bool(changed)).lower()
+        if (branch := _git(project, "rev-parse", "--abbrev-ref", "HEAD")) not in (None, "HEAD"):
+            tags["mlflow.source.git.branch"] = branch
+        if remote := _git(project, "remote", "get-url", "origin"):
+            tags["mlflow.source.git.repoURL"] = redact_text(strip_login(remote))
+    return tags
+
+
+def strip_login(url: str) -> str:
+    """A remote's URL without the user and password an https URL may carry."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https") and "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return url
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -85,12 +147,11 @@ def start_run(
     spec_yaml: str,
     tags: dict[str, str],
 ) -> str:
-    """Create the job's MLflow run with its params, tags and resolved spec; return its id."""
+    """Create the job's MLflow run with its params, tags (`source_tags` among them: the
+    caller's) and resolved spec; return its id."""
     client = mlflow_client(uri)
     exp_id = experiment_id(uri, experiment)
-    commit = _git_commit()
-    all_tags = {**tags, **({"mlflow.source.git.commit": commit} if commit else {})}
-    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     from mlflow.entities import Param
 
@@ -217,6 +278,48 @@ def child_runs(uri: str, parent: str, key: str) -> dict[str, Any]:
     return {r.data.tags[key]: r for r in runs if key in r.data.tags}
 
 
+def log_inputs(uri: str, run_id: str, inputs: list[dict[str, Any]]) -> None:
+    """Each of `inputs` as a dataset input of the run (the run's Datasets): its `name`,
+    `digest`, `source` (a path or URI), `context` (training, validation, prediction), and the
+    optional `schema` (x and y as tensors: dtype and shape) and `profile` (counts, classes).
+    What identifies the data, never its values."""
+    import json
+
+    import numpy as np
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from trainyard.cluster.secrets import redact_text
+
+    def schema(tensors: dict[str, tuple[str, list[int]]] | None) -> str | None:
+        if not tensors:
+            return None
+        specs = {k: Schema([TensorSpec(np.dtype(t), tuple(s), k)]) for k, (t, s) in tensors.items()}
+        return json.dumps(TensorDatasetSchema(specs["x"], specs.get("y")).to_dict())
+
+    def source_type(source: str) -> str:
+        scheme = source.split("://", 1)[0] if "://" in source else ""
+        return scheme or ("code" if ":" in source and not source.startswith("/") else "local")
+
+    datasets = [
+        DatasetInput(
+            Dataset(
+                name=i["name"],
+                digest=i["digest"],
+                source_type=source_type(i["source"]),
+                source=json.dumps({"uri": redact_text(i["source"])}),
+                schema=schema(i.get("schema")),
+                profile=json.dumps(i["profile"]) if i.get("profile") else None,
+            ),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, i["context"])],
+        )
+        for i in inputs
+    ]
+    mlflow_client(uri).log_inputs(run_id, datasets)
+
+
 def log_batch(
     uri: str, run_id: str, params: dict[str, Any], metrics: dict[str, float], tags: dict
 ) -> None:
@@ -230,6 +333,45 @@ def log_batch(
         metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
         tags=[RunTag(k, str(v)) for k, v in tags.items()],
     )
+
+
+@contextlib.contextmanager
+def system_metrics(uri: str, run_id: str, node: str, interval_s: float):
+    """MLflow's system-metrics monitor for this node while the block runs: CPU, memory, disk
+    and network (and each GPU's, where nvidia-ml-py is installed) every `interval_s` seconds
+    into the run, as `system/<node>/<metric>`. One process per node runs it (the node's first
+    worker); it samples the whole machine. It is imported and started in a thread of its own,
+    off the way to the first step. A sample waits out the interval before it is written, so a
+    block shorter than the interval writes none; a monitor that cannot start (no psutil) says
+    so and the block runs without it."""
+    import threading
+
+    monitors: list[Any] = []
+
+    def start() -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                run_id,
+                sampling_interval=interval_s,
+                node_id=node,
+                tracking_uri=uri,
+                resume_logging=True,  # (a restarted worker group goes on from the last step)
+            )
+            monitor.start()
+            monitors.append(monitor)
+        except Exception as e:  # (e.g. no psutil: training goes on without the metrics)
+            logging.getLogger("trainyard").warning("no system metrics from %s: %s", node, e)
+
+    starting = threading.Thread(target=start, name="trainyard-system-metrics", daemon=True)
+    starting.start()
+    try:
+        yield
+    finally:
+        starting.join()
+        for monitor in monitors:
+            monitor.finish()
 
 
 class RankZeroLogger:

@@ -9,12 +9,14 @@ Connects to the cluster in RAY_ADDRESS (as under `ray job submit`), else starts 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from trainyard.pipelines.training.resume import (
     shape_change,
 )
 from trainyard.pipelines.training.session import init_ray, submission_id
-from trainyard.pipelines.training.startup import Startup
+from trainyard.pipelines.training.startup import PHASES, Startup
 from trainyard.pipelines.training.trainer import (
     NoFirstStep,
     TrainingStopped,
@@ -113,8 +115,13 @@ class RunOptions:
     """Ray Train callbacks (e.g. the one that reports epochs to Tune)."""
     data: Prepared | None = None
     """Data prepared already, used as it is (else the run prepares its own)."""
+    data_key: str | None = None
+    """The key of those data (data.cache.key_of), which the run's inputs' digest is."""
     started: float | None = None
     """When the command started, for the start-up's phases (None: as the run starts)."""
+    source: dict[str, str] = field(default_factory=dict)
+    """The MLflow tags of the code the run runs (tracking.source_tags: spec file, git
+    commit, ...), taken where the command started."""
 
 
 def check_code(spec: RunSpec) -> None:
@@ -145,18 +152,20 @@ def user_references(spec: RunSpec) -> dict[str, str]:
     return {k: v for k, v in refs.items() if isinstance(v, str) and ":" in v}
 
 
-def checked_model(spec: RunSpec, data: Prepared) -> dict[str, Any]:
+def checked_model(spec: RunSpec, data: Prepared) -> tuple[dict[str, Any], str]:
     """Build the model once here, from the pipeline's facts and the spec, and run it forward on
     two training rows through the training loss: a model that cannot be built, or whose output
-    the loss does not take, is one line before any worker starts. Returns its recipe."""
+    the loss does not take, is one line before any worker starts. Returns its recipe, and a
+    line that says what it is and its size."""
     import torch
 
+    from trainyard.models.outputs import logits
     from trainyard.pipelines.config import user
     from trainyard.pipelines.training.step import training_loss
 
     recipe = user.model_recipe(spec.model, data.facts)
     net = user.build_model(recipe)
-    describe_model(spec, recipe, net)
+    line = describe_model(spec, recipe, net)
     if isinstance(spec.model, UserModelSpec) or spec.train.loss:
         batch = data.train.take_batch(2, batch_format="numpy")
         dtypes = data.job.dtypes
@@ -167,7 +176,7 @@ def checked_model(spec: RunSpec, data: Prepared) -> dict[str, Any]:
         loss_fn = training_loss(data.job.task, spec.train)
         try:
             with torch.no_grad():
-                loss = loss_fn(net.eval()(x), y)
+                loss = loss_fn(logits(net.eval()(x)), y)
             if loss.dim() != 0:
                 raise ValueError(f"the loss is a tensor of shape {tuple(loss.shape)}, not a scalar")
         except Exception as e:
@@ -176,15 +185,17 @@ def checked_model(spec: RunSpec, data: Prepared) -> dict[str, Any]:
                 f"model: {what} fail on two training rows (x {_shape(x)}, y {_shape(y)}): "
                 f"{type(e).__name__}: {e}"
             ) from None
-    return recipe
+    return recipe, line
 
 
-def describe_model(spec: RunSpec, recipe: dict[str, Any], net: Any) -> None:
-    """Print the model's size and what each worker holds of it."""
+def describe_model(spec: RunSpec, recipe: dict[str, Any], net: Any) -> str:
+    """Print the model's size and what each worker holds of it; return the first."""
     params = sum(p.numel() for p in net.parameters())
     shown = ", ".join(f"{k}={v}" for k, v in recipe["kwargs"].items())
-    print(f"trainyard: model {recipe['name']}({shown}): {params / 1e6:.3g}M parameters")
+    line = f"{recipe['name']}({shown}): {params / 1e6:.3g}M parameters"
+    print(f"trainyard: model {line}")
     print(held_per_worker(spec, net, params))
+    return line
 
 
 def held_per_worker(spec: RunSpec, net: Any, params: int) -> str:
@@ -364,7 +375,8 @@ def run(
     pipeline = pipeline_module(spec)
     rows_per_step = spec.micro_batch_size * spec.accum_steps  # per worker, at the most workers
     workers = spec.scaling.max_workers
-    tags = options.tags
+    tags = options.source | options.tags
+    key = options.data_key
     if options.data is not None:
         data = options.data
         check_row_counts(data.num_train, data.num_validation, workers, rows_per_step)
@@ -378,7 +390,7 @@ def run(
             rows_per_step,
             place.read_args,
         )
-        tags = tags | cached.tags()
+        tags, key = tags | cached.tags(), cached.key
     if spec.scaling.elastic and not global_order(data):
         raise SpecError(
             f"scaling.num_workers: {spec.scaling.num_workers} (elastic) needs training data "
@@ -386,13 +398,15 @@ def run(
             "these are streamed to each worker (too big, or augmented every pass): use a "
             "fixed number of workers"
         )
-    recipe = checked_model(spec, data)
+    recipe, model_line = checked_model(spec, data)
     startup.mark("data")
     if place.resumed is not None:
         check_model_loads(recipe, place.resumed.model)
         tags = tags | check_split(spec, place, data)
     # 2. One MLflow run for the job, shared with the workers by id.
     run_id = open_run(spec, place, plan, data, steps_per_epoch(spec, plan, data), tags)
+    if place.run_id is None:  # (a continued run has them already)
+        tracking.log_inputs(place.uri, run_id, input_records(spec, data, key))
     startup.mark("mlflow_run")
     job = worker_job(spec, plan, data, recipe, run_id, place)
     print(plan.describe())
@@ -400,7 +414,8 @@ def run(
     if notice := waiting_notice(plan, timeout):
         print(notice)
     configure_ray_train(timeout)
-    with tracking.ending(place.uri, run_id):
+    facts = RunFacts(spec, place, run_id, plan, data, model_line, startup)
+    with tracking.ending(place.uri, run_id), facts.noted():
         # 3. Train: Ray Train runs the DDP workers, each reading its share from Ray Data.
         trainer = make_trainer(spec, plan, data, job, place, options.callbacks)
         stall = spec.train.stall_timeout_s
@@ -421,6 +436,7 @@ def run(
             place.uri, model_uri, spec.tracking.register_as, spec.tracking.alias
         )
         record_startup(startup, place, run_id)
+        facts.ended(result.metrics, model_uri)
     return summarize(spec, place, run_id, result, model_uri, registered or None)
 
 
@@ -445,6 +461,126 @@ def import_in_background() -> threading.Event:
 
     threading.Thread(target=load, name="trainyard-imports", daemon=True).start()
     return mlflow_imported
+
+
+@dataclass
+class RunFacts:
+    """What a run's description (MLflow's note, on its Overview) is made of: the one-glance
+    summary of what ran, on what, for how long, and how it ended."""
+
+    spec: RunSpec
+    place: Place
+    run_id: str
+    plan: Any
+    data: Prepared
+    model_line: str
+    startup: Startup
+    outcome: str = ""
+
+    def ended(self, metrics: dict[str, Any], model_uri: str | None) -> None:
+        final = {k: v for k, v in metrics.items() if k.startswith("val_")}
+        self.outcome = "finished: " + " · ".join(f"{k} {v:.4f}" for k, v in final.items())
+        if metrics.get("epoch") is not None:
+            self.outcome += f" after {metrics['epoch']} epoch(s)"
+        if model_uri:
+            self.outcome += f"; model `{model_uri}`"
+
+    @contextlib.contextmanager
+    def noted(self) -> Iterator[None]:
+        """Write the description as the block ends, whether it ends well or with an error."""
+        try:
+            yield
+        except BaseException as e:
+            after = time.time() - self.startup.began
+            error = f"{type(e).__name__}: {redact_text(str(e))}"[:2000]
+            self.outcome = f"failed after {after:.0f} s: {error}"
+            self.write()
+            raise
+        self.write()
+
+    def write(self) -> None:
+        from trainyard.pipelines import tracking
+
+        try:
+            tags = tracking.mlflow_client(self.place.uri).get_run(self.run_id).data.tags
+            tracking.log_batch(
+                self.place.uri, self.run_id, {}, {}, {"mlflow.note.content": self.text(tags)}
+            )
+        except Exception as e:  # (the run's outcome stands without its description)
+            print(f"trainyard: the run's description was not written: {e}", file=sys.stderr)
+
+    def text(self, tags: dict[str, str]) -> str:
+        spec, data, plan = self.spec, self.data, self.plan
+        source = getattr(spec.data, "path", None) or getattr(spec.data, "dataset", None)
+        rows = f"{data.num_train:,} training and {data.num_validation:,} validation "
+        rows += "windows" if spec.pipeline == "text" else "rows"
+        workers = tags.get("num_workers", str(plan.num_workers))
+        where = f" on {tags['num_nodes']} node(s)" if "num_nodes" in tags else ""
+        device = tags.get("device", "gpu" if plan.gpus_per_worker else "cpu")
+        precision = tags.get("amp_dtype", spec.amp.mode)
+        seconds = self.startup.seconds()
+        took = " · ".join(
+            f"{PHASES[p]} {seconds[p]:.1f} s" for p in ("first_step", "done") if p in seconds
+        )
+        lines = [
+            f"**{spec.pipeline}** · model {self.model_line}",
+            f"- data: {rows}"
+            + (f" from `{source}`" if source else "")
+            + (f" ({tags['trainyard.data_cache']})" if "trainyard.data_cache" in tags else ""),
+            f"- workers: {workers} × {plan.cpus_per_worker:g} CPU"
+            + (f" + {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else "")
+            + f"{where} ({device}), {spec.scaling.strategy}, precision {precision}, global "
+            f"batch {spec.global_batch}",
+            *([f"- from the command: {took}"] if took else []),
+            f"- {self.outcome or 'ended'}",
+        ]
+        if commit := tags.get("mlflow.source.git.commit"):
+            dirty = " (uncommitted changes)" if tags.get("trainyard.git.dirty") == "true" else ""
+            lines.append(f"- code: `{tags.get('mlflow.source.name', '?')}` at {commit[:12]}{dirty}")
+        return "\n".join(lines)
+
+
+def input_records(spec: RunSpec, data: Prepared, key: str | None) -> list[dict[str, Any]]:
+    """The run's training and validation inputs as tracking.log_inputs records them: where the
+    data came from, a digest that changes with the data or its preprocessing (the cache key:
+    the files' sizes and times, the data spec, the code that transforms the rows; for a custom
+    dataset, whose reads trainyard cannot see, the spec and the dataset's code), what the model
+    takes (x and y: dtype and shape), and the counts (and for images the classes)."""
+    import hashlib
+    from dataclasses import asdict
+
+    from trainyard.pipelines.data.common import code_digest
+
+    if key is None:
+        about = {
+            "data": asdict(spec.data),
+            "seed": spec.train.seed,
+            "code": code_digest([getattr(spec.data, "dataset", None)]),
+        }
+        key = hashlib.sha256(json.dumps(about, sort_keys=True, default=str).encode()).hexdigest()
+    source = str(getattr(spec.data, "path", None) or getattr(spec.data, "dataset", "")) or "?"
+    facts, dtypes = data.facts, data.job.dtypes
+    text = spec.pipeline == "text"
+    shape = [facts["context"]] if text else facts.get("in_shape")
+    schema = shape and {
+        "x": (dtypes.get("x", "float32"), [-1, *shape]),
+        "y": (dtypes.get("y", "float32"), [-1, *shape] if text else [-1]),
+    }
+    about = {k: facts[k] for k in ("num_classes", "vocab_size", "context") if k in facts}
+    if classes := data.params.get("data.classes"):
+        about["classes"] = classes
+    counted = "windows" if text else "rows"
+    return [
+        {
+            "name": f"{source[-200:]} ({split})",
+            "digest": key[:16],
+            "source": source,
+            "context": split,
+            "schema": schema,
+            "profile": {counted: rows} | about,
+        }
+        for split, rows in (("training", data.num_train), ("validation", data.num_validation))
+    ]
 
 
 def record_startup(startup: Startup, place: Place, run_id: str) -> None:
@@ -511,7 +647,10 @@ def train_command(args: argparse.Namespace) -> int:
         if args.dry_run:
             dry_run(spec)
             return 0
-        summary = run(spec, args.resume, RunOptions(started=args.started))
+        from trainyard.pipelines import tracking
+
+        source = tracking.source_tags(args.config)
+        summary = run(spec, args.resume, RunOptions(started=args.started, source=source))
     except NoFirstStep as e:
         print(f"trainyard: training failed: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()

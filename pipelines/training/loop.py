@@ -7,6 +7,7 @@ calls `ray.train.report` the same number of times; side effects happen on rank 0
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import tempfile
@@ -102,6 +103,8 @@ class Worker:
     """The device's peak FLOP/s, for MFU (GPUs only)."""
     up_at: float = 0.0
     """When this rank's train function started (Unix time): the worker group is up."""
+    nodes: list[str] | None = None
+    """The Ray node id of each rank (`distribute` gathers them)."""
 
 
 def set_up(config: dict[str, Any]) -> Worker:
@@ -184,6 +187,7 @@ def distribute(w: Worker) -> None:
     nodes = [ray.get_runtime_context().get_node_id()] * w.world
     if w.world > 1:
         dist.all_gather_object(nodes, nodes[0])
+    w.nodes = nodes
     name = device_name(w.device)
     w.log.tags(
         {
@@ -396,39 +400,60 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
     stream = BatchStream(train_pass, w.position) if tr.steps_per_epoch else None
     steps_per_epoch = job.steps_per_epoch
     nonfinite_run = steps_done = 0
-    watchdog = StallWatchdog(tr.stall_timeout_s, w.rank, keep_stack(w) if w.log.active else None)
-    inject_failure(job.inject_failure, 0, w.rank)  # epoch 0: before the first step
-    started = time.perf_counter()
-    for epoch in range(w.first_epoch, tr.epochs + 1):
-        seed_epoch(tr.seed, epoch, w.rank)  # distinct dropout masks per rank, resumable
-        result = train_epoch(
-            w.model,
-            stream if stream is not None else train_pass(epoch),
-            w.optimizer,
-            w.scheduler,
-            w.scaler,
-            loss_fn=train_loss,
-            steps=steps_per_epoch,
-            accum=w.spec.accum_steps,
-            amp_dtype=w.autocast,
-            grad_clip=tr.grad_clip,
-            on_step=step_logger(w, epoch, watchdog),
-            max_nonfinite=tr.max_nonfinite_steps,
-            nonfinite_run=nonfinite_run,
+    with node_metrics(w):
+        watchdog = StallWatchdog(
+            tr.stall_timeout_s, w.rank, keep_stack(w) if w.log.active else None
         )
-        steps_done += result.steps
-        nonfinite_run = result.nonfinite_run
-        if result.stopped:  # the same decision on every rank: all leave the loop together
-            message = stop_message(nonfinite_run, epoch)
-            w.log.tags({STOPPED_TAG: message})  # for people; the driver reads the return value
-            w.log.flush()
-            logger.error(message)
-            watchdog.stop()
-            return {"stopped": message}
-        metrics = epoch_metrics(w, epoch, result, val_batches(), val_loss, started)
-        report(w, epoch, metrics, stream, steps_done)
-    watchdog.stop()
+        inject_failure(job.inject_failure, 0, w.rank)  # epoch 0: before the first step
+        started = time.perf_counter()
+        for epoch in range(w.first_epoch, tr.epochs + 1):
+            seed_epoch(tr.seed, epoch, w.rank)  # distinct dropout masks per rank, resumable
+            result = train_epoch(
+                w.model,
+                stream if stream is not None else train_pass(epoch),
+                w.optimizer,
+                w.scheduler,
+                w.scaler,
+                loss_fn=train_loss,
+                steps=steps_per_epoch,
+                accum=w.spec.accum_steps,
+                amp_dtype=w.autocast,
+                grad_clip=tr.grad_clip,
+                on_step=step_logger(w, epoch, watchdog),
+                max_nonfinite=tr.max_nonfinite_steps,
+                nonfinite_run=nonfinite_run,
+            )
+            steps_done += result.steps
+            nonfinite_run = result.nonfinite_run
+            if result.stopped:  # the same decision on every rank: all leave the loop together
+                message = stop_message(nonfinite_run, epoch)
+                w.log.tags({STOPPED_TAG: message})  # for people; the driver reads the return value
+                w.log.flush()
+                logger.error(message)
+                watchdog.stop()
+                return {"stopped": message}
+            metrics = epoch_metrics(w, epoch, result, val_batches(), val_loss, started)
+            report(w, epoch, metrics, stream, steps_done)
+        watchdog.stop()
     return {}
+
+
+def node_metrics(w: Worker) -> contextlib.AbstractContextManager:
+    """This node's system metrics in the run while the block trains (tracking.system_metrics),
+    from the node's lowest rank, as `system/node<N>-<ip>/...` (N: the nodes numbered in the
+    order of their lowest ranks, so node0 holds rank 0); nothing where tracking.system_metrics
+    is off. Nodes are told apart by Ray's node id, not by IP (Ray Train's local ranks are per
+    IP: two nodes of one machine would share them)."""
+    import ray
+
+    from trainyard.pipelines.tracking import system_metrics
+
+    tr, nodes = w.spec.tracking, w.nodes or []
+    if not tr.system_metrics or w.rank >= len(nodes) or nodes.index(nodes[w.rank]) != w.rank:
+        return contextlib.nullcontext()
+    number = list(dict.fromkeys(nodes)).index(nodes[w.rank])
+    node = f"node{number}-{ray.util.get_node_ip_address()}"
+    return system_metrics(w.job.tracking_uri, w.job.run_id, node, tr.system_metrics_interval_s)
 
 
 def keep_stack(w: Worker) -> Callable[[str], None]:

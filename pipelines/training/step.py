@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from trainyard.models.outputs import logits
 from trainyard.pipelines.config.train import TrainSpec
 from trainyard.pipelines.config.user import load_callable
 from trainyard.pipelines.training.parallel import full_parameters, is_sharded
@@ -165,7 +166,7 @@ def train_epoch(
         sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = loss_fn(model(x), y)
+                loss = loss_fn(logits(model(x)), y)
             scaler.scale(loss / accum).backward()
         finite = bool(torch.isfinite(loss.detach()))
         step_finite &= finite
@@ -256,7 +257,7 @@ def evaluate(
         spare = batch
         x, y = batch["x"], batch["y"]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(x)
+            out = logits(model(x))
         out = out.float()
         sums[0] += loss_fn(out, y, reduction="sum").double()
         sums[1] += y.numel() if task is not None else len(y)  # samples, or tokens

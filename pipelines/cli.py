@@ -4,6 +4,7 @@ up|down|status, mlflow-server, mlflow-login."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from trainyard.cluster.errors import TrainyardError
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
 
     if started is None:
         started = process_started() if argv is None else time.time()
+    # MLflow draws a progress bar for every model it downloads (wherever tqdm is installed):
+    # trainyard prints its own lines, and a mistake stays one line.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from trainyard.cluster import mlflow_server
     from trainyard.pipelines import bench
     from trainyard.pipelines.jobs import generate, predict, submit, tune

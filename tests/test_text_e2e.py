@@ -148,6 +148,7 @@ def test_generate_refuses_a_model_changed_after_trainyard_signed_it(
     from trainyard.cluster.signing import SIGNATURE_FILE
 
     copy = Path(mlflow.artifacts.download_artifacts(tiny_run["model_uri"], dst_path=str(tmp_path)))
+    capsys.readouterr()  # (MLflow's download progress, not the command's)
     mlmodel = copy / "MLmodel"
     mlmodel.write_text(mlmodel.read_text().replace("tokenizer: bytes", "tokenizer: os:getcwd"))
     rc, _, err = run_cli(["generate", str(copy), "--prompt", "x"], capsys)

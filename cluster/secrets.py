@@ -13,7 +13,9 @@ from typing import Any
 
 MASK = "***"
 SECRET_NAME = re.compile(
-    r"secret|token|passw(or)?d|credential|api[_-]?key|access[_-]?key|private[_-]?key|signature",
+    # (token, not tokenizer: the text pipeline's `data.tokenizer` names a vocabulary)
+    r"secret|token(?!i[sz]e)|passw(or)?d|credential|api[_-]?key|access[_-]?key|private[_-]?key"
+    r"|signature",
     re.IGNORECASE,
 )
 # scheme://user:password@host or scheme://token@host

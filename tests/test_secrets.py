@@ -22,6 +22,11 @@ def test_credentials_in_uris_and_secret_named_keys_are_masked():
         "inner": {"password": "***"},
     }
     assert redact_override(f"data.args.auth_token={SECRET}") == "data.args.auth_token=***"
+    # A tokenizer is a vocabulary's name, not a token: the text spec's is recorded as it is.
+    assert redact({"tokenizer": "bytes", "tokens": SECRET}) == {
+        "tokenizer": "bytes",
+        "tokens": "***",
+    }
 
 
 def test_the_recorded_spec_holds_no_credential_the_run_still_gets():

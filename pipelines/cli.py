@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from trainyard.cluster import mlflow_server
     from trainyard.pipelines import bench
-    from trainyard.pipelines.jobs import generate, k8s, predict, submit, tune
+    from trainyard.pipelines.jobs import doctor, generate, k8s, predict, submit, tune
 
     parser = argparse.ArgumentParser(
         prog="trainyard",
@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     )
     submit.add_arguments(submission)
     submission.set_defaults(func=submit.command)
+    check = commands.add_parser(
+        "doctor", help="is the cluster ready for a spec? one line per check, before anything runs"
+    )
+    doctor.add_arguments(check)
+    check.set_defaults(func=doctor.command)
     kube = commands.add_parser(
         "k8s", help="a KubeRay RayJob manifest for a spec (kubectl apply -f)"
     )

@@ -101,6 +101,9 @@ def command(args: argparse.Namespace) -> int:
         check_search(spec)
     elif args.trials is not None:
         raise TrainyardError("--trials: only with --tune")
+    from trainyard.pipelines.jobs.doctor import before_submit
+
+    before_submit(spec, jobs.job_tracking_uri(args.tracking_uri))
     with tempfile.TemporaryDirectory() as scratch:  # uploaded by jobs.submit
         package = None
         if holds_credentials(args.overrides):

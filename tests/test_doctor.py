@@ -1,7 +1,8 @@
 """`trainyard doctor` on the local multi-node cluster: every check passes for a spec the
 cluster can run, and a broken condition fails its own check with its own line, within the
 check's bound (an unreachable Ray or MLflow server, a data file no node has, more workers than
-the cluster holds). Not simulated here, because one machine cannot hold them honestly: a node
+the cluster holds; a wrong MLflow login: test_secrets, against its server with a login). Not
+simulated here, because one machine cannot hold them honestly: a node
 on another trainyard version, and storage only one node sees (every node of the local cluster
 shares this machine's disk)."""
 
@@ -50,11 +51,11 @@ def test_doctor_passes_on_the_test_cluster_and_names_each_broken_condition(
     # A data file no node has, and more workers than the cluster holds: their own lines.
     rc, lines, _ = doctor(
         DIGITS, *storage, "--set", f"data.path={tmp_path / 'missing.csv'}",
-        "--set", "scaling.num_workers=8", **env,
+        "--set", "scaling.num_workers=64", **env,
     )  # fmt: skip
     failed = {ln.split()[1]: ln for ln in lines if ln.startswith("✘")}
     assert rc == 1 and set(failed) == {"resources", "data"}, lines
-    assert "missing.csv" in failed["data"] and "8 worker(s)" in failed["resources"]
+    assert "missing.csv" in failed["data"] and "64 worker(s)" in failed["resources"]
 
     # Nothing answers: Ray, then MLflow, each within its bound (5 s), never a hang.
     dead = "127.0.0.1:9"

@@ -135,6 +135,13 @@ def test_an_mlflow_server_with_auth_lets_in_only_clients_with_the_login(tmp_path
             run = client.create_run(client.create_experiment("behind-a-login"))
             client.log_metric(run.info.run_id, "loss", 0.5)
             assert client.get_run(run.info.run_id).data.metrics == {"loss": 0.5}
+            # `trainyard doctor` (and submit, which runs its MLflow check first) names a wrong
+            # login in its own line.
+            from trainyard.pipelines.jobs.doctor import bounded, mlflow_ready
+
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = "not-the-password"
+            check = bounded("mlflow", lambda: mlflow_ready(None, url), 30)
+            assert not check.ok and "refused the login" in check.detail, check
         finally:
             for key in login:
                 os.environ.pop(key)

@@ -182,7 +182,8 @@ def resources(spec: Any) -> str:
     from trainyard.pipelines.training.driver import plan_for
 
     plan = plan_for(spec, connect=True)
-    return plan.describe().splitlines()[1]  # training: N worker(s) × C CPU ...
+    cluster, training = plan.describe().splitlines()[:2]  # (what the autoscaler adds, too)
+    return f"{training}; {cluster}"
 
 
 def on_every_node(fn: Callable[[], Any], timeout_s: float) -> dict[str, Any]:

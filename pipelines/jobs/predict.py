@@ -635,7 +635,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     context.execution_options.preserve_order = True  # output shards in the input's order
     run_id = tracking.start_predict_run(uri, mlmodel.run_id, source, args.data, args.out)
     started = time.monotonic()
-    failure = None
+    failure = counter = None
     try:
         ds, total, blocks, record = read_input(args.data, job)
         tracking.log_inputs(uri, run_id, [record])
@@ -673,7 +673,6 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
         seconds = time.monotonic() - started
         rows = read_back_count(args.out, args.format)
         rates = ray.get(counter.rates.remote())
-        ray.kill(counter)
     except Exception as e:
         failure = task_error(e, "DATA")
         tracking.end_run(uri, run_id, error=failure or e)
@@ -681,6 +680,8 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
             raise
     finally:
         context.execution_options.preserve_order = preserved
+        if counter is not None:  # (a failed prediction's too: it would outlive the command)
+            ray.kill(counter)
     if failure is not None:
         # The failed execution's traceback holds its actors in a reference cycle: collected,
         # they end now and free their CPUs (seen: one held 0.9 CPU until the process ended).

@@ -103,6 +103,9 @@ def command(args: argparse.Namespace) -> int:
         raise TrainyardError("--trials: only with --tune")
     from trainyard.pipelines.jobs.doctor import before_submit
 
+    # The fast checks before anything is uploaded: the Jobs API answers and takes the token,
+    # then the MLflow server the job will log to takes the login.
+    jobs.client(jobs.resolve_address(args.address))
     before_submit(spec, jobs.job_tracking_uri(args.tracking_uri))
     with tempfile.TemporaryDirectory() as scratch:  # uploaded by jobs.submit
         package = None

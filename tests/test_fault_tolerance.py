@@ -200,10 +200,14 @@ def test_an_elastic_run_loses_a_node_and_finishes_on_the_workers_left(
     tags = run.data.tags
     sizes = [int(m.value) for m in client.get_metric_history(run.info.run_id, "num_workers")]
     after = sizes[-1]
-    # (2 → 2 where what held a CPU let go of it meanwhile)
-    assert sizes[-2] == size and 1 <= after <= size, sizes  # one point per start
+    # One point per start: up to the size it lost a node at, then the starts on the workers
+    # left, none above it (a try at the old size while the cluster still counts the killed
+    # node; 1 where something held a CPU, and back to 2 at the next resize once it let go: seen
+    # in a loaded CI run as [2, 2, 1, 2]).
+    lost_at = sizes.index(size)
+    assert all(1 <= s <= size for s in sizes[lost_at:]) and len(sizes) > lost_at + 1, sizes
     last = tags[f"trainyard.restart.{tags['trainyard.restarts']}"]
-    assert last.endswith(f"on {after} worker(s)" + (f" (was {size})" * (after < size))), last
+    assert f"on {after} worker(s)" in last, last
     assert int(last.split()[2]) >= 1  # from a checkpoint, not from the start
     assert tags["num_workers"] == str(after)
     print(

@@ -341,9 +341,10 @@ def system_metrics(uri: str, run_id: str, node: str, interval_s: float):
     and network (and each GPU's, where nvidia-ml-py is installed) every `interval_s` seconds
     into the run, as `system/<node>/<metric>`. One process per node runs it (the node's first
     worker); it samples the whole machine. It is imported and started in a thread of its own,
-    off the way to the first step. A sample waits out the interval before it is written, so a
-    block shorter than the interval writes none; a monitor that cannot start (no psutil) says
-    so and the block runs without it."""
+    off the way to the first step. As the block ends, one last sample is written (MLflow's
+    monitor drops the one it holds when stopped): a run shorter than the interval still has
+    one per node, its CPU use averaged over the block. A monitor that cannot start (no psutil)
+    says so and the block runs without it."""
     import threading
 
     monitors: list[Any] = []
@@ -372,6 +373,12 @@ def system_metrics(uri: str, run_id: str, node: str, interval_s: float):
         starting.join()
         for monitor in monitors:
             monitor.finish()
+            try:
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+            except Exception as e:  # (the run stands without its last sample)
+                logging.getLogger("trainyard").warning("last system metrics of %s: %s", node, e)
 
 
 class RankZeroLogger:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 KEEP_STACK_S = 15.0  # the most a stalled worker waits for its stack to be kept before it ends
+KEEP_STACK_GRACE_S = 5.0  # what the other stalled workers wait meanwhile before they end
 
 
 class StallWatchdog:
@@ -54,6 +55,11 @@ class StallWatchdog:
             keeping = threading.Thread(target=self.keep, args=(where,), daemon=True)
             keeping.start()
             keeping.join(KEEP_STACK_S)
+        else:
+            # Stalled ranks see it within a poll of each other; the first to end has Ray Train
+            # end the others. One that keeps no stack gives rank 0, whose stack goes into the
+            # run, a few seconds to keep it first (seen: rank 0 ended before its upload).
+            time.sleep(KEEP_STACK_GRACE_S)
         os._exit(1)
 
 

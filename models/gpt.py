@@ -171,16 +171,7 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Extend `idx` (batch, time) by `max_new_tokens` sampled tokens (greedy when
-        `temperature` is 0), attending over the last `context` tokens."""
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.context :])[:, -1, :].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
+        `temperature` is 0), attending over the last `context` tokens (models.outputs.sample)."""
+        from trainyard.models.outputs import sample
+
+        return sample(self, idx, max_new_tokens, self.config.context, temperature, top_k, generator)

@@ -35,3 +35,41 @@ def logits(out: Any) -> torch.Tensor:
     if isinstance(out, Mapping):
         what += f" with keys {sorted(map(str, out))[:8]}"
     raise TypeError(f"the model returned {what}; trainyard reads {RETURNS}")
+
+
+@torch.no_grad()
+def sample(
+    net: Any,
+    ids: torch.Tensor,
+    new_tokens: int,
+    context: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`ids` (batch, time) extended by `new_tokens` tokens, each sampled from the network's
+    next-token logits over the last `context` tokens (greedy when `temperature` is 0, among
+    the `top_k` likeliest where given). Any network that maps token ids to logits (batch,
+    time, vocabulary) is sampled alike: trainyard's GPT, a Hugging Face causal LM. A network
+    that gives logits of another shape is a ValueError."""
+    import torch.nn.functional as F
+
+    for _ in range(new_tokens):
+        window = ids[:, -context:]
+        scores = logits(net(window))
+        if scores.dim() != 3:
+            raise ValueError(
+                f"the model gives logits of shape {tuple(scores.shape)} for token ids of shape "
+                f"{tuple(window.shape)}; sampling needs (batch, time, vocabulary)"
+            )
+        scores = scores[:, -1, :].float()
+        if temperature == 0:
+            nxt = scores.argmax(-1, keepdim=True)
+        else:
+            scores = scores / temperature
+            if top_k is not None:
+                kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            nxt = torch.multinomial(F.softmax(scores, -1), 1, generator=generator)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids

@@ -100,32 +100,28 @@ def test_a_few_steps_learn_a_repeating_sequence_and_greedy_generation_continues_
     assert bytes(out[0].tolist()).startswith(b"abcdefghabcdefgh")
     sampled = model.generate(torch.tensor([list(b"abc")]), 5, temperature=1.0, top_k=3)
     assert sampled.shape == (1, 8) and sampled[0, :3].tolist() == list(b"abc")
-    # trainyard's own sampler (any next-token model: generate, predict --generate) draws
-    # what the GPT's own generate draws, from the same generator, and reads the logits out of
-    # what Hugging Face models return.
-    from trainyard.models.outputs import logits
-    from trainyard.pipelines.jobs.generate import sample
-
-    prompt = torch.tensor([list(b"abc")])
-    for temperature, top_k in ((0.0, None), (1.0, 3)):
-        draws = [
-            model.generate(prompt, 30, temperature, top_k, torch.Generator().manual_seed(1)),
-            sample(
-                model,
-                prompt,
-                30,
-                SMALL.context,
-                temperature,
-                top_k,
-                torch.Generator().manual_seed(1),
-            ),
-        ]
-        assert torch.equal(*draws)
+    # trainyard's sampler (models.outputs.sample: GPT.generate, trainyard generate, predict
+    # --generate) reads the logits out of what Hugging Face models return: the same GPT
+    # returning a ModelOutput-like dict draws what it draws returning the tensor, from the
+    # same generator; a model whose logits are not (batch, time, vocabulary) is a ValueError.
+    from trainyard.models.outputs import logits, sample
 
     class Output(dict):  # a ModelOutput is a dict subclass; its `logits` are the predictions
         @property
         def logits(self):
             return self["logits"]
+
+    prompt = torch.tensor([list(b"abc")])
+    as_hf = lambda ids: Output(logits=model(ids))  # noqa: E731
+    for temperature, top_k in ((0.0, None), (1.0, 3)):
+        g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        draws = [
+            model.generate(prompt, 30, temperature, top_k, g1),
+            sample(as_hf, prompt, 30, SMALL.context, temperature, top_k, g2),
+        ]
+        assert torch.equal(*draws)
+    with pytest.raises(ValueError, match=r"sampling needs \(batch, time, vocabulary\)"):
+        sample(lambda ids: model(ids)[:, -1], prompt, 1, SMALL.context)
 
     out = model(prompt)
     for returned in (out, {"logits": out}, Output(logits=out), (out, None), [out]):

@@ -94,52 +94,14 @@ def continuation(
     import numpy as np
     import torch
 
+    from trainyard.models.outputs import sample
+
     tokenizer = model.tokenizer
     device = next(model.net.parameters()).device
     ids = torch.as_tensor(np.asarray(tokenizer.encode(prompt), dtype=np.int64), device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     out = sample(model.net, ids[None, :], max_bytes, model.window(), temperature, top_k, generator)
     return tokenizer.decode(out[0, len(ids) :].tolist())[:max_bytes]
-
-
-def sample(
-    net: Any,
-    ids: Any,
-    new_tokens: int,
-    context: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: Any = None,
-) -> Any:
-    """`ids` (batch, time) extended by `new_tokens` tokens, each sampled from the network's
-    next-token logits over the last `context` tokens (greedy when `temperature` is 0, among
-    the `top_k` likeliest where given). Any network that maps token ids to logits (batch,
-    time, vocabulary) — trainyard's GPT, a Hugging Face causal LM — is sampled alike."""
-    import torch
-    import torch.nn.functional as F
-
-    from trainyard.models.outputs import logits
-
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            scores = logits(net(ids[:, -context:]))
-            if scores.dim() != 3:
-                raise TrainyardError(
-                    f"the model gives logits of shape {tuple(scores.shape)} for token ids of "
-                    f"shape {tuple(ids[:, -context:].shape)}; sampling needs (batch, time, "
-                    "vocabulary)"
-                )
-            scores = scores[:, -1, :].float()
-            if temperature == 0:
-                nxt = scores.argmax(-1, keepdim=True)
-            else:
-                scores = scores / temperature
-                if top_k is not None:
-                    kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]
-                    scores = scores.masked_fill(scores < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(scores, -1), 1, generator=generator)
-            ids = torch.cat([ids, nxt], dim=1)
-    return ids
 
 
 def command(args: argparse.Namespace) -> int:

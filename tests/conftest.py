@@ -36,7 +36,13 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # A killed node is known dead after ~3 s of refused health checks, not Ray's ~15 s (a
+    # live one would have to miss three in a row, each waiting 10 s): the node-loss tests'
+    # restarts then ask for what is left, not for the lost node too.
+    fast_death = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": fast_death}
+    )
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()

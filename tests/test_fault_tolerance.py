@@ -194,7 +194,7 @@ def test_an_elastic_run_loses_a_node_and_finishes_on_the_workers_left(
         thread.join(timeout=600)
     finally:
         ray_cluster.add_node(num_cpus=1)  # (the session's cluster has 3 nodes for later tests)
-    assert result.get("rc") == 0
+    assert result.get("rc") == 0, runs_named(tracking_uri, name)[0].data.tags.get("error")
     run = assert_one_clean_run(tracking_uri, name, epochs)
     assert final_state(tmp_path, name).epoch == epochs
     tags = run.data.tags

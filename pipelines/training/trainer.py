@@ -41,6 +41,9 @@ START_TIMEOUT_S = 120.0
 
 
 AUTOSCALE_START_TIMEOUT_S = 600.0  # cloud nodes take minutes to boot and set up
+ELASTIC_START_RETRIES = 4
+"""How many more times an elastic run tries to start a worker group that could not be placed
+within start_timeout_s (a fixed-size run fails at once: its workers will not come)."""
 
 
 def configure_ray_train(start_timeout_s: float) -> None:
@@ -208,11 +211,13 @@ def make_trainer(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             # A worker group that cannot be placed within start_timeout_s fails the run
-            # (Ray's default retries it forever); an elastic run tries twice more, each time
-            # at the size that fits then (after a node is lost, the cluster's view of it can
-            # lag the restart by tens of seconds, and the first try asks for it too).
+            # (Ray's default retries it forever); an elastic run tries up to four times more,
+            # each time at the size that fits then (after a node is lost, the cluster's view
+            # of it can lag the restart by tens of seconds, so that a try asks for it too,
+            # and rebuilding the blocks it held takes CPUs a try may wait for).
             failure_config=ray.train.FailureConfig(
-                max_failures=max_failures, controller_failure_limit=2 if sc.elastic else 0
+                max_failures=max_failures,
+                controller_failure_limit=ELASTIC_START_RETRIES if sc.elastic else 0,
             ),
             callbacks=list(callbacks),
         ),

@@ -37,7 +37,7 @@ class UntrustedModel(Exception):
 def model_key() -> bytes:
     """The key models are signed with: `TRAINYARD_MODEL_KEY`, else ~/.trainyard/model.key,
     made (random, 0600) when there is none."""
-    if value := os.environ.get(KEY_ENV):
+    if value := os.environ.get(KEY_ENV, "").strip():  # (a Secret made from the file ends in \n)
         return value.encode()
     path = Path(KEY_FILE).expanduser()
     if not path.exists():

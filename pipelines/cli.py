@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     doctor.add_arguments(check)
     check.set_defaults(func=doctor.command)
     kube = commands.add_parser(
-        "k8s", help="a KubeRay RayJob manifest for a spec (kubectl apply -f)"
+        "k8s",
+        help="a KubeRay RayJob manifest for a spec (kubectl apply -f)",
+        epilog="trainyard k8s --predict MODEL DATA --out URI --workers N [predict's flags] "
+        "--image ... --mlflow-uri ... --model-key-secret NAME writes one for `trainyard "
+        "predict` instead",
     )
     k8s.add_arguments(kube)
     kube.set_defaults(func=k8s.command)
@@ -145,6 +149,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     try:
         if argv[:2] == ["submit", "--predict"]:
             return submit.predict_command(argv[2:])
+        if argv[:2] == ["k8s", "--predict"]:
+            return k8s.predict_command(argv[2:])
         args = parser.parse_args(argv)
         args.started = started
         return args.func(args)

@@ -1,14 +1,13 @@
 """`trainyard doctor` on the local multi-node cluster: every check passes for a spec the
 cluster can run, and a broken condition fails its own check with its own line, within the
 check's bound (an unreachable Ray or MLflow server, a data file no node has, more workers than
-the cluster holds; a wrong MLflow login: test_secrets, against its server with a login). Not
-simulated here, because one machine cannot hold them honestly: a node
-on another trainyard version, and storage only one node sees (every node of the local cluster
-shares this machine's disk)."""
+the cluster holds, a node on another trainyard version that does not see the storage; a wrong
+MLflow login: test_secrets, against its server with a login)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -66,3 +65,64 @@ def test_doctor_passes_on_the_test_cluster_and_names_each_broken_condition(
     assert rc == 1 and {"ray", "mlflow"} <= set(failed), lines
     assert [ln.split()[1] for ln in lines] == ["ray", "mlflow", "signing"]  # (no Ray: no more)
     assert took < 60, took
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_doctor_names_a_node_on_another_version_that_cannot_see_the_storage(
+    ray_cluster, tracking_uri, tmp_path
+):
+    """A fourth node that differs as a real one would: started by `ray start` in a mount
+    namespace of its own, where the storage path is a directory of its own (an empty tmpfs:
+    what a node without the shared volume has) and trainyard's installed metadata says 0.0.1
+    (another version installed there). The versions and storage checks each name it; the rest
+    pass."""
+    from importlib.metadata import distribution
+
+    import ray
+
+    storage, old = tmp_path / "results", tmp_path / "trainyard-0.0.1.dist-info"
+    storage.mkdir()
+    old.mkdir()
+    (old / "METADATA").write_text("Metadata-Version: 2.1\nName: trainyard\nVersion: 0.0.1\n")
+    installed = distribution("trainyard")._path  # (its *.dist-info directory)
+    ray_cli = Path(sys.executable).with_name("ray")
+    ports = [  # (ray start's fixed defaults would meet the other nodes' on this machine)
+        f"--{name}-port={free_port()}"
+        for name in ("dashboard-agent-listen", "dashboard-agent-grpc", "metrics-export")
+    ]
+    start = (
+        f"{ray_cli} start --address={ray_cluster.address} --num-cpus=0 --block "
+        f"--object-store-memory={150 * 2**20} {' '.join(ports)}"
+    )
+    before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    node = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs trainyard-test {storage} && mount --bind {old} {installed} && "
+         f"exec {start}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (odd := {n["NodeID"] for n in ray.nodes() if n["Alive"]} - before):
+            assert node.poll() is None and time.monotonic() < deadline, "the node did not start"
+            time.sleep(0.5)
+        odd = next(iter(odd))[:6]
+        rc, lines, _ = doctor(  # (its first tasks there start Python workers: 60 s)
+            DIGITS, "--timeout", "60", "--set", f"scaling.storage_path={storage}",
+            RAY_ADDRESS=ray_cluster.address, MLFLOW_TRACKING_URI=tracking_uri,
+        )  # fmt: skip
+    finally:
+        os.killpg(node.pid, 15)  # (ray start and the processes it started: that node alone)
+        node.wait(timeout=60)
+    failed = {ln.split()[1]: ln for ln in lines if ln.startswith("✘")}
+    assert rc == 1 and set(failed) == {"versions", "storage"}, lines
+    assert "trainyard: " in failed["versions"] and "0.0.1 on " in failed["versions"], lines
+    assert odd in failed["versions"].split("0.0.1 on ")[1].split(",")[0]
+    assert odd in failed["storage"].split("not seen on ")[1], lines

@@ -6,6 +6,7 @@ the environment reaches a manifest. No Ray, no Kubernetes: the manifests are dat
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -31,6 +32,7 @@ CASES = {
         "configs/digits.yaml",
         *("--set", "scaling.storage_path=/mnt/trainyard", "--storage-pvc", "shared-rwx"),
         *("--mlflow-secret", "mlflow-login", "--ray-token-secret", "ray-token"),
+        *("--model-key-secret", "model-key"),
         *("--node-selector", "pool=train", "--toleration", "dedicated=ml:NoSchedule"),
         *("--service-account", "trainer", "--namespace", "ml"),
     ],
@@ -64,9 +66,9 @@ def strict_schema() -> dict:
     return schema
 
 
-def write(tmp_path: Path, *args: str, capsys=None) -> list[dict]:
+def write(tmp_path: Path, *args: str) -> list[dict]:
     out = tmp_path / "job.yaml"
-    assert cli.main(["k8s", *args, *COMMON, "--out", str(out)]) == 0
+    assert cli.main(["k8s", *args, *COMMON, "-f", str(out)]) == 0
     return list(yaml.safe_load_all(out.read_text()))
 
 
@@ -149,6 +151,7 @@ def test_no_secret_reaches_a_manifest(tmp_path, monkeypatch, capsys):
         "key": "MLFLOW_TRACKING_PASSWORD",
     }
     assert refs["RAY_AUTH_TOKEN"] == {"name": "ray-token", "key": "token"}
+    assert refs["TRAINYARD_MODEL_KEY"] == {"name": "model-key", "key": "key"}
     # A login in the tracking URI, storage only one pod sees, or a credential in the spec, is
     # one line, exit 2.
     capsys.readouterr()
@@ -160,3 +163,62 @@ def test_no_secret_reaches_a_manifest(tmp_path, monkeypatch, capsys):
         rc = cli.main(["k8s", "configs/digits.yaml", *COMMON, *args])
         err = capsys.readouterr().err
         assert rc == 2 and says in err and err.count("\n") == 1 and "7391" not in err
+
+
+PREDICT = ["--predict", "runs:/0123abcd/model", "s3://bucket/rows/", "--out", "s3://bucket/out"]
+KEY = ["--model-key-secret", "model-key"]
+
+
+@pytest.mark.parametrize(
+    "extra, shape",
+    [
+        (["--workers", "6"], (2, 4, 0)),  # (6 actors of 0.9 CPU: 4 to a pod of 4 CPUs)
+        (["--workers", "3", "--cpus-per-worker", "2", "--gpus-per-worker", "1"], (3, 4, 1)),
+    ],
+)
+def test_a_predict_manifest_holds_its_actors_and_the_model_key(
+    extra, shape, strict_schema, tmp_path
+):
+    """`trainyard k8s --predict`: the entrypoint is that `trainyard predict`, no ConfigMap,
+    the worker pods hold --workers actors, and the pods get the model key from its Secret."""
+    import shlex
+
+    (rayjob,) = write(tmp_path, *PREDICT, *extra, *KEY)
+    assert errors(strict_schema, rayjob) == []
+    job = rayjob["spec"]
+    assert shlex.split(job["entrypoint"]) == ["trainyard", "predict", *PREDICT[1:], *extra]
+    (group,) = job["rayClusterSpec"]["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    pods, cpus, gpus = shape
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == pods
+    assert (int(limits["cpu"]), int(limits.get("nvidia.com/gpu", 0))) == (cpus, gpus)
+    env = group["template"]["spec"]["containers"][0]["env"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
+    assert refs["TRAINYARD_MODEL_KEY"] == {"name": "model-key", "key": "key"}
+
+
+def test_a_predict_manifest_refuses_what_would_fail_in_the_cluster(tmp_path, capsys):
+    """No --workers, no model key, a path no pod sees, a mistake in predict's own arguments:
+    one line each, exit 2, before anything is written."""
+    capsys.readouterr()
+    for args, says in (
+        ([*PREDICT, *KEY], "--workers N"),
+        ([*PREDICT, "--workers", "2"], "--model-key-secret NAME"),
+        ([*PREDICT[:2], "/data/rows", "--out", "s3://b/o", "--workers", "2", *KEY], "/data/rows"),
+        ([*PREDICT, "--workers", "2", "--format", "xlsx", *KEY], "invalid choice"),
+    ):
+        with pytest.raises(SystemExit) if "invalid" in says else contextlib.nullcontext():
+            rc = cli.main(["k8s", *args, *COMMON, "-f", str(tmp_path / "job.yaml")])
+            assert rc == 2
+        err = capsys.readouterr().err
+        assert says in err, err
+    assert not (tmp_path / "job.yaml").exists()
+    # On the claim: both paths under its mount, the claim mounted there on every pod.
+    local = ["--predict", "runs:/0123abcd/model", "/mnt/trainyard/rows", "--out"]
+    claim = ["/mnt/trainyard/out", "--workers", "2", "--storage-pvc", "rwx", *KEY]
+    (rayjob,) = write(tmp_path, *local, *claim)
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["volumes"] == [{"name": "storage", "persistentVolumeClaim": {"claimName": "rwx"}}]
+    assert head["containers"][0]["volumeMounts"] == [
+        {"name": "storage", "mountPath": "/mnt/trainyard"}
+    ]

@@ -11,8 +11,8 @@ check runs within `--timeout` seconds (20) and says so when it runs out: nothing
   as `trainyard train` plans it;
 - versions: the same trainyard, torch, Ray and Python on every node;
 - gpus: on GPU nodes, CUDA usable from torch and NCCL available;
-- storage: `storage_path` (and the preprocessing cache under it) written on one node and read
-  back on every other, then removed;
+- storage: `storage_path` (and the preprocessing cache under it) written on the head node and
+  read back on every other, then removed;
 - data: every data file the spec names readable on every node (Ray Data's tasks read them
   wherever they run);
 - mlflow: the tracking server answers, the login works, the experiment is writable (a tag set
@@ -39,6 +39,7 @@ from trainyard.cluster.errors import TrainyardError
 from trainyard.cluster.secrets import redact_text
 
 DEFAULT_TIMEOUT_S = 20.0
+HEAD = "node:__internal_head__"  # (the resource only Ray's head node has)
 
 
 @dataclass
@@ -265,7 +266,8 @@ def gpus(timeout_s: float) -> str:
 
 
 def storage(spec: Any, timeout_s: float) -> str:
-    """A file written under storage_path on one node, read on every node, then removed."""
+    """A file written under storage_path on the head node (where a submitted job's driver
+    runs), read on every node, then removed there."""
     import ray
 
     from trainyard.pipelines.training.resume import storage_path
@@ -298,18 +300,20 @@ def storage(spec: Any, timeout_s: float) -> str:
         fs, path = open_fs(name)
         fs.delete_dir(path.rsplit("/", 1)[0])
 
-    ray.get(ray.remote(num_cpus=0, max_retries=0)(write).remote(), timeout=timeout_s)
+    on_head = ray.remote(num_cpus=0, max_retries=0, resources={HEAD: 0.001})
+    ray.get(on_head(write).remote(), timeout=timeout_s)
     try:
         seen = on_every_node(read, timeout_s)
     finally:
-        ray.get(ray.remote(num_cpus=0, max_retries=0)(remove).remote(), timeout=timeout_s)
+        ray.get(on_head(remove).remote(), timeout=timeout_s)
     blind = [n for n, ok in seen.items() if not ok]
     if blind:
         raise TrainyardError(
-            f"scaling.storage_path {root}: written on one node, not seen on {', '.join(blind)}: "
-            "use storage every node mounts (NFS, a shared volume) or an object-store URI"
+            f"scaling.storage_path {root}: written on the head node, not seen on "
+            f"{', '.join(blind)}: use storage every node mounts (NFS, a shared volume) or an "
+            "object-store URI"
         )
-    return f"{root}: written on one node, read on all {len(seen)}"
+    return f"{root}: written on the head node, read on all {len(seen)}"
 
 
 def data_files(spec: Any, timeout_s: float) -> str:

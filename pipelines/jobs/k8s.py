@@ -1,12 +1,15 @@
 """`trainyard k8s CONFIG`: a KubeRay `RayJob` manifest (apiVersion ray.io/v1) for a run spec,
-the way teams that run Ray on Kubernetes submit training.
+the way teams that run Ray on Kubernetes submit training; `trainyard k8s --predict` one for
+batch prediction.
 
     trainyard k8s CONFIG --image IMAGE --mlflow-uri URI [--tune] [--set key=value ...]
                   [--storage-pvc CLAIM] [--mlflow-secret NAME] [--ray-token-secret NAME]
-                  [--namespace NS] [--name NAME] [--node-selector k=v ...]
-                  [--toleration key[=value]:Effect ...] [--service-account SA]
-                  [--cpus-per-node C] [--memory-per-cpu Gi] [--head-cpus C] [--ttl S]
-                  [--out FILE]
+                  [--model-key-secret NAME] [--namespace NS] [--name NAME]
+                  [--node-selector k=v ...] [--toleration key[=value]:Effect ...]
+                  [--service-account SA] [--cpus-per-node C] [--memory-per-cpu Gi]
+                  [--head-cpus C] [--ttl S] [-f FILE]
+    trainyard k8s --predict MODEL DATA --out URI --workers N [predict's options]
+                  --image IMAGE --mlflow-uri URI --model-key-secret NAME [the options above]
 
 What the manifest holds, and where it comes from:
 - Two documents: a ConfigMap with the resolved spec (`spec.yaml`, the `--set` overrides
@@ -30,6 +33,15 @@ What the manifest holds, and where it comes from:
   `MLFLOW_TRACKING_PASSWORD`) comes from the Kubernetes Secret `--mlflow-secret`, Ray's token
   (`RAY_AUTH_TOKEN`, with `RAY_AUTH_MODE=token`) from `--ray-token-secret`, both as
   `secretKeyRef`s; a tracking URI with a login in it is refused.
+- The model key (`TRAINYARD_MODEL_KEY`) that trainyard signs logged models with and `predict`
+  checks them with comes from the Secret `--model-key-secret` (key `key`): without it each pod
+  makes a key of its own, and no later job could load the model. `--predict` requires it
+  (unless `--trust-model`); `train` and `tune` say what the model will be signed with.
+- `--predict` runs `trainyard predict` as the entrypoint, its arguments checked here as
+  `trainyard predict` checks them: no ConfigMap; the worker group holds `--workers` actors
+  (`--cpus-per-worker`, `--gpus-per-worker`), as many to a pod as its CPUs take (a GPU pod:
+  one GPU, or what one actor asks for). DATA and
+  `--out` are URIs, or paths under /mnt/trainyard where `--storage-pvc` is mounted.
 - `shutdownAfterJobFinishes: true` with `ttlSecondsAfterFinished` (`--ttl`, 3600 s): the Ray
   cluster goes when the job ends, and the RayJob an hour later. `submissionMode` is
   K8sJobMode: a submitter pod (`submitterPodTemplate`) submits the entrypoint to the head.
@@ -53,6 +65,8 @@ from trainyard.pipelines.config.spec import RunSpec, load_spec
 
 RAY_VERSION = "2.60.0"
 SPEC_DIR = "/etc/trainyard"
+PVC_MOUNT = "/mnt/trainyard"
+"""Where `--predict` mounts `--storage-pvc`: its local DATA and --out are paths under it."""
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 """The values KubeRay's CRD leaves open (no enum in its schema)."""
 NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -64,12 +78,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_spec_arguments(parser, "run spec (YAML)")
     parser.add_argument("--tune", action="store_true", help="the spec's search (trainyard tune)")
+    add_cluster_arguments(parser)
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the manifest's pods are: the options of both forms of the command."""
     parser.add_argument("--image", required=True, help="container image: trainyard, torch, Ray")
     parser.add_argument(
         "--mlflow-uri", required=True, help="MLflow tracking server every pod reaches (no login)"
     )
     parser.add_argument("--mlflow-secret", help="Secret with MLFLOW_TRACKING_USERNAME/PASSWORD")
     parser.add_argument("--ray-token-secret", help="Secret whose key `token` is Ray's token")
+    parser.add_argument(
+        "--model-key-secret", help="Secret whose key `key` is the model-signing key"
+    )
     parser.add_argument("--storage-pvc", help="ReadWriteMany claim mounted at storage_path")
     parser.add_argument("--namespace", default="default")
     parser.add_argument("--name", help="the RayJob's name (default: from the spec's experiment)")
@@ -83,16 +105,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-cpus", type=int, default=4, help="CPUs of the head pod (4)")
     parser.add_argument("--ttl", type=int, default=3600, help="seconds the ended RayJob stays")
     parser.add_argument("--submission-mode", choices=SUBMISSION_MODES, default="K8sJobMode")
-    parser.add_argument("--out", help="write the manifest here (default: standard output)")
+    parser.add_argument("-f", "--file", help="write the manifest here (default: standard output)")
 
 
 def command(args: argparse.Namespace) -> int:
     spec = load_spec(args.config, args.overrides)
     docs = manifest(spec, args)
-    text = yaml.safe_dump_all(docs, sort_keys=False)
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"trainyard: wrote {args.out}: kubectl apply -f {args.out}", file=sys.stderr)
+    if not args.model_key_secret:
+        print(
+            "trainyard: note: without --model-key-secret the model is signed with a key the "
+            "pods make and lose: `trainyard predict` elsewhere will refuse it",
+            file=sys.stderr,
+        )
+    return emit(docs, args.file)
+
+
+def predict_command(argv: list[str]) -> int:
+    """`trainyard k8s --predict MODEL DATA --out URI --workers N [predict's options] --image
+    ... --mlflow-uri ...`: a RayJob whose entrypoint is that `trainyard predict`."""
+    from trainyard.pipelines.jobs import predict
+
+    parser = argparse.ArgumentParser(prog="trainyard k8s --predict", allow_abbrev=False)
+    add_cluster_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    checked = argparse.ArgumentParser(prog="trainyard k8s --predict")
+    predict.add_arguments(checked)
+    predicted = checked.parse_args(rest)  # a mistake in predict's arguments: exit 2 here
+    return emit(predict_manifest(predicted, rest, args), args.file)
+
+
+def emit(docs: list[dict[str, Any]], file: str | None) -> int:
+    text = yaml.safe_dump_all(docs, sort_keys=False, width=1000)  # (entrypoints on one line)
+    if file:
+        Path(file).write_text(text)
+        print(f"trainyard: wrote {file}: kubectl apply -f {file}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0
@@ -100,10 +146,7 @@ def command(args: argparse.Namespace) -> int:
 
 def manifest(spec: RunSpec, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The ConfigMap with the spec and the RayJob that runs it (see the module's docstring)."""
-    name = args.name or re.sub(r"[^a-z0-9-]+", "-", spec.tracking.experiment.lower()).strip("-")
-    name = name[:40].strip("-") or "trainyard"
-    if not NAME.fullmatch(name):
-        raise TrainyardError(f"--name: {name!r} is not a Kubernetes name (a-z, 0-9, -)")
+    name = job_name(args.name or spec.tracking.experiment)
     check_uri(args.mlflow_uri)
     resolved = spec.to_dict()
     if redact(resolved) != resolved:
@@ -126,15 +169,97 @@ def manifest(spec: RunSpec, args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"scaling.storage_path: {storage or 'unset'}: with --storage-pvc, an absolute "
                 "path where the claim is mounted (e.g. /mnt/trainyard)"
             )
-        mounts.append({"name": "storage", "mountPath": storage})
-        volumes.append(
-            {"name": "storage", "persistentVolumeClaim": {"claimName": args.storage_pvc}}
-        )
+        mounts.append(storage_mount(storage))
+        volumes.append(storage_volume(args.storage_pvc))
     shape = node_shape(spec, args)
-    env = pod_env(args)
-    scheduling = pod_scheduling(args)
     sc = spec.scaling
     low, high = (sc.min_workers, sc.max_workers) if sc.elastic else (sc.num_workers,) * 2
+    entrypoint = f"trainyard {'tune' if args.tune else 'train'} {SPEC_DIR}/spec.yaml" + (
+        f" --resume {shlex.quote(args.resume)}" if args.resume else ""
+    )
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{name}-spec", "namespace": args.namespace, "labels": labels(spec)},
+        "data": {"spec.yaml": yaml.safe_dump(resolved, sort_keys=False)},
+    }
+    job = rayjob(name, entrypoint, args, shape, (low, high), mounts, volumes, labels(spec))
+    return [configmap, job]
+
+
+def predict_manifest(
+    predicted: argparse.Namespace, argv: list[str], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """The RayJob of `trainyard predict ARGV` (checked as `predicted`): a worker group that
+    holds its `--workers` actors, the model key from a Secret, the data and output where
+    every pod sees them."""
+    from trainyard.cluster.secrets import redact_text
+
+    name = job_name(args.name or "predict")
+    check_uri(args.mlflow_uri)
+    if any(redact_text(a) != a for a in argv):
+        raise TrainyardError(
+            "the arguments carry credentials, which the manifest would show: give them to the "
+            "pods from a Secret (as an environment variable the library reads)"
+        )
+    if not predicted.workers:
+        raise TrainyardError(
+            "--workers N: the manifest sizes the cluster for N actors (in a job of its own, "
+            "predict's default of one per CPU has no cluster to count)"
+        )
+    if not (args.model_key_secret or predicted.trust_model):
+        raise TrainyardError(
+            "--model-key-secret NAME: predict loads only models signed with the training "
+            "run's key; give the pods that key from a Secret (key `key`; see docs/cluster.md)"
+        )
+    mounts: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    local = [p for p in (predicted.data, predicted.out) if "://" not in p]
+    if local:
+        outside = [p for p in local if not (p + "/").startswith(PVC_MOUNT + "/")]
+        if outside or not args.storage_pvc:
+            raise TrainyardError(
+                f"{', '.join(outside or local)}: every pod must see the data and the output: "
+                f"give URIs (s3://..., gs://...), or paths under {PVC_MOUNT} and "
+                "--storage-pvc CLAIM (a ReadWriteMany PersistentVolumeClaim mounted there)"
+            )
+        mounts.append(storage_mount(PVC_MOUNT))
+        volumes.append(storage_volume(args.storage_pvc))
+    cpus = args.cpus_per_node or 4
+    per_actor = predicted.cpus_per_worker
+    per_pod = math.floor(cpus / per_actor) if per_actor > 0 else predicted.workers
+    if per_pod < 1:
+        raise TrainyardError(
+            f"--cpus-per-worker {per_actor:g} does not fit a pod of {cpus} CPUs: raise "
+            "--cpus-per-node"
+        )
+    per_gpu = predicted.gpus_per_worker
+    if per_gpu > 0:  # (a pod of one GPU, or of the GPUs one actor asks for)
+        per_pod = min(per_pod, max(1, math.floor(1 / per_gpu + 1e-9)))
+    per_pod = min(per_pod, predicted.workers)
+    gpus = math.ceil(per_pod * per_gpu - 1e-9)
+    pods = math.ceil(predicted.workers / per_pod)
+    entrypoint = shlex.join(["trainyard", "predict", *argv])
+    shape = {"cpus": cpus, "gpus": gpus}
+    tags = {"app.kubernetes.io/managed-by": "trainyard", "trainyard/pipeline": "predict"}
+    return [rayjob(name, entrypoint, args, shape, (pods, pods), mounts, volumes, tags)]
+
+
+def rayjob(
+    name: str,
+    entrypoint: str,
+    args: argparse.Namespace,
+    shape: dict[str, int],
+    replicas: tuple[int, int],
+    mounts: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+    tags: dict[str, str],
+) -> dict[str, Any]:
+    """The RayJob: a head pod, one group of `replicas` (min, max) worker pods of `shape`, the
+    submitter pod, each with the environment `pod_env` gives and the scheduling flags."""
+    env = pod_env(args)
+    scheduling = pod_scheduling(args)
+    low, high = replicas
     head = pod(args.image, "ray-head", args.head_cpus, 0, args.memory_per_cpu, env, mounts)
     worker = pod(
         args.image, "ray-worker", shape["cpus"], shape["gpus"], args.memory_per_cpu, env, mounts
@@ -148,10 +273,9 @@ def manifest(spec: RunSpec, args: argparse.Namespace) -> list[dict[str, Any]]:
         | ({"num-gpus": str(shape["gpus"])} if shape["gpus"] else {}),
         "template": {"spec": {"containers": [worker], "volumes": volumes} | scheduling},
     }
-    command_name = "tune" if args.tune else "train"
     cluster = {
         "rayVersion": RAY_VERSION,
-        "enableInTreeAutoscaling": sc.elastic,
+        "enableInTreeAutoscaling": low != high,
         "headGroupSpec": {
             # The head runs the driver and Ray Data's tasks, never a training worker's GPU.
             "rayStartParams": {"num-cpus": str(args.head_cpus), "dashboard-host": "0.0.0.0"},
@@ -168,13 +292,12 @@ def manifest(spec: RunSpec, args: argparse.Namespace) -> list[dict[str, Any]]:
         },
         "env": [e for e in env if e["name"].startswith("RAY_")],
     }
-    rayjob = {
+    return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": {"name": name, "namespace": args.namespace, "labels": labels(spec)},
+        "metadata": {"name": name, "namespace": args.namespace, "labels": tags},
         "spec": {
-            "entrypoint": f"trainyard {command_name} {SPEC_DIR}/spec.yaml"
-            + (f" --resume {shlex.quote(args.resume)}" if args.resume else ""),
+            "entrypoint": entrypoint,
             "runtimeEnvYAML": f"env_vars:\n  MLFLOW_TRACKING_URI: {args.mlflow_uri}\n",
             "submissionMode": args.submission_mode,
             "shutdownAfterJobFinishes": True,
@@ -186,13 +309,15 @@ def manifest(spec: RunSpec, args: argparse.Namespace) -> list[dict[str, Any]]:
             },
         },
     }
-    configmap = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": f"{name}-spec", "namespace": args.namespace, "labels": labels(spec)},
-        "data": {"spec.yaml": yaml.safe_dump(resolved, sort_keys=False)},
-    }
-    return [configmap, rayjob]
+
+
+def job_name(text: str) -> str:
+    """A Kubernetes name from `text` (--name, else the experiment): a-z, 0-9 and -."""
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    name = name[:40].strip("-") or "trainyard"
+    if not NAME.fullmatch(name):
+        raise TrainyardError(f"--name: {name!r} is not a Kubernetes name (a-z, 0-9, -)")
+    return name
 
 
 def node_shape(spec: RunSpec, args: argparse.Namespace) -> dict[str, int]:
@@ -261,6 +386,11 @@ def pod_env(args: argparse.Namespace) -> list[dict[str, Any]]:
         env.append({"name": "RAY_AUTH_MODE", "value": "token"})
         ref = {"name": args.ray_token_secret, "key": "token"}
         env.append({"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": ref}})
+    if args.model_key_secret:
+        from trainyard.cluster.signing import KEY_ENV
+
+        ref = {"name": args.model_key_secret, "key": "key"}
+        env.append({"name": KEY_ENV, "valueFrom": {"secretKeyRef": ref}})
     return env
 
 
@@ -302,6 +432,14 @@ def spec_mount() -> dict[str, Any]:
 
 def spec_volume(name: str) -> dict[str, Any]:
     return {"name": "trainyard-spec", "configMap": {"name": f"{name}-spec"}}
+
+
+def storage_mount(path: str) -> dict[str, Any]:
+    return {"name": "storage", "mountPath": path}
+
+
+def storage_volume(claim: str) -> dict[str, Any]:
+    return {"name": "storage", "persistentVolumeClaim": {"claimName": claim}}
 
 
 def labels(spec: RunSpec) -> dict[str, str]:

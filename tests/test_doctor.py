@@ -7,7 +7,6 @@ MLflow login: test_secrets, against its server with a login)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -67,12 +66,6 @@ def test_doctor_passes_on_the_test_cluster_and_names_each_broken_condition(
     assert took < 60, took
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_doctor_names_a_node_on_another_version_that_cannot_see_the_storage(
     ray_cluster, tracking_uri, tmp_path
 ):
@@ -84,6 +77,8 @@ def test_doctor_names_a_node_on_another_version_that_cannot_see_the_storage(
     from importlib.metadata import distribution
 
     import ray
+
+    from trainyard.cluster.local import free_port
 
     storage, old = tmp_path / "results", tmp_path / "trainyard-0.0.1.dist-info"
     storage.mkdir()

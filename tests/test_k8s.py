@@ -159,6 +159,7 @@ def test_no_secret_reaches_a_manifest(tmp_path, monkeypatch, capsys):
         (["--mlflow-uri", "https://someone:pw-7391@mlflow.example.com"], "holds a login"),
         (["--set", "scaling.storage_path=/data/results"], "every pod must see"),
         (["--set", "data.path=s3://AKIA:pw-7391@bucket/x.csv", *S3], "holds a credential"),
+        (["--name", "Digits_Job", *S3], "not a Kubernetes name"),
     ):
         rc = cli.main(["k8s", "configs/digits.yaml", *COMMON, *args])
         err = capsys.readouterr().err
@@ -206,6 +207,10 @@ def test_a_predict_manifest_refuses_what_would_fail_in_the_cluster(tmp_path, cap
         ([*PREDICT, "--workers", "2"], "--model-key-secret NAME"),
         ([*PREDICT[:2], "/data/rows", "--out", "s3://b/o", "--workers", "2", *KEY], "/data/rows"),
         ([*PREDICT, "--workers", "2", "--format", "xlsx", *KEY], "invalid choice"),
+        (
+            [*PREDICT[:2], "s3://AKIA:pw@b/rows", "--out", "s3://b/o", "--workers", "2", *KEY],
+            "carry credentials",
+        ),
     ):
         with pytest.raises(SystemExit) if "invalid" in says else contextlib.nullcontext():
             rc = cli.main(["k8s", *args, *COMMON, "-f", str(tmp_path / "job.yaml")])

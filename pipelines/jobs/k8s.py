@@ -128,9 +128,7 @@ def predict_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="trainyard k8s --predict", allow_abbrev=False)
     add_cluster_arguments(parser)
     args, rest = parser.parse_known_args(argv)
-    checked = argparse.ArgumentParser(prog="trainyard k8s --predict")
-    predict.add_arguments(checked)
-    predicted = checked.parse_args(rest)  # a mistake in predict's arguments: exit 2 here
+    predicted = predict.job_arguments(rest, "trainyard k8s --predict")
     return emit(predict_manifest(predicted, rest, args), args.file)
 
 
@@ -146,7 +144,7 @@ def emit(docs: list[dict[str, Any]], file: str | None) -> int:
 
 def manifest(spec: RunSpec, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The ConfigMap with the spec and the RayJob that runs it (see the module's docstring)."""
-    name = job_name(args.name or spec.tracking.experiment)
+    name = job_name(args.name, spec.tracking.experiment)
     check_uri(args.mlflow_uri)
     resolved = spec.to_dict()
     if redact(resolved) != resolved:
@@ -180,10 +178,14 @@ def manifest(spec: RunSpec, args: argparse.Namespace) -> list[dict[str, Any]]:
     configmap = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": f"{name}-spec", "namespace": args.namespace, "labels": labels(spec)},
+        "metadata": {
+            "name": f"{name}-spec",
+            "namespace": args.namespace,
+            "labels": labels(spec.pipeline),
+        },
         "data": {"spec.yaml": yaml.safe_dump(resolved, sort_keys=False)},
     }
-    job = rayjob(name, entrypoint, args, shape, (low, high), mounts, volumes, labels(spec))
+    job = rayjob(name, entrypoint, args, shape, (low, high), mounts, volumes, spec.pipeline)
     return [configmap, job]
 
 
@@ -193,15 +195,8 @@ def predict_manifest(
     """The RayJob of `trainyard predict ARGV` (checked as `predicted`): a worker group that
     holds its `--workers` actors, the model key from a Secret, the data and output where
     every pod sees them."""
-    from trainyard.cluster.secrets import redact_text
-
-    name = job_name(args.name or "predict")
+    name = job_name(args.name, "predict")
     check_uri(args.mlflow_uri)
-    if any(redact_text(a) != a for a in argv):
-        raise TrainyardError(
-            "the arguments carry credentials, which the manifest would show: give them to the "
-            "pods from a Secret (as an environment variable the library reads)"
-        )
     if not predicted.workers:
         raise TrainyardError(
             "--workers N: the manifest sizes the cluster for N actors (in a job of its own, "
@@ -241,8 +236,7 @@ def predict_manifest(
     pods = math.ceil(predicted.workers / per_pod)
     entrypoint = shlex.join(["trainyard", "predict", *argv])
     shape = {"cpus": cpus, "gpus": gpus}
-    tags = {"app.kubernetes.io/managed-by": "trainyard", "trainyard/pipeline": "predict"}
-    return [rayjob(name, entrypoint, args, shape, (pods, pods), mounts, volumes, tags)]
+    return [rayjob(name, entrypoint, args, shape, (pods, pods), mounts, volumes, "predict")]
 
 
 def rayjob(
@@ -253,7 +247,7 @@ def rayjob(
     replicas: tuple[int, int],
     mounts: list[dict[str, Any]],
     volumes: list[dict[str, Any]],
-    tags: dict[str, str],
+    pipeline: str,
 ) -> dict[str, Any]:
     """The RayJob: a head pod, one group of `replicas` (min, max) worker pods of `shape`, the
     submitter pod, each with the environment `pod_env` gives and the scheduling flags."""
@@ -295,7 +289,7 @@ def rayjob(
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": {"name": name, "namespace": args.namespace, "labels": tags},
+        "metadata": {"name": name, "namespace": args.namespace, "labels": labels(pipeline)},
         "spec": {
             "entrypoint": entrypoint,
             "runtimeEnvYAML": f"env_vars:\n  MLFLOW_TRACKING_URI: {args.mlflow_uri}\n",
@@ -311,9 +305,10 @@ def rayjob(
     }
 
 
-def job_name(text: str) -> str:
-    """A Kubernetes name from `text` (--name, else the experiment): a-z, 0-9 and -."""
-    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+def job_name(given: str | None, fallback: str) -> str:
+    """--name as given (refused unless a Kubernetes name: a-z, 0-9 and -), else one made from
+    `fallback` (the experiment; "predict")."""
+    name = given or re.sub(r"[^a-z0-9-]+", "-", fallback.lower()).strip("-")
     name = name[:40].strip("-") or "trainyard"
     if not NAME.fullmatch(name):
         raise TrainyardError(f"--name: {name!r} is not a Kubernetes name (a-z, 0-9, -)")
@@ -442,8 +437,8 @@ def storage_volume(claim: str) -> dict[str, Any]:
     return {"name": "storage", "persistentVolumeClaim": {"claimName": claim}}
 
 
-def labels(spec: RunSpec) -> dict[str, str]:
-    return {"app.kubernetes.io/managed-by": "trainyard", "trainyard/pipeline": spec.pipeline}
+def labels(pipeline: str) -> dict[str, str]:
+    return {"app.kubernetes.io/managed-by": "trainyard", "trainyard/pipeline": pipeline}
 
 
 def check_uri(uri: str) -> None:

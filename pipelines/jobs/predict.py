@@ -133,6 +133,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", metavar="PATH", help="write a JSON summary here")
 
 
+def job_arguments(argv: list[str], prog: str) -> argparse.Namespace:
+    """`trainyard predict ARGV` for a job that runs it elsewhere (`submit --predict`, `k8s
+    --predict`): checked here as predict checks them (a mistake: exit 2), and refused where
+    they carry a credential, which the job's entrypoint would show."""
+    from trainyard.cluster.secrets import redact_text
+
+    parser = argparse.ArgumentParser(prog=prog)
+    add_arguments(parser)
+    predicted = parser.parse_args(argv)
+    if any(redact_text(a) != a for a in argv):
+        raise TrainyardError(
+            "the arguments carry credentials, which the job's entrypoint would show: give them "
+            "to the cluster's environment (on Kubernetes, from a Secret)"
+        )
+    return predicted
+
+
 @dataclass(frozen=True)
 class Job:
     """What each actor needs to know besides the model: the model's kind and inputs, the

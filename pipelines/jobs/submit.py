@@ -139,25 +139,17 @@ def predict_command(argv: list[str]) -> int:
     """`trainyard submit --predict MODEL DATA --out PATH ...`: `trainyard predict` as a Ray job
     (`trainyard predict ...` in the project directory), followed like a training
     job. The job writes where every node can: --out must be absolute or a URI."""
-    from trainyard.cluster.secrets import redact_text
     from trainyard.pipelines.jobs import predict
 
     started = time.monotonic()
     parser = argparse.ArgumentParser(prog="trainyard submit --predict")
     jobs.add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
-    checked = argparse.ArgumentParser(prog="trainyard submit --predict")
-    predict.add_arguments(checked)
-    predicted = checked.parse_args(rest)  # a mistake in predict's arguments: exit 2 here
+    predicted = predict.job_arguments(rest, "trainyard submit --predict")
     if "://" not in predicted.out and not Path(predicted.out).is_absolute():
         raise TrainyardError(
             f"--out {predicted.out}: a job runs in a copy of the project; give an absolute path "
             "on storage every node sees, or a URI"
-        )
-    if any(redact_text(a) != a for a in rest):
-        raise TrainyardError(
-            "the arguments carry credentials, which the job's entrypoint would show: give them "
-            "to the cluster's environment"
         )
     client, job_id = jobs.submit(
         shlex.join(["trainyard", "predict", *rest]),

@@ -40,6 +40,10 @@ TEXT_SPEC = (
     "train.steps_per_epoch=12",  # a pass is longer: epochs end in the middle of one
     "train.batch_size=16",
     "scaling.placement_strategy=SPREAD",
+    # Streamed from the object store in windows of ~one block, not held: the interrupted run
+    # resumes in the middle of a streamed pass.
+    "data.in_memory_max_mb=0",
+    "data.shuffle_window_mb=0.05",
 )
 """What the text run computes (test_fault_tolerance's interrupted run takes the same)."""
 

@@ -4,6 +4,7 @@ cluster, how a worker keeps its share of small data)."""
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -161,13 +162,88 @@ def test_global_batches_are_the_same_at_any_world_size():
     assert steps(2, 6, seed=8) != alone
 
 
-def test_each_rank_keeps_an_equal_strided_share(ray_cluster):
+def _blocks(*columns: np.ndarray) -> tuple[list, dict]:
+    """Blocks as the driver hands them out, (key, rows, bytes), and the fetch that reads them."""
+    store = {i: {"x": c.astype(np.float32)[:, None], "y": c} for i, c in enumerate(columns)}
+    return [(i, len(c), c.nbytes) for i, c in enumerate(columns)], store.__getitem__
+
+
+def test_each_rank_keeps_a_strided_share_of_every_row():
+    from trainyard.pipelines.training.feed import load_share, share_batches
+
+    blocks, fetch = _blocks(np.arange(4), np.arange(4, 9), np.arange(9, 11))
+    cpu = torch.device("cpu")
+    shares = [load_share(blocks, r, 3, cpu, fetch) for r in range(3)]
+    assert [s["y"].tolist() for s in shares] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+    assert load_share(blocks, 0, 1, cpu, fetch)["y"].tolist() == list(range(11))
+    # streamed: the same rows, in batches
+    streamed = [[b["y"].tolist() for b in share_batches(blocks, 2, r, 3, cpu, fetch=fetch)]
+                for r in range(3)]  # fmt: skip
+    assert [sum(bs, []) for bs in streamed] == [s["y"].tolist() for s in shares]
+    assert max(len(b) for bs in streamed for b in bs) == 2
+
+
+def test_streamed_passes_are_the_same_global_batches_at_any_world_size():
+    """A streamed pass (blocks in a seeded order, rows permuted within windows of blocks) gives
+    each optimizer step the same rows on 1, 2 or 3 workers, each row at most once, the pass
+    drawn from the seed alone; micro-batches that span two windows are whole."""
+    from trainyard.pipelines.training.feed import window_batches
+
+    blocks, fetch = _blocks(*np.array_split(np.arange(100), 7))  # 7 blocks of 14-15 rows
+    cpu = torch.device("cpu")
+
+    def steps(world: int, micro: int, seed: int = 7, window: int = 100) -> list[list[int]]:
+        accum = 12 // (world * micro)
+        ranks = [
+            [b["y"].tolist() for b in window_batches(blocks, 12, micro, r, world, seed, cpu,
+                                                     window_bytes=window, fetch=fetch)]
+            for r in range(world)
+        ]  # fmt: skip
+        assert all(len(b) == micro for r in ranks for b in r)
+        assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == 8 * accum
+        return [
+            sorted(y for r in ranks for b in r[s * accum : (s + 1) * accum] for y in b)
+            for s in range(8)  # 100 // 12 steps; the 4 rows left over wait
+        ]
+
+    alone = steps(1, 12)
+    assert steps(2, 6) == steps(3, 4) == steps(3, 2) == steps(2, 3) == alone
+    assert len({y for s in alone for y in s}) == 96
+    assert steps(2, 6, seed=8) != alone
+    # Windows of two or more blocks (a row's window mixes blocks): the same at any size too.
+    wide = steps(1, 12, window=200)
+    assert steps(3, 2, window=200) == wide != alone
+    # dtypes as asked
+    batch = next(window_batches(blocks, 12, 4, 0, 1, 7, cpu, {"x": torch.float64}, fetch=fetch))
+    assert batch["x"].dtype == torch.float64 and batch["y"].dtype == torch.int64
+
+
+def test_streamed_batches_of_class_sorted_rows_mix_classes_like_iid_draws(ray_cluster):
+    """The shuffle-quality bound: a table whose blocks each hold one class (as a class-sorted
+    file, or the split's grouping, leaves them) is put in a random order once, then streamed;
+    each batch's share of each class spreads no more than in batches drawn i.i.d. (within 25 %
+    of the binomial spread), though each window is one block (a table many times the window).
+    Streamed without the reordering, every batch holds one class."""
+    import pyarrow as pa
     import ray.data
 
-    from trainyard.pipelines.training.feed import load_share
+    from trainyard.pipelines.data.common import in_random_order
+    from trainyard.pipelines.training.feed import window_batches
+    from trainyard.pipelines.training.trainer import blocks
 
-    items = [{"x": i, "y": 10 * i} for i in range(11)]
-    dataset = ray.data.from_items(items).repartition(3).materialize()  # as training gets it
-    shares = [load_share(dataset.iterator(), 11, r, 3, torch.device("cpu")) for r in range(3)]
-    assert [s["x"].tolist() for s in shares] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
-    assert shares[1]["y"].tolist() == [10, 40, 70]
+    classes, per_class, batch = 4, 6000, 256
+    y = np.repeat(np.arange(classes), per_class)  # sorted by class: 8 blocks of one class each
+    sorted_rows = ray.data.from_arrow(pa.table({"x": y.astype(np.float32), "y": y}))
+    sorted_rows = sorted_rows.repartition(8).materialize()
+    cpu = torch.device("cpu")
+
+    def spread(ds) -> float:
+        shares = [
+            np.bincount(b["y"].numpy(), minlength=classes) / batch
+            for b in window_batches(blocks(ds), batch, batch, 0, 1, 3, cpu, window_bytes=1)
+        ]
+        return float(np.std(np.array(shares), axis=0).mean())
+
+    iid = np.sqrt(0.25 * 0.75 / batch)  # a class's share in i.i.d. batches: its binomial spread
+    assert spread(sorted_rows) > 10 * iid  # one class a batch
+    assert spread(in_random_order(sorted_rows, 0, 8, 0.5)) < 1.25 * iid

@@ -278,3 +278,27 @@ def test_predict_on_a_busy_cluster_says_so_in_bounded_time(digits_run, tmp_path,
     # (Ray's own log lines, streamed from its processes, may come before trainyard's one)
     assert rc == 2 and err.splitlines()[-1].startswith("trainyard: error: the cluster has had")
     assert "for 2 s; the pool needs 1.9" in err and "pass fewer --workers" in err
+
+
+@pytest.mark.parametrize("order", ["label", "pixel_3_4"])
+def test_a_sorted_table_streamed_trains_as_well_as_held_in_memory(
+    order, digits_straight, tmp_path
+):
+    """Digits in Parquet files sorted by the label (or by a pixel), streamed every pass in
+    windows of one block (in_memory_max_mb 0, a tiny shuffle window: as a table many times the
+    window streams), train as well as the same rows held in memory (the session's `straight`,
+    4 epochs of builtin:digits). Before the rows were put in a random order once, the blocks
+    were one class each and the model learned whichever came last."""
+    frame = load_digits(as_frame=True).frame.rename(columns={"target": "label"})
+    frame = frame.sort_values(order, kind="stable").reset_index(drop=True)
+    data = tmp_path / "digits"
+    data.mkdir()
+    for i, part in enumerate(np.array_split(frame, 4)):
+        part.to_parquet(data / f"part-{i}.parquet", index=False)
+    summary = train(
+        ROOT / "configs" / "digits.yaml", tmp_path, f"data.path={data}", "train.epochs=4",
+        "data.in_memory_max_mb=0", "data.shuffle_window_mb=0.01", "tracking.log_model=false",
+        "tracking.experiment=test-streamed",
+    )  # fmt: skip
+    reference = digits_straight["summary"]["metrics"]["val_accuracy"]
+    assert summary["metrics"]["val_accuracy"] >= reference - 0.03, (summary, reference)

@@ -8,6 +8,12 @@ from typing import Any, Literal
 from trainyard.cluster.errors import check as _check
 from trainyard.pipelines.config.checks import check_fraction, check_reference
 
+IN_MEMORY_MAX_MB = 512.0
+"""data.in_memory_max_mb's default (every pipeline's)."""
+SHUFFLE_WINDOW_MB = 64.0
+"""data.shuffle_window_mb's default: about one block (the pipelines write blocks of about
+64 MB), several where blocks are small."""
+
 
 @dataclass
 class DataSpec:
@@ -44,6 +50,14 @@ class DataSpec:
     missing: Literal["error", "impute"] = "error"
     """Empty feature values: stop with the column, count and first rows (`error`), or fill
     them (`impute`: the training median for numbers, a category of their own for categories)."""
+    in_memory_max_mb: float = IN_MEMORY_MAX_MB
+    """Prepared rows up to this size (training + validation, in MB as Ray's object store holds
+    them) are held in memory by every worker; larger ones stream from the object store every
+    pass (docs/training.md, "How big data flows"). 0: always stream."""
+    shuffle_window_mb: float = SHUFFLE_WINDOW_MB
+    """Streamed rows: each pass takes the training blocks in a seeded order and permutes the
+    rows of every window of consecutive blocks of at least this many MB (the rows were put in
+    a random order once, when prepared)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path", self.path, "a path, glob, URI or builtin:digits")
@@ -92,6 +106,11 @@ class TextDataSpec:
     tokenizer: str = "bytes"
     """`bytes` (vocabulary 256), or `package.module:Class` for your own (see
     `trainyard.pipelines.data.text.Tokenizer`)."""
+    in_memory_max_mb: float = IN_MEMORY_MAX_MB
+    """As the tabular pipeline's: prepared rows up to this many MB are held in memory by every
+    worker, larger ones stream every pass."""
+    shuffle_window_mb: float = SHUFFLE_WINDOW_MB
+    """As the tabular pipeline's: streamed rows are permuted in windows of this many MB."""
 
     def __post_init__(self) -> None:
         _check(
@@ -127,6 +146,11 @@ class CustomDataSpec:
     augment: str | None = None
     """`module:fn`, as data.augment of the tabular pipeline: `fn(batch, rng) -> batch` on the
     training split, every epoch, in Ray Data tasks."""
+    in_memory_max_mb: float = IN_MEMORY_MAX_MB
+    """As the tabular pipeline's: prepared rows up to this many MB are held in memory by every
+    worker, larger ones stream every pass."""
+    shuffle_window_mb: float = SHUFFLE_WINDOW_MB
+    """As the tabular pipeline's: streamed rows are permuted in windows of this many MB."""
 
     def __post_init__(self) -> None:
         _check(
@@ -168,6 +192,11 @@ class ImageDataSpec:
     """Keep the decoded images in Ray's object store (decoded once), or decode them again
     from data.path every epoch (streamed). None: keep them when they take at most half of the
     cluster's object store."""
+    in_memory_max_mb: float = IN_MEMORY_MAX_MB
+    """As the tabular pipeline's: prepared rows up to this many MB are held in memory by every
+    worker, larger ones stream every pass."""
+    shuffle_window_mb: float = SHUFFLE_WINDOW_MB
+    """As the tabular pipeline's: streamed rows are permuted in windows of this many MB."""
 
     def __post_init__(self) -> None:
         _check(

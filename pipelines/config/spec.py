@@ -80,6 +80,14 @@ class RunSpec:
                 None,
                 "classification or regression, unless train.loss names your own loss",
             )
+        for key in ("in_memory_max_mb", "shuffle_window_mb"):
+            mb = getattr(self.data, key)
+            _check(
+                isinstance(mb, int | float) and not isinstance(mb, bool) and mb >= 0,
+                f"data.{key}",
+                mb,
+                "a number of MB >= 0",
+            )
         tr, sc = self.train, self.scaling
         if tr.tokens_per_step is not None:
             _check(

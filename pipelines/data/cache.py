@@ -40,6 +40,8 @@ from trainyard.pipelines.data.common import Pipeline, Prepared, check_row_counts
 
 FORMAT = 1
 STATE = "state.pkl"
+READING = ("in_memory_max_mb", "shuffle_window_mb")
+"""The data settings of how workers read the prepared rows: no part of the key."""
 READ_HERE_BYTES = 64 * 1024**2
 """A materialized dataset up to this size is read by the driver, larger ones by tasks."""
 
@@ -70,6 +72,9 @@ def key_of(inputs: dict[str, Any], num_workers: int) -> str:
         except PackageNotFoundError:  # (trainyard run from a source tree)
             return "unknown"
 
+    # (How the workers will read the prepared rows, held or streamed, is no part of them.)
+    if isinstance(inputs.get("data"), dict):
+        inputs = inputs | {"data": {k: v for k, v in inputs["data"].items() if k not in READING}}
     versions = {p: installed(p) for p in ("trainyard", "ray", "pyarrow")}
     versions["trainyard.pipelines.data"] = own_code()
     message = {"format": FORMAT, "inputs": inputs, "workers": num_workers, "versions": versions}

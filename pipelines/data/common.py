@@ -33,6 +33,18 @@ def settle(timeout_s: float = 2.0) -> None:
     wait_for_free({"CPU": 1e-6}, timeout_s, poll_s=0.05)
 
 
+def in_random_order(ds: Any, seed: int, blocks: int, task_cpus: float) -> Any:
+    """The rows of `ds` once in an order drawn from `seed` (Ray Data's random_shuffle: the
+    same order every run), in `blocks` blocks, materialized. Whatever order the files or the
+    split left the rows in (by class, by a feature, file by file), each block is then a random
+    sample of all of them: what the streamed passes, which shuffle within windows of blocks,
+    and the shares mapped every pass (data.augment) rely on."""
+    from trainyard.pipelines.data.arrays import derive_seed
+
+    seed = derive_seed(seed, "rows") % 2**32
+    return ds.random_shuffle(seed=seed, num_cpus=task_cpus).repartition(blocks).materialize()
+
+
 @contextlib.contextmanager
 def errors_reported_here():
     """Ray Data logs a task's exception twice (with its traceback) before raising it; inside

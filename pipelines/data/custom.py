@@ -25,6 +25,7 @@ from trainyard.pipelines.data.common import (
     DataFacts,
     Prepared,
     check_row_counts,
+    in_random_order,
     ray_cause,
 )
 from trainyard.pipelines.data.split import below, position_hashes
@@ -187,6 +188,8 @@ def prepare(
     data = spec.data
     try:
         train, val = read_splits(spec, task_cpus)
+        # (a dataset's rows may come sorted, by class say: once in a random order)
+        train = in_random_order(train, spec.train.seed, train.num_blocks(), task_cpus)
         num_train, num_val = train.count(), val.count()
         first = train.take_batch(1, batch_format="numpy") if num_train else None
     except (DataError, SpecError):

@@ -30,6 +30,7 @@ from trainyard.pipelines.data.common import (
     check_row_counts,
     code_digest,
     fingerprint,
+    in_random_order,
     resolve_files,
     task_error,
 )
@@ -535,7 +536,8 @@ def split(
     Which side a row lands on depends only on its values and the seed, never on block layout,
     node or worker count. Returns two materialized datasets of raw rows, in blocks of about
     BLOCK_BYTES (at least one per worker): the shuffle behind the split leaves many small
-    blocks, and every block costs a task in every epoch.
+    blocks, and every block costs a task in every epoch. The training rows come in a seeded
+    random order (common.in_random_order), whatever order the files held them in.
     """
     kwargs = {"fraction": spec.validation_fraction, "seed": seed}
     if spec.task == "classification":
@@ -548,14 +550,15 @@ def split(
         )
     marked = marked.materialize()
     blocks = max(num_workers, math.ceil(marked.size_bytes() / BLOCK_BYTES))
-    return tuple(
+    train, val = (
         marked.map_batches(
             select_split, fn_kwargs={"validation": side}, batch_format="pandas", num_cpus=task_cpus
         )
-        .repartition(blocks)
-        .materialize()
         for side in (False, True)
     )
+    # The split leaves the rows grouped by class: the training rows are put in a random order
+    # once (validation reads every row, in any order).
+    return in_random_order(train, seed, blocks, task_cpus), val.repartition(blocks).materialize()
 
 
 def check_classes_in_both(classes: list[Any], val: Any, spec: DataSpec) -> None:

@@ -28,6 +28,7 @@ from trainyard.pipelines.data.common import (
     Prepared,
     code_digest,
     fingerprint,
+    in_random_order,
     resolve_files,
 )
 from trainyard.pipelines.data.split import below, key_hashes
@@ -203,6 +204,9 @@ def build_datasets(
         )
 
     train, validation = windows(train_files), windows(val_files)
+    # A file's windows are alike (and each block holds a few files): the training windows
+    # in a random order once, so that every block is a sample of all the text.
+    train = in_random_order(train, seed, train.num_blocks(), task_cpus)
     num_train, num_val = train.count(), validation.count()
     if data.validation_windows is not None and num_val > data.validation_windows:
         validation = validation.limit(data.validation_windows).materialize()

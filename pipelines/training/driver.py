@@ -47,6 +47,7 @@ from trainyard.pipelines.training.trainer import (
     TrainingStopped,
     WorkersNotPlaced,
     configure_ray_train,
+    data_path,
     fit,
     global_order,
     make_trainer,
@@ -264,10 +265,10 @@ def check_split(spec: RunSpec, place: Place, data: Prepared) -> dict[str, str]:
         return {}
     if not global_order(data):
         raise TrainyardError(
-            f"continuing {place.run_name}: {change}, but each worker streams its own share of "
-            "these data, so another split would train on other batches; put it back, or start "
-            "a new run (data small enough for every worker to hold are drawn in global "
-            "batches, the same on any number of workers)"
+            f"continuing {place.run_name}: {change}, but each worker maps its own share of "
+            "these data anew every pass (data.augment), so another split would train on other "
+            "batches; put it back, or start a new run (data without augmentation, held or "
+            "streamed, are drawn in global batches, the same on any number of workers)"
         )
     print(f"trainyard: {change}: the same global batches of {spec.global_batch}, split anew")
     return {"trainyard.split_changed": f"{change} after epoch {place.resumed.epoch}"}
@@ -394,9 +395,8 @@ def run(
     if spec.scaling.elastic and not global_order(data):
         raise SpecError(
             f"scaling.num_workers: {spec.scaling.num_workers} (elastic) needs training data "
-            "every worker holds in memory, drawn in the same global batches at any size; "
-            "these are streamed to each worker (too big, or augmented every pass): use a "
-            "fixed number of workers"
+            "drawn in the same global batches at any size; these are augmented every pass, "
+            "each worker mapping a share of its own: use a fixed number of workers"
         )
     recipe, model_line = checked_model(spec, data)
     startup.mark("data")
@@ -409,6 +409,7 @@ def run(
         tracking.log_inputs(place.uri, run_id, input_records(spec, data, key))
     startup.mark("mlflow_run")
     job = worker_job(spec, plan, data, recipe, run_id, place)
+    print(data_path(spec, data))
     print(plan.describe())
     timeout = start_timeout(spec, plan)
     if notice := waiting_notice(plan, timeout):

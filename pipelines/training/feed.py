@@ -1,15 +1,20 @@
-"""The batches a worker trains on: a shard kept in memory and drawn as a seeded permutation every
-pass, or streamed passes prefetched in a thread; epochs of a set number of steps across passes."""
+"""The batches a worker trains on, from the blocks of the prepared datasets in Ray's object
+store: every training row kept in memory and drawn as a seeded permutation every pass
+(`global_batches`), or streamed window by window in a seeded order (`window_batches`), both cut
+into the same global batches at any world size; a rank's share of the validation rows, kept or
+streamed; passes prefetched in a thread; epochs of a set number of steps across passes."""
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from trainyard.pipelines.config.data import SHUFFLE_WINDOW_MB
 
 _END = object()
 
@@ -90,23 +95,147 @@ class BatchStream:
         return batch
 
 
+Block = tuple[Any, int, int]
+"""One block of a materialized Ray dataset as the driver hands it to the workers: (its object
+ref, its rows, its bytes)."""
+
+
+def fetch_block(ref: Any) -> dict[str, np.ndarray]:
+    """A Ray Data block from the object store as numpy columns (zero-copy where Arrow allows:
+    the ranks of one node share the object store's copy)."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    return BlockAccessor.for_block(ray.get(ref)).to_numpy()
+
+
 def load_share(
-    dataset: Any, rows: int, rank: int, world: int, device: torch.device
+    blocks: Sequence[Block],
+    rank: int,
+    world: int,
+    device: torch.device,
+    fetch: Callable[[Any], dict[str, np.ndarray]] = fetch_block,
 ) -> dict[str, torch.Tensor]:
-    """This rank's share of a dataset that every rank reads whole: every `world`-th row from
-    row `rank` on, `rows // world` of them (as many on every rank), one tensor per column as
-    stored (uint8 tokens stay uint8) on `device`. Read once; later passes come from memory."""
-    share = rows // world
+    """This rank's share of a dataset's rows, every row once over all ranks: row i (counted
+    over the blocks in order) goes to rank i % world. One tensor per column as stored (uint8
+    tokens stay uint8) on `device`. Read once; later passes come from memory."""
     parts: dict[str, list[np.ndarray]] = {}
     seen = 0
-    for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        n = len(next(iter(block.values())))
-        index = np.arange(seen, seen + n)
-        keep = (index % world == rank) & (index // world < share)
-        for key, values in block.items():
-            parts.setdefault(key, []).append(values[keep])
+    for ref, n, _ in blocks:
+        if (first := (rank - seen) % world) < n:
+            for key, values in fetch(ref).items():
+                parts.setdefault(key, []).append(values[first::world])
         seen += n
     return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in parts.items()}
+
+
+def share_batches(
+    blocks: Sequence[Block],
+    batch_size: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+    dtypes: dict[str, torch.dtype] | None = None,
+    fetch: Callable[[Any], dict[str, np.ndarray]] = fetch_block,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """load_share's rows streamed block by block, in batches of at most `batch_size`
+    (validation data too big to hold: every row is read once, by one rank)."""
+    seen = 0
+    for ref, n, _ in blocks:
+        if (first := (rank - seen) % world) < n:
+            rows = {k: v[first::world] for k, v in fetch(ref).items()}
+            for start in range(0, len(next(iter(rows.values()))), batch_size):
+                window = slice(start, start + batch_size)
+                yield _tensors({k: v[window] for k, v in rows.items()}, dtypes, device, copy=True)
+        seen += n
+
+
+def windows(sizes: Sequence[int], min_bytes: int) -> list[list[int]]:
+    """Consecutive positions 0..len(sizes)-1 grouped so that each group's sizes add up to at
+    least `min_bytes` (the last group may hold less)."""
+    groups: list[list[int]] = [[]]
+    held = 0
+    for i, size in enumerate(sizes):
+        if held >= min_bytes:
+            groups.append([])
+            held = 0
+        groups[-1].append(i)
+        held += size
+    return [g for g in groups if g]
+
+
+def window_batches(
+    blocks: Sequence[Block],
+    global_batch: int,
+    micro_batch: int,
+    rank: int,
+    world: int,
+    seed: int,
+    device: torch.device,
+    dtypes: dict[str, torch.dtype] | None = None,
+    window_bytes: float = SHUFFLE_WINDOW_MB * 1024**2,
+    fetch: Callable[[Any], dict[str, np.ndarray]] = fetch_block,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of one streamed pass, in the same global order at any world
+    size: the blocks in an order drawn from `seed`, gathered into windows of at least
+    `window_bytes`, each window's rows permuted (drawn from the same generator), and that
+    sequence cut into global batches of `global_batch` rows (the rest dropped) and those into
+    micro-batches of `micro_batch`, of which rank r takes the r-th of every `world` (as
+    global_batches does for rows held in memory). So the rows of optimizer step s are the same
+    at any world size, and a run resumes on more or fewer workers on the same global batches.
+    Every rank reads every window (each keeps its micro-batches of it): one window, and the
+    next being read, is what a rank holds."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(blocks))
+    total = sum(blocks[i][1] for i in order)
+    per_pass = total // global_batch * (global_batch // micro_batch)  # micro-batches, all ranks'
+    taken = 0  # micro-batches of the pass before this window (all ranks')
+    carry: dict[str, np.ndarray] | None = None  # rows of a micro-batch the last window began
+    for group in windows([blocks[i][2] for i in order], window_bytes):
+        if taken >= per_pass:
+            return
+        parts = [fetch(blocks[order[i]][0]) for i in group]
+        rows = (
+            {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts[1:] else parts[0]
+        )
+        n = len(next(iter(rows.values())))
+        perm = rng.permutation(n)
+        k = len(next(iter(carry.values()))) if carry else 0
+        full = (k + n) // micro_batch  # micro-batches that end in this window
+        for j in range(full):
+            m = taken + j
+            if m >= per_pass:
+                break
+            if m % world != rank:
+                continue
+            lo, hi = j * micro_batch - k, (j + 1) * micro_batch - k
+            if lo < 0:  # begun in the last window
+                batch = {c: np.concatenate([carry[c], v[perm[:hi]]]) for c, v in rows.items()}
+            else:
+                batch = {c: v[perm[lo:hi]] for c, v in rows.items()}
+            yield _tensors(batch, dtypes, device)
+        rest = perm[full * micro_batch - k :] if full else perm
+        tail = {c: v[rest] for c, v in rows.items()}
+        carry = (
+            tail if full or not carry else {c: np.concatenate([carry[c], tail[c]]) for c in tail}
+        )
+        taken += full
+
+
+def _tensors(
+    arrays: dict[str, np.ndarray],
+    dtypes: dict[str, torch.dtype] | None,
+    device: torch.device,
+    copy: bool = False,
+) -> dict[str, torch.Tensor]:
+    """numpy columns as tensors on `device`, each cast to its dtype in `dtypes` where it has
+    one; `copy` for arrays that may be read-only views of the object store."""
+    dtypes = dtypes or {}
+    out = {}
+    for k, v in arrays.items():
+        t = torch.tensor(v) if copy else torch.from_numpy(v)
+        out[k] = t.to(device=device, dtype=dtypes.get(k))
+    return out
 
 
 def global_batches(

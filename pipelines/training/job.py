@@ -22,8 +22,9 @@ class WorkerJob:
     steps_per_epoch: int
     schedule_steps: int
     """The learning-rate schedule's length in optimizer steps."""
-    cache_shards: bool
-    """Each worker keeps its share of the rows in memory (else they stream every pass)."""
+    in_memory: bool
+    """Every worker holds the training rows (and its share of the validation rows) in memory;
+    else they stream from the object store every pass."""
     num_train: int
     num_validation: int
     data_task_cpus: float
@@ -35,6 +36,12 @@ class WorkerJob:
     """Rows mapped anew every pass: {"fn", "kwargs", "remote_args"} (data.augment)."""
     train_shards: list[Any] | None = None
     """With per_epoch: each rank's own shard of the training rows."""
+    train_blocks: list[tuple[Any, int, int]] | None = None
+    """Without per_epoch: the prepared training rows' blocks in the object store, as
+    (object ref, rows, bytes) (feed.Block), which every rank reads."""
+    validation_blocks: list[tuple[Any, int, int]] | None = None
+    """The validation rows' blocks; None: they are decoded anew every epoch, and Ray Train
+    splits them (its dataset "validation")."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data: the job's fields, `data` as a dict (shards and functions as they are)."""

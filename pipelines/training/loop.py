@@ -35,6 +35,8 @@ from trainyard.pipelines.training.feed import (
     global_batches,
     load_share,
     memory_batches,
+    share_batches,
+    window_batches,
 )
 from trainyard.pipelines.training.job import WorkerJob
 from trainyard.pipelines.training.metrics import (
@@ -235,29 +237,27 @@ def data_passes(
     w: Worker,
 ) -> tuple[Callable[[int], Iterable[dict[str, torch.Tensor]]], Callable[[], Iterable]]:
     """(train_pass(n): the batches of pass n, val_batches(): the validation batches) for
-    this rank. Three ways in: small data read once and kept in memory (every pass a seeded
-    permutation, no Ray Data execution per epoch); augmented data, mapped by Ray Data tasks
-    every pass over this rank's shard; else each pass streamed from the rank's split."""
+    this rank. Three ways in: training rows every rank holds in memory (read once; every pass
+    a seeded permutation cut into global batches); training rows streamed from the object
+    store every pass, window by window in a seeded order, cut into the same global batches at
+    any world size; augmented rows, mapped by Ray Data tasks every pass over this rank's
+    shard. Validation: this rank's share of the rows, held or streamed."""
     import ray.train
     from ray.data import DataContext
 
     job, tr, rank, world, device = w.job, w.spec.train, w.rank, w.world, w.device
     DataContext.get_current().execution_options.preserve_order = True  # the same every run
     dtypes = {k: getattr(torch, v) for k, v in job.data.dtypes.items()} or None
-    micro, eval_batch = w.spec.micro_batch_size, w.spec.eval_batch_size
-    val_shard = ray.train.get_dataset_shard("validation")
+    micro, eval_batch, global_batch = (
+        w.spec.micro_batch_size,
+        w.spec.eval_batch_size,
+        w.spec.global_batch,
+    )
+    first = w.position[0] if tr.steps_per_epoch else w.first_epoch
+    last = None if tr.steps_per_epoch else tr.epochs
 
-    def pass_seed(n: int) -> int:
-        return derive_seed(tr.seed, "shuffle", n, rank) % 2**32
-
-    def streamed(shard: Any, n: int) -> Iterable[dict[str, torch.Tensor]]:
-        return shard.iter_torch_batches(
-            batch_size=micro,
-            dtypes=dtypes,
-            drop_last=True,
-            local_shuffle_buffer_size=max(4 * micro, 256),
-            local_shuffle_seed=pass_seed(n),
-        )
+    def pass_seed(n: int) -> int:  # (the same on every rank: one global order)
+        return derive_seed(tr.seed, "shuffle", n) % 2**32
 
     if job.train_shards is not None:
         from trainyard.pipelines.data.augment import one_pass
@@ -268,38 +268,54 @@ def data_passes(
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
         def mapped_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
-            ds = one_pass(shard, job.per_epoch, tr.seed, n, job.data_task_cpus)
-            return streamed(ds, n)
+            return one_pass(
+                shard, job.per_epoch, tr.seed, n, job.data_task_cpus
+            ).iter_torch_batches(
+                batch_size=micro,
+                dtypes=dtypes,
+                drop_last=True,
+                local_shuffle_buffer_size=max(4 * micro, 256),
+                local_shuffle_seed=derive_seed(tr.seed, "shuffle", n, rank) % 2**32,
+            )
 
         # Each pass is a new Ray Data execution (seconds to start on a small machine): the
         # next one starts while this one trains.
-        first = w.position[0] if tr.steps_per_epoch else w.first_epoch
-        train_pass = ahead(mapped_pass, first, None if tr.steps_per_epoch else tr.epochs)
-    elif job.cache_shards:
+        train_pass = ahead(mapped_pass, first, last)
+    elif job.in_memory:
         # Every rank holds every row (the share of rank 0 of 1); each pass is one permutation
         # cut into global batches: the same at any world size.
-        train_rows = load_share(ray.train.get_dataset_shard("train"), job.num_train, 0, 1, device)
-        global_batch = w.spec.global_batch
+        train_rows = load_share(job.train_blocks, 0, 1, device)
 
         def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
-            seed = derive_seed(tr.seed, "shuffle", n) % 2**32
-            return global_batches(train_rows, global_batch, micro, rank, world, seed, dtypes)
+            return global_batches(
+                train_rows, global_batch, micro, rank, world, pass_seed(n), dtypes
+            )
     else:
-        train_shard = ray.train.get_dataset_shard("train")
 
-        def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
-            return streamed(train_shard, n)
+        def streamed_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
+            return window_batches(
+                job.train_blocks, global_batch, micro, rank, world, pass_seed(n), device, dtypes,
+                window_bytes=w.spec.data.shuffle_window_mb * 1024**2,
+            )  # fmt: skip
+
+        # Windows are read in a thread while the rank trains (the next pass's first too).
+        train_pass = ahead(streamed_pass, first, last, passes=1, depth=8)
 
     # (After the training passes: a first mapped pass starts while this reads.)
-    if job.cache_shards:
-        val_rows = load_share(val_shard, job.num_validation, rank, world, device)
+    if job.validation_blocks is None:  # (decoded anew every epoch: Ray Data splits it)
+        val_shard = ray.train.get_dataset_shard("validation")
+
+        def val_batches() -> Iterable[dict[str, torch.Tensor]]:
+            return val_shard.iter_torch_batches(batch_size=eval_batch, dtypes=dtypes)
+    elif job.in_memory:
+        val_rows = load_share(job.validation_blocks, rank, world, device)
 
         def val_batches() -> Iterable[dict[str, torch.Tensor]]:
             return memory_batches(val_rows, eval_batch, dtypes)
     else:
 
         def val_batches() -> Iterable[dict[str, torch.Tensor]]:
-            return val_shard.iter_torch_batches(batch_size=eval_batch, dtypes=dtypes)
+            return share_batches(job.validation_blocks, eval_batch, rank, world, device, dtypes)
 
     return train_pass, val_batches
 

@@ -12,17 +12,10 @@ from typing import Any
 
 from trainyard.cluster.resources import short_of, wait_for_free
 from trainyard.pipelines.config.spec import RunSpec
-from trainyard.pipelines.data.common import (
-    Prepared,
-)
+from trainyard.pipelines.data.common import Prepared
 from trainyard.pipelines.training.job import WorkerJob
 from trainyard.pipelines.training.resume import Place
 from trainyard.pipelines.training.session import ordered
-
-# Preprocessed splits of at most this size (as stored in Ray's object store) are read once by
-# every worker, which keeps its share in memory; larger data streams from Ray Data every pass.
-CACHE_BYTES = 512 * 1024**2
-
 
 # How often Ray Train's controller collects the workers' reports (Ray's default: 2 s). Each
 # worker's report waits until the previous one is collected, so every epoch shorter than this
@@ -138,13 +131,50 @@ def waiting_notice(plan: Any, start_timeout_s: float) -> str | None:
     )
 
 
-def cache_shards(data: Prepared) -> bool:
-    """Whether the preprocessed splits that the workers read as they are (not the training
-    rows mapped anew every pass) are small enough for them to keep in memory."""
+def in_memory(spec: RunSpec, data: Prepared) -> bool:
+    """Whether the workers hold the prepared rows in memory (read once: the training rows
+    whole, their share of the validation rows), not stream them from the object store every
+    pass: when those rows take at most data.in_memory_max_mb there."""
     size = data.validation.size_bytes()
     if data.per_epoch is None:
         size += data.train.size_bytes()
-    return size <= CACHE_BYTES
+    return size <= spec.data.in_memory_max_mb * 1024**2
+
+
+def data_path(spec: RunSpec, data: Prepared) -> str:
+    """One line: how the training rows reach the workers, and why."""
+    size = (data.train.size_bytes() + data.validation.size_bytes()) / 1024**2
+    held = in_memory(spec, data)
+    why = f"{size:,.1f} MB prepared; data.in_memory_max_mb {spec.data.in_memory_max_mb:g}"
+    if data.per_epoch is not None:
+        return (
+            "trainyard: training rows mapped anew every pass by Ray Data tasks (augmented), "
+            f"a share per worker; validation {'held in memory' if held else 'streamed'} ({why})"
+        )
+    if held:
+        return (
+            f"trainyard: data held in memory by every worker ({why}): global batches of one "
+            "permutation a pass"
+        )
+    return (
+        f"trainyard: data streamed from Ray's object store every pass ({why}): global "
+        "batches of the blocks in a seeded order, rows permuted in windows of >= "
+        f"{spec.data.shuffle_window_mb:g} MB (data.shuffle_window_mb)"
+    )
+
+
+def blocks(ds: Any) -> list[tuple[Any, int, int]] | None:
+    """A materialized dataset's blocks as (object ref, rows, bytes), in order; None for a lazy
+    one."""
+    from ray.data.dataset import MaterializedDataset
+
+    if not isinstance(ds, MaterializedDataset):
+        return None
+    return [
+        (ref, meta.num_rows, meta.size_bytes)
+        for bundle in ds.iter_internal_ref_bundles()
+        for ref, meta in zip(bundle.block_refs, bundle.metadata, strict=True)
+    ]
 
 
 class TrainingStopped(Exception):
@@ -192,9 +222,9 @@ def make_trainer(
     max_failures = sc.max_failures
     if max_failures is None:
         max_failures = 2 if len(plan.nodes.cpus) > 1 or sc.elastic else 0
-    datasets = {"validation": data.validation}
-    if data.per_epoch is None:  # else each rank gets its own shard, mapped anew every pass
-        datasets["train"] = data.train
+    # The workers read the prepared blocks from the object store (job.train_blocks, ...); only
+    # validation rows decoded anew every epoch go through Ray Train's split.
+    datasets = {"validation": data.validation} if job.validation_blocks is None else {}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.to_dict(), "job": job.to_dict()},
@@ -224,16 +254,13 @@ def make_trainer(
         datasets=datasets,
         # The same rows to the same rank in the same order every epoch, on every run:
         # what makes a resumed run continue exactly as an uninterrupted one.
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=[] if job.cache_shards else list(datasets),
-            execution_options=ordered(),
-        ),
+        dataset_config=ray.train.DataConfig(execution_options=ordered()),
     )
 
 
 def steps_per_epoch(spec: RunSpec, plan: Any, data: Prepared) -> int:
     """train.steps_per_epoch, else the optimizer steps of one pass: over all rows in global
-    batches (data every worker holds), else over each worker's share."""
+    batches, or (rows augmented every pass) over each worker's share."""
     if spec.train.steps_per_epoch:
         return spec.train.steps_per_epoch
     if global_order(data):
@@ -243,9 +270,10 @@ def steps_per_epoch(spec: RunSpec, plan: Any, data: Prepared) -> int:
 
 
 def global_order(data: Prepared) -> bool:
-    """Whether every worker holds every training row and takes its part of each global batch
-    (the same batches at any world size), not a share of its own streamed or mapped anew."""
-    return data.per_epoch is None and cache_shards(data)
+    """Whether every worker takes its part of each global batch of one order of all training
+    rows (the same batches at any world size, held or streamed), not a share of its own
+    mapped anew every pass."""
+    return data.per_epoch is None
 
 
 def schedule_steps(spec: RunSpec, steps: int, place: Place) -> int:
@@ -280,7 +308,7 @@ def worker_job(
         torch_threads=plan.torch_threads,
         steps_per_epoch=steps,
         schedule_steps=schedule_steps(spec, steps, place),
-        cache_shards=cache_shards(data),
+        in_memory=in_memory(spec, data),
         num_train=data.num_train,
         num_validation=data.num_validation,
         data_task_cpus=plan.data_task_cpus,
@@ -288,6 +316,8 @@ def worker_job(
         inject_failure=failure_plan(),
         per_epoch=per_epoch,
         train_shards=shards,
+        train_blocks=blocks(data.train) if data.per_epoch is None else None,
+        validation_blocks=blocks(data.validation),
     )
 
 

@@ -32,6 +32,16 @@ EXPECTED = {
     "tracking": {"step time", "share of step time in MLflow calls"},
     "overhead": {"command to first step", "per-epoch time", "command to done"}
     | {f"trainyard: to {end}" for end in PHASES.values()},
+    "scale": {
+        f"{what} at 20,000 rows"
+        for what in (
+            "command to done",
+            "command to data ready",
+            "training rows/s",
+            "peak memory of the process tree",
+            "held-out accuracy",
+        )
+    },
 }
 
 
@@ -55,7 +65,7 @@ def quick_bench(ray_cluster, tracking_uri, tmp_path_factory):
 
 
 def test_all_suites_write_json_markdown_and_chart(quick_bench):
-    for name in ("results.json", "results.md", "results.png"):
+    for name in ("results.json", "results.md", "results.png", "scale.png"):
         assert (quick_bench / name).stat().st_size > 0
     result = json.loads((quick_bench / "results.json").read_text())
     assert result["quick"] is True

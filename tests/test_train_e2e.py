@@ -281,9 +281,7 @@ def test_predict_on_a_busy_cluster_says_so_in_bounded_time(digits_run, tmp_path,
 
 
 @pytest.mark.parametrize("order", ["label", "pixel_3_4"])
-def test_a_sorted_table_streamed_trains_as_well_as_held_in_memory(
-    order, digits_straight, tmp_path
-):
+def test_a_sorted_table_streamed_trains_as_well_as_held_in_memory(order, digits_straight, tmp_path):
     """Digits in Parquet files sorted by the label (or by a pixel), streamed every pass in
     windows of one block (in_memory_max_mb 0, a tiny shuffle window: as a table many times the
     window streams), train as well as the same rows held in memory (the session's `straight`,
@@ -293,8 +291,8 @@ def test_a_sorted_table_streamed_trains_as_well_as_held_in_memory(
     frame = frame.sort_values(order, kind="stable").reset_index(drop=True)
     data = tmp_path / "digits"
     data.mkdir()
-    for i, part in enumerate(np.array_split(frame, 4)):
-        part.to_parquet(data / f"part-{i}.parquet", index=False)
+    for i, rows in enumerate(np.array_split(np.arange(len(frame)), 4)):
+        frame.iloc[rows].to_parquet(data / f"part-{i}.parquet", index=False)
     summary = train(
         ROOT / "configs" / "digits.yaml", tmp_path, f"data.path={data}", "train.epochs=4",
         "data.in_memory_max_mb=0", "data.shuffle_window_mb=0.01", "tracking.log_model=false",

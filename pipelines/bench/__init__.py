@@ -7,7 +7,8 @@ workers / Ray Data), images (DataLoader workers over image folders / Ray Data), 
 (torchrun / Ray Train), sharding (DDP / FSDP: bytes and memory per worker, step time), amp
 (fp32 / bf16 / fp16), tracking (MLflow logging / none), overhead
 (the digits recipe: a plain torchrun script / trainyard on a running cluster / trainyard from a
-cold start); `all` runs them in that order.
+cold start), scale (a table of 10^5 to 10^7 rows: a plain pandas + torch script / trainyard;
+its own plot of time and memory against rows, scale.png); `all` runs them in that order.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SUITES = (
     "amp",
     "tracking",
     "overhead",
+    "scale",
 )
 
 
@@ -75,11 +77,15 @@ def command(args: argparse.Namespace) -> int:
     cores = cores_available()
     init_ray()
     cases: list[core.Case] = []
+    figures = {}  # a suite's own figure, from its `figure(cases, path)`
     for suite in suites:
         start = time.perf_counter()
         print(f"trainyard bench: {suite} ...", flush=True)
         module = importlib.import_module(f"trainyard.pipelines.bench.{suite}")
-        cases += module.run(quick=args.quick, cores=cores, tracking_uri=uri)
+        found = module.run(quick=args.quick, cores=cores, tracking_uri=uri)
+        cases += found
+        if hasattr(module, "figure"):
+            figures[suite] = (module.figure, found)
         print(f"trainyard bench: {suite} done in {time.perf_counter() - start:.0f} s", flush=True)
     info = machine()
     line = "trainyard bench " + shlex.join(
@@ -88,6 +94,8 @@ def command(args: argparse.Namespace) -> int:
         else [args.suite] + (["--quick"] if args.quick else [])
     )
     paths = core.write(cases, out, info, line, args.quick)
+    for suite, (draw, found) in figures.items():
+        paths[suite] = draw(found, out / f"{suite}.png")
     print(core.console(cases))
     run_id = core.log_to_mlflow(uri, cases, info, paths, args.quick)
     print(f"\ntrainyard bench: {', '.join(str(p) for p in paths.values())}")

@@ -7,15 +7,16 @@ import pytest
 
 from trainyard.pipelines.data.tabular import (
     DATA_EXTENSIONS,
-    SPLIT_COLUMN,
     DataError,
     RowRules,
-    mark_validation,
+    class_cutoffs,
+    hash_rows,
     parse_numeric,
     preprocess_batch,
     resolve_files,
     scan_csv_file,
     scan_parquet_file,
+    select_split,
 )
 
 
@@ -53,22 +54,33 @@ def test_preprocess_scales_a_regression_target():
     assert out["y"].tolist() == [2.0] and out["y"].dtype == np.float32
 
 
+def held_out(group: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """The split of one class's rows, as `split` makes it (hash, cutoff, select)."""
+    hashed = hash_rows(group, seed)
+    cutoffs, held = class_cutoffs(hashed["label"].to_numpy(), hashed["__hash"].to_numpy(), fraction)
+    assert list(held.values()) == [len(select_split(hashed, True, fraction, "label", cutoffs))]
+    return select_split(hashed, True, fraction, "label", cutoffs)
+
+
 def test_validation_marking_is_stratified_and_deterministic():
     group = pd.DataFrame({"x": np.arange(50.0), "label": 3})
-    marked = mark_validation(group, fraction=0.2, seed=0)
-    assert marked[SPLIT_COLUMN].sum() == 10
+    held = held_out(group, fraction=0.2, seed=0)
+    assert len(held) == 10
     # The same rows in another order land on the same side.
-    shuffled = mark_validation(group.sample(frac=1.0, random_state=1), fraction=0.2, seed=0)
-    assert set(marked.x[marked[SPLIT_COLUMN]]) == set(shuffled.x[shuffled[SPLIT_COLUMN]])
-    other_seed = mark_validation(group, fraction=0.2, seed=1)
-    assert set(marked.x[marked[SPLIT_COLUMN]]) != set(other_seed.x[other_seed[SPLIT_COLUMN]])
+    shuffled = held_out(group.sample(frac=1.0, random_state=1), fraction=0.2, seed=0)
+    assert set(held.x) == set(shuffled.x)
+    assert set(held.x) != set(held_out(group, fraction=0.2, seed=1).x)
+    # A row and its copy land on the same side.
+    twice = held_out(pd.concat([group, group]), fraction=0.2, seed=0)
+    assert sorted(twice.x) == sorted(2 * list(held.x))
 
 
 def test_a_class_always_keeps_a_training_row():
     for n, fraction in ((1, 0.6), (2, 0.8), (3, 0.9)):
-        group = pd.DataFrame({"x": np.arange(n), "y": ["rare"] * n})
-        marked = mark_validation(group, fraction=fraction, seed=0)
-        assert (~marked[SPLIT_COLUMN]).sum() >= 1, (n, fraction)
+        group = pd.DataFrame({"x": np.arange(n), "label": ["rare"] * n})
+        assert len(held_out(group, fraction=fraction, seed=0)) < n, (n, fraction)
+    same = pd.DataFrame({"x": [1.0] * 5, "label": ["copies"] * 5})  # one row, five times
+    assert len(held_out(same, fraction=0.5, seed=0)) == 0
 
 
 def test_parse_numeric_drops_unparseable_rows():

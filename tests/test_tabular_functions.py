@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
@@ -58,8 +59,10 @@ def held_out(group: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
     """The split of one class's rows, as `split` makes it (hash, cutoff, select)."""
     hashed = hash_rows(group, seed)
     cutoffs, held = class_cutoffs(hashed["label"].to_numpy(), hashed["__hash"].to_numpy(), fraction)
-    assert list(held.values()) == [len(select_split(hashed, True, fraction, "label", cutoffs))]
-    return select_split(hashed, True, fraction, "label", cutoffs)
+    table = pa.Table.from_pandas(hashed, preserve_index=False)
+    sides = [select_split(table, side, fraction, "label", cutoffs).to_pandas() for side in (0, 1)]
+    assert list(held.values()) == [len(sides[1])] and len(sides[0]) + len(sides[1]) == len(group)
+    return sides[1]
 
 
 def test_validation_marking_is_stratified_and_deterministic():

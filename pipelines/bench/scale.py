@@ -95,7 +95,7 @@ def table(directory: Path, rows: int) -> Path:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    centers = rng.normal(scale=0.35, size=(CLASSES, FEATURES))
+    centers = rng.normal(scale=0.5, size=(CLASSES, FEATURES))  # (~0.94 separable)
     labels = np.repeat(np.arange(CLASSES), -(-rows // CLASSES))[:rows]
     for i, part in enumerate(np.array_split(labels, FILES)):
         x = centers[part] + rng.normal(size=(len(part), FEATURES))

@@ -111,21 +111,21 @@ def class_cutoffs(
 
 
 def select_split(
-    batch: pd.DataFrame,
+    batch: pa.Table,
     validation: bool,
     fraction: float,
     label: str,
     cutoffs: dict[Any, int] | None = None,
-) -> pd.DataFrame:
+) -> pa.Table:
     """The rows of one side of the split, without their hash: held out are those below their
     class's cutoff (classification, `cutoffs` by label), else each row with probability
-    `fraction`, by its hash (regression)."""
-    hashes = batch[HASH_COLUMN].to_numpy(np.uint64)
+    `fraction`, by its hash (regression). Arrow in and out: no row goes through pandas."""
+    hashes = batch.column(HASH_COLUMN).to_numpy().astype(np.uint64)
     if cutoffs is None:
         held = below(hashes, fraction)
     else:
-        held = hashes < batch[label].map(cutoffs).to_numpy(np.uint64)
-    return batch[held == validation].drop(columns=[HASH_COLUMN]).reset_index(drop=True)
+        held = hashes < batch.column(label).to_pandas().map(cutoffs).to_numpy(np.uint64)
+    return batch.filter(pa.array(held == validation)).drop_columns([HASH_COLUMN])
 
 
 def to_float(values: pd.Series) -> np.ndarray:
@@ -581,52 +581,69 @@ def read_raw(
     return ds, features, plan
 
 
-def split(
-    ds: Any, spec: DataSpec, seed: int, task_cpus: float, num_workers: int
-) -> tuple[Any, Any, list[Any] | None]:
+@dataclass
+class Split:
+    """The train/validation split of the rows read (see `split`)."""
+
+    train: Any
+    """Lazy ray.data.Dataset of the raw training rows, in the order read."""
+    validation: Any
+    num_train: int
+    num_validation: int
+    blocks: int
+    """How many blocks the prepared splits are cut into."""
+    classes: list[Any] | None
+    """The labels (classification; every class keeps a training row), else None."""
+
+
+def split(ds: Any, spec: DataSpec, seed: int, task_cpus: float, num_workers: int) -> Split:
     """Deterministic train/validation split, stratified by class for classification.
 
     Which side a row lands on depends only on its values and the seed, never on block layout,
-    node or worker count: each row is hashed once; a class holds out the rows below its
-    cutoff (`class_cutoffs`, found from the labels and hashes alone: the rows themselves are
-    never shuffled), a regression row is held out with probability data.validation_fraction.
-    Returns two materialized datasets of raw rows, in the order read, in blocks of about
-    BLOCK_BYTES (at least one per worker), and the classes (classification; else None).
+    node or worker count: each row is hashed once (the hashed rows are kept in the object
+    store while the split is read); a class holds out the rows below its cutoff
+    (`class_cutoffs`), a regression row is held out with probability
+    data.validation_fraction. The cutoffs and counts come from the labels and hashes alone,
+    read here (16 bytes a row: 64 MB for 4M rows; Ray's groupby of them took 2.9 s against
+    0.3 s on 2 CPUs): the rows themselves are never shuffled. Blocks of about BLOCK_BYTES, at
+    least one per worker.
     """
     fraction, label = spec.validation_fraction, spec.label
     hashed = ds.map_batches(
         hash_rows, fn_kwargs={"seed": seed}, batch_format="pandas", num_cpus=task_cpus
     ).materialize()
+    classify = spec.task == "classification"
+    parts = list(
+        hashed.select_columns([label, HASH_COLUMN] if classify else [HASH_COLUMN]).iter_batches(
+            batch_size=None, batch_format="numpy"
+        )
+    )
+    hashes = np.concatenate([p[HASH_COLUMN] for p in parts]).astype(np.uint64)
     cutoffs = None
-    if spec.task == "classification":
-        # The labels and hashes alone come here (16 bytes a row: 64 MB for 4M rows), an
-        # order faster than Ray's groupby of them on a small cluster (0.3 s against 2.9 s).
-        parts = list(
-            hashed.select_columns([label, HASH_COLUMN]).iter_batches(
-                batch_size=None, batch_format="numpy"
-            )
-        )
-        cutoffs, held = class_cutoffs(
-            np.concatenate([p[label] for p in parts]),
-            np.concatenate([p[HASH_COLUMN] for p in parts]).astype(np.uint64),
-            fraction,
-        )
-        del parts
+    if classify:
+        cutoffs, held = class_cutoffs(np.concatenate([p[label] for p in parts]), hashes, fraction)
         check_classes_in_both(held, spec)
-    blocks = max(num_workers, math.ceil(hashed.size_bytes() / BLOCK_BYTES))
+        num_val = sum(held.values())
+    else:
+        num_val = int(below(hashes, fraction).sum())
     kwargs = {"fraction": fraction, "label": label, "cutoffs": cutoffs}
     train, val = (
         hashed.map_batches(
             select_split,
             fn_kwargs={"validation": side, **kwargs},
-            batch_format="pandas",
+            batch_format="pyarrow",
             num_cpus=task_cpus,
         )
-        .repartition(blocks)
-        .materialize()
         for side in (False, True)
     )
-    return train, val, (list(cutoffs) if cutoffs is not None else None)
+    return Split(
+        train,
+        val,
+        len(hashes) - num_val,
+        num_val,
+        max(num_workers, math.ceil(hashed.size_bytes() / BLOCK_BYTES)),
+        list(cutoffs) if cutoffs is not None else None,
+    )
 
 
 def check_classes_in_both(held: dict[Any, int], spec: DataSpec) -> None:
@@ -801,22 +818,22 @@ def build_datasets(
     else:
         ds, features, plan = read_raw(spec, task_cpus, read_args)
     try:
-        train_raw, val_raw, classes = split(ds, spec, seed, task_cpus, num_workers)
+        rows = split(ds, spec, seed, task_cpus, num_workers)
     except Exception as e:  # the user's preprocessing failed inside a Ray Data task
         if (failure := task_error(e, "data.preprocess")) is None:
             raise
         raise failure from None
-    num_train, num_val = train_raw.count(), val_raw.count()
+    num_train, num_val = rows.num_train, rows.num_validation
     if num_train + num_val == 0:
         raise DataError(f"data.path: {spec.path} has no rows")
     encoded = plan.categorical or spec.missing == "impute"
-    example = val_raw.limit(5).to_pandas()[features]  # raw rows as read: the model's example
-    stats = fit_stats(train_raw, [] if encoded else features, spec, task_cpus, classes)
+    example = rows.validation.limit(5).to_pandas()[features]  # raw rows: the model's example
+    stats = fit_stats(rows.train, [] if encoded else features, spec, task_cpus, rows.classes)
     check_row_counts(num_train, num_val, num_workers, rows_per_step)
     if encoded:
         from trainyard.pipelines.data.features import encode, fit_encoder
 
-        encoder = fit_encoder(train_raw, plan, spec.max_onehot)
+        encoder = fit_encoder(rows.train, plan, spec.max_onehot)
         width = encode(example.astype({c: np.float64 for c in plan.numeric}), encoder, features)
         stats.features, stats.encoder = features, encoder
         stats.mean, stats.std = [0.0] * width.shape[1], [1.0] * width.shape[1]
@@ -836,8 +853,9 @@ def build_datasets(
         example = raw_example
     # The training rows once in a random order (the files may hold them sorted, by class or
     # by a feature): each block is a sample of all of them, which streamed passes rely on.
-    train = in_random_order(prep(train_raw), seed, train_raw.num_blocks(), task_cpus)
-    data = TabularData(train, prep(val_raw).materialize(), stats, num_train, num_val, example)
+    train = in_random_order(prep(rows.train), seed, rows.blocks, task_cpus)
+    validation = prep(rows.validation).repartition(rows.blocks).materialize()
+    data = TabularData(train, validation, stats, num_train, num_val, example)
     data.plan = plan if encoded else None
     return data
 

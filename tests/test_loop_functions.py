@@ -246,4 +246,12 @@ def test_streamed_batches_of_class_sorted_rows_mix_classes_like_iid_draws(ray_cl
 
     iid = np.sqrt(0.25 * 0.75 / batch)  # a class's share in i.i.d. batches: its binomial spread
     assert spread(sorted_rows) > 10 * iid  # one class a batch
-    assert spread(in_random_order(sorted_rows, 0, 8, 0.5)) < 1.25 * iid
+    reordered = in_random_order(sorted_rows, 0, 8, 0.5)
+    assert spread(reordered) < 1.25 * iid
+    # the same order every time, every row once; in any number of blocks
+    assert (
+        reordered.take_batch(50)["y"].tolist()
+        == in_random_order(sorted_rows, 0, 8, 0.5).take_batch(50)["y"].tolist()
+    )
+    one = in_random_order(sorted_rows, 0, 1, 0.5)
+    assert one.num_blocks() == 1 and sorted(one.to_pandas()["y"]) == y.tolist()

@@ -282,17 +282,21 @@ def test_predict_on_a_busy_cluster_says_so_in_bounded_time(digits_run, tmp_path,
 
 @pytest.mark.parametrize("order", ["label", "pixel_3_4"])
 def test_a_sorted_table_streamed_trains_as_well_as_held_in_memory(order, digits_straight, tmp_path):
-    """Digits in Parquet files sorted by the label (or by a pixel), streamed every pass in
-    windows of one block (in_memory_max_mb 0, a tiny shuffle window: as a table many times the
-    window streams), train as well as the same rows held in memory (the session's `straight`,
-    4 epochs of builtin:digits). Before the rows were put in a random order once, the blocks
-    were one class each and the model learned whichever came last."""
+    """Digits in CSV files sorted by the label (or Parquet files sorted by a pixel), streamed
+    in windows of one block every pass (in_memory_max_mb 0, a tiny shuffle window: as a table
+    many times the window streams), train as well as the same rows held in memory (the
+    session's `straight`, 4 epochs of builtin:digits). Without the random order the rows are
+    put in once, the blocks hold a few classes each and the model learns the last ones best
+    (0.90 against 0.96 here)."""
     frame = load_digits(as_frame=True).frame.rename(columns={"target": "label"})
     frame = frame.sort_values(order, kind="stable").reset_index(drop=True)
     data = tmp_path / "digits"
     data.mkdir()
     for i, rows in enumerate(np.array_split(np.arange(len(frame)), 4)):
-        frame.iloc[rows].to_parquet(data / f"part-{i}.parquet", index=False)
+        if order == "label":  # (CSV files, the others Parquet)
+            frame.iloc[rows].to_csv(data / f"part-{i}.csv", index=False)
+        else:
+            frame.iloc[rows].to_parquet(data / f"part-{i}.parquet", index=False)
     summary = train(
         ROOT / "configs" / "digits.yaml", tmp_path, f"data.path={data}", "train.epochs=4",
         "data.in_memory_max_mb=0", "data.shuffle_window_mb=0.01", "tracking.log_model=false",

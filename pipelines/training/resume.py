@@ -76,9 +76,9 @@ def resume_changes(saved: dict[str, Any], spec: RunSpec) -> list[str]:
 
 def shape_change(saved: dict[str, Any], spec: RunSpec) -> str | None:
     """How `spec` splits the global batch otherwise than the checkpoint's run did, as
-    `workers × micro-batch × accumulation: old → new`; None when it splits it alike. (Data
-    every worker holds in memory are drawn in global batches, the same at any split; data each
-    worker streams a share of are not: the driver decides, once it knows which.)"""
+    `workers × micro-batch × accumulation: old → new`; None when it splits it alike. (Data held
+    or streamed are drawn in global batches, the same at any split; rows each worker maps a
+    share of anew every pass are not: the driver decides, once it knows which.)"""
     was = RunSpec.from_dict(saved)
     shape = (was.scaling.num_workers, was.micro_batch_size, was.accum_steps)
     now = (spec.scaling.num_workers, spec.micro_batch_size, spec.accum_steps)

@@ -243,6 +243,7 @@ def both_jobs(cluster, head_only):
             *(str(BIN / "ray"), "job", "submit", "--address", cluster["state"].dashboard_url),
             *("--working-dir", ".", "--"),
             *("trainyard", "train", "configs/table.yaml", "--set", EPOCHS),
+            *("--set", "data.in_memory_max_mb=0"),  # (a user's dataset, streamed every pass)
         ],
         plain_env,
         cwd=project,
@@ -262,6 +263,7 @@ def test_both_jobs_succeed(both_jobs):
     # 64 pixels + the two columns prep:add_ink adds, into the user's models.py:
     assert "model models:small_mlp(in_features=66, out_features=10, hidden=128)" in ours.stdout
     assert "trainyard: mydata:digits_table: 1437 + 360 rows" in plain.stdout
+    assert "trainyard: data streamed from Ray's object store every pass" in plain.stdout
     assert "model models.mlp:small_mlp(in_features=64, out_features=10, hidden=128)" in plain.stdout
 
 

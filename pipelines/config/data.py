@@ -189,9 +189,9 @@ class ImageDataSpec:
     on_bad_rows: Literal["error", "skip"] = "error"
     """An image that does not decode: stop, naming its file, or skip it (and count it)."""
     keep_decoded: bool | None = None
-    """Keep the decoded images in Ray's object store (decoded once), or decode them again
-    from data.path every epoch (streamed). None: keep them when they take at most half of the
-    cluster's object store."""
+    """Keep the decoded training images in Ray's object store (decoded once), or decode them
+    again from data.path every epoch (streamed; validation images are kept either way). None:
+    keep them when they take at most half of the cluster's object store."""
     in_memory_max_mb: float = IN_MEMORY_MAX_MB
     """As the tabular pipeline's: prepared rows up to this many MB are held in memory by every
     worker, larger ones stream every pass."""

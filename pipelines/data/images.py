@@ -342,11 +342,11 @@ def prepare(
     check_row_counts(num_train, num_val, num_workers, rows_per_step)
     mean, std = channel_stats(train_files, options)
     stats = {"mean": mean, "std": std}
+    # (Validation images are decoded once and kept, streamed or not: the workers read each
+    # row once, by its position.)
     validation = val.map_batches(
         eval_batch, fn_kwargs=stats, batch_format="numpy", num_cpus=task_cpus
-    )
-    if keep:
-        validation = validation.materialize()
+    ).materialize()
     channels, (height, width) = len(mean), data.image_size
     augment = data.augment
     per_epoch = PerEpoch(

@@ -40,8 +40,7 @@ class WorkerJob:
     """Without per_epoch: the prepared training rows' blocks in the object store, as
     (object ref, rows, bytes) (feed.Block), which every rank reads."""
     validation_blocks: list[tuple[Any, int, int]] | None = None
-    """The validation rows' blocks; None: they are decoded anew every epoch, and Ray Train
-    splits them (its dataset "validation")."""
+    """The validation rows' blocks, of which each rank reads every world-th row."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data: the job's fields, `data` as a dict (shards and functions as they are)."""

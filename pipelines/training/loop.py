@@ -242,7 +242,6 @@ def data_passes(
     store every pass, window by window in a seeded order, cut into the same global batches at
     any world size; augmented rows, mapped by Ray Data tasks every pass over this rank's
     shard. Validation: this rank's share of the rows, held or streamed."""
-    import ray.train
     from ray.data import DataContext
 
     job, tr, rank, world, device = w.job, w.spec.train, w.rank, w.world, w.device
@@ -302,12 +301,7 @@ def data_passes(
         train_pass = ahead(streamed_pass, first, last, passes=1, depth=8)
 
     # (After the training passes: a first mapped pass starts while this reads.)
-    if job.validation_blocks is None:  # (decoded anew every epoch: Ray Data splits it)
-        val_shard = ray.train.get_dataset_shard("validation")
-
-        def val_batches() -> Iterable[dict[str, torch.Tensor]]:
-            return val_shard.iter_torch_batches(batch_size=eval_batch, dtypes=dtypes)
-    elif job.in_memory:
+    if job.in_memory:
         val_rows = load_share(job.validation_blocks, rank, world, device)
 
         def val_batches() -> Iterable[dict[str, torch.Tensor]]:

@@ -77,12 +77,6 @@ def submission_id() -> str | None:
     return config.get("metadata", {}).get("job_submission_id")
 
 
-def ordered():
-    from ray.data import ExecutionOptions
-
-    return ExecutionOptions(preserve_order=True)
-
-
 def default_dir() -> Path:
     """Where the MLflow store and checkpoints go when nothing else says: the current
     directory, except in a Ray job, whose working directory is a temporary copy: ~/trainyard."""

@@ -15,7 +15,6 @@ from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.data.common import Prepared
 from trainyard.pipelines.training.job import WorkerJob
 from trainyard.pipelines.training.resume import Place
-from trainyard.pipelines.training.session import ordered
 
 # How often Ray Train's controller collects the workers' reports (Ray's default: 2 s). Each
 # worker's report waits until the previous one is collected, so every epoch shorter than this
@@ -163,13 +162,13 @@ def data_path(spec: RunSpec, data: Prepared) -> str:
     )
 
 
-def blocks(ds: Any) -> list[tuple[Any, int, int]] | None:
-    """A materialized dataset's blocks as (object ref, rows, bytes), in order; None for a lazy
-    one."""
+def blocks(ds: Any) -> list[tuple[Any, int, int]]:
+    """A materialized dataset's blocks as (object ref, rows, bytes), in order (the dataset must
+    stay referenced while they are read: Prepared holds it)."""
     from ray.data.dataset import MaterializedDataset
 
     if not isinstance(ds, MaterializedDataset):
-        return None
+        raise TypeError(f"prepared data must be materialized, not {type(ds).__name__}")
     return [
         (ref, meta.num_rows, meta.size_bytes)
         for bundle in ds.iter_internal_ref_bundles()
@@ -222,9 +221,6 @@ def make_trainer(
     max_failures = sc.max_failures
     if max_failures is None:
         max_failures = 2 if len(plan.nodes.cpus) > 1 or sc.elastic else 0
-    # The workers read the prepared blocks from the object store (job.train_blocks, ...); only
-    # validation rows decoded anew every epoch go through Ray Train's split.
-    datasets = {"validation": data.validation} if job.validation_blocks is None else {}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.to_dict(), "job": job.to_dict()},
@@ -251,10 +247,8 @@ def make_trainer(
             ),
             callbacks=list(callbacks),
         ),
-        datasets=datasets,
-        # The same rows to the same rank in the same order every epoch, on every run:
-        # what makes a resumed run continue exactly as an uninterrupted one.
-        dataset_config=ray.train.DataConfig(execution_options=ordered()),
+        # (no datasets: the workers read the prepared blocks from the object store by reference,
+        # job.train_blocks and job.validation_blocks)
     )
 
 

@@ -145,6 +145,7 @@ def test_one_mlflow_run_holds_the_results(quick_bench, tracking_uri):
         "results.json",
         "results.md",
         "results.png",
+        "scale.png",  # (a suite's own figure)
     }
     assert run.data.params["quick"] == "True"
     assert "trainer.steady-state_step_time.torchrun.ratio" in run.data.metrics

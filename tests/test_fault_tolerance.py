@@ -167,7 +167,7 @@ def test_an_elastic_run_loses_a_node_and_finishes_on_the_workers_left(
         "train.batch_size=24",
         "data.in_memory_max_mb=0",  # streamed: the same global batches at every size
     )
-    wait_for_free({"CPU": 3}, timeout_s=60)  # (what earlier tests ran has ended)
+    wait_for_free({"CPU": 3}, timeout_s=180)  # (what earlier tests ran has ended)
     result = {}
     thread = threading.Thread(
         target=lambda: result.update(rc=main(args(tmp_path, name, epochs, *SLOW, *elastic)))

@@ -11,9 +11,10 @@ trainyard's data modules. A changed file, setting or version is another key: a m
     <cache.path>/<key>/<writer>/state.pkl               the rest of `Prepared` (sizes, facts, ...)
     <cache.path>/<key>/<writer>.json                    the manifest, written last
 
-A run that misses prepares the data as always and trains on them while its copy is written
-(each block as the dataset holds it, so that a run that hits gets the same blocks, in the
-same order: the same batches, and a resumed run still continues exactly). Only an entry whose
+A run that misses prepares the data as always, writes its copy (each block as the dataset holds
+it, so that a run that hits gets the same blocks, in the same order: the same batches, and a
+resumed run still continues exactly) and trains on that copy, read back: blocks a lost node's
+restart reads again from a file, not rebuilds from the whole preparation. Only an entry whose
 manifest is there is read: a crash while writing leaves no half entry that is read. Two runs
 that fill the same key at once both succeed; the later one keeps the earlier one's copy and
 removes its own. The manifest is authenticated with the model key (`cluster.signing`), since
@@ -136,6 +137,15 @@ def prepare(
         print(f"trainyard: data cache: could not write entry {key[:12]} at {root}: {e}")
         return data, Outcome("off", key, f"(not written: {type(e).__name__})")
     print(f"trainyard: data cache: preprocessed data written to {key[:12]} at {root}")
+    # The run trains on the entry as written (what a later run reads): blocks whose lineage is
+    # one read of a file, not the whole preparation. A node lost mid-run then costs a re-read of
+    # its blocks, not a re-run of the tasks that made them (which held CPUs the restarted
+    # workers waited for).
+    if (manifest := lookup(root, key)) is not None:
+        try:
+            data = load(root, key, manifest)
+        except CacheUnusable:
+            pass
     return data, Outcome("filled", key)
 
 

@@ -244,6 +244,10 @@ def end_run(
     """Mark the run FINISHED; FAILED with the error recorded as a tag; or KILLED, stopped
     early by a search's scheduler (`stopped` says when, as the tag trainyard.stopped_early)."""
     client = mlflow_client(uri)
+    if error is not None and client.get_run(run_id).info.status == "KILLED":
+        # A search's scheduler stopped it and its trial's end came after: that end is the
+        # stop's, and the run stays as the search closed it.
+        return
     if error is not None:
         client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
     if stopped is not None:

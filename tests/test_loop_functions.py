@@ -139,6 +139,19 @@ def test_memory_batches_are_a_seeded_permutation_of_every_row():
     assert batch["x"].dtype == torch.float64 and batch["y"].tolist() == [0, 1, 2]
 
 
+def step_rows(rank_batches, world: int, micro: int, steps: int) -> list[list[int]]:
+    """The rows (y) of each optimizer step of a global batch of 12 that `world` ranks split,
+    `rank_batches(r)` giving rank r's micro-batches of `micro` rows; every rank takes as many."""
+    accum = 12 // (world * micro)
+    ranks = [[b["y"].tolist() for b in rank_batches(r)] for r in range(world)]
+    assert all(len(b) == micro for r in ranks for b in r)
+    assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == steps * accum
+    return [
+        sorted(y for r in ranks for b in r[s * accum : (s + 1) * accum] for y in b)
+        for s in range(steps)
+    ]
+
+
 def test_global_batches_are_the_same_at_any_world_size():
     """Each optimizer step trains on the same rows whether 1, 2 or 3 workers split it (and
     however each splits it into micro-batches); only the seed changes the order."""
@@ -147,14 +160,8 @@ def test_global_batches_are_the_same_at_any_world_size():
     rows = {"x": torch.arange(50).float().unsqueeze(1), "y": torch.arange(50)}
 
     def steps(world: int, micro: int, seed: int = 7) -> list[list[int]]:
-        accum = 12 // (world * micro)
-        ranks = [[b["y"].tolist() for b in global_batches(rows, 12, micro, r, world, seed)]
-                 for r in range(world)]  # fmt: skip
-        assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == 4 * accum
-        return [
-            sorted(y for r in ranks for b in r[s * accum : (s + 1) * accum] for y in b)
-            for s in range(4)  # 50 // 12 steps; the 2 rows left over wait
-        ]
+        # 50 // 12 steps; the 2 rows left over wait
+        return step_rows(lambda r: global_batches(rows, 12, micro, r, world, seed), world, micro, 4)
 
     alone = steps(1, 12)
     assert steps(2, 6) == steps(2, 3) == steps(3, 4) == steps(3, 2) == alone
@@ -193,18 +200,12 @@ def test_streamed_passes_are_the_same_global_batches_at_any_world_size():
     cpu = torch.device("cpu")
 
     def steps(world: int, micro: int, seed: int = 7, window: int = 100) -> list[list[int]]:
-        accum = 12 // (world * micro)
-        ranks = [
-            [b["y"].tolist() for b in window_batches(blocks, 12, micro, r, world, seed, cpu,
-                                                     window_bytes=window, fetch=fetch)]
-            for r in range(world)
-        ]  # fmt: skip
-        assert all(len(b) == micro for r in ranks for b in r)
-        assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == 8 * accum
-        return [
-            sorted(y for r in ranks for b in r[s * accum : (s + 1) * accum] for y in b)
-            for s in range(8)  # 100 // 12 steps; the 4 rows left over wait
-        ]
+        def rank(r: int):
+            return window_batches(
+                blocks, 12, micro, r, world, seed, cpu, window_bytes=window, fetch=fetch
+            )
+
+        return step_rows(rank, world, micro, 8)  # 100 // 12 steps; the 4 rows left over wait
 
     alone = steps(1, 12)
     assert steps(2, 6) == steps(3, 4) == steps(3, 2) == steps(2, 3) == alone
@@ -227,9 +228,8 @@ def test_streamed_batches_of_class_sorted_rows_mix_classes_like_iid_draws(ray_cl
     import pyarrow as pa
     import ray.data
 
-    from trainyard.pipelines.data.common import in_random_order
+    from trainyard.pipelines.data.common import block_refs, in_random_order
     from trainyard.pipelines.training.feed import window_batches
-    from trainyard.pipelines.training.trainer import blocks
 
     classes, per_class, batch = 4, 6000, 256
     y = np.repeat(np.arange(classes), per_class)  # sorted by class: 8 blocks of one class each
@@ -240,7 +240,7 @@ def test_streamed_batches_of_class_sorted_rows_mix_classes_like_iid_draws(ray_cl
     def spread(ds) -> float:
         shares = [
             np.bincount(b["y"].numpy(), minlength=classes) / batch
-            for b in window_batches(blocks(ds), batch, batch, 0, 1, 3, cpu, window_bytes=1)
+            for b in window_batches(block_refs(ds), batch, batch, 0, 1, 3, cpu, window_bytes=1)
         ]
         return float(np.std(np.array(shares), axis=0).mean())
 

@@ -23,14 +23,13 @@ def rank_shards(rows: Any, world: int, task_cpus: float) -> list[Any]:
     import ray
     import ray.data
 
-    from trainyard.pipelines.data.common import settle
+    from trainyard.pipelines.data.common import block_refs, settle
 
     number = ray.remote(_numbered).options(num_cpus=task_cpus)
     refs, start = [], 0
-    for bundle in rows.iter_internal_ref_bundles():
-        for ref, meta in zip(bundle.block_refs, bundle.metadata, strict=True):
-            refs.append(number.remote(ref, start))
-            start += meta.num_rows
+    for ref, num_rows, _ in block_refs(rows):
+        refs.append(number.remote(ref, start))
+        start += num_rows
     ray.wait(refs, num_returns=len(refs))
     settle()
     shards = ray.data.from_arrow_refs(refs).materialize().split(world, equal=True)

@@ -33,6 +33,20 @@ def settle(timeout_s: float = 2.0) -> None:
     wait_for_free({"CPU": 1e-6}, timeout_s, poll_s=0.05)
 
 
+def block_refs(ds: Any) -> list[tuple[Any, int, int]]:
+    """A materialized dataset's blocks as (object ref, rows, bytes), in order (the dataset must
+    stay referenced while they are read)."""
+    from ray.data.dataset import MaterializedDataset
+
+    if not isinstance(ds, MaterializedDataset):
+        raise TypeError(f"prepared data must be materialized, not {type(ds).__name__}")
+    return [
+        (ref, meta.num_rows, meta.size_bytes)
+        for bundle in ds.iter_internal_ref_bundles()
+        for ref, meta in zip(bundle.block_refs, bundle.metadata, strict=True)
+    ]
+
+
 def in_random_order(ds: Any, seed: int, blocks: int, task_cpus: float) -> Any:
     """The rows of `ds` once in an order drawn from `seed` (the same every run), in `blocks`
     blocks, materialized. Whatever order the files or the split left the rows in (by class, by
@@ -48,7 +62,7 @@ def in_random_order(ds: Any, seed: int, blocks: int, task_cpus: float) -> Any:
     from trainyard.pipelines.data.arrays import derive_seed
 
     ds = ds.materialize()
-    refs = [ref for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    refs = [ref for ref, _, _ in block_refs(ds)]
     blocks = max(1, blocks)
     scatter = ray.remote(_scatter).options(num_cpus=task_cpus, num_returns=blocks)
     parts = [

@@ -669,18 +669,19 @@ def moments(batch: dict[str, np.ndarray], columns: list[str]) -> dict[str, np.nd
     return {"n": np.array([len(x)]), "mean": mean[None], "m2": ((x - mean) ** 2).sum(axis=0)[None]}
 
 
-def combine_moments(parts: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The means and population standard deviations of all the rows `moments` saw, merged
-    batch by batch (Chan et al.'s pairwise update: no sum of squares loses precision)."""
+def combine_moments(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """The means and population standard deviations of all the rows `moments` saw (one row of
+    n, mean, m2 per batch), merged batch by batch (Chan et al.'s pairwise update: no sum of
+    squares loses precision)."""
     n, mean, m2 = 0, 0.0, 0.0
-    for part in parts:
-        for k, mu, sq in zip(part["n"], part["mean"], part["m2"], strict=True):
-            if k == 0:
-                continue
-            delta, total = mu - mean, n + k
-            mean = mean + delta * k / total
-            m2 = m2 + sq + delta**2 * n * k / total
-            n = total
+    for row in rows:
+        k = int(row["n"])
+        if k == 0:
+            continue
+        delta, total = np.asarray(row["mean"]) - mean, n + k
+        mean = mean + delta * k / total
+        m2 = m2 + np.asarray(row["m2"]) + delta**2 * n * k / total
+        n = total
     return np.asarray(mean), np.sqrt(np.asarray(m2) / max(n, 1))
 
 
@@ -698,7 +699,7 @@ def fit_stats(
         if columns
         else []
     )
-    mean, std = combine_moments([{k: np.asarray([row[k]]) for k in row} for row in parts])
+    mean, std = combine_moments(parts)
     mean, std = np.atleast_1d(mean), np.atleast_1d(std)
     f = len(features)
     stats = Stats(

@@ -109,6 +109,18 @@ def fetch_block(ref: Any) -> dict[str, np.ndarray]:
     return BlockAccessor.for_block(ray.get(ref)).to_numpy()
 
 
+def _shares(
+    blocks: Sequence[Block], rank: int, world: int, fetch: Callable[[Any], dict[str, np.ndarray]]
+) -> Iterator[dict[str, np.ndarray]]:
+    """This rank's rows of each block in turn: row i, counted over the blocks in order, goes to
+    rank i % world (every row once over all ranks); a block with none of them is not read."""
+    seen = 0
+    for ref, n, _ in blocks:
+        if (first := (rank - seen) % world) < n:
+            yield {k: v[first::world] for k, v in fetch(ref).items()}
+        seen += n
+
+
 def load_share(
     blocks: Sequence[Block],
     rank: int,
@@ -116,16 +128,12 @@ def load_share(
     device: torch.device,
     fetch: Callable[[Any], dict[str, np.ndarray]] = fetch_block,
 ) -> dict[str, torch.Tensor]:
-    """This rank's share of a dataset's rows, every row once over all ranks: row i (counted
-    over the blocks in order) goes to rank i % world. One tensor per column as stored (uint8
+    """This rank's share of a dataset's rows (`_shares`), one tensor per column as stored (uint8
     tokens stay uint8) on `device`. Read once; later passes come from memory."""
     parts: dict[str, list[np.ndarray]] = {}
-    seen = 0
-    for ref, n, _ in blocks:
-        if (first := (rank - seen) % world) < n:
-            for key, values in fetch(ref).items():
-                parts.setdefault(key, []).append(values[first::world])
-        seen += n
+    for rows in _shares(blocks, rank, world, fetch):
+        for key, values in rows.items():
+            parts.setdefault(key, []).append(values)
     return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in parts.items()}
 
 
@@ -140,14 +148,10 @@ def share_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """load_share's rows streamed block by block, in batches of at most `batch_size`
     (validation data too big to hold: every row is read once, by one rank)."""
-    seen = 0
-    for ref, n, _ in blocks:
-        if (first := (rank - seen) % world) < n:
-            rows = {k: v[first::world] for k, v in fetch(ref).items()}
-            for start in range(0, len(next(iter(rows.values()))), batch_size):
-                window = slice(start, start + batch_size)
-                yield _tensors({k: v[window] for k, v in rows.items()}, dtypes, device, copy=True)
-        seen += n
+    for rows in _shares(blocks, rank, world, fetch):
+        for start in range(0, len(next(iter(rows.values()))), batch_size):
+            window = slice(start, start + batch_size)
+            yield _tensors({k: v[window] for k, v in rows.items()}, dtypes, device, copy=True)
 
 
 def windows(sizes: Sequence[int], min_bytes: int) -> list[list[int]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from trainyard.cluster.resources import short_of, wait_for_free
 from trainyard.pipelines.config.spec import RunSpec
-from trainyard.pipelines.data.common import Prepared
+from trainyard.pipelines.data.common import Prepared, block_refs
 from trainyard.pipelines.training.job import WorkerJob
 from trainyard.pipelines.training.resume import Place
 
@@ -162,20 +162,6 @@ def data_path(spec: RunSpec, data: Prepared) -> str:
     )
 
 
-def blocks(ds: Any) -> list[tuple[Any, int, int]]:
-    """A materialized dataset's blocks as (object ref, rows, bytes), in order (the dataset must
-    stay referenced while they are read: Prepared holds it)."""
-    from ray.data.dataset import MaterializedDataset
-
-    if not isinstance(ds, MaterializedDataset):
-        raise TypeError(f"prepared data must be materialized, not {type(ds).__name__}")
-    return [
-        (ref, meta.num_rows, meta.size_bytes)
-        for bundle in ds.iter_internal_ref_bundles()
-        for ref, meta in zip(bundle.block_refs, bundle.metadata, strict=True)
-    ]
-
-
 class TrainingStopped(Exception):
     """Training stopped itself (its reason is in the MLflow run)."""
 
@@ -310,8 +296,8 @@ def worker_job(
         inject_failure=failure_plan(),
         per_epoch=per_epoch,
         train_shards=shards,
-        train_blocks=blocks(data.train) if data.per_epoch is None else None,
-        validation_blocks=blocks(data.validation),
+        train_blocks=block_refs(data.train) if data.per_epoch is None else None,
+        validation_blocks=block_refs(data.validation),
     )
 
 

@@ -2,11 +2,11 @@
 losses, metrics, predictions and sampling read.
 
 trainyard's own models return the tensor. Hugging Face `transformers` models return a
-`ModelOutput` (a dict subclass whose `logits` are the predictions; no `loss`, as trainyard
-passes no labels), or with `return_dict=False` a tuple whose first element is the logits; other
-libraries return a dict with `logits`. Each of those is read here, so that such a model trains
-and serves as it comes, without a wrapper module; anything else is a TypeError that says what
-came back. Nothing here imports `transformers`.
+`ModelOutput` (a dict subclass whose `logits` are the predictions, and whose `loss` is there
+when it was given `labels`: train.loss: model), or with `return_dict=False` a tuple whose
+first element is the logits; other libraries return a dict with `logits`. Each of those is
+read here, so that such a model trains and serves as it comes, without a wrapper module;
+anything else is a TypeError that says what came back. Nothing here imports `transformers`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,41 @@ def logits(out: Any) -> torch.Tensor:
     if isinstance(out, Mapping):
         what += f" with keys {sorted(map(str, out))[:8]}"
     raise TypeError(f"the model returned {what}; trainyard reads {RETURNS}")
+
+
+def is_hugging_face(net: Any) -> bool:
+    """Whether `net` is a Hugging Face transformers model (without importing transformers)."""
+    net = getattr(net, "module", net)  # (inside DDP)
+    net = getattr(net, "_orig_mod", net)  # (compiled)
+    return any(
+        c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
+        for c in type(net).__mro__
+    )
+
+
+def targets_keyword(net: Any, given: str | None = None) -> str:
+    """The keyword a model that computes its own loss takes its targets as: `given`, else
+    `labels` for a Hugging Face model, else `targets` (nanoGPT's)."""
+    return given or ("labels" if is_hugging_face(net) else "targets")
+
+
+def model_loss(out: Any) -> torch.Tensor:
+    """The loss in the output of a model given its targets: `.loss` (a Hugging Face
+    ModelOutput), `["loss"]` (a dict), or the second element of a tuple (nanoGPT's
+    `(logits, loss)`); a TypeError that says what came back otherwise."""
+    if isinstance(out, Mapping) and isinstance(out.get("loss"), torch.Tensor):
+        return out["loss"]
+    if isinstance(getattr(out, "loss", None), torch.Tensor):
+        return out.loss
+    if isinstance(out, tuple | list) and len(out) > 1 and isinstance(out[1], torch.Tensor):
+        return out[1]
+    what = type(out).__name__
+    if isinstance(out, Mapping):
+        what += f" with keys {sorted(map(str, out))[:8]}"
+    raise TypeError(
+        f"the model, given its targets, returned {what} and no loss; train.loss: model reads "
+        "`.loss`, `['loss']` or the second element of a tuple"
+    )
 
 
 @torch.no_grad()

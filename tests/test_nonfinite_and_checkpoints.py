@@ -72,7 +72,7 @@ def _worker(rank: int, port: int, case: str, results) -> None:
         "skipped": stats.skipped,
         "stopped": stats.stopped,
         "steps": stats.steps,
-        "lr_steps": scheduler.last_epoch,
+        "lr_steps": scheduler.main.last_epoch,
         "loss": stats.loss,
     }
     dist.destroy_process_group()

@@ -91,9 +91,22 @@ class UserModelSpec:
     vocab_size, context) whose name it takes, and with `args`, which override them."""
     args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for it."""
+    targets_arg: str | None = None
+    """With train.loss: model, the keyword of forward that takes the targets; None: `labels`
+    for a Hugging Face model (a transformers PreTrainedModel), else `targets` (nanoGPT)."""
+    targets_are_inputs: bool | None = None
+    """With train.loss: model on the text pipeline, whether the model is given its input
+    tokens as the targets and shifts them itself (Hugging Face causal LMs) rather than the
+    next tokens (nanoGPT); None: true for a Hugging Face model."""
 
     def __post_init__(self) -> None:
         _check(":" in self.name, "model.name", self.name, "a built-in model or module:attr")
+        _check(
+            self.targets_arg is None or self.targets_arg.isidentifier(),
+            "model.targets_arg",
+            self.targets_arg,
+            "a keyword argument's name",
+        )
 
     def args_for(self, facts: dict[str, Any]) -> dict[str, Any]:
         return dict(self.args)

@@ -20,10 +20,11 @@ class TuneSpec:
     trials: int = 8
     """Trials to run, each a full trainyard run with values drawn from `search`."""
     metric: str | None = None
-    """What the search optimizes. None: val_accuracy for classification, val_r2 for
-    regression, else val_loss."""
+    """What the search optimizes. None: train.monitor (val_loss unless set), the metric that
+    also picks each trial's best epoch."""
     mode: Literal["max", "min"] | None = None
-    """None: min for a loss, else max."""
+    """None: train.monitor_mode for the monitor; else min for a loss or an error, max for
+    the rest."""
     max_concurrent: Any = "auto"
     """Trials at once: an integer, or `auto`, as many as the cluster's CPUs hold at
     scaling.num_workers workers of at least scaling.cpus_per_worker (else 0.5) CPU each, plus

@@ -79,9 +79,15 @@ def load_callable(ref: str, field: str) -> Callable[..., Any]:
     return fn
 
 
-def check_arguments(fn: Callable[..., Any], args: dict[str, Any], field: str, ref: str) -> None:
+def check_arguments(
+    fn: Callable[..., Any],
+    args: dict[str, Any],
+    field: str,
+    ref: str,
+    args_field: str | None = None,
+) -> None:
     """Refuse an argument in `args` that `fn` does not take (SpecError)."""
-    arguments(fn, {}, args, field, ref, complete=False)
+    arguments(fn, {}, args, field, ref, complete=False, args_field=args_field)
 
 
 def arguments(
@@ -91,11 +97,13 @@ def arguments(
     field: str,
     ref: str,
     complete: bool = True,
+    args_field: str | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments to call `fn` with: each of `facts` whose name it takes (what the
-    pipeline knows: in_features, num_classes, vocab_size, ...), then `args` (the spec's), which
-    override them and must all be taken; with `complete`, every parameter without a default
-    must then have a value."""
+    pipeline knows: in_features, num_classes, vocab_size, ...), then `args` (the spec's,
+    `args_field`: `<field>.args` unless named), which override them and must all be taken;
+    with `complete`, every parameter without a default must then have a value."""
+    args_field = args_field or f"{field}.args"
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a builtin without a signature: pass what was asked for
@@ -109,7 +117,7 @@ def arguments(
     unknown = [k for k in args if k not in named and not takes_any]
     if unknown:
         raise SpecError(
-            f"{field}.args: {ref} takes no argument {unknown[0]!r}; it takes: "
+            f"{args_field}: {ref} takes no argument {unknown[0]!r}; it takes: "
             + (", ".join(sorted(named)) or "none")
         )
     kwargs = {k: v for k, v in facts.items() if k in named} | dict(args)
@@ -121,8 +129,8 @@ def arguments(
     if missing and complete:
         known = ", ".join(sorted(facts)) or "none"
         raise SpecError(
-            f"{field}.args: {ref} needs {', '.join(repr(m) for m in missing)}, which the "
-            f"pipeline does not know (it knows: {known}); give it in {field}.args"
+            f"{args_field}: {ref} needs {', '.join(repr(m) for m in missing)}, which the "
+            f"pipeline does not know (it knows: {known}); give it in {args_field}"
         )
     return kwargs
 

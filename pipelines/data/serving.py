@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 
-from trainyard.models.outputs import logits
+from trainyard.models.outputs import logits, model_loss
 from trainyard.pipelines.data.tokenizers import bits_per_byte
 
 
@@ -298,11 +298,21 @@ class TextModel(mlflow.pyfunc.PythonModel):
 
     context: int | None = None  # (models logged before it was kept: the GPT's own)
 
-    def __init__(self, net: torch.nn.Module, tokenizer: Any, context: int | None = None):
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        tokenizer: Any,
+        context: int | None = None,
+        targets_arg: str | None = None,
+    ):
         self.net = net.eval()
         self.tokenizer = tokenizer
         self.context = context
         """The tokens the model was trained on at a time (the spec's context)."""
+        self.targets_arg = targets_arg
+        """A model trained with its own loss: the keyword of its targets. A text is scored
+        with that loss where the model gives fewer logits than tokens without targets
+        (nanoGPT gives the last position's only)."""
 
     def window(self) -> int:
         """The tokens the model reads at a time: its training context (for models logged
@@ -343,8 +353,18 @@ class TextModel(mlflow.pyfunc.PythonModel):
             with torch.no_grad():
                 for start in range(0, max(len(ids) - 1, 0), context):
                     window = ids[start : start + context + 1]
-                    out = logits(self.net(window[None, :-1]))[0].float()
-                    nll += F.cross_entropy(out, window[1:], reduction="sum").item()
+                    x, y = window[None, :-1], window[None, 1:]
+                    out = logits(self.net(x))[0].float()
+                    arg = getattr(self, "targets_arg", None)  # (models logged before it: none)
+                    if len(out) == len(window) - 1:
+                        nll += F.cross_entropy(out, y[0], reduction="sum").item()
+                    elif arg is not None:  # the model's own mean loss over the window
+                        nll += model_loss(self.net(x, **{arg: y})).item() * y.numel()
+                    else:
+                        raise ValueError(
+                            f"the model gives {len(out)} positions' logits for {x.shape[1]} "
+                            "tokens; scoring needs one per token"
+                        )
                     count += len(window) - 1
             rows.append(
                 {
@@ -438,7 +458,10 @@ def load(directory: str, device: Any = "cpu") -> Any:
         from trainyard.pipelines.data.tokenizers import load_tokenizer
 
         return TextModel(
-            net.to(device), load_tokenizer(metadata["tokenizer"]), metadata.get("context")
+            net.to(device),
+            load_tokenizer(metadata["tokenizer"]),
+            metadata.get("context"),
+            metadata.get("targets_arg"),
         )
     model = mlflow.pyfunc.load_model(directory)
     try:

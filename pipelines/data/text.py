@@ -309,11 +309,16 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
     input example and its MLflow metadata, which names the tokenizer."""
     import pandas as pd
 
+    from trainyard.models.outputs import targets_keyword
     from trainyard.pipelines.data.serving import TextModel
 
-    model = TextModel(net, load_tokenizer(spec.data.tokenizer), spec.context)
+    own = spec.train.loss == "model"  # (scored with its own loss where its logits fall short)
+    targets = targets_keyword(net, getattr(spec.model, "targets_arg", None)) if own else None
+    model = TextModel(net, load_tokenizer(spec.data.tokenizer), spec.context, targets)
     example = pd.DataFrame({"text": ["def main():\n    return 0\n", "import os\n"]})
     metadata = {"pipeline": "text", "tokenizer": spec.data.tokenizer, "context": spec.context}
+    if targets:
+        metadata["targets_arg"] = targets
     return model, example, metadata
 
 

@@ -30,6 +30,7 @@ from trainyard.cluster.errors import SpecError, TrainyardError
 from trainyard.cluster.resources import Concurrency, plan_trials
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines.config.spec import RunSpec, load_spec, set_dotted
+from trainyard.pipelines.config.train import better_mode
 from trainyard.pipelines.data.common import Prepared, ray_cause
 from trainyard.pipelines.training.driver import add_spec_arguments
 
@@ -58,12 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def objective(spec: RunSpec) -> tuple[str, str]:
-    """The metric the search optimizes and its mode: the spec's, else the task's own."""
-    task = getattr(spec.data, "task", None) if spec.pipeline != "text" else None
-    default = {"classification": "val_accuracy", "regression": "val_r2"}.get(task, "val_loss")
-    metric = spec.tune.metric or default
-    lower = "loss" in metric or metric.endswith(("rmse", "mae", "mse", "bits_per_byte"))
-    return metric, spec.tune.mode or ("min" if lower else "max")
+    """The metric the search optimizes and its mode: tune.metric, else the runs' own monitor
+    (train.monitor, the metric that picks each trial's best epoch)."""
+    metric = spec.tune.metric or spec.train.monitor
+    if spec.tune.mode:
+        return metric, spec.tune.mode
+    if metric == spec.train.monitor:
+        return metric, spec.train.mode
+    return metric, better_mode(metric) or "max"
 
 
 def candidates(dist: dict[str, Any]) -> list[Any]:

@@ -63,6 +63,8 @@ class TrainingState:
     """Where a stream of epochs of a set number of steps stood: (pass, batches taken)."""
     elapsed: float = 0.0
     """Training seconds so far."""
+    progress: dict[str, Any] | None = None
+    """The monitor's best value and epoch and early stopping's count (monitor.Progress)."""
     shards: dict[str, str] | None = None
     """Format 4: each tensor file under SHARDS_DIR (every rank's) and its SHA-256; the
     optimizer field then holds its param_groups, the tensors its state."""

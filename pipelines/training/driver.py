@@ -126,9 +126,13 @@ class RunOptions:
 
 
 def check_code(spec: RunSpec) -> None:
-    """Import every piece of user code the spec names (SpecError, one line, for each problem)."""
+    """Import every piece of user code the spec names (SpecError, one line, for each problem):
+    models, datasets, losses, optimizer and scheduler classes (and the arguments given them)."""
     from trainyard.pipelines.config import user
+    from trainyard.pipelines.training.optim import optimizer_class, scheduler_class
 
+    optimizer_class(spec.train)
+    scheduler_class(spec.train)
     for key, ref in user_references(spec).items():
         if key == "model.name":
             fn = user.resolve_model(ref)
@@ -136,8 +140,8 @@ def check_code(spec: RunSpec) -> None:
         elif key == "data.dataset":
             fn = user.load_callable(ref, key)
             user.check_arguments(fn, spec.data.args, "data", ref)
-        else:
-            user.load_callable(ref, key)
+        elif not key.startswith(("train.optimizer", "train.schedule")):  # (checked above)
+            user.load_callable(ref, "train.metrics" if key.startswith("train.metrics") else key)
 
 
 def user_references(spec: RunSpec) -> dict[str, str]:
@@ -145,6 +149,9 @@ def user_references(spec: RunSpec) -> dict[str, str]:
     refs = {
         "model.name": spec.model.name,
         "train.loss": spec.train.loss,
+        "train.optimizer": spec.train.optimizer,
+        "train.schedule": spec.train.schedule,
+        **{f"train.metrics[{i}]": m for i, m in enumerate(spec.train.metrics or [])},
         "data.dataset": getattr(spec.data, "dataset", None),
         "data.preprocess": getattr(spec.data, "preprocess", None),
         "data.augment": getattr(spec.data, "augment", None),  # (or a built-in's dict)
@@ -154,39 +161,71 @@ def user_references(spec: RunSpec) -> dict[str, str]:
 
 
 def checked_model(spec: RunSpec, data: Prepared) -> tuple[dict[str, Any], str]:
-    """Build the model once here, from the pipeline's facts and the spec, and run it forward on
-    two training rows through the training loss: a model that cannot be built, or whose output
-    the loss does not take, is one line before any worker starts. Returns its recipe, and a
-    line that says what it is and its size."""
+    """Build the model once here, from the pipeline's facts and the spec, with its optimizer,
+    schedule and validation metrics, and run it forward on two training rows through the
+    training loss: a model that cannot be built, an optimizer or scheduler that does not take
+    its arguments, a metric or monitor the run cannot log, or a model whose output the loss
+    does not take (or that returns no loss of its own) is one line before any worker starts.
+    Returns its recipe, and a line that says what it is and its size."""
     import torch
 
-    from trainyard.models.outputs import logits
     from trainyard.pipelines.config import user
-    from trainyard.pipelines.training.step import training_loss
+    from trainyard.pipelines.training.optim import make_optimizer, make_scheduler
+    from trainyard.pipelines.training.scores import make_scores
+    from trainyard.pipelines.training.step import forward_loss, own_loss, training_loss
 
     recipe = user.model_recipe(spec.model, data.facts)
     net = user.build_model(recipe)
     line = describe_model(spec, recipe, net)
-    if isinstance(spec.model, UserModelSpec) or spec.train.loss:
+    tr, task = spec.train, data.job.task
+    make_scheduler(make_optimizer(net, tr), tr, 100 * tr.epochs, tr.epochs)
+    classes = data.facts.get("num_classes") or data.facts.get("vocab_size")
+    scores = make_scores(tr.metrics, task, classes, data.job.target_std)
+    check_monitor(spec, task)
+    own = own_loss(spec, net)
+    if isinstance(spec.model, UserModelSpec) or tr.loss:
         batch = data.train.take_batch(2, batch_format="numpy")
         dtypes = data.job.dtypes
         x, y = (
             torch.tensor(batch[k]).to(getattr(torch, dtypes[k]) if k in dtypes else None)
             for k in ("x", "y")
         )
-        loss_fn = training_loss(data.job.task, spec.train)
+        loss_fn = training_loss(task, tr, own)
         try:
             with torch.no_grad():
-                loss = loss_fn(logits(net.eval()(x)), y)
+                loss, out = forward_loss(net.eval(), x, y, loss_fn)
             if loss.dim() != 0:
                 raise ValueError(f"the loss is a tensor of shape {tuple(loss.shape)}, not a scalar")
         except Exception as e:
-            what = f"{recipe['name']} and " + (spec.train.loss or f"the {data.job.task} loss")
+            what = f"{recipe['name']} and " + (
+                "its own loss" if own else tr.loss or f"the {task} loss"
+            )
             raise SpecError(
                 f"model: {what} fail on two training rows (x {_shape(x)}, y {_shape(y)}): "
                 f"{type(e).__name__}: {e}"
             ) from None
+        try:
+            scores.update(out.float(), y)
+        except Exception as e:
+            raise SpecError(
+                f"train.metrics: {tr.metrics or 'the defaults'} cannot score {recipe['name']}'s "
+                f"outputs {_shape(out)} against y {_shape(y)}: {type(e).__name__}: {e}"
+            ) from None
     return recipe, line
+
+
+def check_monitor(spec: RunSpec, task: str | None) -> None:
+    """train.monitor must be a metric the run logs (SpecError naming those it does)."""
+    from trainyard.pipelines.training.scores import logged_names
+
+    logged = ["train_loss", *logged_names(spec.train.metrics, task)]
+    if spec.pipeline == "text":
+        logged += ["val_bits_per_byte", "val_loss_vs_unigram"]
+    if spec.train.monitor not in logged:
+        raise SpecError(
+            f"train.monitor: this run never logs {spec.train.monitor!r}; it logs "
+            f"{', '.join(logged)} (add the metric to train.metrics)"
+        )
 
 
 def describe_model(spec: RunSpec, recipe: dict[str, Any], net: Any) -> str:
@@ -329,13 +368,20 @@ def open_run(
 def log_outcome(
     spec: RunSpec, pipeline: Pipeline, data: Prepared, result: Any, place: Place, run_id: str
 ) -> str | None:
-    """Curves, and the trained model as the pipeline serves it (tabular: with its
-    preprocessing, so that it predicts from raw rows; text: with its tokenizer named); the
-    model's URI, or None when tracking.log_model is off."""
+    """Curves, and the best epoch's model (by train.monitor) as the pipeline serves it
+    (tabular: with its preprocessing, so that it predicts from raw rows; text: with its
+    tokenizer named), the run tagged with that epoch and its value logged as
+    `best_<monitor>`; the model's URI, or None when tracking.log_model is off."""
     from trainyard.pipelines import tracking
 
-    with result.checkpoint.as_directory() as d:
+    checkpoint, epoch, value = best_checkpoint(spec, result)
+    with checkpoint.as_directory() as d:
         net = checkpoints.load(d, optimizer=False).build_model()
+    monitor = spec.train.monitor
+    print(f"trainyard: the model is epoch {epoch}'s, the best by {monitor} ({value:.4f})")
+    tracking.log_batch(
+        place.uri, run_id, {}, {f"best_{monitor}": value}, {"trainyard.best_epoch": str(epoch)}
+    )
     tracking.log_curves(place.uri, run_id, pipeline.metric_keys(spec))
     with tempfile.TemporaryDirectory() as d:
         for path in pipeline.figures(spec, data, net, Path(d)):
@@ -343,6 +389,24 @@ def log_outcome(
     if not spec.tracking.log_model:
         return None
     return log_trained_model(spec, pipeline, data, net, place.uri, run_id)
+
+
+def best_checkpoint(spec: RunSpec, result: Any) -> tuple[Any, int, float]:
+    """(checkpoint, epoch, monitor value) of the best evaluation: the epoch the newest
+    checkpoint's state names as the best (monitor.Progress), among the checkpoints Ray Train
+    kept by the monitor (an epoch that was the best so far always wrote one)."""
+    with result.checkpoint.as_directory() as d:
+        progress = checkpoints.load(d, optimizer=False, tensors=False).progress or {}
+    kept = result.best_checkpoints or []
+    for checkpoint, metrics in kept:
+        if (
+            progress.get("best_epoch") is not None
+            and metrics.get("epoch") == progress["best_epoch"]
+        ):
+            return checkpoint, metrics["epoch"], metrics[spec.train.monitor]
+    # (no evaluation had a finite monitor: the newest)
+    metrics = result.metrics
+    return result.checkpoint, metrics.get("epoch"), metrics.get(spec.train.monitor, float("nan"))
 
 
 def log_trained_model(

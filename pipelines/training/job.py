@@ -30,6 +30,8 @@ class WorkerJob:
     data_task_cpus: float
     """CPUs each Ray Data task asks for."""
     data: DataFacts
+    num_classes: int | None = None
+    """Classes (text: the vocabulary), for the validation metrics."""
     inject_failure: dict[str, Any] | None = None
     """A testing aid (watchdog.inject_failure): when to fail, or hang."""
     per_epoch: dict[str, Any] | None = None

@@ -45,10 +45,14 @@ from trainyard.pipelines.training.metrics import (
     text_metrics,
     throughput,
 )
-from trainyard.pipelines.training.optim import make_optimizer, make_scheduler, resolve_amp
+from trainyard.pipelines.training.monitor import Progress
+from trainyard.pipelines.training.optim import Schedule, make_optimizer, make_scheduler, resolve_amp
+from trainyard.pipelines.training.scores import Scores, make_scores
 from trainyard.pipelines.training.step import (
     EpochStats,
+    Loss,
     evaluate,
+    own_loss,
     param_digest,
     train_epoch,
     training_loss,
@@ -57,6 +61,7 @@ from trainyard.pipelines.training.step import (
 from trainyard.pipelines.training.watchdog import StallWatchdog, inject_failure
 
 STOPPED_TAG = "trainyard.stopped"
+STOPPED_EARLY_TAG = "trainyard.stopped_early"
 logger = logging.getLogger("trainyard")
 
 
@@ -86,7 +91,7 @@ class Worker:
     optimizer: torch.optim.Optimizer | None = None
     """(This and the schedule and scaler are built by `distribute`, over the parameters as
     trained: FSDP replaces them with its shards.)"""
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    scheduler: Schedule | None = None
     scaler: torch.amp.GradScaler | None = None
     autocast: torch.dtype | None = None
     """The dtype the step's autocast runs in: `amp_dtype` under DDP; None under FSDP, whose
@@ -107,6 +112,8 @@ class Worker:
     """When this rank's train function started (Unix time): the worker group is up."""
     nodes: list[str] | None = None
     """The Ray node id of each rank (`distribute` gathers them)."""
+    progress: Progress | None = None
+    """The monitor's best and early stopping's count (resumed from the checkpoint)."""
 
 
 def set_up(config: dict[str, Any]) -> Worker:
@@ -147,7 +154,9 @@ def set_up(config: dict[str, Any]) -> Worker:
         amp_dtype,
         RankZeroLogger(job.tracking_uri, job.run_id, rank),
         up_at=up_at,
-    )
+        progress=Progress(spec.train.monitor, spec.train.mode, spec.train.patience,
+                          spec.train.min_delta),
+    )  # fmt: skip
     resume(w, ray.train.get_checkpoint())
     return w
 
@@ -173,7 +182,7 @@ def distribute(w: Worker) -> None:
         w.model = ray.train.torch.prepare_model(w.model)
         w.autocast = w.amp_dtype  # (under FSDP the mixed-precision policy casts instead)
     w.optimizer = make_optimizer(w.model, tr)
-    w.scheduler = make_scheduler(w.optimizer, tr, w.job.schedule_steps)
+    w.scheduler = make_scheduler(w.optimizer, tr, w.job.schedule_steps, tr.epochs)
     w.scaler = parallel.grad_scaler(w.device, w.amp_dtype, sharded=sc.strategy == "fsdp")
     if w.saved is not None:
         state, w.saved = w.saved, None
@@ -219,6 +228,7 @@ def resume(w: Worker, checkpoint: Any) -> None:
         w.first_epoch = state.epoch + 1
         w.position = resumed_position(state, w.spec) or w.position
         w.elapsed = state.elapsed
+        w.progress.resume(state.progress)
     w.log.started(w.first_epoch - 1 if checkpoint is not None else None, w.world, w.up_at)
 
 
@@ -319,7 +329,8 @@ def epoch_metrics(
     epoch: int,
     result: EpochStats,
     val_batches: Iterable,
-    val_loss: Callable[..., torch.Tensor],
+    val_loss: Loss,
+    scores: Scores,
     started: float,
 ) -> dict[str, float]:
     """Validation metrics, throughput and the epoch's facts: what every rank reports."""
@@ -331,6 +342,7 @@ def epoch_metrics(
         loss_fn=val_loss,
         amp_dtype=w.autocast,
         target_std=data.target_std,
+        scores=scores,
     )
     metrics.update(text_metrics(metrics, data))
     # Throughput over all ranks: each rank saw the same number of samples.
@@ -348,17 +360,24 @@ def epoch_metrics(
 
 
 def report(
-    w: Worker, epoch: int, metrics: dict[str, float], stream: BatchStream | None, steps: int
+    w: Worker,
+    epoch: int,
+    metrics: dict[str, float],
+    stream: BatchStream | None,
+    steps: int,
+    best: bool = False,
+    last: bool = False,
 ) -> None:
-    """Log the epoch (rank 0), write a checkpoint when it is due (rank 0), and report to Ray
-    Train (every rank). The last epoch also records every rank's parameter digest and steps."""
+    """Log the epoch (rank 0), write a checkpoint when it is due, the epoch is the `best` so
+    far by the monitor or the `last` (every rank its shards, rank 0 the state), and report to
+    Ray Train (every rank). The last epoch also records every rank's parameter digest and
+    steps."""
     import ray.train
 
     tr, rank = w.spec.train, w.rank
     if w.log.active:
         logger.info(progress_line(epoch, tr.epochs, metrics, w.job.data))
     w.log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-    last = epoch == tr.epochs
     if last:
         facts = [(param_digest(w.model), steps)] * w.world
         if w.world > 1:
@@ -371,7 +390,7 @@ def report(
         )
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
-        if last or epoch % tr.checkpoint_every == 0:
+        if last or best or epoch % tr.checkpoint_every == 0:
             # Every rank writes its shards; Ray Train merges the ranks' directories.
             shards = Path(d) / checkpoints.SHARDS_DIR
             groups, digests = checkpoints.save_shards(w.model, w.optimizer, shards)
@@ -389,6 +408,7 @@ def report(
                 schedule_steps=w.job.schedule_steps,
                 data_position=stream.position if stream is not None else None,
                 elapsed=metrics["elapsed_s"],
+                progress=w.progress.state(),
             )
             checkpoints.save(d, state)
         w.log.flush()
@@ -403,9 +423,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
     w = set_up(config)
     tr, job = w.spec.train, w.job
     train_pass, val_batches = data_passes(w)  # a first mapped pass starts here, in the background
+    own = own_loss(w.spec, w.model)  # (train.loss: model; before the model is wrapped)
     distribute(w)
-    train_loss = training_loss(job.data.task, tr)
-    val_loss = validation_loss(job.data.task, tr)
+    train_loss = training_loss(job.data.task, tr, own)
+    val_loss = validation_loss(job.data.task, tr, own)
+    scores = make_scores(tr.metrics, job.data.task, job.num_classes, job.data.target_std)
     # Epochs of a set number of steps stream on across passes; otherwise an epoch is a pass.
     stream = BatchStream(train_pass, w.position) if tr.steps_per_epoch else None
     steps_per_epoch = job.steps_per_epoch
@@ -442,8 +464,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
                 logger.error(message)
                 watchdog.stop()
                 return {"stopped": message}
-            metrics = epoch_metrics(w, epoch, result, val_batches(), val_loss, started)
-            report(w, epoch, metrics, stream, steps_done)
+            metrics = epoch_metrics(w, epoch, result, val_batches(), val_loss, scores, started)
+            best = w.progress.update(epoch, metrics)
+            w.scheduler.evaluated(metrics)  # (per-epoch schedules; ReduceLROnPlateau)
+            early = w.progress.stop and epoch < tr.epochs  # (the same on every rank)
+            report(w, epoch, metrics, stream, steps_done, best, last=early or epoch == tr.epochs)
+            if early:
+                message = w.progress.message(epoch)
+                if w.log.active:
+                    logger.info(f"trainyard: {message}")
+                w.log.tags({STOPPED_EARLY_TAG: message})
+                w.log.flush()
+                break
         watchdog.stop()
     return {}
 

@@ -47,6 +47,9 @@ def progress_line(epoch: int, epochs: int, metrics: dict[str, float], data: Data
         )
         if "mfu" in metrics:
             line += f"  MFU {100 * metrics['mfu']:.1f}%"
+        text = ("val_loss", "val_bits_per_byte", "val_loss_vs_unigram")
+        shown = {k: v for k, v in metrics.items() if k.startswith("val_") and k not in text}
+        line += "".join(f"  {k} {v:.4f}" for k, v in shown.items())
     else:
         shown = {k: v for k, v in metrics.items() if k.startswith("val_")}
         line += "  " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())

@@ -3,12 +3,23 @@ on every rank."""
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import (
+    LambdaLR,
+    LinearLR,
+    LRScheduler,
+    ReduceLROnPlateau,
+    SequentialLR,
+)
 
-from trainyard.pipelines.config.train import TrainSpec
+from trainyard.cluster.errors import SpecError
+from trainyard.pipelines.config import user
+from trainyard.pipelines.config.train import SCHEDULES, TrainSpec
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
@@ -35,26 +46,183 @@ def lr_factor(
     return min_fraction + (1.0 - min_fraction) * cosine
 
 
-def make_optimizer(model: nn.Module, train: TrainSpec) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA) or SGD; weight decay on matrices and embeddings only, never on
-    biases or normalisation gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+def optimizer_class(train: TrainSpec) -> type[torch.optim.Optimizer]:
+    """The optimizer class train.optimizer names (SpecError where it names no such class)."""
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW
     if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=train.lr, fused=fused or None)
+        return torch.optim.SGD
+    cls = user.load(train.optimizer, "train.optimizer")
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise SpecError(
+            f"train.optimizer: {train.optimizer} is {_kind(cls)}, not a torch.optim.Optimizer "
+            "subclass"
+        )
+    user.check_arguments(
+        cls, train.optimizer_args, "train.optimizer", train.optimizer, "train.optimizer_args"
+    )
+    return cls
+
+
+def scheduler_class(train: TrainSpec) -> type[LRScheduler] | None:
+    """The LR scheduler class train.schedule names; None for a built-in schedule (SpecError
+    where it names no such class)."""
+    if train.schedule in SCHEDULES:
+        return None
+    cls = user.load(train.schedule, "train.schedule")
+    if not (isinstance(cls, type) and issubclass(cls, LRScheduler)):
+        raise SpecError(
+            f"train.schedule: {train.schedule} is {_kind(cls)}, not a torch LR scheduler class "
+            "(torch.optim.lr_scheduler.LRScheduler)"
+        )
+    user.check_arguments(
+        cls, train.schedule_args, "train.schedule", train.schedule, "train.schedule_args"
+    )
+    return cls
+
+
+def _kind(obj: object) -> str:
+    return f"the class {obj.__name__}" if isinstance(obj, type) else f"a {type(obj).__name__}"
+
+
+def make_optimizer(model: nn.Module, train: TrainSpec) -> torch.optim.Optimizer:
+    """train.optimizer over the model's parameters, in two groups: weight decay on matrices and
+    embeddings, none on biases and normalisation weights (an optimizer that takes no
+    weight_decay gets one group). AdamW is fused on CUDA; SGD takes train.momentum."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    cls = optimizer_class(train)
+    kwargs = dict(train.optimizer_args)
+    if train.optimizer == "sgd":
+        kwargs.setdefault("momentum", train.momentum)
+    elif train.optimizer == "adamw":
+        kwargs.setdefault("fused", all(p.is_cuda for p in params) or None)
+    groups: list[dict] = [{"params": params}]
+    if "weight_decay" in inspect.signature(cls).parameters:
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+    groups = [g for g in groups if g["params"]]
+    try:
+        return cls(groups, lr=train.lr, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise SpecError(
+            f"train.optimizer: building {train.optimizer} with lr={train.lr}"
+            + "".join(f", {k}={v!r}" for k, v in kwargs.items())
+            + f" failed: {type(e).__name__}: {e}"
+        ) from None
+
+
+class Schedule:
+    """The learning rate over a run, one object the loop steps: `step()` after every optimizer
+    step, `evaluated(metrics)` after every evaluation. Its state is one dict (checkpointed).
+
+    - built-in (cosine, constant): one LambdaLR, a linear warm-up then the curve, per step;
+    - a scheduler class stepped per step or per epoch (train.schedule_interval): the class,
+      after a linear warm-up over warmup_fraction of its own steps (torch's SequentialLR);
+    - ReduceLROnPlateau: a linear warm-up over the first optimizer steps, then the plateau
+      scheduler, stepped after every evaluation with train.monitor (its mode, unless
+      schedule_args give one).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        train: TrainSpec,
+        total_steps: int,
+        epochs: int | None = None,
+    ):
+        self.optimizer, self.monitor = optimizer, train.monitor
+        self.warmup: LRScheduler | None = None
+        self.warmup_steps = 0
+        cls = scheduler_class(train)
+        if cls is None:
+            warmup = int(train.warmup_fraction * total_steps)
+            self.interval = "step"
+            self.main: LRScheduler = LambdaLR(
+                optimizer,
+                lambda step: lr_factor(
+                    step, total_steps, warmup, train.schedule, train.min_lr_fraction
+                ),
+            )
+            return
+        epochs = epochs or train.epochs
+        if issubclass(cls, ReduceLROnPlateau):
+            self.interval = "evaluation"
+            self.warmup_steps = int(train.warmup_fraction * total_steps)
+            args = {"mode": train.mode} | train.schedule_args
+            self.main = self._build(cls, train, args)
+            if self.warmup_steps > 1:
+                n = self.warmup_steps
+                self.warmup = LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / n))
+            return
+        self.interval = train.schedule_interval
+        n = total_steps if self.interval == "step" else epochs
+        warmup = int(train.warmup_fraction * n)
+        facts = {
+            "total_steps": n - warmup if warmup > 1 else n,
+            "T_max": n - warmup if warmup > 1 else n,
+            "epochs": epochs,
+            "steps_per_epoch": max(1, total_steps // max(1, epochs)),
+            "max_lr": train.lr,
+        }
+        taken = user.arguments(
+            cls, facts, train.schedule_args, "train.schedule", train.schedule, complete=False,
+            args_field="train.schedule_args",
+        )  # fmt: skip
+        if warmup > 1:  # (LinearLR's factors (k + 1) / warmup, as the built-in warm-up's)
+            first = LinearLR(optimizer, 1.0 / warmup, 1.0, warmup - 1)
+            main = self._build(cls, train, taken)
+            self.main = SequentialLR(optimizer, [first, main], [warmup])
+        else:
+            self.main = self._build(cls, train, taken)
+
+    def _build(self, cls: type, train: TrainSpec, kwargs: dict) -> LRScheduler:
+        try:
+            return cls(self.optimizer, **kwargs)
+        except Exception as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+            raise SpecError(
+                f"train.schedule: building {train.schedule}({shown}) failed: "
+                f"{type(e).__name__}: {e}"
+            ) from None
+
+    def step(self) -> None:
+        """After an optimizer step that was applied."""
+        if self.interval == "step":
+            self.main.step()
+        elif self.warmup is not None and self.warmup.last_epoch < self.warmup_steps - 1:
+            self.warmup.step()
+
+    def evaluated(self, metrics: dict[str, float]) -> None:
+        """After an epoch's evaluation (`metrics` hold train.monitor)."""
+        if self.interval == "epoch":
+            self.main.step()
+        elif self.interval == "evaluation":
+            warming = self.warmup is not None and self.warmup.last_epoch < self.warmup_steps - 1
+            if not warming:
+                self.main.step(metrics[self.monitor])
+
+    def get_last_lr(self) -> list[float]:
+        """The learning rate of each parameter group now."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"main": self.main.state_dict()}
+        if self.warmup is not None:
+            state["warmup"] = self.warmup.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "main" not in state:  # (checkpoints before schedule classes: the LambdaLR's own)
+            state = {"main": state}
+        self.main.load_state_dict(state["main"])
+        if self.warmup is not None:
+            self.warmup.load_state_dict(state["warmup"])
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, train: TrainSpec, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = int(train.warmup_fraction * total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_factor(step, total_steps, warmup, train.schedule, train.min_lr_fraction),
-    )
+    optimizer: torch.optim.Optimizer, train: TrainSpec, total_steps: int, epochs: int | None = None
+) -> Schedule:
+    """The run's schedule over `total_steps` optimizer steps in `epochs` epochs (Schedule)."""
+    return Schedule(optimizer, train, total_steps, epochs)

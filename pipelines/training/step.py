@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,10 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from trainyard.models.outputs import logits
-from trainyard.pipelines.config.train import TrainSpec
+from trainyard.cluster.errors import SpecError
+from trainyard.models.outputs import is_hugging_face, logits, model_loss, targets_keyword
+from trainyard.pipelines.config.train import MODEL_LOSS, TrainSpec
 from trainyard.pipelines.config.user import load_callable
 from trainyard.pipelines.training.parallel import full_parameters, is_sharded
+from trainyard.pipelines.training.scores import Scores
 
 
 def task_loss(task: str, label_smoothing: float = 0.0) -> Callable[..., torch.Tensor]:
@@ -42,16 +46,78 @@ def task_loss(task: str, label_smoothing: float = 0.0) -> Callable[..., torch.Te
     return cross_entropy
 
 
-def training_loss(task: str | None, train: TrainSpec) -> Callable[..., torch.Tensor]:
-    """The loss training minimises: the user's (train.loss), else the task's."""
+@dataclass(frozen=True)
+class ModelLoss:
+    """`train.loss: model`: the loss the model computes itself. Its forward is given the targets
+    as the keyword `targets_arg` (`targets`: nanoGPT; `labels`: Hugging Face) and returns the
+    loss beside the logits (models.outputs.model_loss). `targets_are_inputs`: the targets
+    given are the input tokens, which the model shifts itself (Hugging Face causal LMs); else
+    the pipeline's targets (the next tokens, class indices, values)."""
+
+    targets_arg: str
+    targets_are_inputs: bool = False
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the batch's mean loss, the logits) from one forward pass."""
+        out = model(x, **{self.targets_arg: x if self.targets_are_inputs else y})
+        return model_loss(out), logits(out)
+
+
+def own_loss(spec: Any, net: nn.Module) -> ModelLoss | None:
+    """The model's own loss where train.loss is `model` (None otherwise): the targets' keyword
+    (model.targets_arg, else `labels` for a Hugging Face model and `targets` for others) and
+    whether they are the inputs (model.targets_are_inputs, else a Hugging Face model on the
+    text pipeline). A forward that takes no such keyword is a SpecError."""
+    if spec.train.loss != MODEL_LOSS:
+        return None
+    arg = targets_keyword(net, getattr(spec.model, "targets_arg", None))
+    inputs = getattr(spec.model, "targets_are_inputs", None)
+    if inputs is None:
+        inputs = is_hugging_face(net) and spec.pipeline == "text"
+    params = inspect.signature(unwrap(net).forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if arg not in params and not takes_any:
+        raise SpecError(
+            f"train.loss: model needs the targets passed to the model, but "
+            f"{type(unwrap(net)).__name__}.forward takes no argument {arg!r} (it takes "
+            f"{', '.join(params) or 'none'}); name the one that does in model.targets_arg"
+        )
+    return ModelLoss(arg, inputs)
+
+
+Loss = Callable[..., torch.Tensor] | ModelLoss
+
+
+def forward_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) of one batch: the model's own loss (ModelLoss), or `loss_fn(logits, y)`."""
+    if isinstance(loss_fn, ModelLoss):
+        return loss_fn(model, x, y)
+    out = logits(model(x))
+    return loss_fn(out, y), out
+
+
+def training_loss(task: str | None, train: TrainSpec, own: ModelLoss | None = None) -> Loss:
+    """The loss training minimises: the model's own (train.loss: model, `own`), the user's
+    (train.loss: module:fn), else the task's."""
+    if train.loss == MODEL_LOSS:
+        if own is None:
+            raise ValueError("train.loss is model: pass the model's own loss (own_loss)")
+        return own
     if train.loss:
         return load_callable(train.loss, "train.loss")
     return task_loss(task, train.label_smoothing)
 
 
-def validation_loss(task: str | None, train: TrainSpec) -> Callable[..., torch.Tensor]:
-    """The validation loss, `fn(out, y, reduction)`: the task's (plain, no label smoothing);
-    with no task, the user's loss (its batch mean, weighted by the batch's rows)."""
+def validation_loss(task: str | None, train: TrainSpec, own: ModelLoss | None = None) -> Loss:
+    """The validation loss, `fn(out, y, reduction)`: the model's own (train.loss: model);
+    else the task's (plain, no label smoothing); with no task, the user's loss (its batch mean,
+    weighted by the batch's rows)."""
+    if train.loss == MODEL_LOSS:
+        return training_loss(task, train, own)
     if task is not None:
         return task_loss(task)
     fn = load_callable(train.loss, "train.loss")
@@ -128,7 +194,7 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     *,
-    loss_fn: Callable[..., torch.Tensor],
+    loss_fn: Loss,
     steps: int,
     accum: int = 1,
     amp_dtype: torch.dtype | None = None,
@@ -166,7 +232,7 @@ def train_epoch(
         sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = loss_fn(logits(model(x)), y)
+                loss, _ = forward_loss(model, x, y, loss_fn)
             scaler.scale(loss / accum).backward()
         finite = bool(torch.isfinite(loss.detach()))
         step_finite &= finite
@@ -227,22 +293,26 @@ def evaluate(
     batches: Iterable[dict[str, torch.Tensor]],
     *,
     task: str | None,
-    loss_fn: Callable[..., torch.Tensor],
+    loss_fn: Loss,
     amp_dtype: torch.dtype | None = None,
     target_std: float = 1.0,
+    scores: Scores | None = None,
 ) -> dict[str, float]:
-    """Validation metrics over the batches of every rank (sums are all-reduced when
-    torch.distributed is initialized). Classification: val_loss, val_accuracy. Language
-    modelling: the same per token (nats; next-token accuracy). Regression: val_loss (scaled
-    target), val_rmse (original units), val_r2. No task (the user's loss): val_loss."""
+    """Validation metrics over the batches of every rank (the loss's sums are all-reduced and
+    the metrics' states gathered when torch.distributed is initialized): val_loss (per sample;
+    per token for language modelling, in nats; of the scaled target for regression) and each
+    of `scores`' metrics (None: the task's defaults, scores.DEFAULTS)."""
+    from trainyard.pipelines.training.scores import make_scores
+
     model = unwrap(model)
     model.eval()
     device = next(model.parameters()).device
+    if scores is None:
+        scores = make_scores(None, task, None, target_std)
     # Under FSDP every forward pass gathers parameters from every rank, so the ranks run the
     # same number: one that has run out of batches runs its last one again, unscored.
     lockstep = is_sharded(model)
-    # loss, n, correct | loss, n, sse, sum(y), sum(y^2)
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, n
     iterator, spare = iter(batches), None
     while True:
         batch = next(iterator, None)
@@ -256,35 +326,23 @@ def evaluate(
             continue
         spare = batch
         x, y = batch["x"], batch["y"]
+        n = y.numel() if task is not None else len(y)  # samples, or tokens
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = logits(model(x))
+            if isinstance(loss_fn, ModelLoss):
+                loss, out = loss_fn(model, x, y)
+                loss = loss.double() * n
+            else:
+                out = logits(model(x))
         out = out.float()
-        sums[0] += loss_fn(out, y, reduction="sum").double()
-        sums[1] += y.numel() if task is not None else len(y)  # samples, or tokens
-        if task is None:
-            continue
-        if task != "regression":
-            sums[2] += (out.argmax(-1) == y).sum()
-        else:
-            pred = out.squeeze(-1).double()
-            yd = y.double()
-            sums[2] += ((pred - yd) ** 2).sum()
-            sums[3] += yd.sum()
-            sums[4] += (yd**2).sum()
+        if not isinstance(loss_fn, ModelLoss):
+            loss = loss_fn(out, y, reduction="sum").double()
+        sums[0] += loss
+        sums[1] += n
+        scores.update(out, y)
     if lockstep:
         # FSDP keeps the root's parameters gathered after a forward pass that no backward
         # follows: free them, so that what reads the parameters next sees the shards.
         model.reshard()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
-    loss, n = sums[0].item(), max(sums[1].item(), 1.0)
-    if task is None:
-        return {"val_loss": loss / n}
-    if task != "regression":
-        return {"val_loss": loss / n, "val_accuracy": sums[2].item() / n}
-    sse, total = sums[2].item(), sums[4].item() - sums[3].item() ** 2 / n
-    return {
-        "val_loss": loss / n,
-        "val_rmse": math.sqrt(sse / n) * target_std,
-        "val_r2": 1.0 - sse / total if total > 0 else float("nan"),
-    }
+    return {"val_loss": sums[0].item() / max(sums[1].item(), 1.0)} | scores.compute()

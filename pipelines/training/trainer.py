@@ -221,7 +221,13 @@ def make_trainer(
             name=place.run_name,
             storage_path=place.storage,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            # The best checkpoints by train.monitor, and the newest (which Ray always keeps):
+            # the best epoch's weights become the logged model.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=spec.train.keep_checkpoints,
+                checkpoint_score_attribute=spec.train.monitor,
+                checkpoint_score_order=spec.train.mode,
+            ),
             # A worker group that cannot be placed within start_timeout_s fails the run
             # (Ray's default retries it forever); an elastic run tries up to four times more,
             # each time at the size that fits then (after a node is lost, the cluster's view
@@ -293,6 +299,7 @@ def worker_job(
         num_validation=data.num_validation,
         data_task_cpus=plan.data_task_cpus,
         data=data.job,
+        num_classes=data.facts.get("num_classes") or data.facts.get("vocab_size"),
         inject_failure=failure_plan(),
         per_epoch=per_epoch,
         train_shards=shards,

@@ -44,6 +44,11 @@ TEXT_SPEC = (
     # resumes in the middle of a streamed pass.
     "data.in_memory_max_mb=0",
     "data.shuffle_window_mb=0.05",
+    # A user's optimizer and schedule (after a warm-up: SequentialLR), checkpointed and resumed.
+    "train.optimizer=torch.optim:RAdam",
+    "train.optimizer_args={betas: [0.9, 0.95]}",
+    "train.schedule=torch.optim.lr_scheduler:CosineAnnealingLR",
+    "train.warmup_fraction=0.1",
 )
 """What the text run computes (test_fault_tolerance's interrupted run takes the same)."""
 

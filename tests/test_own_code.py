@@ -159,7 +159,7 @@ def _train(project: Path, tracking_uri: str, ray_cluster, *args: str, **env: str
         timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(summary.read_text()) | {"stdout": proc.stdout}
+    return json.loads(summary.read_text()) | {"stdout": proc.stdout, "stderr": proc.stderr}
 
 
 def test_own_dataset_model_loss_and_augment_resume_exactly(
@@ -178,12 +178,19 @@ def test_own_dataset_model_loss_and_augment_resume_exactly(
         "    return out\n"
     )
     # Sharded by FSDP on the blocks named (WideNet's two Sequentials): a checkpoint of each
-    # rank's shards resumes bit for bit, and the model is logged whole.
+    # rank's shards resumes bit for bit, and the model is logged whole. The recipe is
+    # pytorch/examples': Adadelta, and StepLR stepped every epoch (its state resumed too).
+    recipe = (
+        "train.optimizer=torch.optim:Adadelta", "train.lr=1.0", "train.weight_decay=0",
+        "train.schedule=torch.optim.lr_scheduler:StepLR", "train.schedule_interval=epoch",
+        "train.schedule_args={step_size: 1, gamma: 0.7}", "train.warmup_fraction=0",
+    )  # fmt: skip
     common = (
         "configs/cnn.yaml",
         *("--set", "train.epochs=3"),
         *("--set", "data.augment=noted:jitter_noted"),
         *("--set", "scaling.strategy=fsdp", "--set", "scaling.blocks=[Sequential]"),
+        *(a for r in recipe for a in ("--set", r)),
     )
     straight = _train(project, tracking_uri, ray_cluster, *common, "--set", "tracking.run_name=cnn")
     noted = draws.read_text().split()
@@ -266,3 +273,110 @@ def test_predict_reads_a_custom_models_x_from_nested_lists_or_numeric_columns(tm
         ValueError, match=r"DATA: rows do not fit the model's x of shape \(1, 2, 2\)"
     ):
         predict_arrays(model, {}, columns.drop(columns="d"), job)
+
+
+def _validation_digits():
+    """MyDataset's validation split as arrays: images (n, 1, 8, 8) and labels."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    held_out = np.arange(len(digits.target)) % 5 == 0
+    return (digits.images[held_out] / 16.0).astype(np.float32)[:, None], digits.target[held_out]
+
+
+def test_pytorch_examples_mnist_recipe_trains_as_it_does_by_hand(
+    ray_cluster, tracking_uri, project
+):
+    """configs/mnist.yaml as written (a log_softmax Net, nll_loss, Adadelta, StepLR per epoch)
+    against train_by_hand.py, the same recipe in a plain loop: the same accuracy."""
+    import runpy
+
+    from mlflow.tracking import MlflowClient
+
+    ours = _train(project, tracking_uri, ray_cluster, "configs/mnist.yaml")
+    epochs = ours["epochs"]
+    sys.path.insert(0, str(project))  # (as `python train_by_hand.py` from the project has it)
+    by_hand = runpy.run_path(str(project / "train_by_hand.py"))["main"](epochs)
+    best_hand = min(by_hand)  # (the epoch of the lowest val_loss, as trainyard keeps it)
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(ours["run_id"])
+    best = run.data.metrics["best_val_loss"]
+    val_accuracy = {
+        m.step: m.value for m in client.get_metric_history(ours["run_id"], "val_accuracy")
+    }[int(run.data.tags["trainyard.best_epoch"])]
+    print(f"mnist recipe: trainyard {val_accuracy:.4f} ({best:.4f}), by hand {best_hand}")
+    assert abs(val_accuracy - best_hand[1]) < 0.03 and val_accuracy > 0.9
+    # StepLR's rate, per epoch as the spec says: 1.0, 0.7, 0.49, ...
+    lr = [m.value for m in client.get_metric_history(ours["run_id"], "lr")]
+    assert lr == pytest.approx([0.7**e for e in range(epochs)])
+    assert {"val_f1", "val_top3"} <= set(run.data.metrics)
+
+
+def test_patience_stops_early_logs_the_best_epoch_and_a_resumed_run_stops_alike(
+    ray_cluster, tracking_uri, project
+):
+    import mlflow
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    common = (
+        "configs/mnist.yaml",
+        # (a constant rate: the validation loss stops falling within a few epochs)
+        *("--set", "train.epochs=20", "--set", "train.schedule_args={step_size: 1, gamma: 1.0}"),
+        *("--set", "train.patience=1", "--set", "tracking.log_model=true"),
+    )
+    straight = _train(project, tracking_uri, ray_cluster, *common)
+    resumed = _train(
+        project,
+        tracking_uri,
+        ray_cluster,
+        *common,
+        *("--set", "scaling.max_failures=1"),
+        TRAINYARD_INJECT_FAILURE=f"{project / 'marker'}:2",
+    )
+    client = MlflowClient(tracking_uri)
+    a, b = (client.get_run(r["run_id"]).data for r in (straight, resumed))
+    assert b.tags["trainyard.restarts"] == "1"
+    stopped = straight["epochs"]
+    assert stopped < 20 and "stopped early after epoch" in a.tags["trainyard.stopped_early"]
+    assert "trainyard: stopped early" in straight["stdout"] + straight["stderr"]
+    # Interrupted at epoch 2 and resumed: the patience count came back with the checkpoint.
+    assert resumed["epochs"] == stopped and a.tags["param_digests"] == b.tags["param_digests"]
+    assert a.tags["trainyard.best_epoch"] == b.tags["trainyard.best_epoch"]
+    # The model logged is the best evaluation's (patience 1: the one before the last).
+    history = {m.step: m.value for m in client.get_metric_history(straight["run_id"], "val_loss")}
+    best_epoch = min(history, key=history.get)
+    assert int(a.tags["trainyard.best_epoch"]) == best_epoch == stopped - 1
+    assert a.metrics["best_val_loss"] == history[best_epoch]
+    images, labels = _validation_digits()
+    mlflow.set_tracking_uri(tracking_uri)
+    log_probs = np.asarray(mlflow.pyfunc.load_model(straight["model_uri"]).predict(images))
+    loss = -log_probs[np.arange(len(labels)), labels].mean()
+    assert loss == pytest.approx(history[best_epoch], rel=1e-4)
+    assert loss != pytest.approx(history[stopped], rel=1e-4)
+
+
+def test_a_nanogpt_style_model_trains_with_its_own_loss_under_fsdp_and_samples(
+    ray_cluster, tracking_uri, project, capsys
+):
+    import math
+
+    from mlflow.tracking import MlflowClient
+    from shared_runs import SMALL_CORPUS
+
+    from trainyard.pipelines import cli
+
+    run = _train(
+        project, tracking_uri, ray_cluster, "configs/nanogpt.yaml",
+        *("--set", f"data.path={SMALL_CORPUS}", "--set", "data.validation_windows=32"),
+        *("--set", "train.epochs=2", "--set", "train.steps_per_epoch=8"),
+        *("--set", "train.batch_size=16", "--set", "scaling.strategy=fsdp"),
+    )  # fmt: skip
+    client = MlflowClient(tracking_uri)
+    losses = [m.value for m in client.get_metric_history(run["run_id"], "train_loss")]
+    assert losses[-1] < losses[0] and run["metrics"]["val_loss"] < math.log(256)
+    assert client.get_run(run["run_id"]).data.params["train.loss"] == "model"
+    # Sampled from the logged model (its forward without targets: the last position's logits).
+    assert cli.main(["generate", run["model_uri"], "--prompt", "def ", "--max-bytes", "12"]) == 0
+    assert capsys.readouterr().out.startswith("def ")

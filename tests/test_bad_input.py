@@ -130,6 +130,75 @@ CASES = {
 }
 
 
+# A recipe the run cannot follow, on good data: (spec sections, the line).
+RECIPE_CASES = {
+    "optimizer not a class of one": (
+        {"train": "{optimizer: 'torch.nn:Linear'}"},
+        "train.optimizer: torch.nn:Linear is the class Linear, not a torch.optim.Optimizer",
+    ),
+    "optimizer argument": (
+        {"train": "{optimizer: 'torch.optim:Adadelta', optimizer_args: {rhoo: 0.9}}"},
+        "train.optimizer_args: torch.optim:Adadelta takes no argument 'rhoo'; it takes: ",
+    ),
+    "scheduler not a class of one": (
+        {"train": "{schedule: 'torch.optim:SGD'}"},
+        "train.schedule: torch.optim:SGD is the class SGD, not a torch LR scheduler class",
+    ),
+    "scheduler argument missing": (
+        {"train": "{schedule: 'torch.optim.lr_scheduler:StepLR'}"},
+        "missing 1 required positional argument: 'step_size'",
+    ),
+    "unknown metric": (
+        {"train": "{metrics: [accuracy, f2]}"},
+        "train.metrics: expected accuracy, f1, precision, recall, auroc, rmse, mae, mse, r2, "
+        "top<k> or module:attr of a torchmetrics Metric, got 'f2'",
+    ),
+    "metric of another task": (
+        {"train": "{metrics: [rmse]}"},
+        "train.metrics: rmse is a regression metric; this run is classification",
+    ),
+    "monitor never logged": (
+        {"train": "{monitor: val_f1}"},
+        "train.monitor: this run never logs 'val_f1'; it logs train_loss, val_loss, "
+        "val_accuracy (add the metric to train.metrics)",
+    ),
+    "own loss, no targets keyword": (
+        {"train": "{loss: model}"},
+        "train.loss: model needs the targets passed to the model, but MLP.forward takes no "
+        "argument 'targets'",
+    ),
+    "own loss, none returned": (
+        {"model": "{name: 'noloss:Net'}", "train": "{loss: model}"},
+        "model: noloss:Net and its own loss fail on two training rows (x (2, 2) float32, y (2,) "
+        "int64): TypeError: the model, given its targets, returned Tensor and no loss",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECIPE_CASES))
+def test_a_recipe_the_run_cannot_follow_is_one_line_before_training(
+    case, ray_cluster, tracking_uri, tmp_path, capsys, monkeypatch
+):
+    sections, message = RECIPE_CASES[case]
+    monkeypatch.chdir(tmp_path)  # (the project directory: noloss.py)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "noloss.py").write_text(
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, in_features, num_classes):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(in_features, num_classes)\n"
+        "    def forward(self, x, targets=None):\n"
+        "        return self.fc(x)\n"
+    )
+    data = data_spec(csv(tmp_path, with_header("a,b,y", good_rows(200))), "label: y")
+    rc = main([str(spec_for(tmp_path, data, **sections))])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    ours = [line for line in err.splitlines() if not RAY_WORKER_LINE.match(line)]
+    assert len(ours) == 1 and ours[0].startswith("trainyard: error:"), err
+
+
 # Ray forwards its worker processes' output to the driver, each line prefixed "(task pid=N)",
 # "(ReadCSV->SplitBlocks(6) pid=N)", "(raylet)", ...; under load that includes Ray's own noise
 # (abseil "RAW: Lock blocking" warnings, a worker's abort trace at shutdown). Not ours.
@@ -199,10 +268,11 @@ def test_cli_spec_error_has_no_traceback(tmp_path):
     assert proc.stderr.strip() == (
         "trainyard: error: unknown key train.bacth_size (did you mean train.batch_size?); "
         "valid keys: epochs, batch_size, tokens_per_step, micro_batch_size, lr, weight_decay, "
-        "optimizer, momentum, schedule, min_lr_fraction, warmup_fraction, grad_accum_steps, "
-        "eval_batch_size, steps_per_epoch, compile, grad_clip, label_smoothing, loss, seed, "
-        "checkpoint_every, keep_checkpoints, log_every_steps, max_nonfinite_steps, "
-        "stall_timeout_s"
+        "optimizer, optimizer_args, momentum, schedule, schedule_args, schedule_interval, "
+        "min_lr_fraction, warmup_fraction, grad_accum_steps, eval_batch_size, steps_per_epoch, "
+        "compile, grad_clip, label_smoothing, loss, metrics, monitor, monitor_mode, patience, "
+        "min_delta, seed, checkpoint_every, keep_checkpoints, log_every_steps, "
+        "max_nonfinite_steps, stall_timeout_s"
     )
     assert "Traceback" not in proc.stdout + proc.stderr
 

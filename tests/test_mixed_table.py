@@ -54,6 +54,14 @@ def test_a_mixed_table_trains_like_one_encoded_by_hand_and_predicts_raw_rows(
     assert params["features.boolean"] == "autopay" and params["features.numeric"] == "2"
     assert params["features.categories"] == "plan=3,region=6,autopay=2,city=200"
     assert int(params["features.blank"]) > 0 and "basic" not in str(params)
+    # Most customers stay: the example records F1 and AUROC too, and keeps the epoch of the
+    # best AUROC (train.monitor) as its model.
+    metrics = run.data.metrics
+    assert 0 < metrics["val_f1"] <= 1 and 0.5 < metrics["val_auroc"] <= 1
+    history = MlflowClient(tracking_uri).get_metric_history(ours["run_id"], "val_auroc")
+    best = max(history, key=lambda m: m.value)
+    assert metrics["best_val_auroc"] == best.value
+    assert run.data.tags["trainyard.best_epoch"] == str(best.step)
 
     # The logged model takes raw rows: an unseen plan, region and city, and blanks anywhere.
     mlflow.set_tracking_uri(tracking_uri)

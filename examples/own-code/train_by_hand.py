@@ -8,11 +8,10 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch.optim.lr_scheduler import StepLR
-from torch.utils.data import DataLoader
-
 from models.mnist_net import Net
 from mydata import MyDataset
+from torch.optim.lr_scheduler import StepLR
+from torch.utils.data import DataLoader
 
 
 def main(epochs: int = 8, seed: int = 0) -> list[tuple[float, float]]:

@@ -523,7 +523,7 @@ def record_search(
 def log_best_model(
     spec: RunSpec, uri: str, best: dict[str, Any], storage: str, plan: Any, data: Prepared | None
 ) -> str:
-    """Log the best trial's model, from its last checkpoint, to its run (trials log none, so
+    """Log the best trial's model, from its best epoch's checkpoint, to its run (trials log none, so
     that a search pays for one model, not one per trial); its URI. `data`: the search's
     prepared data, else the best trial's is prepared again."""
     from trainyard.pipelines.data.common import pipeline_module
@@ -531,7 +531,7 @@ def log_best_model(
     from trainyard.pipelines.training.resume import latest_checkpoint
 
     best_spec = RunSpec.from_dict(with_values(spec.to_dict(), best["config"]))
-    found = latest_checkpoint(storage, best["run_name"])
+    found = latest_checkpoint(storage, best["run_name"], best=True)
     if found is None:
         raise TrainyardError(f"the best trial's run {best['run_name']} left no checkpoint")
     data = data or prepare(best_spec, plan)

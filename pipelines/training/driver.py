@@ -25,6 +25,7 @@ from trainyard.cluster.errors import SpecError, TrainyardError
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines.config.model import UserModelSpec
 from trainyard.pipelines.config.spec import RunSpec, load_spec
+from trainyard.pipelines.config.train import metric_name
 from trainyard.pipelines.data import cache
 from trainyard.pipelines.data.common import (
     Pipeline,
@@ -32,11 +33,11 @@ from trainyard.pipelines.data.common import (
     check_row_counts,
     pipeline_module,
 )
-from trainyard.pipelines.training import checkpoint as checkpoints
 from trainyard.pipelines.training.resume import (
     Place,
     cache_path,
     check_model_loads,
+    latest_checkpoint,
     place_run,
     shape_change,
 )
@@ -366,7 +367,7 @@ def open_run(
 
 
 def log_outcome(
-    spec: RunSpec, pipeline: Pipeline, data: Prepared, result: Any, place: Place, run_id: str
+    spec: RunSpec, pipeline: Pipeline, data: Prepared, place: Place, run_id: str
 ) -> str | None:
     """Curves, and the best epoch's model (by train.monitor) as the pipeline serves it
     (tabular: with its preprocessing, so that it predicts from raw rows; text: with its
@@ -374,39 +375,23 @@ def log_outcome(
     `best_<monitor>`; the model's URI, or None when tracking.log_model is off."""
     from trainyard.pipelines import tracking
 
-    checkpoint, epoch, value = best_checkpoint(spec, result)
-    with checkpoint.as_directory() as d:
-        net = checkpoints.load(d, optimizer=False).build_model()
-    monitor = spec.train.monitor
-    print(f"trainyard: the model is epoch {epoch}'s, the best by {monitor} ({value:.4f})")
-    tracking.log_batch(
-        place.uri, run_id, {}, {f"best_{monitor}": value}, {"trainyard.best_epoch": str(epoch)}
-    )
-    tracking.log_curves(place.uri, run_id, pipeline.metric_keys(spec))
+    _, state = latest_checkpoint(place.storage, place.run_name, best=True)
+    net, monitor = state.build_model(), spec.train.monitor
+    progress = state.progress or {}
+    if progress.get("best") is not None:  # (else no evaluation had a finite monitor)
+        epoch, value = progress["best_epoch"], progress["best"]
+        print(f"trainyard: the model is epoch {epoch}'s, the best by {monitor} ({value:.4f})")
+        tags = {"trainyard.best_epoch": str(epoch)}
+        tracking.log_batch(place.uri, run_id, {}, {f"best_{monitor}": value}, tags)
+    metrics = [f"val_{metric_name(m)}" for m in spec.train.metrics or []]  # (missing: skipped)
+    keys = list(dict.fromkeys([*pipeline.metric_keys(spec), *metrics]))
+    tracking.log_curves(place.uri, run_id, keys)
     with tempfile.TemporaryDirectory() as d:
         for path in pipeline.figures(spec, data, net, Path(d)):
             tracking.log_artifact(place.uri, run_id, path)
     if not spec.tracking.log_model:
         return None
     return log_trained_model(spec, pipeline, data, net, place.uri, run_id)
-
-
-def best_checkpoint(spec: RunSpec, result: Any) -> tuple[Any, int, float]:
-    """(checkpoint, epoch, monitor value) of the best evaluation: the epoch the newest
-    checkpoint's state names as the best (monitor.Progress), among the checkpoints Ray Train
-    kept by the monitor (an epoch that was the best so far always wrote one)."""
-    with result.checkpoint.as_directory() as d:
-        progress = checkpoints.load(d, optimizer=False, tensors=False).progress or {}
-    kept = result.best_checkpoints or []
-    for checkpoint, metrics in kept:
-        if (
-            progress.get("best_epoch") is not None
-            and metrics.get("epoch") == progress["best_epoch"]
-        ):
-            return checkpoint, metrics["epoch"], metrics[spec.train.monitor]
-    # (no evaluation had a finite monitor: the newest)
-    metrics = result.metrics
-    return result.checkpoint, metrics.get("epoch"), metrics.get(spec.train.monitor, float("nan"))
 
 
 def log_trained_model(
@@ -496,7 +481,7 @@ def run(
         if stopped := (result.return_value or {}).get("stopped"):
             raise TrainingStopped(stopped)
         # 4. The model, logged as the pipeline serves it.
-        model_uri = log_outcome(spec, pipeline, data, result, place, run_id)
+        model_uri = log_outcome(spec, pipeline, data, place, run_id)
         registered = spec.tracking.register_as and tracking.register_model(
             place.uri, model_uri, spec.tracking.register_as, spec.tracking.alias
         )

@@ -47,42 +47,35 @@ def lr_factor(
 
 
 def optimizer_class(train: TrainSpec) -> type[torch.optim.Optimizer]:
-    """The optimizer class train.optimizer names (SpecError where it names no such class)."""
-    if train.optimizer == "adamw":
-        return torch.optim.AdamW
-    if train.optimizer == "sgd":
-        return torch.optim.SGD
-    cls = user.load(train.optimizer, "train.optimizer")
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise SpecError(
-            f"train.optimizer: {train.optimizer} is {_kind(cls)}, not a torch.optim.Optimizer "
-            "subclass"
-        )
-    user.check_arguments(
-        cls, train.optimizer_args, "train.optimizer", train.optimizer, "train.optimizer_args"
-    )
-    return cls
+    """The optimizer class train.optimizer names (SpecError where it names no such class, or
+    optimizer_args has an argument it does not take)."""
+    if train.optimizer in ("adamw", "sgd"):
+        return torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.SGD
+    return _user_class(
+        train.optimizer, "optimizer", torch.optim.Optimizer, "torch.optim.Optimizer subclass",
+        train.optimizer_args,
+    )  # fmt: skip
 
 
 def scheduler_class(train: TrainSpec) -> type[LRScheduler] | None:
     """The LR scheduler class train.schedule names; None for a built-in schedule (SpecError
-    where it names no such class)."""
+    where it names no such class, or schedule_args has an argument it does not take)."""
     if train.schedule in SCHEDULES:
         return None
-    cls = user.load(train.schedule, "train.schedule")
-    if not (isinstance(cls, type) and issubclass(cls, LRScheduler)):
-        raise SpecError(
-            f"train.schedule: {train.schedule} is {_kind(cls)}, not a torch LR scheduler class "
-            "(torch.optim.lr_scheduler.LRScheduler)"
-        )
-    user.check_arguments(
-        cls, train.schedule_args, "train.schedule", train.schedule, "train.schedule_args"
-    )
+    return _user_class(
+        train.schedule, "schedule", LRScheduler,
+        "torch LR scheduler class (torch.optim.lr_scheduler.LRScheduler)", train.schedule_args,
+    )  # fmt: skip
+
+
+def _user_class(ref: str, key: str, base: type, what: str, args: dict[str, Any]) -> Any:
+    """The subclass of `base` that train.<key> names, which takes train.<key>_args."""
+    cls = user.load(ref, f"train.{key}")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        kind = f"the class {cls.__name__}" if isinstance(cls, type) else f"a {type(cls).__name__}"
+        raise SpecError(f"train.{key}: {ref} is {kind}, not a {what}")
+    user.check_arguments(cls, args, f"train.{key}", ref, f"train.{key}_args")
     return cls
-
-
-def _kind(obj: object) -> str:
-    return f"the class {obj.__name__}" if isinstance(obj, type) else f"a {type(obj).__name__}"
 
 
 def make_optimizer(model: nn.Module, train: TrainSpec) -> torch.optim.Optimizer:

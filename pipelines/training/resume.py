@@ -24,10 +24,13 @@ from trainyard.pipelines.training.checkpoint import TrainingState
 from trainyard.pipelines.training.session import default_dir
 
 
-def latest_checkpoint(storage: str, run_name: str) -> tuple[str, TrainingState] | None:
-    """The newest checkpoint Ray Train registered for `run_name` under `storage`, with its
-    state (without the optimizer's), after checking that it is complete; None if the run has
-    none."""
+def latest_checkpoint(
+    storage: str, run_name: str, best: bool = False
+) -> tuple[str, TrainingState] | None:
+    """The newest checkpoint Ray Train registered for `run_name` under `storage` (with `best`,
+    the one of the epoch the newest names as the best by train.monitor, monitor.Progress;
+    every such epoch wrote one and Ray keeps the best), with its state (without the
+    optimizer's), after checking that it is complete; None if the run has none."""
     import ray.train
 
     fs, base = open_fs(storage)
@@ -36,12 +39,22 @@ def latest_checkpoint(storage: str, run_name: str) -> tuple[str, TrainingState] 
     if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
         return None
     with fs.open_input_stream(snapshot) as f:
-        latest = json.loads(f.read()).get("latest_checkpoint_result")
+        manager = json.loads(f.read())
+    latest = manager.get("latest_checkpoint_result")
     if not latest:
         return None
-    path = f"{run_dir}/{latest['checkpoint_dir_name']}"
-    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
-        state = checkpoints.load(d, optimizer=False)  # CheckpointError: incomplete, corrupt
+
+    def read(name: str) -> tuple[str, TrainingState]:
+        path = f"{run_dir}/{name}"
+        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+            return path, checkpoints.load(d, optimizer=False)  # CheckpointError: incomplete
+
+    path, state = read(latest["checkpoint_dir_name"])
+    epoch = (state.progress or {}).get("best_epoch")
+    if best and epoch is not None and epoch != state.epoch:
+        for kept in manager.get("checkpoint_results", []):
+            if kept.get("metrics", {}).get("epoch") == epoch:
+                return read(kept["checkpoint_dir_name"])
     return path, state
 
 

@@ -120,6 +120,16 @@ def best(values: dict[str, list[float]], prefix: str) -> str:
     )
 
 
+def exit_rank() -> None:
+    """End a torchrun rank's process once its work is done, skipping the interpreter's
+    teardown: ranks have aborted there ("terminate called without an active exception",
+    SIGABRT, after their work: a thread of torch's still joinable as C++ statics are
+    destroyed), which failed the whole torchrun (bench sharding's and overhead's scripts)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def torchrun(workers: int, module: str, *args: str, threads: int = 1) -> None:
     """`python -m torch.distributed.run` of `module` on this machine, as a user starts a plain
     DDP script. The standalone rendezvous binds its store to a free port itself (a port picked

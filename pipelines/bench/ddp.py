@@ -89,4 +89,7 @@ def main() -> None:
 
 
 if __name__ == "__main__" and "LOCAL_RANK" in os.environ:
+    from trainyard.pipelines.bench.core import exit_rank
+
     main()
+    exit_rank()

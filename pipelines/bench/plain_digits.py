@@ -102,8 +102,12 @@ def main() -> None:
                 },
                 f,
             )
+    dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__" and "LOCAL_RANK" in os.environ:
+    from trainyard.pipelines.bench.core import exit_rank  # (stdlib only: the script stays plain)
+
     main()
+    exit_rank()

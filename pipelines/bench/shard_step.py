@@ -12,7 +12,6 @@ times; rank 0 writes all ranks' to OUT as JSON.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from trainyard.models.gpt import GPT, GPTConfig
+from trainyard.pipelines.bench.core import exit_rank
 from trainyard.pipelines.config.train import TrainSpec
 from trainyard.pipelines.training import parallel
 from trainyard.pipelines.training.optim import make_optimizer, make_scheduler
@@ -93,9 +93,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # Past this point only the interpreter's teardown runs; a rank once aborted there ("terminate
-    # called without an active exception", SIGABRT, after its work was done: a thread of
-    # torch's still joinable as C++ statics are destroyed), which failed the whole torchrun.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_rank()

@@ -345,10 +345,16 @@ def epoch_metrics(
         scores=scores,
     )
     metrics.update(text_metrics(metrics, data))
+    train_loss = result.loss
+    if w.world > 1:  # every rank's mean (train.monitor may be it: every rank decides alike)
+        sums = [result.loss * result.samples, float(result.samples)]
+        t = torch.tensor(sums, dtype=torch.float64, device=w.device)
+        dist.all_reduce(t)
+        train_loss = (t[0] / t[1].clamp(min=1.0)).item()
     # Throughput over all ranks: each rank saw the same number of samples.
     metrics.update(throughput(result, w.world, data, w.peak))
     metrics.update(
-        train_loss=result.loss,
+        train_loss=train_loss,
         epoch_seconds=result.seconds,
         elapsed_s=w.elapsed + time.perf_counter() - started,
         data_wait_share=result.data_wait_share,

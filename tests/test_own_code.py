@@ -335,6 +335,7 @@ def test_patience_stops_early_logs_the_best_epoch_and_a_resumed_run_stops_alike(
     assert b.tags["trainyard.restarts"] == "1"
     stopped = straight["epochs"]
     assert stopped < 20 and "stopped early after epoch" in a.tags["trainyard.stopped_early"]
+    assert client.get_run(straight["run_id"]).info.status == "FINISHED"
     assert "trainyard: stopped early" in straight["stdout"] + straight["stderr"]
     # Interrupted at epoch 2 and resumed: the patience count came back with the checkpoint.
     assert resumed["epochs"] == stopped and a.tags["param_digests"] == b.tags["param_digests"]

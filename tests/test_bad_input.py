@@ -300,3 +300,28 @@ def test_parquet_directory_and_glob_are_read(ray_cluster, tmp_path):
         assert features == ["f1", "f2"] and ds.count() == 15
     ds, _, _ = read_raw(DataSpec(path=str(folder / "part-[01].parquet"), label="target"), 1.0)
     assert ds.count() == 10
+
+
+def test_quoted_fields_with_line_breaks_and_commas_are_one_value_everywhere(ray_cluster, tmp_path):
+    """One CSV reading (data.common.csv_parse_options) for the schema check, the bad-row
+    scan, training's read and prediction's: a quoted note holding commas and line breaks is
+    one value of one row in each. The file is larger than Arrow's 1 MB parse blocks, so that a
+    block boundary falls inside a quoted value (which a small file never shows)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from trainyard.pipelines.config.spec import load_spec
+    from trainyard.pipelines.data import tabular
+    from trainyard.pipelines.jobs.predict import read_table_file
+    from trainyard.pipelines.training.session import init_ray
+
+    notes = ['"plain"', '"two, parts"', '"a line\nand another, too"', '"x\n\ny"']
+    n = 120_000  # (2.6 MB)
+    path = csv(tmp_path, "a,note,y\n" + "".join(f"{i},{notes[i % 4]},{i % 2}\n" for i in range(n)))
+    init_ray()
+    spec = load_spec(spec_for(tmp_path, data_spec(path, "label: y")), [])
+    data = tabular.prepare(spec, task_cpus=0.5, num_workers=2, rows_per_step=32)
+    assert data.num_train + data.num_validation == n  # no row cut by its line breaks
+    assert data.params["features.categories"] == "note=4"
+    table = read_table_file({"path": pa.array([str(path)])}, pafs.LocalFileSystem(), "csv")
+    assert table.num_rows == n and table["note"][2].as_py() == "a line\nand another, too"

@@ -12,9 +12,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
 from trainyard.cluster.errors import TrainyardError
+
+
+def csv_parse_options(invalid_row_handler: Any = None) -> pacsv.ParseOptions:
+    """How every CSV file is parsed, wherever it is read (the schema check, the bad-row scan,
+    training, preprocessing, prediction): quoted values may hold commas and line breaks (a
+    column of free text does); `invalid_row_handler` sees each row of the wrong field count."""
+    return pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=invalid_row_handler)
 
 
 def quiet_ray_data() -> None:

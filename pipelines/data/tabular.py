@@ -29,6 +29,7 @@ from trainyard.pipelines.data.common import (
     Prepared,
     check_row_counts,
     code_digest,
+    csv_parse_options,
     fingerprint,
     in_random_order,
     resolve_files,
@@ -243,7 +244,7 @@ def scan_csv_file(
     reader = pacsv.open_csv(
         filesystem.open_input_stream(path, compression="detect"),
         read_options=pacsv.ReadOptions(use_threads=False),
-        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
+        parse_options=csv_parse_options(on_invalid),
         convert_options=pacsv.ConvertOptions(
             column_types={c: pa.string() for c in rules.columns}, include_columns=rules.columns
         ),
@@ -387,9 +388,7 @@ def sample_schema(
         try:
             reader = pacsv.open_csv(
                 fs.open_input_stream(path, compression="detect"),
-                parse_options=pacsv.ParseOptions(
-                    invalid_row_handler=_skip_row, newlines_in_values=True
-                ),
+                parse_options=csv_parse_options(_skip_row),
             )
             batch = reader.read_next_batch()
         except StopIteration:
@@ -562,7 +561,7 @@ def read_raw(
             filesystem=fs,
             num_cpus=task_cpus,
             ray_remote_args=read_args,
-            parse_options=pacsv.ParseOptions(invalid_row_handler=_skip_row),
+            parse_options=csv_parse_options(_skip_row),
             convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
         )
         return drop_bad(ds), features, plan
@@ -576,6 +575,7 @@ def read_raw(
         filesystem=fs,
         num_cpus=task_cpus,
         ray_remote_args=read_args,
+        parse_options=csv_parse_options(),
         convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
     )
     return ds, features, plan
@@ -767,8 +767,15 @@ def read_preprocessed(
         files, fs = resolve_files(spec.path, DATA_EXTENSIONS)
         fmt = file_format(files, spec.format)
         _, sample = sample_schema(files, fs, fmt)
-        read = ray.data.read_parquet if fmt == "parquet" else ray.data.read_csv
-        ds = read(files, filesystem=fs, num_cpus=task_cpus, ray_remote_args=read_args)
+        if fmt == "parquet":
+            ds = ray.data.read_parquet(
+                files, filesystem=fs, num_cpus=task_cpus, ray_remote_args=read_args
+            )
+        else:
+            ds = ray.data.read_csv(
+                files, filesystem=fs, num_cpus=task_cpus, ray_remote_args=read_args,
+                parse_options=csv_parse_options(),
+            )  # fmt: skip
     if spec.label not in sample:
         raise _missing("label", spec.label, list(sample.columns))
     try:

@@ -49,6 +49,7 @@ import pandas as pd
 from trainyard.cluster.errors import TrainyardError
 from trainyard.pipelines.data.common import (
     DataError,
+    csv_parse_options,
     errors_reported_here,
     fingerprint,
     open_fs,
@@ -576,10 +577,9 @@ def read_table_file(batch: Any, filesystem: Any, fmt: str) -> Any:
     path = batch["path"][0].as_py()
     if fmt == "parquet":
         return pq.read_table(path, filesystem=filesystem)
-    # Quoted values may hold newlines (a column of texts does).
     return pacsv.read_csv(
         filesystem.open_input_stream(path, compression="detect"),
-        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        parse_options=csv_parse_options(),
     )
 
 

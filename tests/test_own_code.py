@@ -373,6 +373,10 @@ def test_a_nanogpt_style_model_trains_with_its_own_loss_under_fsdp_and_samples(
     losses = [m.value for m in client.get_metric_history(run["run_id"], "train_loss")]
     assert losses[-1] < losses[0] and run["metrics"]["val_loss"] < math.log(256)
     assert client.get_run(run["run_id"]).data.params["train.loss"] == "model"
+    # Console hygiene: neither Ray Data's "no available CPUs ... will hang" (trainyard plans
+    # them) nor MLflow's integer-column hint (about inputs; these are outputs) reaches the user.
+    console = run["stdout"] + run["stderr"]
+    assert "available CPUs" not in console and "Inferred schema contains integer" not in console
     # Sampled from the logged model (its forward without targets: the last position's logits).
     assert cli.main(["generate", run["model_uri"], "--prompt", "def ", "--max-bytes", "12"]) == 0
     assert capsys.readouterr().out.startswith("def ")

@@ -26,10 +26,17 @@ def csv_parse_options(invalid_row_handler: Any = None) -> pacsv.ParseOptions:
 
 
 def quiet_ray_data() -> None:
-    """Keep Ray Data's per-execution INFO lines and its "progress bars disabled" warning (it
-    runs without bars) out of this process's console; its other warnings still show."""
+    """Keep Ray Data's per-execution INFO lines, its "progress bars disabled" warning (it runs
+    without bars) and its "no available CPUs, the Dataset job will hang" warning out of this
+    process's console; its other warnings still show. (That warning reads Ray's free CPUs as
+    an execution starts: trainyard plans them, keeping scaling.data_cpus for Ray Data, and its
+    own tasks may hold them that moment; the execution waits for them and does not hang. Ray
+    prints it once per process: the once is spent here.)"""
+    from ray.util.debug import log_once
+
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    log_once("cpu_warning")
 
 
 def settle(timeout_s: float = 2.0) -> None:

@@ -103,7 +103,11 @@ def log_model(
     requirements += getattr(model, "requirements", [])
     # The inputs as the model declares them (what users' tables hold: data.serving), the outputs
     # as it gives them for the example.
-    outputs = infer_signature(model_output=model.predict(None, example)).outputs
+    with warnings.catch_warnings():
+        # (MLflow's hint that integer columns cannot hold missing values is about inputs at
+        # inference time; these are the model's outputs, a text's byte and token counts)
+        warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
+        outputs = infer_signature(model_output=model.predict(None, example)).outputs
     signature = ModelSignature(inputs=model.input_schema(example), outputs=outputs)
     with (
         tempfile.TemporaryDirectory() as scratch,

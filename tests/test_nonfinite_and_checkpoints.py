@@ -3,16 +3,12 @@ group (DDP, two processes), and checkpoints that are refused when incomplete or 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import on_ranks
 from torch import nn
 
 from trainyard.cluster.errors import SpecError
-from trainyard.cluster.local import free_port
 from trainyard.pipelines.config.train import TrainSpec
 from trainyard.pipelines.config.user import build_model
 from trainyard.pipelines.training.checkpoint import (
@@ -37,9 +33,7 @@ def _batches(rank: int, n: int, poison: int | None) -> list[dict[str, torch.Tens
     return out
 
 
-def _worker(rank: int, port: int, case: str, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank: int, results, case: str) -> None:
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(
         nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -75,14 +69,10 @@ def _worker(rank: int, port: int, case: str, results) -> None:
         "lr_steps": scheduler.main.last_epoch,
         "loss": stats.loss,
     }
-    dist.destroy_process_group()
 
 
 def _run(case: str) -> dict:
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(free_port(), case, results), nprocs=2, join=True)
-        return dict(results)
+    return on_ranks(_worker, 2, case)
 
 
 def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank():

@@ -5,19 +5,15 @@ blocks of built-in and user models found by class name."""
 from __future__ import annotations
 
 import copy
-import io
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import on_ranks
 from torch import nn
 
 from trainyard.cluster.errors import SpecError
-from trainyard.cluster.local import free_port
 from trainyard.models import build_model
 from trainyard.pipelines.config.train import TrainSpec
 from trainyard.pipelines.training import checkpoint as checkpoints
@@ -63,23 +59,6 @@ def _whole(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, di
         get_model_state_dict(model, options=options),
         get_optimizer_state_dict(model, optimizer, options=options),
     )
-
-
-class Results:
-    """What the ranks send back, as bytes: tensors sent through a multiprocessing manager share
-    memory with the sending process, which may reuse it for other tensors before the test reads
-    them (the tensors as they are when put)."""
-
-    def __init__(self, manager) -> None:
-        self.shared = manager.dict()
-
-    def __setitem__(self, key, value) -> None:
-        buffer = io.BytesIO()
-        torch.save(value, buffer)
-        self.shared[key] = buffer.getvalue()
-
-    def read(self) -> dict:
-        return {k: torch.load(io.BytesIO(v), weights_only=False) for k, v in self.shared.items()}
 
 
 def _batches(rank: int) -> list[dict[str, torch.Tensor]]:
@@ -144,10 +123,7 @@ def _train(rank: int, strategy: str, amp: torch.dtype | None, out: Path) -> dict
     }
 
 
-def _worker(rank: int, port: int, cases: list, out: Path, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
+def _worker(rank: int, results, cases: list, out: Path) -> None:
     for strategy, amp in cases:
         results[(rank, strategy, str(amp))] = _train(rank, strategy, amp, out)
     # A user's model, its blocks named: sharded, trained a step, gathered whole.
@@ -158,7 +134,6 @@ def _worker(rank: int, port: int, cases: list, out: Path, results) -> None:
     optimizer.step()
     state, _ = _whole(net, optimizer)
     results[(rank, "stack")] = {"held": parallel.local_bytes(net.parameters()), "state": state}
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +141,7 @@ def trained(tmp_path_factory) -> dict:
     cases = [("ddp", None), ("fsdp", None), ("fsdp+ac", None), ("fsdp+offload", None)]
     cases += [("fsdp", torch.bfloat16), ("fsdp", torch.float16)]
     out = tmp_path_factory.mktemp("ranks")
-    with mp.Manager() as manager:
-        results = Results(manager)
-        mp.spawn(_worker, args=(free_port(), cases, out, results), nprocs=2, join=True)
-        results = results.read()
+    results = on_ranks(_worker, 2, cases, out)
     # Both ranks' parts merged into one directory, as Ray Train does, with rank 0's state file.
     merged = out / "checkpoint"
     for rank in (0, 1):
@@ -243,12 +215,9 @@ def test_a_whole_state_loads_without_torch_distributed_at_another_world_size(tra
     optimizer.step()
 
 
-def _resume_at_three(rank: int, port: int, checkpoint: Path, results) -> None:
+def _resume_at_three(rank: int, results, checkpoint: Path) -> None:
     """The checkpoint 2 FSDP ranks wrote, loaded by 3 FSDP ranks (shards of other sizes) as the
     loop loads it, and trained a step."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=3)
-    torch.set_num_threads(1)
     torch.manual_seed(1)  # (other initial weights: the checkpoint's must replace them)
     model = parallel.shard(build_model("gpt", **GPT), torch.device("cpu"), 3, ["Block"], None)
     optimizer = make_optimizer(model, TrainSpec())
@@ -268,7 +237,6 @@ def _resume_at_three(rank: int, port: int, checkpoint: Path, results) -> None:
         "moments": sum(float(m.abs().sum()) for m in moments),
         "digest": param_digest(model),
     }
-    dist.destroy_process_group()
 
 
 def test_a_checkpoint_of_two_ranks_resumes_sharded_over_three_and_whole_in_one(trained):
@@ -279,10 +247,7 @@ def test_a_checkpoint_of_two_ranks_resumes_sharded_over_three_and_whole_in_one(t
     checkpoint = trained["checkpoint"]
     files = sorted(p.name for p in (checkpoint / checkpoints.SHARDS_DIR).iterdir())
     assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own
-    with mp.Manager() as manager:
-        results = Results(manager)
-        mp.spawn(_resume_at_three, args=(free_port(), checkpoint, results), nprocs=3, join=True)
-        results = results.read()
+    results = on_ranks(_resume_at_three, 3, checkpoint)
     loaded = results[(0, "loaded")]
     for name, value in saved["model_state"].items():
         assert torch.equal(loaded["model"][name], value), name

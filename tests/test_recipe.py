@@ -6,19 +6,15 @@ gloo group) and equal to scikit-learn's; the monitor's best epoch and early stop
 
 from __future__ import annotations
 
-import io
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import on_ranks
 from torch import nn
 
 from trainyard.cluster.errors import SpecError
-from trainyard.cluster.local import free_port
 from trainyard.models.outputs import logits, model_loss
 from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.config.train import TrainSpec
@@ -234,24 +230,15 @@ class _Passthrough(nn.Module):
         return x
 
 
-def _rank(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
+def _scored_on(rank: int, results) -> None:
     for classes in (2, 3):
-        buffer = io.BytesIO()
-        torch.save(_scored(rank, 2, classes), buffer)
-        results[(rank, classes)] = buffer.getvalue()
-    dist.destroy_process_group()
+        results[(rank, classes)] = _scored(rank, 2, classes)
 
 
 def test_metrics_are_exact_over_all_ranks_and_agree_with_scikit_learn():
     from sklearn import metrics as sk
 
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank, args=(free_port(), results), nprocs=2, join=True)
-        two = {k: torch.load(io.BytesIO(v)) for k, v in results.items()}
+    two = on_ranks(_scored_on, 2)
     for classes in (2, 3):
         one = _scored(0, 1, classes)
         assert set(one) == {"val_loss", *(f"val_{m}" for m in METRICS)}

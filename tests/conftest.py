@@ -71,6 +71,28 @@ def train(config, out, *overrides: str) -> dict:
     return json.loads(summary.read_text())
 
 
+def train_in_project(project, ray_cluster, tracking_uri: str, *args: str, **env: str) -> dict:
+    """`trainyard train ARGS` as a user runs it, in a process of its own from the project
+    directory, on the test cluster; asserts it succeeded and returns its --summary with its
+    stdout and stderr."""
+    import subprocess
+    from pathlib import Path
+
+    summary = project / f"summary-{len(list(project.glob('summary-*')))}.json"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "trainyard"), "train", *args, "--summary", str(summary)],
+        cwd=project,
+        env=os.environ
+        | {"RAY_ADDRESS": ray_cluster.address, "MLFLOW_TRACKING_URI": tracking_uri}
+        | env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(summary.read_text()) | {"stdout": proc.stdout, "stderr": proc.stderr}
+
+
 # A process that has imported what every "elsewhere" check imports first, and nothing of
 # trainyard's or of any project's: each check runs in a child forked from it (a fresh process,
 # less ~4 CPU-s of imports), in its own directory. Started on first use, ended with the session.

@@ -11,15 +11,12 @@ example's directory, test_cluster_e2e sends preprocessing on the tabular pipelin
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import pyfunc_elsewhere
+from conftest import pyfunc_elsewhere, train_in_project
 from conftest import train_command as main
 
 from trainyard.cluster.errors import SpecError
@@ -146,20 +143,7 @@ def test_a_ray_dataset_without_a_split_is_split_here(ray_cluster):
 
 
 def _train(project: Path, tracking_uri: str, ray_cluster, *args: str, **env: str) -> dict:
-    """`trainyard train` as a user runs it, from the project directory, on the test cluster."""
-    summary = project / f"summary-{len(list(project.glob('summary-*')))}.json"
-    proc = subprocess.run(
-        [str(BIN / "trainyard"), "train", *args, "--summary", str(summary)],
-        cwd=project,
-        env=os.environ
-        | {"RAY_ADDRESS": ray_cluster.address, "MLFLOW_TRACKING_URI": tracking_uri}
-        | env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(summary.read_text()) | {"stdout": proc.stdout, "stderr": proc.stderr}
+    return train_in_project(project, ray_cluster, tracking_uri, *args, **env)
 
 
 def test_own_dataset_model_loss_and_augment_resume_exactly(

@@ -47,7 +47,7 @@ def test_windows_never_cross_the_split(ray_cluster, tmp_path):
     assert data.num_train > 0 and data.num_validation > 0
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+def cli_main(args: list[str], capsys) -> tuple[int, str, str]:
     rc = cli.main(args)
     out = capsys.readouterr()
     return rc, out.out, out.err
@@ -125,16 +125,16 @@ def test_fsdp_trains_the_same_gpt_as_ddp_holding_half_the_parameters(
 
 
 def test_generate_continues_the_prompt_from_mlflow(tiny_run, tracking_uri, capsys):
-    rc, out, _ = run_cli(
+    rc, out, _ = cli_main(
         ["generate", tiny_run["run_id"], "--prompt", "def ", "--max-bytes", "40"], capsys
     )
     assert rc == 0
     assert out.startswith("def ") and len(out.encode()) > len("def ")
-    rc2, again, _ = run_cli(
+    rc2, again, _ = cli_main(
         ["generate", tiny_run["model_uri"], "--prompt", "def ", "--max-bytes", "40"], capsys
     )
     assert rc2 == 0 and again == out  # the same model by run id or URI, the same seed
-    rc, _, err = run_cli(["generate", "0" * 32, "--prompt", "x"], capsys)
+    rc, _, err = cli_main(["generate", "0" * 32, "--prompt", "x"], capsys)
     assert rc == 2 and err.startswith("trainyard: error: cannot load") and err.count("\n") == 1
 
 
@@ -151,14 +151,14 @@ def test_generate_refuses_a_model_changed_after_trainyard_signed_it(
     capsys.readouterr()  # (MLflow's download progress, not the command's)
     mlmodel = copy / "MLmodel"
     mlmodel.write_text(mlmodel.read_text().replace("tokenizer: bytes", "tokenizer: os:getcwd"))
-    rc, _, err = run_cli(["generate", str(copy), "--prompt", "x"], capsys)
+    rc, _, err = cli_main(["generate", str(copy), "--prompt", "x"], capsys)
     assert rc == 2 and err.count("\n") == 1
     assert "refused to load: files changed since it was signed: MLmodel" in err
     mlmodel.write_text(mlmodel.read_text().replace("tokenizer: os:getcwd", "tokenizer: bytes"))
     (copy / SIGNATURE_FILE).unlink()
-    rc, _, err = run_cli(["generate", str(copy), "--prompt", "x"], capsys)
+    rc, _, err = cli_main(["generate", str(copy), "--prompt", "x"], capsys)
     assert rc == 2 and "it is not signed (trainyard did not log it)" in err
-    rc, out, _ = run_cli(["generate", str(copy), "--prompt", "x", "--trust-model"], capsys)
+    rc, out, _ = cli_main(["generate", str(copy), "--prompt", "x", "--trust-model"], capsys)
     assert rc == 0 and out.startswith("x")
 
 
@@ -177,7 +177,7 @@ def test_predict_scores_text_files_as_the_model_predicts_their_bytes(
     texts = {"a.py": b"def f(x):\n    return x + 1\n" * 9, "b.txt": b"import json\n" * 3}
     for name, data in texts.items():
         (corpus / name).write_bytes(data)
-    rc, _, err = run_cli(
+    rc, _, err = cli_main(
         ["predict", tiny_run["model_uri"], str(corpus), "--out", str(tmp_path / "o")], capsys
     )
     assert rc == 0, err
@@ -204,7 +204,7 @@ def test_predict_scores_text_files_as_the_model_predicts_their_bytes(
     pd.DataFrame({"id": [7, 8], "text": [t.decode() for _, t in sorted(texts.items())]}).to_csv(
         table, index=False
     )
-    rc, _, err = run_cli(
+    rc, _, err = cli_main(
         [
             "predict",
             tiny_run["model_uri"],
@@ -226,17 +226,17 @@ def test_predict_scores_text_files_as_the_model_predicts_their_bytes(
     np.testing.assert_allclose(scores["bits_per_byte"], scored["bits_per_byte"], rtol=1e-6)
     generate = ["--generate", "12", "--temperature", "0.5", "--seed", "3", "--batch-size", "1"]
     args = ["predict", tiny_run["model_uri"], str(table), "--out", str(tmp_path / "g"), *generate]
-    rc, _, err = run_cli(args, capsys)
+    rc, _, err = cli_main(args, capsys)
     assert rc == 0, err
     continued = pd.read_parquet(tmp_path / "g")["continuation"].tolist()
     for (_, data), text in zip(sorted(texts.items()), continued, strict=True):
-        rc, sampled, _ = run_cli(
+        rc, sampled, _ = cli_main(
             ["generate", tiny_run["model_uri"], "--prompt", data.decode(), "--max-bytes", "12"]
             + ["--temperature", "0.5", "--seed", "3"],
             capsys,
         )
         assert sampled == data.decode() + text + "\n" and len(text.encode()) <= 12
-    rc, _, err = run_cli(
+    rc, _, err = cli_main(
         [
             "predict",
             tiny_run["model_uri"],

@@ -10,17 +10,14 @@ transformers is in the dev extra, so CI runs this; where it is not installed, it
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers", reason="transformers is not installed (the dev extra has it)")
 
-from conftest import pyfunc_elsewhere  # noqa: E402
+from conftest import pyfunc_elsewhere, train_in_project  # noqa: E402
 from shared_runs import SMALL_CORPUS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,22 +25,11 @@ EXAMPLE = ROOT / "examples" / "hf"
 
 
 def train(project: Path, ray_cluster, tracking_uri: str, config: str, *sets: str) -> dict:
-    """`trainyard train CONFIG` from the project directory, in a process of its own."""
-    import json
-
-    summary = project / f"{Path(config).stem}.json"
-    args = [a for s in (f"scaling.storage_path={project / 'results'}", *sets) for a in ("--set", s)]
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "trainyard"), "train", config, "--summary", str(summary)]
-        + args,
-        cwd=project,
-        env=os.environ | {"RAY_ADDRESS": ray_cluster.address, "MLFLOW_TRACKING_URI": tracking_uri},
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(summary.read_text())
+    """`trainyard train CONFIG` from the project directory with `--set` SETS, in a process of
+    its own."""
+    sets = (f"scaling.storage_path={project / 'results'}", *sets)
+    args = [a for s in sets for a in ("--set", s)]
+    return train_in_project(project, ray_cluster, tracking_uri, config, *args)
 
 
 def test_transformers_models_train_log_predict_and_generate_without_wrappers(

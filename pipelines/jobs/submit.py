@@ -26,7 +26,8 @@ from trainyard.cluster.secrets import redact_override
 from trainyard.pipelines import tracking
 from trainyard.pipelines.config.overrides import holds_credentials, overrides_package
 from trainyard.pipelines.config.spec import load_spec
-from trainyard.pipelines.training.driver import add_spec_arguments, check_code
+from trainyard.pipelines.training.checks import check_code
+from trainyard.pipelines.training.driver import add_spec_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -231,7 +231,7 @@ def search(
 
     from trainyard.cluster.resources import cluster_nodes
     from trainyard.pipelines import tracking
-    from trainyard.pipelines.training.driver import check_code
+    from trainyard.pipelines.training.checks import check_code
     from trainyard.pipelines.training.resume import read_args_for, storage_path
     from trainyard.pipelines.training.session import default_dir, init_ray
 
@@ -590,7 +590,7 @@ def plot_trials(spec: RunSpec, trials: list[dict], metric: str, path: Path) -> P
 def dry_run(spec: RunSpec, trials: int) -> None:
     """Check the search and print it: on the cluster in RAY_ADDRESS, else on this machine."""
     from trainyard.cluster.resources import cluster_nodes, local_nodes
-    from trainyard.pipelines.training.driver import check_code
+    from trainyard.pipelines.training.checks import check_code
     from trainyard.pipelines.training.session import init_ray
 
     check_code(spec)

@@ -3,6 +3,7 @@ on every rank."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any
@@ -171,30 +172,27 @@ class Schedule:
             self.main = self._build(cls, train, taken)
 
     def _build(self, cls: type, train: TrainSpec, kwargs: dict) -> LRScheduler:
-        try:
-            return cls(self.optimizer, **kwargs)
-        except Exception as e:
-            shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-            raise SpecError(
-                f"train.schedule: building {train.schedule}({shown}) failed: "
-                f"{type(e).__name__}: {e}"
-            ) from None
+        build = functools.partial(cls, self.optimizer)
+        return user.call(build, kwargs, "train.schedule", train.schedule, "the schedule")
+
+    @property
+    def warming(self) -> bool:
+        """A warm-up before ReduceLROnPlateau has steps to go."""
+        return self.warmup is not None and self.warmup.last_epoch < self.warmup_steps - 1
 
     def step(self) -> None:
         """After an optimizer step that was applied."""
         if self.interval == "step":
             self.main.step()
-        elif self.warmup is not None and self.warmup.last_epoch < self.warmup_steps - 1:
+        elif self.warming:
             self.warmup.step()
 
     def evaluated(self, metrics: dict[str, float]) -> None:
         """After an epoch's evaluation (`metrics` hold train.monitor)."""
         if self.interval == "epoch":
             self.main.step()
-        elif self.interval == "evaluation":
-            warming = self.warmup is not None and self.warmup.last_epoch < self.warmup_steps - 1
-            if not warming:
-                self.main.step(metrics[self.monitor])
+        elif self.interval == "evaluation" and not self.warming:
+            self.main.step(metrics[self.monitor])
 
     def get_last_lr(self) -> list[float]:
         """The learning rate of each parameter group now."""

@@ -24,8 +24,11 @@ from trainyard.pipelines.config.train import (
     metric_name,
 )
 
-DEFAULTS = {"classification": ["accuracy"], "language_modeling": ["accuracy"]}
-DEFAULTS["regression"] = ["rmse", "r2"]
+DEFAULTS = {
+    "classification": ["accuracy"],
+    "language_modeling": ["accuracy"],
+    "regression": ["rmse", "r2"],
+}
 
 
 def metric_names(metrics: list[str] | None, task: str | None) -> list[str]:
@@ -109,9 +112,11 @@ class Scores:
         classes: int | None = None,
         target_std: float = 1.0,
     ):
-        self.names, self.task, self.classes, self.target_std = names, task, classes, target_std
+        self.names, self.task, self.target_std = names, task, target_std
         self.metrics: dict[str, Any] | None = None
         self.binary: set[str] = set()
+        self.device: torch.device | None = None
+        """Where the metrics' states are (moved once, to the first batch's device)."""
         if classes is not None or task == "regression" or not names:
             self.metrics = self._build(classes)
 
@@ -139,9 +144,12 @@ class Scores:
             out, y = out.flatten(0, -2), y.flatten()
         if self.metrics is None:  # (classes: the logits' last dimension)
             self.metrics = self._build(out.shape[-1])
+        if self.device != out.device:
+            for metric in self.metrics.values():
+                metric.to(out.device)
+            self.device = out.device
         probs = None
         for name, metric in self.metrics.items():
-            metric.to(out.device)
             if name in self.binary:  # (scored on the probability of class 1)
                 if probs is None:
                     probs = out.softmax(-1)[:, 1]

@@ -25,7 +25,7 @@ from trainyard.models.outputs import is_hugging_face, logits, model_loss, target
 from trainyard.pipelines.config.train import MODEL_LOSS, TrainSpec
 from trainyard.pipelines.config.user import load_callable
 from trainyard.pipelines.training.parallel import full_parameters, is_sharded
-from trainyard.pipelines.training.scores import Scores
+from trainyard.pipelines.training.scores import Scores, make_scores
 
 
 def task_loss(task: str, label_smoothing: float = 0.0) -> Callable[..., torch.Tensor]:
@@ -302,8 +302,6 @@ def evaluate(
     the metrics' states gathered when torch.distributed is initialized): val_loss (per sample;
     per token for language modelling, in nats; of the scaled target for regression) and each
     of `scores`' metrics (None: the task's defaults, scores.DEFAULTS)."""
-    from trainyard.pipelines.training.scores import make_scores
-
     model = unwrap(model)
     model.eval()
     device = next(model.parameters()).device
@@ -327,16 +325,11 @@ def evaluate(
         spare = batch
         x, y = batch["x"], batch["y"]
         n = y.numel() if task is not None else len(y)  # samples, or tokens
+        own = isinstance(loss_fn, ModelLoss)  # (its mean loss comes with the logits)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            if isinstance(loss_fn, ModelLoss):
-                loss, out = loss_fn(model, x, y)
-                loss = loss.double() * n
-            else:
-                out = logits(model(x))
+            mean, out = loss_fn(model, x, y) if own else (None, logits(model(x)))
         out = out.float()
-        if not isinstance(loss_fn, ModelLoss):
-            loss = loss_fn(out, y, reduction="sum").double()
-        sums[0] += loss
+        sums[0] += mean.double() * n if own else loss_fn(out, y, reduction="sum").double()
         sums[1] += n
         scores.update(out, y)
     if lockstep:

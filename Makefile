@@ -62,10 +62,17 @@ gpu-kit: setup
 	  load_digits(as_frame=True).frame.rename(columns={'target': 'label'}).to_csv('data/digits.csv', index=False)"
 	TRAINYARD_CACHE=data $(BIN)/python -c "from trainyard.pipelines.data.images import digits_images; digits_images()"
 
+# lint-imports reads trainyard.cluster, .models and .pipelines as top-level packages, which
+# they are not once installed: `trainyard` (pipelines/trainyard/, the Python API) is a regular
+# package above them. It reads them through a `trainyard` namespace of links instead.
+LINT_ROOT := $(VENV)/lint-root
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/lint-imports
+	@mkdir -p $(LINT_ROOT)/trainyard
+	@for p in cluster models pipelines; do ln -sfn $(CURDIR)/$$p $(LINT_ROOT)/trainyard/$$p; done
+	PYTHONPATH=$(LINT_ROOT) $(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff format .

@@ -15,6 +15,18 @@ class SpecError(TrainyardError):
     """A run spec that cannot be used."""
 
 
+class RunFailed(Exception):
+    """Work that started and did not succeed (a training run failed or stopped itself, a search
+    ended with no result, a job failed, a check failed): its message as one line and exit code
+    1 from the command, an exception from the Python API. `stuck`: a thread of this process is
+    left in a wait Ray cannot interrupt, so a command must end without Ray's shutdown (a
+    notebook's kernel goes on)."""
+
+    def __init__(self, message: str = "", stuck: bool = False):
+        super().__init__(message)
+        self.stuck = stuck
+
+
 def check(ok: bool, name: str, value: Any, expected: str) -> None:
     """Raise SpecError naming the field `name` unless `ok`."""
     if not ok:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from trainyard.cluster.errors import TrainyardError
+from trainyard.cluster.errors import RunFailed, TrainyardError
 from trainyard.cluster.secrets import redact_text
 
 # Never uploaded: environments, local data and results, MLflow stores, caches, VCS.
@@ -207,40 +207,37 @@ def submit(
     return jobs, job_id
 
 
-def follow(jobs, job_id: str, start_timeout_s: float, started: float) -> int:
-    """Stream a submitted job's logs until it ends; its exit status: 0 only for SUCCEEDED.
-    A job still PENDING after `start_timeout_s` is stopped (the cluster had no room)."""
+def follow(jobs, job_id: str, start_timeout_s: float, started: float) -> None:
+    """Stream a submitted job's logs until it ends; RunFailed unless it SUCCEEDED. A job still
+    PENDING after `start_timeout_s` is stopped (the cluster had no room). ^C stops following
+    (KeyboardInterrupt goes on) and leaves the job running."""
     try:
         if wait_while(jobs, job_id, {"PENDING"}, start_timeout_s) == "PENDING":
             jobs.stop_job(job_id)
-            print(
-                f"trainyard: job {job_id} was still PENDING after {start_timeout_s:g} s "
-                "(--start-timeout): the cluster had no room for its driver; stopped it",
-                file=sys.stderr,
+            raise RunFailed(
+                f"job {job_id} was still PENDING after {start_timeout_s:g} s "
+                "(--start-timeout): the cluster had no room for its driver; stopped it"
             )
-            return 1
         asyncio.run(_follow(jobs, job_id))
         running = {"PENDING", "RUNNING"}
         if (status := wait_while(jobs, job_id, running, SETTLE_TIMEOUT_S)) not in TERMINAL:
-            print(
-                f"trainyard: job {job_id}'s logs ended but it is still {status} after "
-                f"{SETTLE_TIMEOUT_S:g} s; follow it with: ray job status {job_id}",
-                file=sys.stderr,
+            raise RunFailed(
+                f"job {job_id}'s logs ended but it is still {status} after "
+                f"{SETTLE_TIMEOUT_S:g} s; follow it with: ray job status {job_id}"
             )
-            return 1
         info = jobs.get_job_info(job_id)
     except KeyboardInterrupt:
         print(f"\ntrainyard: stopped following; job {job_id} goes on (ray job stop {job_id})")
-        return 130
+        raise
     elapsed = time.monotonic() - started
     if status == "SUCCEEDED":
         print(f"trainyard: job {job_id} SUCCEEDED in {elapsed:.1f} s")
-        return 0
+        return
     reason = (info.message or "").splitlines()[0] if info.message else ""
-    print(f"trainyard: job {job_id} {status} after {elapsed:.1f} s: {reason}", file=sys.stderr)
-    if error := last_error(jobs.get_job_logs(job_id)):
-        print(f"  {error}", file=sys.stderr)
-    return 1
+    error = last_error(jobs.get_job_logs(job_id))
+    raise RunFailed(
+        f"job {job_id} {status} after {elapsed:.1f} s: {reason}" + (f"\n  {error}" if error else "")
+    )
 
 
 def last_error(logs: str) -> str | None:

@@ -96,7 +96,7 @@ def auth_config(directory: Path) -> Path:
     return path
 
 
-def command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> None:
     directory = Path(args.dir).expanduser().resolve()
     directory.mkdir(parents=True, exist_ok=True)
     cmd = server_command(
@@ -128,7 +128,7 @@ def add_login_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--file", default=LOGIN_FILE, help=f"where to write it ({LOGIN_FILE})")
 
 
-def login_command(args: argparse.Namespace) -> int:
+def login_command(args: argparse.Namespace) -> None:
     """`trainyard mlflow-login`: write a login for `mlflow-server --auth` (a random password)
     as shell variables, readable by its owner only, and make the model-signing key if there is
     none (both are what ray_cluster.yaml copies to every node); existing files are kept."""
@@ -145,4 +145,3 @@ def login_command(args: argparse.Namespace) -> int:
     signing.model_key()
     where = signing.KEY_ENV if os.environ.get(signing.KEY_ENV) else signing.KEY_FILE
     print(f"  trainyard signs the models it logs with the key in {where}")
-    return 0

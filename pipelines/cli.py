@@ -4,15 +4,21 @@ up|down|status, mlflow-server, mlflow-login."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from dataclasses import asdict
+from pathlib import Path
 
-from trainyard.cluster.errors import TrainyardError
+from trainyard.cluster.errors import RunFailed, SpecError, TrainyardError
 from trainyard.cluster.secrets import redact_text
+from trainyard.pipelines import api
+from trainyard.pipelines.config.overrides import read_overrides
+from trainyard.pipelines.config.spec import load_spec
 from trainyard.pipelines.training import driver
 
 
-def _cluster_up(args: argparse.Namespace) -> int:
+def _cluster_up(args: argparse.Namespace) -> None:
     from trainyard.cluster import local
 
     print(f"trainyard: starting a head and {args.workers} worker nodes ...", flush=True)
@@ -28,21 +34,49 @@ def _cluster_up(args: argparse.Namespace) -> int:
     print(local.describe(state.dashboard_url, state))
     print("submit a run:  trainyard submit configs/digits.yaml")
     print("stop it all:   trainyard cluster down")
-    return 0
 
 
-def _cluster_down(args: argparse.Namespace) -> int:
+def _cluster_down(args: argparse.Namespace) -> None:
     from trainyard.cluster import local
 
     print(f"trainyard: {local.down()}")
-    return 0
 
 
-def _cluster_status(args: argparse.Namespace) -> int:
+def _cluster_status(args: argparse.Namespace) -> None:
     from trainyard.cluster import local
 
     print(local.status(args.address))
-    return 0
+
+
+def _train(args: argparse.Namespace) -> None:
+    overrides = [*args.overrides, *(read_overrides(args.set_from) if args.set_from else [])]
+    if args.dry_run:
+        driver.dry_run(load_spec(args.config, overrides))
+        return
+    result = api.train(args.config, overrides, args.resume, started=args.started)
+    _write_summary(args.summary, asdict(result))
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from trainyard.pipelines.jobs import tune
+
+    overrides = [*args.overrides, *(read_overrides(args.set_from) if args.set_from else [])]
+    if args.dry_run:
+        spec = load_spec(args.config, overrides)
+        trials = spec.tune.trials if args.trials is None else args.trials
+        if trials < 1:
+            raise SpecError(f"--trials: expected an integer >= 1, got {trials}")
+        tune.dry_run(spec, trials)
+        return
+    result = api.tune(args.config, overrides, args.trials, args.resume)
+    _write_summary(args.summary, asdict(result))
+    if result.best is None:
+        raise RunFailed(f"search {result.name}: no trial finished with a value of {result.metric}")
+
+
+def _write_summary(path: str | None, summary: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def _add_cluster(commands) -> None:
@@ -96,7 +130,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train a run spec (YAML) here")
     driver.add_arguments(train_parser)
-    train_parser.set_defaults(func=driver.train_command)
+    train_parser.set_defaults(func=_train)
     submission = commands.add_parser(
         "submit",
         help="run a spec on a cluster as a Ray job",
@@ -123,7 +157,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         "tune", help="a hyper-parameter search over a spec (Ray Tune), trials as MLflow runs"
     )
     tune.add_arguments(search)
-    search.set_defaults(func=tune.command)
+    search.set_defaults(func=_tune)
     infer = commands.add_parser("predict", help="batch inference on Ray Data from a model")
     predict.add_arguments(infer)
     infer.set_defaults(func=predict.command)
@@ -148,12 +182,25 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:2] == ["submit", "--predict"]:
-            return submit.predict_command(argv[2:])
-        if argv[:2] == ["k8s", "--predict"]:
-            return k8s.predict_command(argv[2:])
-        args = parser.parse_args(argv)
-        args.started = started
-        return args.func(args)
+            submit.predict_command(argv[2:])
+        elif argv[:2] == ["k8s", "--predict"]:
+            k8s.predict_command(argv[2:])
+        else:
+            args = parser.parse_args(argv)
+            args.started = started
+            args.func(args)
     except TrainyardError as e:  # a mistake of the user's: one line, credentials masked
         print(f"trainyard: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
+    except RunFailed as e:  # work that started and failed: its line(s) said why
+        if str(e):
+            print(f"trainyard: {redact_text(str(e))}", file=sys.stderr, flush=True)
+        if e.stuck:
+            # A thread is left in a wait Ray cannot interrupt, and Ray's shutdown would wait
+            # for it: end the process (Ray ends this driver's job, its workers, with it).
+            sys.stdout.flush()
+            os._exit(1)
+        return 1
+    except KeyboardInterrupt:  # (what was stopped said so)
+        return 130
+    return 0

@@ -74,7 +74,7 @@ def test_doctor_names_a_node_on_another_version_that_cannot_see_the_storage(
     what a node without the shared volume has) and trainyard's installed metadata says 0.0.1
     (another version installed there). The versions and storage checks each name it; the rest
     pass."""
-    from importlib.metadata import distribution
+    from importlib.metadata import distributions
 
     import ray
 
@@ -84,7 +84,11 @@ def test_doctor_names_a_node_on_another_version_that_cannot_see_the_storage(
     storage.mkdir()
     old.mkdir()
     (old / "METADATA").write_text("Metadata-Version: 2.1\nName: trainyard\nVersion: 0.0.1\n")
-    installed = distribution("trainyard")._path  # (its *.dist-info directory)
+    # Each directory of trainyard's metadata a node may find (the installed *.dist-info, and a
+    # trainyard.egg-info that `pip install -e` may leave in the project a worker starts in).
+    installed = {str(Path(d._path).resolve()) for d in distributions(name="trainyard")}
+    if (ROOT / "trainyard.egg-info").is_dir():
+        installed.add(str(ROOT / "trainyard.egg-info"))
     ray_cli = Path(sys.executable).with_name("ray")
     ports = [  # (ray start's fixed defaults would meet the other nodes' on this machine)
         f"--{name}-port={free_port()}"
@@ -97,8 +101,8 @@ def test_doctor_names_a_node_on_another_version_that_cannot_see_the_storage(
     before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     node = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         f"mount -t tmpfs trainyard-test {storage} && mount --bind {old} {installed} && "
-         f"exec {start}"],
+         f"mount -t tmpfs trainyard-test {storage} && "
+         + "".join(f"mount --bind {old} {path} && " for path in installed) + f"exec {start}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -3,6 +3,7 @@ regression on a user's own CSV, and the model served back from MLflow."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -20,16 +21,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def digits_run(ray_cluster, tracking_uri, tmp_path_factory) -> dict:
+    """configs/digits.yaml trained from Python, through the public API (`import trainyard`),
+    as a notebook would: its TrainResult as a dict."""
+    import trainyard
+
     out = tmp_path_factory.mktemp("digits")
-    return train(
+    result = trainyard.train(
         ROOT / "configs" / "digits.yaml",
-        out,
-        "scaling.placement_strategy=SPREAD",
-        "tracking.experiment=test-digits",
-        "tracking.register_as=test-digits",
-        "tracking.alias=champion",
-        "tracking.system_metrics_interval_s=1",  # (its ~12 s of training: samples from each node)
+        overrides={
+            "scaling.storage_path": str(out / "results"),
+            "scaling.placement_strategy": "SPREAD",
+            "tracking.experiment": "test-digits",
+            "tracking.register_as": "test-digits",
+            "tracking.alias": "champion",
+            "tracking.system_metrics_interval_s": 1,  # (~12 s of training: each node's samples)
+        },
     )
+    assert isinstance(result, trainyard.TrainResult) and result.epochs == 40
+    return asdict(result)
 
 
 def test_digits_reaches_target_accuracy(digits_run):
@@ -201,11 +210,15 @@ def test_predict_writes_what_the_model_predicts_in_the_inputs_order(
     np.testing.assert_allclose(parquet[columns].to_numpy(), probs, rtol=1e-5, atol=1e-6)
     assert (parquet["prediction"] == parquet["label"]).mean() > 0.97
 
-    rc, out, err = predict_cli(
-        digits_run["run_id"], data, "--out", tmp_path / "c", "--format", "csv", "--keep", "id",
-        "--batch-size", "100", "--workers", "2", "--progress", "0.5", capsys=capsys,
+    # The same from Python (trainyard.predict), by run id, CSV out.
+    import trainyard
+
+    result = trainyard.predict(
+        digits_run["run_id"], data, tmp_path / "c", format="csv", keep=["id"], batch_size=100,
+        workers=2, progress=0.5,
     )  # fmt: skip
-    assert rc == 0, err
+    out = capsys.readouterr().out
+    assert result.rows == len(frame) and result.workers == 2 and result.skipped == 0
     progress = [ln for ln in out.splitlines() if ln.endswith(" s") and "rows predicted" in ln]
     assert progress and progress[0].startswith("trainyard: ") and f" of {len(frame)} (" not in out
     shards = sorted((tmp_path / "c").glob("*.csv"))

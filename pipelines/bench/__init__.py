@@ -65,7 +65,7 @@ def machine() -> dict[str, object]:
     }
 
 
-def command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> None:
     from trainyard.pipelines import tracking
     from trainyard.pipelines.bench import core
     from trainyard.pipelines.bench.preprocess import cores_available
@@ -100,4 +100,3 @@ def command(args: argparse.Namespace) -> int:
     run_id = core.log_to_mlflow(uri, cases, info, paths, args.quick)
     print(f"\ntrainyard bench: {', '.join(str(p) for p in paths.values())}")
     print(f"  MLflow run {run_id} in experiment 'trainyard-bench' at {uri}")
-    return 0

@@ -7,10 +7,12 @@ The spec crosses the Ray boundary as a plain dict (`RunSpec.to_dict` / `RunSpec.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -204,9 +206,35 @@ class RunSpec:
         return out
 
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
-    """Read a YAML run spec, apply `section.key=value` overrides, validate, return it."""
-    path = Path(path)
+Overrides = Mapping[str, Any] | Iterable[str] | None
+"""`{"train.epochs": 3}` (values as they are), or the command's `["train.epochs=3"]` (`--set`:
+values parsed as YAML)."""
+
+
+def load_spec(
+    spec: str | Path | Mapping[str, Any] | RunSpec, overrides: Overrides = None
+) -> RunSpec:
+    """The validated run spec from a YAML file, a dict of sections or a RunSpec, with
+    `overrides` applied (SpecError naming the field where one is wrong)."""
+    if isinstance(spec, RunSpec):
+        raw = spec.to_dict()
+    elif isinstance(spec, Mapping):
+        raw = copy.deepcopy(dict(spec))
+    else:
+        raw = read_yaml(Path(spec))
+    if isinstance(overrides, str):
+        raise SpecError(f"overrides: expected a dict or a list of key=value, got {overrides!r}")
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            set_dotted(raw, str(key), value, f"overrides[{key!r}]")
+    else:
+        for item in overrides or ():
+            apply_override(raw, item)
+    return RunSpec.from_dict(raw)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A run spec file's sections (SpecError where it is missing or not a YAML mapping)."""
     if not path.is_file():
         raise SpecError(f"config file not found: {path}")
     try:
@@ -219,9 +247,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
         ) from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    for item in overrides:
-        apply_override(raw, item)
-    return RunSpec.from_dict(raw)
+    return raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import threading
 import time
 import uuid
@@ -35,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from trainyard.cluster.errors import TrainyardError
+from trainyard.cluster.errors import RunFailed, TrainyardError
 from trainyard.cluster.secrets import redact_text
 
 DEFAULT_TIMEOUT_S = 20.0
@@ -85,20 +84,18 @@ def before_submit(spec: Any, uri: str | None, timeout_s: float = 10.0) -> None:
         print("  (not reachable from here; submitting anyway: the cluster may reach it)")
 
 
-def command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> None:
+    """Run the checks, a line each; RunFailed (its lines said why) where any failed."""
     from trainyard.pipelines.config.spec import load_spec
 
     spec = load_spec(args.config, args.overrides) if args.config else None
     checks = run_checks(spec, args.timeout)
     failed = [c for c in checks if not c.ok]
     print(f"trainyard doctor: {len(checks) - len(failed)} of {len(checks)} checks passed")
-    if any(c.timed_out for c in checks):
+    if failed:
         # A check that ran out of time left its thread behind, perhaps inside a connection
-        # that would hold the interpreter's exit (Ray's shutdown): end now, said and done.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    return 1 if failed else 0
+        # that would hold the interpreter's exit (Ray's shutdown): the command ends at once.
+        raise RunFailed(stuck=any(c.timed_out for c in checks))
 
 
 def bounded(name: str, fn: Callable[[], str], timeout_s: float) -> Check:

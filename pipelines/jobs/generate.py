@@ -104,7 +104,7 @@ def continuation(
     return tokenizer.decode(out[0, len(ids) :].tolist())[:max_bytes]
 
 
-def command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> None:
     from trainyard.pipelines import tracking
 
     if args.max_bytes < 1:
@@ -114,4 +114,3 @@ def command(args: argparse.Namespace) -> int:
     model = load(tracking.model_uri(args.model), uri, args.trust_model)
     text = generate(model, args.prompt, args.max_bytes, args.temperature, args.top_k, args.seed)
     sys.stdout.write(text + "\n")
-    return 0

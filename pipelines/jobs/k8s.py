@@ -108,7 +108,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--file", help="write the manifest here (default: standard output)")
 
 
-def command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> None:
     spec = load_spec(args.config, args.overrides)
     docs = manifest(spec, args)
     if not args.model_key_secret:
@@ -117,10 +117,10 @@ def command(args: argparse.Namespace) -> int:
             "pods make and lose: `trainyard predict` elsewhere will refuse it",
             file=sys.stderr,
         )
-    return emit(docs, args.file)
+    emit(docs, args.file)
 
 
-def predict_command(argv: list[str]) -> int:
+def predict_command(argv: list[str]) -> None:
     """`trainyard k8s --predict MODEL DATA --out URI --workers N [predict's options] --image
     ... --mlflow-uri ...`: a RayJob whose entrypoint is that `trainyard predict`."""
     from trainyard.pipelines.jobs import predict
@@ -129,17 +129,16 @@ def predict_command(argv: list[str]) -> int:
     add_cluster_arguments(parser)
     args, rest = parser.parse_known_args(argv)
     predicted = predict.job_arguments(rest, "trainyard k8s --predict")
-    return emit(predict_manifest(predicted, rest, args), args.file)
+    emit(predict_manifest(predicted, rest, args), args.file)
 
 
-def emit(docs: list[dict[str, Any]], file: str | None) -> int:
+def emit(docs: list[dict[str, Any]], file: str | None) -> None:
     text = yaml.safe_dump_all(docs, sort_keys=False, width=1000)  # (entrypoints on one line)
     if file:
         Path(file).write_text(text)
         print(f"trainyard: wrote {file}: kubectl apply -f {file}", file=sys.stderr)
     else:
         sys.stdout.write(text)
-    return 0
 
 
 def manifest(spec: RunSpec, args: argparse.Namespace) -> list[dict[str, Any]]:

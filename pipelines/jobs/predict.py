@@ -134,6 +134,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", metavar="PATH", help="write a JSON summary here")
 
 
+def arguments(model: str, data: str, out: str, options: dict[str, Any]) -> argparse.Namespace:
+    """The command's arguments for a call from Python (`trainyard.predict`): its defaults, with
+    `options` named as its flags are (`batch_size` for --batch-size; `keep` a list of columns)."""
+    parser = argparse.ArgumentParser(prog="trainyard.predict")
+    add_arguments(parser)
+    args = parser.parse_args([model, data, "--out", out])
+    for name, value in options.items():
+        if name in ("model", "data", "out") or not hasattr(args, name):
+            known = sorted(set(vars(args)) - {"model", "data", "out", "summary"})
+            raise TrainyardError(f"predict: no option {name!r} (options: {', '.join(known)})")
+        if name == "keep" and not isinstance(value, str):
+            value = ",".join(value)
+        setattr(args, name, value)
+    return args
+
+
 def job_arguments(argv: list[str], prog: str) -> argparse.Namespace:
     """`trainyard predict ARGV` for a job that runs it elsewhere (`submit --predict`, `k8s
     --predict`): checked here as predict checks them (a mistake: exit 2), and refused where
@@ -760,8 +776,7 @@ def read_back_count(out: str, fmt: str) -> int:
     return pads.dataset(out, format=fmt).count_rows()
 
 
-def command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> None:
     summary = predict(args)
     if args.summary:
         Path(args.summary).write_text(json.dumps(summary, indent=2))
-    return 0

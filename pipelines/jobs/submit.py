@@ -90,7 +90,7 @@ def job_source(config: str, project: Path) -> dict[str, str]:
     return tracking.source_tags(config, project) | {"mlflow.source.type": "JOB"}
 
 
-def command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> None:
     started = time.monotonic()
     project = Path.cwd()
     # A bad spec, or user code that does not import, fails here, before anything is uploaded.
@@ -132,11 +132,11 @@ def command(args: argparse.Namespace) -> int:
         )
     if args.no_wait:
         print(f"  follow: ray job logs -f {job_id}   stop: ray job stop {job_id}")
-        return 0
-    return jobs.follow(client, job_id, args.start_timeout, started)
+        return
+    jobs.follow(client, job_id, args.start_timeout, started)
 
 
-def predict_command(argv: list[str]) -> int:
+def predict_command(argv: list[str]) -> None:
     """`trainyard submit --predict MODEL DATA --out PATH ...`: `trainyard predict` as a Ray job
     (`trainyard predict ...` in the project directory), followed like a training
     job. The job writes where every node can: --out must be absolute or a URI."""
@@ -161,5 +161,5 @@ def predict_command(argv: list[str]) -> int:
     )
     if args.no_wait:
         print(f"  follow: ray job logs -f {job_id}   stop: ray job stop {job_id}")
-        return 0
-    return jobs.follow(client, job_id, args.start_timeout, started)
+        return
+    jobs.follow(client, job_id, args.start_timeout, started)

@@ -19,17 +19,16 @@ import json
 import math
 import os
 import re
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from trainyard.cluster.errors import SpecError, TrainyardError
+from trainyard.cluster.errors import RunFailed, SpecError, TrainyardError
 from trainyard.cluster.resources import Concurrency, plan_trials
 from trainyard.cluster.secrets import redact_text
-from trainyard.pipelines.config.spec import RunSpec, load_spec, set_dotted
+from trainyard.pipelines.config.spec import RunSpec, set_dotted
 from trainyard.pipelines.config.train import better_mode
 from trainyard.pipelines.data.common import Prepared, ray_cause
 from trainyard.pipelines.training.driver import add_spec_arguments
@@ -310,7 +309,9 @@ def search(
         summary = record_search(
             spec, uri, parent, results, metric, mode, storage, concurrency.plan, data
         )
-    return summary | {"name": name, "seconds": round(time.monotonic() - started, 1)}
+    summary |= {"name": name, "seconds": round(time.monotonic() - started, 1)}
+    report(summary)
+    return summary
 
 
 def prepare(
@@ -362,7 +363,7 @@ def unended_trials(path: str) -> int:
     return sum(t.status not in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(path).trials)
 
 
-class SearchInterrupted(TrainyardError):
+class SearchInterrupted(RunFailed):
     """The search was stopped (^C) before every trial ended; Tune saved its state."""
 
 
@@ -603,27 +604,9 @@ def dry_run(spec: RunSpec, trials: int) -> None:
     print(describe(spec, trials, plan_concurrency(spec, trials, nodes)))
 
 
-def command(args: argparse.Namespace) -> int:
-    try:
-        if args.set_from:
-            from trainyard.pipelines.config.overrides import read_overrides
-
-            args.overrides = [*args.overrides, *read_overrides(args.set_from)]
-        spec = load_spec(args.config, args.overrides)
-        trials = args.trials if args.trials is not None else spec.tune.trials
-        if trials < 1:
-            raise SpecError("--trials: expected an integer >= 1")
-        if args.dry_run:
-            dry_run(spec, trials)
-            return 0
-        from trainyard.pipelines import tracking
-
-        summary = search(spec, trials, args.resume, tracking.source_tags(args.config))
-    except SearchInterrupted as e:
-        print(f"trainyard: {e}", file=sys.stderr)
-        return 1
-    best = summary["best"]
-    counts = summary["counts"]
+def report(summary: dict[str, Any]) -> None:
+    """The search's outcome on the console."""
+    best, counts = summary["best"], summary["counts"]
     print(
         f"trainyard: search done in {summary['seconds']:.0f} s: {counts['FINISHED']} finished, "
         f"{counts['STOPPED']} stopped early, {counts['FAILED']} failed"
@@ -634,6 +617,3 @@ def command(args: argparse.Namespace) -> int:
         print(f"  best run: {best['run_id']}  model: {best['model_uri']}")
     if summary["registered_model"]:
         print(f"  registered: {summary['registered_model']}")
-    if args.summary:
-        Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return 0 if best else 1

@@ -1,4 +1,5 @@
-"""Tracking: a run's lifecycle and rank-0 logging (`runs`), the models a run logs (`models`).
+"""Tracking: a run's life (`run`, the one context manager every kind of run opens and ends
+through), rank-0 logging (`runs`), the models a run logs (`models`).
 
 `from trainyard.pipelines import tracking` gives both under one name.
 """
@@ -19,6 +20,7 @@ from trainyard.pipelines.tracking.runs import (
     PREDICT_EXPERIMENT,
     SOURCE_ENV,
     RankZeroLogger,
+    Run,
     child_runs,
     end_run,
     ending,
@@ -33,6 +35,7 @@ from trainyard.pipelines.tracking.runs import (
     log_inputs,
     mlflow_client,
     reopen_run,
+    run,
     source_tags,
     start_predict_run,
     start_run,
@@ -46,6 +49,7 @@ __all__ = [
     "DEFAULT_DB",
     "PREDICT_EXPERIMENT",
     "RankZeroLogger",
+    "Run",
     "SOURCE_ENV",
     "add_model_arguments",
     "child_runs",
@@ -68,6 +72,7 @@ __all__ = [
     "model_uri",
     "register_model",
     "reopen_run",
+    "run",
     "sign_model",
     "source_tags",
     "start_predict_run",

@@ -10,8 +10,11 @@ import contextlib
 import logging
 import os
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,11 +147,11 @@ def start_run(
     experiment: str,
     run_name: str,
     params: dict[str, Any],
-    spec_yaml: str,
+    spec_yaml: str | None,
     tags: dict[str, str],
 ) -> str:
     """Create the job's MLflow run with its params, tags (`source_tags` among them: the
-    caller's) and resolved spec; return its id."""
+    caller's) and resolved spec (None: none); return its id."""
     client = mlflow_client(uri)
     exp_id = experiment_id(uri, experiment)
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
@@ -156,7 +159,8 @@ def start_run(
     from mlflow.entities import Param
 
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    client.log_text(run_id, spec_yaml, "spec.yaml")
+    if spec_yaml:
+        client.log_text(run_id, spec_yaml, "spec.yaml")
     return run_id
 
 
@@ -270,6 +274,80 @@ def ending(uri: str, run_id: str, ended_by: tuple[type[BaseException], ...] = ()
         end_run(uri, run_id, error=e)
         raise
     end_run(uri, run_id)
+
+
+@dataclass
+class Run:
+    """An open MLflow run, as `run()` yields it: where it is, its id, and what to log to it."""
+
+    uri: str
+    id: str
+
+    def log(
+        self,
+        params: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """Params, metrics (at step 0) and tags, in one request."""
+        log_batch(self.uri, self.id, params or {}, metrics or {}, tags or {})
+
+    def tags(self) -> dict[str, str]:
+        """The run's tags now (rank 0's among them)."""
+        return mlflow_client(self.uri).get_run(self.id).data.tags
+
+    def artifact(self, path: str | Path) -> None:
+        log_artifact(self.uri, self.id, path)
+
+
+Describe = Callable[[Run, "BaseException | None"], str]
+"""The run's description (its note, on MLflow's Overview) as it ends, with the error it ends
+with (None: it succeeded)."""
+
+
+@contextlib.contextmanager
+def run(
+    uri: str,
+    experiment: str,
+    name: str,
+    *,
+    continues: str | None = None,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+    spec_yaml: str | None = None,
+    ended_by: tuple[type[BaseException], ...] = (),
+    describe: Describe | None = None,
+) -> Iterator[Run]:
+    """The one shape of a run's life, for training, a search and its trials, a prediction and a
+    benchmark: open it, a new run in `experiment` named `name` with `params`, `tags` and the
+    resolved spec (as spec.yaml), or the run `continues` names, RUNNING again with `tags`; yield
+    it; end it as the block ends, FINISHED, or FAILED with the error that left the block
+    (errors of the types `ended_by` ended the run themselves and pass as they are), and write
+    its description (`describe`) either way."""
+    if continues is not None:
+        reopen_run(uri, continues, tags or {})
+        opened = Run(uri, continues)
+    else:
+        opened = Run(uri, start_run(uri, experiment, name, params or {}, spec_yaml, tags or {}))
+    try:
+        yield opened
+    except ended_by:
+        raise
+    except BaseException as e:
+        _describe(opened, describe, e)
+        end_run(uri, opened.id, error=e)
+        raise
+    _describe(opened, describe, None)
+    end_run(uri, opened.id)
+
+
+def _describe(opened: Run, describe: Describe | None, error: BaseException | None) -> None:
+    if describe is None:
+        return
+    try:
+        opened.log(tags={"mlflow.note.content": describe(opened, error)})
+    except Exception as e:  # (the run's outcome stands without its description)
+        print(f"trainyard: the run's description was not written: {e}", file=sys.stderr)
 
 
 def child_runs(uri: str, parent: str, key: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 from trainyard.cluster.errors import SpecError, TrainyardError
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines.config.model import UserModelSpec
-from trainyard.pipelines.config.spec import RunSpec, load_spec
+from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.config.train import metric_name
 from trainyard.pipelines.data import cache
 from trainyard.pipelines.data.common import (
@@ -50,9 +50,7 @@ from trainyard.pipelines.training.resume import (
 from trainyard.pipelines.training.session import init_ray, submission_id
 from trainyard.pipelines.training.startup import PHASES, Startup
 from trainyard.pipelines.training.trainer import (
-    NoFirstStep,
     TrainingStopped,
-    WorkersNotPlaced,
     configure_ray_train,
     data_path,
     fit,
@@ -553,48 +551,3 @@ def summarize(
         "metrics": final,
         "epochs": result.metrics.get("epoch"),
     }
-
-
-def train_command(args: argparse.Namespace) -> int:
-    """Run `trainyard train`: a failed run is one line on stderr and exit code 1 (a mistake,
-    TrainyardError, is the command's: cli.main prints it, exit code 2)."""
-    try:
-        if args.set_from:
-            from trainyard.pipelines.config.overrides import read_overrides
-
-            args.overrides = [*args.overrides, *read_overrides(args.set_from)]
-        spec = load_spec(args.config, args.overrides)
-        if args.dry_run:
-            dry_run(spec)
-            return 0
-        from trainyard.pipelines import tracking
-
-        source = tracking.source_tags(args.config)
-        summary = run(spec, args.resume, RunOptions(started=args.started, source=source))
-    except NoFirstStep as e:
-        print(f"trainyard: training failed: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # The thread waiting in trainer.fit() cannot be stopped, and Ray's shutdown would wait
-        # for it: end the process, and Ray ends this driver's job (its workers) with it. Its
-        # placement groups are removed first (bounded: Ray may be what hangs).
-        from trainyard.cluster.state import remove_job_placement_groups
-
-        removed: list[int] = []
-        cleanup = threading.Thread(
-            target=lambda: removed.append(remove_job_placement_groups()), daemon=True
-        )
-        cleanup.start()
-        cleanup.join(timeout=20)
-        if removed:
-            print(f"trainyard: removed this run's {removed[0]} placement group(s)", file=sys.stderr)
-        os._exit(1)
-    except Exception as e:
-        from ray.train import TrainingFailedError
-
-        if not isinstance(e, TrainingFailedError | TrainingStopped | WorkersNotPlaced):
-            raise
-        print(f"trainyard: training failed: {redact_text(str(e))}", file=sys.stderr)
-        return 1
-    if args.summary:
-        Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return 0

@@ -5,12 +5,15 @@ placed or never take a step."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from trainyard.cluster.errors import RunFailed
 from trainyard.cluster.resources import short_of, wait_for_free
+from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.data.common import Prepared, block_refs
 from trainyard.pipelines.training.job import WorkerJob
@@ -60,7 +63,7 @@ def fit(
     is reported as what was asked for and what the cluster had free, and a run whose first
     optimizer step has not come `first_step_within` seconds after fit began (None: no bound;
     `first_step_seen()` says whether it came) raises NoFirstStep. fit runs in a thread, since
-    Ray's wait cannot be interrupted; after NoFirstStep the caller must end the process."""
+    Ray's wait cannot be interrupted: after NoFirstStep the process must end."""
     import ray
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
@@ -86,11 +89,13 @@ def fit(
             if first_step_seen():
                 deadline = None
             else:
-                raise NoFirstStep(
+                stuck = NoFirstStep(
                     f"no optimizer step finished within {first_step_within:g} s of starting "
                     "the workers (scaling.start_timeout_s + train.stall_timeout_s); Ray's "
                     "state:\n" + ray_state()
                 )
+                release_placement_groups()  # (after Ray's state is read: it shows them)
+                raise stuck
     error = outcome.get("error")
     if isinstance(error, ControllerError) and isinstance(
         error.controller_failure, WorkerGroupStartupTimeoutError
@@ -162,16 +167,43 @@ def data_path(spec: RunSpec, data: Prepared) -> str:
     )
 
 
-class TrainingStopped(Exception):
+class TrainingFailed(RunFailed):
+    """The training run started and did not finish (Ray Train's error, redacted, or one of
+    the kinds below)."""
+
+    def __init__(self, reason: str, stuck: bool = False):
+        super().__init__(f"training failed: {redact_text(reason)}", stuck)
+
+
+class TrainingStopped(TrainingFailed):
     """Training stopped itself (its reason is in the MLflow run)."""
 
 
-class WorkersNotPlaced(Exception):
+class WorkersNotPlaced(TrainingFailed):
     """The cluster did not place the training workers within scaling.start_timeout_s."""
 
 
-class NoFirstStep(Exception):
-    """No optimizer step came in time; Ray's wait for the run cannot be interrupted."""
+class NoFirstStep(TrainingFailed):
+    """No optimizer step came in time; Ray's wait for the run cannot be interrupted, so the
+    process must end without Ray's shutdown (`stuck`)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason, stuck=True)
+
+
+def release_placement_groups() -> None:
+    """Remove this job's placement groups, bounded (Ray may be what hangs): a run whose wait
+    cannot be interrupted ends its process next, and Ray ends its workers with it."""
+    from trainyard.cluster.state import remove_job_placement_groups
+
+    removed: list[int] = []
+    cleanup = threading.Thread(
+        target=lambda: removed.append(remove_job_placement_groups()), daemon=True
+    )
+    cleanup.start()
+    cleanup.join(timeout=20)
+    if removed:
+        print(f"trainyard: removed this run's {removed[0]} placement group(s)", file=sys.stderr)
 
 
 def failure_plan() -> dict[str, Any] | None:

@@ -111,8 +111,8 @@ def train(
     from ray.train import TrainingFailedError
 
     from trainyard.pipelines import tracking
-    from trainyard.pipelines.training.driver import RunOptions, run
-    from trainyard.pipelines.training.trainer import TrainingFailed
+    from trainyard.pipelines.driver.run import RunOptions, run
+    from trainyard.pipelines.driver.trainer import TrainingFailed
 
     loaded = load_spec(spec, overrides)
     config = str(spec) if isinstance(spec, str | Path) else None

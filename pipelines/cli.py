@@ -13,9 +13,9 @@ from pathlib import Path
 from trainyard.cluster.errors import RunFailed, SpecError, TrainyardError
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines import api
-from trainyard.pipelines.config.overrides import read_overrides
+from trainyard.pipelines.config.overrides import add_spec_arguments, read_overrides
 from trainyard.pipelines.config.spec import load_spec
-from trainyard.pipelines.training import driver
+from trainyard.pipelines.driver.run import dry_run
 
 
 def _cluster_up(args: argparse.Namespace) -> None:
@@ -48,10 +48,26 @@ def _cluster_status(args: argparse.Namespace) -> None:
     print(local.status(args.address))
 
 
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_spec_arguments(parser, "run spec (YAML)")
+    parser.add_argument(
+        "--set-from",
+        metavar="PACKAGE",
+        help="also the overrides listed in this package (how `trainyard submit` sends the ones "
+        "that hold credentials, out of the job's visible entrypoint)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the spec, print it and the resource plan, and exit",
+    )
+    parser.add_argument("--summary", metavar="PATH", help="write a JSON summary of the run here")
+
+
 def _train(args: argparse.Namespace) -> None:
     overrides = [*args.overrides, *(read_overrides(args.set_from) if args.set_from else [])]
     if args.dry_run:
-        driver.dry_run(load_spec(args.config, overrides))
+        dry_run(load_spec(args.config, overrides))
         return
     result = api.train(args.config, overrides, args.resume, started=args.started)
     _write_summary(args.summary, asdict(result))
@@ -105,19 +121,8 @@ def _add_cluster(commands) -> None:
     status.set_defaults(func=_cluster_status)
 
 
-def main(argv: list[str] | None = None, started: float | None = None) -> int:
-    """The command with `argv` (None: this process's command line); `started` is when the
-    command started (default: this process's start for the command line, else now), what
-    `trainyard train` times its start-up from."""
-    import time
-
-    from trainyard.pipelines.training.startup import process_started
-
-    if started is None:
-        started = process_started() if argv is None else time.time()
-    # MLflow draws a progress bar for every model it downloads (wherever tqdm is installed):
-    # trainyard prints its own lines, and a mistake stays one line.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+def _parser() -> argparse.ArgumentParser:
+    """The command table."""
     from trainyard.cluster import mlflow_server
     from trainyard.pipelines import bench
     from trainyard.pipelines.jobs import doctor, generate, k8s, predict, submit, tune
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train a run spec (YAML) here")
-    driver.add_arguments(train_parser)
+    _add_train_arguments(train_parser)
     train_parser.set_defaults(func=_train)
     submission = commands.add_parser(
         "submit",
@@ -178,7 +183,25 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     )
     mlflow_server.add_login_arguments(login)
     login.set_defaults(func=mlflow_server.login_command)
+    return parser
 
+
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """The command with `argv` (None: this process's command line); `started` is when the
+    command started (default: this process's start for the command line, else now), what
+    `trainyard train` times its start-up from."""
+    import time
+
+    from trainyard.pipelines.driver.startup import process_started
+
+    if started is None:
+        started = process_started() if argv is None else time.time()
+    # MLflow draws a progress bar for every model it downloads (wherever tqdm is installed):
+    # trainyard prints its own lines, and a mistake stays one line.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from trainyard.pipelines.jobs import k8s, submit
+
+    parser = _parser()
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:2] == ["submit", "--predict"]:

@@ -312,8 +312,8 @@ def test_quoted_fields_with_line_breaks_and_commas_are_one_value_everywhere(ray_
 
     from trainyard.pipelines.config.spec import load_spec
     from trainyard.pipelines.data import tabular
+    from trainyard.pipelines.driver.session import init_ray
     from trainyard.pipelines.jobs.predict import read_table_file
-    from trainyard.pipelines.training.session import init_ray
 
     notes = ['"plain"', '"two, parts"', '"a line\nand another, too"', '"x\n\ny"']
     n = 120_000  # (2.6 MB)

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from trainyard.pipelines.bench import SUITES
-from trainyard.pipelines.training.startup import PHASES
+from trainyard.pipelines.driver.startup import PHASES
 
 PREDICT = ("batch inference", "steady state per actor")
 EXPECTED = {

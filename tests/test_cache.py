@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def table(ray_cluster, tmp_path_factory) -> Path:
-    from trainyard.pipelines.training.session import init_ray
+    from trainyard.pipelines.driver.session import init_ray
 
     init_ray()  # (the driver's Ray Data settings: ordered blocks)
     path = tmp_path_factory.mktemp("cache-data") / "churn.parquet"

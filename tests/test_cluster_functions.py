@@ -111,7 +111,7 @@ def test_the_error_line_of_a_failed_jobs_logs():
 def test_a_dead_clusters_record_is_removed_a_live_one_kept(tmp_path, monkeypatch, capsys):
     import socket
 
-    from trainyard.pipelines.training.session import forget_dead_local_cluster
+    from trainyard.pipelines.driver.session import forget_dead_local_cluster
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     record = tmp_path / "ray" / "ray_current_cluster"

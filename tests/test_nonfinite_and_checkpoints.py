@@ -192,8 +192,8 @@ def test_epoch_seeds_depend_on_seed_epoch_and_rank_only():
 
 def test_a_continued_run_keeps_its_schedule_and_refuses_weights_that_do_not_fit():
     from trainyard.pipelines.config.spec import RunSpec
-    from trainyard.pipelines.training.resume import Place, check_model_loads, resume_changes
-    from trainyard.pipelines.training.trainer import schedule_steps
+    from trainyard.pipelines.driver.resume import Place, check_model_loads, resume_changes
+    from trainyard.pipelines.driver.trainer import schedule_steps
 
     spec = RunSpec.from_dict({"data": {"path": "x"}, "train": {"epochs": 4}})
     raised = RunSpec.from_dict({"data": {"path": "x"}, "train": {"epochs": 6, "lr": 0.01}})

@@ -14,7 +14,7 @@ from conftest import pyfunc_elsewhere, train
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_digits
 
-from trainyard.pipelines.training.startup import PHASES
+from trainyard.pipelines.driver.startup import PHASES
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -69,7 +69,7 @@ def command(args: argparse.Namespace) -> None:
     from trainyard.pipelines import tracking
     from trainyard.pipelines.bench import core
     from trainyard.pipelines.bench.preprocess import cores_available
-    from trainyard.pipelines.training.session import init_ray
+    from trainyard.pipelines.driver.session import init_ray
 
     suites = SUITES if args.suite == "all" else (args.suite,)
     out = Path(args.out or f"bench/{time.strftime('%Y%m%d-%H%M%S')}")

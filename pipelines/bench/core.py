@@ -280,32 +280,22 @@ def log_to_mlflow(
 ) -> str:
     """One MLflow run in experiment `trainyard-bench`: the machine as params, every median and
     ratio as a metric, the three files as artifacts. Returns the run id."""
-    from mlflow.entities import Metric, Param
-
     from trainyard.pipelines import tracking
 
-    client = tracking.mlflow_client(uri)
-    exp_id = tracking.experiment_id(uri, "trainyard-bench")
-    run = client.create_run(
-        exp_id,
-        run_name=f"bench-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={"trainyard.bench.suites": ",".join(sorted({c.suite for c in cases}))},
-    )
-    run_id = run.info.run_id
-    now = int(time.time() * 1000)
-    metrics = []
+    metrics = {}
     for case in cases:
         for contender, ratio in case.ratios().items():
             key = _key(f"{case.suite}.{case.name}.{contender}")
-            metrics.append(Metric(f"{key}.median", case.median(contender), now, 0))
-            metrics.append(Metric(f"{key}.ratio", ratio, now, 0))
-    params = [Param(f"machine.{k}", str(v)) for k, v in machine.items()]
-    params.append(Param("quick", str(quick)))
-    client.log_batch(run_id, metrics=metrics, params=params)
-    for path in paths.values():
-        client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id)
-    return run_id
+            metrics[f"{key}.median"] = case.median(contender)
+            metrics[f"{key}.ratio"] = ratio
+    params = {f"machine.{k}": v for k, v in machine.items()} | {"quick": quick}
+    tags = {"trainyard.bench.suites": ",".join(sorted({c.suite for c in cases}))}
+    name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tracking.run(uri, "trainyard-bench", name, params=params, tags=tags) as run:
+        run.log(metrics=metrics)
+        for path in paths.values():
+            run.artifact(path)
+    return run.id
 
 
 def _key(text: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainyard.pipelines.bench.core import Case, alternate, torchrun
-from trainyard.pipelines.training.startup import PHASES
+from trainyard.pipelines.driver.startup import PHASES
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAIN, WARM, COLD = "plain torchrun script", "trainyard, running cluster", "trainyard, cold start"

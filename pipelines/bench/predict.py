@@ -38,7 +38,6 @@ def logged_models(uri: str, example_png: bytes) -> dict[str, str]:
     from trainyard.pipelines.data.serving import ImageClassifier, RawRowsModel
 
     torch.manual_seed(0)
-    run_id = tracking.start_run(uri, "trainyard-bench", "bench-predict-models", {}, "", {})
     image = ImageClassifier(
         resnet(in_channels=1, num_classes=10, depth=10, width=16),
         [16, 16],
@@ -52,20 +51,19 @@ def logged_models(uri: str, example_png: bytes) -> dict[str, str]:
         FEATURES,
     )
     rows = pd.DataFrame(np.zeros((3, 64), dtype=np.float32), columns=FEATURES)
-    uris = {
-        "images": tracking.log_model(
-            uri,
-            run_id,
-            image,
-            pd.DataFrame({"image": [example_png] * 3}),
-            {"pipeline": "images", "classes": image.classes},
-        ),
-        "tabular": tracking.log_model(
-            uri, run_id, table, rows, {"pipeline": "tabular", "classes": CLASSES}
-        ),
-    }
-    tracking.end_run(uri, run_id)
-    return uris
+    with tracking.run(uri, "trainyard-bench", "bench-predict-models") as run:
+        return {
+            "images": tracking.log_model(
+                uri,
+                run.id,
+                image,
+                pd.DataFrame({"image": [example_png] * 3}),
+                {"pipeline": "images", "classes": image.classes},
+            ),
+            "tabular": tracking.log_model(
+                uri, run.id, table, rows, {"pipeline": "tabular", "classes": CLASSES}
+            ),
+        }
 
 
 def image_inputs(directory: Path, n: int) -> list[Path]:

@@ -24,7 +24,7 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     from ray.train.torch import TorchTrainer
 
     from trainyard.pipelines.bench.ddp import ray_loop
-    from trainyard.pipelines.training.trainer import START_TIMEOUT_S, configure_ray_train
+    from trainyard.pipelines.driver.trainer import START_TIMEOUT_S, configure_ray_train
 
     configure_ray_train(START_TIMEOUT_S)  # Ray Train as trainyard runs it
 

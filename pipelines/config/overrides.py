@@ -5,6 +5,7 @@ or `tune` reads it (`--set-from PACKAGE`)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import secrets
 from pathlib import Path
@@ -13,6 +14,24 @@ from trainyard.cluster.errors import TrainyardError
 from trainyard.cluster.secrets import redact_override
 
 OVERRIDES_FILE = "overrides.json"
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
+    """CONFIG, --set and --resume: what `trainyard train`, `tune`, `submit` and `k8s` share."""
+    parser.add_argument("config", help=config_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a spec value (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_NAME",
+        help="continue the run of this name from its newest checkpoint, in the same MLflow run",
+    )
 
 
 def holds_credentials(overrides: list[str]) -> bool:

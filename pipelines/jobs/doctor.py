@@ -177,7 +177,7 @@ def connect() -> str:
 
 
 def resources(spec: Any) -> str:
-    from trainyard.pipelines.training.driver import plan_for
+    from trainyard.pipelines.driver.run import plan_for
 
     plan = plan_for(spec, connect=True)
     cluster, training = plan.describe().splitlines()[:2]  # (what the autoscaler adds, too)
@@ -267,7 +267,7 @@ def storage(spec: Any, timeout_s: float) -> str:
     runs), read on every node, then removed there."""
     import ray
 
-    from trainyard.pipelines.training.resume import storage_path
+    from trainyard.pipelines.driver.resume import storage_path
 
     root = storage_path(spec)
     name = f"{root.rstrip('/')}/.trainyard-doctor/{uuid.uuid4().hex}"
@@ -347,7 +347,7 @@ def mlflow_ready(spec: Any, uri: str | None = None) -> str:
     and lets the experiment be written (a tag set and deleted on it; an experiment not made
     yet is what `train` makes)."""
     from trainyard.pipelines import tracking
-    from trainyard.pipelines.training.session import default_dir
+    from trainyard.pipelines.driver.session import default_dir
 
     uri = uri or tracking.tracking_uri(default_dir())
     client = tracking.mlflow_client(uri)

@@ -74,7 +74,7 @@ EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainyard.pipelines.training.driver import add_spec_arguments
+    from trainyard.pipelines.config.overrides import add_spec_arguments
 
     add_spec_arguments(parser, "run spec (YAML)")
     parser.add_argument("--tune", action="store_true", help="the spec's search (trainyard tune)")

@@ -638,12 +638,11 @@ def check_out(out: str) -> None:
 
 def predict(args: argparse.Namespace) -> dict[str, Any]:
     """Run the prediction; return its summary."""
-    import ray
     from mlflow.models import Model
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     from trainyard.pipelines import tracking
-    from trainyard.pipelines.training.session import init_ray
+    from trainyard.pipelines.driver.session import init_ray
 
     keep = [c for c in args.keep.split(",") if c]
     if args.batch_size is not None and args.batch_size < 1:
@@ -666,12 +665,54 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     context = DataContext.get_current()
     preserved = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # output shards in the input's order
-    run_id = tracking.start_predict_run(uri, mlmodel.run_id, source, args.data, args.out)
+    opening = tracking.predict_run(uri, mlmodel.run_id, source, args.data, args.out)
+    try:
+        with tracking.run(uri, **opening) as mlrun:
+            outcome = run_pool(args, job, files, workers, batch_size, source, mlrun)
+            summary = {"run_id": mlrun.id, "model_uri": source, "out": args.out} | outcome
+            mlrun.log(metrics={k: v for k, v in summary.items() if k in PREDICT_METRICS})
+    finally:
+        context.execution_options.preserve_order = preserved
+    rows, seconds, skipped = summary["rows"], summary["seconds"], summary["skipped"]
+    print(
+        f"trainyard: predicted {rows} rows in {seconds:.1f} s ({rows / seconds:.0f} rows/s)"
+        + (f", skipped {skipped} that did not decode" if skipped else "")
+        + f" -> {args.out}\n"
+        f"trainyard: each actor {summary['actor_rows_per_s']:.0f} rows/s from its first batch "
+        f"to its last, predicting {100 * summary['busy_share']:.0f}% of that time"
+    )
+    return summary
+
+
+PREDICT_METRICS = (
+    *("rows", "skipped", "seconds", "rows_per_s", "workers"),
+    *("actor_rows_per_s", "busy_rows_per_s", "busy_share"),
+)
+"""What a prediction's MLflow run records of it."""
+
+
+def run_pool(
+    args: argparse.Namespace,
+    job: Job,
+    files: dict[str, bytes],
+    workers: int,
+    batch_size: int,
+    source: str,
+    mlrun: Any,
+) -> dict[str, Any]:
+    """Read the input, predict it with a pool of actors that each load the model once, and
+    write the predictions; what it did (rows, skipped, seconds, rates). A failed Ray Data task
+    is raised as the error it carried (a DataError: one line)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from trainyard.pipelines import tracking
+
     started = time.monotonic()
     failure = counter = None
     try:
         ds, total, blocks, record = read_input(args.data, job)
-        tracking.log_inputs(uri, run_id, [record])
+        tracking.log_inputs(mlrun.uri, mlrun.id, [record])
         if args.workers is None:  # more actors than blocks would only start and wait
             workers = min(workers, blocks)
         counter = ray.remote(num_cpus=0)(Counter).remote()
@@ -692,7 +733,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
         )
         gpus = f" + {args.gpus_per_worker:g} GPU" if args.gpus_per_worker else ""
         print(
-            f"trainyard: predicting with {source} ({kind or 'pyfunc'}), {workers} worker(s) "
+            f"trainyard: predicting with {source} ({job.kind or 'pyfunc'}), {workers} worker(s) "
             f"x {args.cpus_per_worker:g} CPU{gpus}"
         )
         wait_for_room(
@@ -707,12 +748,9 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
         rows = read_back_count(args.out, args.format)
         rates = ray.get(counter.rates.remote())
     except Exception as e:
-        failure = task_error(e, "DATA")
-        tracking.end_run(uri, run_id, error=failure or e)
-        if failure is None:
+        if (failure := task_error(e, "DATA")) is None:
             raise
     finally:
-        context.execution_options.preserve_order = preserved
         if counter is not None:  # (a failed prediction's too: it would outlive the command)
             ray.kill(counter)
     if failure is not None:
@@ -720,26 +758,13 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
         # they end now and free their CPUs (seen: one held 0.9 CPU until the process ended).
         gc.collect()
         raise failure
-    skipped = total - rows if kind == "images" else 0
-    summary = {
-        "run_id": run_id,
-        "model_uri": source,
-        "out": args.out,
+    return {
         "rows": rows,
-        "skipped": skipped,
+        "skipped": total - rows if job.kind == "images" else 0,
         "seconds": round(seconds, 3),
         "rows_per_s": rows / seconds,
         "workers": workers,
     } | {k: round(v, 3) for k, v in rates.items()}
-    tracking.finish_predict_run(uri, run_id, summary)
-    print(
-        f"trainyard: predicted {rows} rows in {seconds:.1f} s ({rows / seconds:.0f} rows/s)"
-        + (f", skipped {skipped} that did not decode" if skipped else "")
-        + f" -> {args.out}\n"
-        f"trainyard: each actor {summary['actor_rows_per_s']:.0f} rows/s from its first batch "
-        f"to its last, predicting {100 * summary['busy_share']:.0f}% of that time"
-    )
-    return summary
 
 
 def plan_job(mlmodel: Any, source: str, keep: list[str], args: argparse.Namespace) -> Job:

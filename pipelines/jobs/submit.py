@@ -24,10 +24,13 @@ from trainyard.cluster import jobs
 from trainyard.cluster.errors import TrainyardError
 from trainyard.cluster.secrets import redact_override
 from trainyard.pipelines import tracking
-from trainyard.pipelines.config.overrides import holds_credentials, overrides_package
+from trainyard.pipelines.config.overrides import (
+    add_spec_arguments,
+    holds_credentials,
+    overrides_package,
+)
 from trainyard.pipelines.config.spec import load_spec
-from trainyard.pipelines.training.checks import check_code
-from trainyard.pipelines.training.driver import add_spec_arguments
+from trainyard.pipelines.driver.checks import check_code
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,10 +28,10 @@ from typing import Any
 from trainyard.cluster.errors import RunFailed, SpecError, TrainyardError
 from trainyard.cluster.resources import Concurrency, plan_trials
 from trainyard.cluster.secrets import redact_text
+from trainyard.pipelines.config.overrides import add_spec_arguments
 from trainyard.pipelines.config.spec import RunSpec, set_dotted
 from trainyard.pipelines.config.train import better_mode
 from trainyard.pipelines.data.common import Prepared, ray_cause
-from trainyard.pipelines.training.driver import add_spec_arguments
 
 FIXED_SECTIONS = ("scaling", "tracking", "tune")
 """Sections a search may not vary: each trial's resources and tracking are planned before it."""
@@ -172,7 +172,7 @@ def run_trial(
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainyard.pipelines.training.driver import RunOptions, run
+    from trainyard.pipelines.driver.run import RunOptions, run
 
     trial_id = tune.get_context().get_trial_id()
     # This process is Ray's: its working directory and environment are not the driver's.
@@ -208,7 +208,7 @@ def restart_name(raw: dict[str, Any], name: str, search: dict[str, str]) -> str:
     newest checkpoint; where an interrupted trial left none, that run is closed (KILLED) and
     the trial starts afresh under a new name."""
     from trainyard.pipelines import tracking
-    from trainyard.pipelines.training.resume import latest_checkpoint
+    from trainyard.pipelines.driver.resume import latest_checkpoint
 
     run_id = tracking.find_run(search["uri"], raw["tracking"]["experiment"], name)
     if run_id is None or latest_checkpoint(search["storage"], name) is not None:
@@ -226,13 +226,12 @@ def search(
     """Run the search; return its summary. `source`: the MLflow tags of the code it runs
     (tracking.source_tags), on its run and every trial's."""
     from ray import tune
-    from ray.tune.search import BasicVariantGenerator
 
     from trainyard.cluster.resources import cluster_nodes
     from trainyard.pipelines import tracking
-    from trainyard.pipelines.training.checks import check_code
-    from trainyard.pipelines.training.resume import read_args_for, storage_path
-    from trainyard.pipelines.training.session import default_dir, init_ray
+    from trainyard.pipelines.driver.checks import check_code
+    from trainyard.pipelines.driver.resume import read_args_for, storage_path
+    from trainyard.pipelines.driver.session import default_dir, init_ray
 
     check_code(spec)
     check_search(spec)
@@ -252,66 +251,82 @@ def search(
     if shares_data(spec):
         data, key = prepare(spec, concurrency.plan, read_args_for(spec, storage, uri))
     source = source or {}
-    parent = open_search_run(spec, uri, name, trials, concurrency, resume is not None, source)
-    context = {
-        "source": json.dumps(source),
-        "data_key": key or "",
-        "run_id": parent,
-        "name": name,
-        "share": str(concurrency.share),
-        "uri": uri,
-        "storage": storage,
-    }
-    trainable = tune.with_parameters(run_trial, base=spec.to_dict(), search=context, data=data)
-    # The trial's own process only launches the trainer, and asks for no CPU: the workers
-    # hold the CPUs (Tune refuses an empty request; a byte of memory is not one).
-    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
-    # Trials run where training workers do (user code imports alike), not in Tune's trial
-    # directories (Tune passes this on to them).
-    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    scheduler = scheduler_for(spec)
+    opening = search_run(spec, uri, name, trials, concurrency, resume is not None, source)
     started = time.monotonic()
-    if resume:
-        path = f"{storage}/{name}"
-        if not tune.Tuner.can_restore(path):
-            raise TrainyardError(f"--resume {name}: no search to continue at {path}")
-        tuner = tune.Tuner.restore(path, trainable, resume_errored=False, restart_errored=False)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(spec),
-            tune_config=tune.TuneConfig(
-                metric=metric,
-                mode=mode,
-                num_samples=trials,
-                # (Tune ignores max_concurrent_trials beside a search algorithm given.)
-                search_alg=BasicVariantGenerator(
-                    random_state=spec.tune.seed, max_concurrent=concurrency.trials
-                ),
-                scheduler=scheduler,
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage,
-                failure_config=tune.FailureConfig(max_failures=0),
-                verbose=0,
-                callbacks=[trial_lines(metric, spec.train.epochs)],
-            ),
-        )
-    with tracking.ending(uri, parent, ended_by=(SearchInterrupted,)):
-        results = tuner.fit()
+    with tracking.run(uri, **opening, ended_by=(SearchInterrupted,)) as parent:
+        if "continues" not in opening:
+            print(f"trainyard: MLflow run {parent.id} ({name}) holds the search, its trials")
+        context = {
+            "source": json.dumps(source),
+            "data_key": key or "",
+            "run_id": parent.id,
+            "name": name,
+            "share": str(concurrency.share),
+            "uri": uri,
+            "storage": storage,
+        }
+        trainable = tune.with_parameters(run_trial, base=spec.to_dict(), search=context, data=data)
+        # The trial's own process only launches the trainer, and asks for no CPU: the workers
+        # hold the CPUs (Tune refuses an empty request; a byte of memory is not one).
+        trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
+        results = make_tuner(spec, trainable, name, storage, resume, trials, concurrency).fit()
         if unended := unended_trials(results.experiment_path):  # ^C: Tune saved its state
-            tracking.end_run(uri, parent, stopped="interrupted")
+            tracking.end_run(uri, parent.id, stopped="interrupted")
             raise SearchInterrupted(
                 f"search {name} interrupted with {unended} of {len(results)} trial(s) not "
                 f"ended; continue it with --resume {name}"
             )
         summary = record_search(
-            spec, uri, parent, results, metric, mode, storage, concurrency.plan, data
+            spec, uri, parent.id, results, metric, mode, storage, concurrency.plan, data
         )
     summary |= {"name": name, "seconds": round(time.monotonic() - started, 1)}
     report(summary)
     return summary
+
+
+def make_tuner(
+    spec: RunSpec,
+    trainable: Any,
+    name: str,
+    storage: str,
+    resume: str | None,
+    trials: int,
+    concurrency: Concurrency,
+) -> Any:
+    """The Tuner of the search (a continued search's, restored from its storage)."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    # Trials run where training workers do (user code imports alike), not in Tune's trial
+    # directories (Tune passes this on to them).
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    if resume:
+        path = f"{storage}/{name}"
+        if not tune.Tuner.can_restore(path):
+            raise TrainyardError(f"--resume {name}: no search to continue at {path}")
+        return tune.Tuner.restore(path, trainable, resume_errored=False, restart_errored=False)
+    metric, mode = objective(spec)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            num_samples=trials,
+            # (Tune ignores max_concurrent_trials beside a search algorithm given.)
+            search_alg=BasicVariantGenerator(
+                random_state=spec.tune.seed, max_concurrent=concurrency.trials
+            ),
+            scheduler=scheduler_for(spec),
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=0,
+            callbacks=[trial_lines(metric, spec.train.epochs)],
+        ),
+    )
 
 
 def prepare(
@@ -322,7 +337,7 @@ def prepare(
     holds them; and their key (data.cache.key_of)."""
     from trainyard.pipelines.data import cache
     from trainyard.pipelines.data.common import pipeline_module
-    from trainyard.pipelines.training.resume import cache_path
+    from trainyard.pipelines.driver.resume import cache_path
 
     pipeline, root = pipeline_module(spec), cache_path(spec)
     cpus, workers = plan.data_task_cpus, plan.num_workers
@@ -401,7 +416,7 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else json.dumps(value)
 
 
-def open_search_run(
+def search_run(
     spec: RunSpec,
     uri: str,
     name: str,
@@ -409,11 +424,12 @@ def open_search_run(
     concurrency: Concurrency,
     resumed: bool,
     source: dict[str, str],
-) -> str:
-    """The search's MLflow run (a continued search's, found by name), with the space and the
-    search's settings as params; its id."""
+) -> dict[str, Any]:
+    """How tracking.run opens the search's run: a new one with the space and the search's
+    settings as params, or a continued search's, found by name."""
     from trainyard.pipelines import tracking
 
+    where = {"experiment": spec.tracking.experiment, "name": name}
     if resumed:
         run_id = tracking.find_run(uri, spec.tracking.experiment, name)
         if run_id is None:
@@ -421,8 +437,7 @@ def open_search_run(
                 f"--resume {name}: no search of that name in MLflow experiment "
                 f"{spec.tracking.experiment!r}"
             )
-        tracking.reopen_run(uri, run_id, {})
-        return run_id
+        return where | {"continues": run_id}
     metric, mode = objective(spec)
     params = {
         "tune.trials": trials,
@@ -435,9 +450,7 @@ def open_search_run(
         **{f"search.{k}": json.dumps(v) for k, v in spec.tune.search.items()},
     }
     tags = source | {"trainyard.kind": "tune", "ray.train.run_name": name}
-    run_id = tracking.start_run(uri, spec.tracking.experiment, name, params, spec.to_yaml(), tags)
-    print(f"trainyard: MLflow run {run_id} ({name}) holds the search; each trial is a child run")
-    return run_id
+    return where | {"params": params, "tags": tags, "spec_yaml": spec.to_yaml()}
 
 
 def record_search(
@@ -528,8 +541,8 @@ def log_best_model(
     that a search pays for one model, not one per trial); its URI. `data`: the search's
     prepared data, else the best trial's is prepared again."""
     from trainyard.pipelines.data.common import pipeline_module
-    from trainyard.pipelines.training.driver import log_trained_model
-    from trainyard.pipelines.training.resume import latest_checkpoint
+    from trainyard.pipelines.driver.record import log_trained_model
+    from trainyard.pipelines.driver.resume import latest_checkpoint
 
     best_spec = RunSpec.from_dict(with_values(spec.to_dict(), best["config"]))
     found = latest_checkpoint(storage, best["run_name"], best=True)
@@ -591,8 +604,8 @@ def plot_trials(spec: RunSpec, trials: list[dict], metric: str, path: Path) -> P
 def dry_run(spec: RunSpec, trials: int) -> None:
     """Check the search and print it: on the cluster in RAY_ADDRESS, else on this machine."""
     from trainyard.cluster.resources import cluster_nodes, local_nodes
-    from trainyard.pipelines.training.checks import check_code
-    from trainyard.pipelines.training.session import init_ray
+    from trainyard.pipelines.driver.checks import check_code
+    from trainyard.pipelines.driver.session import init_ray
 
     check_code(spec)
     check_search(spec)

@@ -167,42 +167,35 @@ def start_run(
 PREDICT_EXPERIMENT = "trainyard-predict"
 
 
-def start_predict_run(uri: str, source_run: str | None, model_uri: str, data: str, out: str) -> str:
-    """A run for one `trainyard predict`, in the experiment of the run that logged the model
-    (else PREDICT_EXPERIMENT); return its id."""
+def predict_run(
+    uri: str, source_run: str | None, model_uri: str, data: str, out: str
+) -> dict[str, Any]:
+    """How tracking.run opens a run for one `trainyard predict`: in the experiment of the run
+    that logged the model (else PREDICT_EXPERIMENT), tagged as a prediction of it."""
     from mlflow.exceptions import MlflowException
 
     from trainyard.cluster.secrets import redact_text
 
     client = mlflow_client(uri)
-    into = None
+    experiment = PREDICT_EXPERIMENT
     if source_run:
         try:
-            into = client.get_run(source_run).info.experiment_id
+            experiment_id = client.get_run(source_run).info.experiment_id
+            experiment = client.get_experiment(experiment_id).name
         except MlflowException:
             pass  # a model from another store
-    if into is None:
-        into = experiment_id(uri, PREDICT_EXPERIMENT)
     tags = {"trainyard.kind": "predict"}
     if source_run:
         tags["trainyard.model_run"] = source_run
-    run = client.create_run(into, run_name=f"predict-{int(time.time())}", tags=tags)
-    for key, value in {"model_uri": model_uri, "data": data, "out": out}.items():
-        client.log_param(run.info.run_id, key, redact_text(value))
-    return run.info.run_id
-
-
-def finish_predict_run(uri: str, run_id: str, summary: dict[str, Any]) -> None:
-    """Log what a prediction did (rows, skipped, seconds, rows/s, workers, and each actor's
-    steady-state rates) and end its run."""
-    from mlflow.entities import Metric
-
-    client = mlflow_client(uri)
-    now = int(time.time() * 1000)
-    keys = ("rows", "skipped", "seconds", "rows_per_s", "workers")
-    keys += ("actor_rows_per_s", "busy_rows_per_s", "busy_share")
-    client.log_batch(run_id, metrics=[Metric(k, float(summary[k]), now, 0) for k in keys])
-    end_run(uri, run_id)
+    params = {
+        k: redact_text(v) for k, v in {"model_uri": model_uri, "data": data, "out": out}.items()
+    }
+    return {
+        "experiment": experiment,
+        "name": f"predict-{int(time.time())}",
+        "params": params,
+        "tags": tags,
+    }
 
 
 def find_run(uri: str, experiment: str, run_name: str) -> str | None:
@@ -260,20 +253,6 @@ def end_run(
             client.delete_tag(run_id, "error")
     status = "FAILED" if error is not None else "KILLED" if stopped is not None else "FINISHED"
     client.set_terminated(run_id, status=status)
-
-
-@contextlib.contextmanager
-def ending(uri: str, run_id: str, ended_by: tuple[type[BaseException], ...] = ()):
-    """End the run as the block ends: FINISHED, or FAILED with the error that left the block
-    (errors of the types `ended_by` ended the run themselves, and pass as they are)."""
-    try:
-        yield
-    except ended_by:
-        raise
-    except BaseException as e:
-        end_run(uri, run_id, error=e)
-        raise
-    end_run(uri, run_id)
 
 
 @dataclass

@@ -16,8 +16,8 @@ from trainyard.cluster.resources import short_of, wait_for_free
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.data.common import Prepared, block_refs
+from trainyard.pipelines.driver.resume import Place
 from trainyard.pipelines.training.job import WorkerJob
-from trainyard.pipelines.training.resume import Place
 
 # How often Ray Train's controller collects the workers' reports (Ray's default: 2 s). Each
 # worker's report waits until the previous one is collected, so every epoch shorter than this

@@ -19,9 +19,9 @@ from trainyard.pipelines.data.common import (
     open_fs,
     pipeline_module,
 )
+from trainyard.pipelines.driver.session import default_dir
 from trainyard.pipelines.training import checkpoint as checkpoints
 from trainyard.pipelines.training.checkpoint import TrainingState
-from trainyard.pipelines.training.session import default_dir
 
 
 def latest_checkpoint(

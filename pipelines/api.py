@@ -20,22 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainyard.cluster.errors import RunFailed, SpecError, TrainyardError
+from trainyard.cluster.errors import RunFailed, SpecError, TrainyardError  # noqa: F401 (the API's)
 from trainyard.pipelines.config.spec import Overrides, RunSpec, load_spec
-
-__all__ = [
-    "PredictResult",
-    "RunFailed",
-    "RunSpec",
-    "SpecError",
-    "TrainResult",
-    "TrainyardError",
-    "TuneResult",
-    "load_spec",
-    "predict",
-    "train",
-    "tune",
-]
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,13 @@ import asyncio
 import os
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from trainyard.cluster import auth
 from trainyard.cluster.errors import RunFailed, TrainyardError
+from trainyard.cluster.local import LocalCluster
 from trainyard.cluster.secrets import redact_text
 
 # Never uploaded: environments, local data and results, MLflow stores, caches, VCS.
@@ -70,7 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_address(address: str | None) -> str:
     """The Jobs API address: the flag, the environment, or the local cluster."""
-    from trainyard.cluster.local import LocalCluster
 
     ray_address = os.environ.get("RAY_ADDRESS", "")
     for candidate in (
@@ -135,8 +137,6 @@ def client(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    from trainyard.cluster import auth
-
     check_answers(address)
     try:
         return JobSubmissionClient(address, headers=auth.auth_headers())
@@ -150,8 +150,6 @@ def client(address: str):
 def check_answers(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Raise TrainyardError unless something answers HTTP at `address` within `timeout_s`
     (any answer: whether it accepts the token is the Jobs client's to say)."""
-    import urllib.error
-    import urllib.request
 
     try:
         urllib.request.urlopen(f"{address}/api/version", timeout=timeout_s).close()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from trainyard.cluster import auth
 from trainyard.cluster.errors import TrainyardError
+from trainyard.cluster.mlflow_server import server_command, wait_healthy
 
 MARKER = "TRAINYARD_CLUSTER_ID"
 STORAGE_ENV = "TRAINYARD_STORAGE_PATH"
@@ -197,7 +198,6 @@ def up(
     mlflow_dir: str = ".",
 ) -> LocalCluster:
     """Start a head, `workers` worker nodes and an MLflow server; return the saved state."""
-    from trainyard.cluster.mlflow_server import server_command, wait_healthy
 
     existing = LocalCluster.load()
     if existing is not None:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainyard.models.outputs import sample
+
 
 @dataclass
 class GPTConfig:
@@ -172,6 +174,5 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Extend `idx` (batch, time) by `max_new_tokens` sampled tokens (greedy when
         `temperature` is 0), attending over the last `context` tokens (models.outputs.sample)."""
-        from trainyard.models.outputs import sample
 
         return sample(self, idx, max_new_tokens, self.config.context, temperature, top_k, generator)

@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from trainyard.cluster.errors import RunFailed, SpecError, TrainyardError  # noqa: F401 (the API's)
+from trainyard.pipelines import tracking
 from trainyard.pipelines.config.spec import Overrides, RunSpec, load_spec
+from trainyard.pipelines.driver.run import RunOptions, run
+from trainyard.pipelines.driver.trainer import TrainingFailed
+from trainyard.pipelines.jobs import predict as predicting
+from trainyard.pipelines.jobs import tune as tuning
 
 
 @dataclass(frozen=True)
@@ -96,10 +101,6 @@ def train(
     (default: now)."""
     from ray.train import TrainingFailedError
 
-    from trainyard.pipelines import tracking
-    from trainyard.pipelines.driver.run import RunOptions, run
-    from trainyard.pipelines.driver.trainer import TrainingFailed
-
     loaded = load_spec(spec, overrides)
     config = str(spec) if isinstance(spec, str | Path) else None
     options = RunOptions(started=started, source=tracking.source_tags(config))
@@ -119,8 +120,6 @@ def tune(
     run; `trials` (default tune.trials) samples; `resume` continues a search by its name.
     `best` is None where no trial finished with a value of the metric; RunFailed where the
     search was interrupted (continue it with `resume`)."""
-    from trainyard.pipelines import tracking
-    from trainyard.pipelines.jobs import tune as tuning
 
     loaded = load_spec(spec, overrides)
     trials = loaded.tune.trials if trials is None else trials
@@ -136,7 +135,6 @@ def predict(model: str, data: str | Path, out: str | Path, **options: Any) -> Pr
     `out`. `options` are the command's flags by their names: batch_size, workers,
     cpus_per_worker, gpus_per_worker, keep (a list of columns), format, probabilities,
     on_bad_rows, generate, temperature, top_k, seed, tracking_uri, trust_model, ..."""
-    from trainyard.pipelines.jobs import predict as predicting
 
     args = predicting.arguments(str(model), str(data), str(out), options)
     summary = dict(predicting.predict(args))

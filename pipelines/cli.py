@@ -7,19 +7,22 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
+from trainyard.cluster import local, mlflow_server
 from trainyard.cluster.errors import RunFailed, SpecError, TrainyardError
 from trainyard.cluster.secrets import redact_text
-from trainyard.pipelines import api
+from trainyard.pipelines import api, bench
 from trainyard.pipelines.config.overrides import add_spec_arguments, read_overrides
 from trainyard.pipelines.config.spec import load_spec
 from trainyard.pipelines.driver.run import dry_run
+from trainyard.pipelines.driver.startup import process_started
+from trainyard.pipelines.jobs import doctor, generate, k8s, predict, submit, tune
 
 
 def _cluster_up(args: argparse.Namespace) -> None:
-    from trainyard.cluster import local
 
     print(f"trainyard: starting a head and {args.workers} worker nodes ...", flush=True)
     state = local.up(
@@ -37,13 +40,11 @@ def _cluster_up(args: argparse.Namespace) -> None:
 
 
 def _cluster_down(args: argparse.Namespace) -> None:
-    from trainyard.cluster import local
 
     print(f"trainyard: {local.down()}")
 
 
 def _cluster_status(args: argparse.Namespace) -> None:
-    from trainyard.cluster import local
 
     print(local.status(args.address))
 
@@ -74,7 +75,6 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _tune(args: argparse.Namespace) -> None:
-    from trainyard.pipelines.jobs import tune
 
     overrides = [*args.overrides, *(read_overrides(args.set_from) if args.set_from else [])]
     if args.dry_run:
@@ -123,9 +123,6 @@ def _add_cluster(commands) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     """The command table."""
-    from trainyard.cluster import mlflow_server
-    from trainyard.pipelines import bench
-    from trainyard.pipelines.jobs import doctor, generate, k8s, predict, submit, tune
 
     parser = argparse.ArgumentParser(
         prog="trainyard",
@@ -190,16 +187,12 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """The command with `argv` (None: this process's command line); `started` is when the
     command started (default: this process's start for the command line, else now), what
     `trainyard train` times its start-up from."""
-    import time
-
-    from trainyard.pipelines.driver.startup import process_started
 
     if started is None:
         started = process_started() if argv is None else time.time()
     # MLflow draws a progress bar for every model it downloads (wherever tqdm is installed):
     # trainyard prints its own lines, and a mistake stays one line.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from trainyard.pipelines.jobs import k8s, submit
 
     parser = _parser()
     argv = sys.argv[1:] if argv is None else argv

@@ -48,3 +48,16 @@ def test_importing_any_part_of_trainyard_does_not_import_the_api():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['trainyard', 'trainyard.cluster', 'trainyard.cluster.errors']"
+
+
+def test_the_command_starts_without_torch_ray_or_mlflow():
+    """Its command table built (every command's module imported), the command has imported
+    none of torch, Ray or MLflow: `trainyard train` prepares its data while they load in the
+    background, `k8s` and `submit` never need them (pyproject's ruff rules keep them inside
+    the functions that use them; this checks what the modules pull in through each other)."""
+    code = (
+        "import sys; from trainyard.pipelines import cli; cli._parser(); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'mlflow'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -69,7 +69,7 @@ def test_a_hit_skips_preprocessing_and_gives_the_same_blocks(table, tmp_path, ca
                 assert np.array_equal(x["x"], y["x"]) and np.array_equal(x["y"], y["y"])
     assert second.per_epoch is None and second.params == first.params
     assert (second.num_train, second.num_validation) == (first.num_train, first.num_validation)
-    assert second.facts == first.facts and second.job == first.job
+    assert second.facts == first.facts and second.data_facts == first.data_facts
     # The fitted encoder came back: raw rows encode as they did.
     was, now = first.extra, second.extra
     raw = was.example.astype({c: np.float64 for c in was.plan.numeric})

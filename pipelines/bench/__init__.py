@@ -20,6 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy
+
+from trainyard.cluster.hardware import machine as hardware
+from trainyard.pipelines import tracking
+from trainyard.pipelines.bench import core
+from trainyard.pipelines.bench.preprocess import cores_available
+from trainyard.pipelines.driver.session import init_ray
+
 SUITES = (
     "preprocess",
     "ingest",
@@ -53,10 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def machine() -> dict[str, object]:
     """The machine and the library versions every result is recorded with."""
     import mlflow
-    import numpy
     import ray
-
-    from trainyard.cluster.hardware import machine as hardware
 
     return hardware() | {
         "ray": ray.__version__,
@@ -66,10 +71,6 @@ def machine() -> dict[str, object]:
 
 
 def command(args: argparse.Namespace) -> None:
-    from trainyard.pipelines import tracking
-    from trainyard.pipelines.bench import core
-    from trainyard.pipelines.bench.preprocess import cores_available
-    from trainyard.pipelines.driver.session import init_ray
 
     suites = SUITES if args.suite == "all" else (args.suite,)
     out = Path(args.out or f"bench/{time.strftime('%Y%m%d-%H%M%S')}")

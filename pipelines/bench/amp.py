@@ -8,14 +8,17 @@ from typing import Any
 
 import torch
 
+from trainyard.models.gpt import GPT, GPTConfig
 from trainyard.pipelines.bench.core import Case, alternate, repeated
+from trainyard.pipelines.config.train import TrainSpec
+from trainyard.pipelines.training.optim import make_optimizer, make_scheduler
+from trainyard.pipelines.training.step import task_loss, train_epoch
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def models(device: torch.device, quick: bool):
     """(name, model, batches): the tabular MLP and the GPT at a size that suits the device."""
-    from trainyard.models.gpt import GPT, GPTConfig
 
     g = torch.Generator().manual_seed(0)
     mlp = torch.nn.Sequential(
@@ -36,7 +39,6 @@ def models(device: torch.device, quick: bool):
 
 def step_ms(model, batches, optimizer, scheduler, loss_fn, dtype, steps: int) -> float:
     """Milliseconds per optimizer step of `steps` steps at autocast `dtype` (None: fp32)."""
-    from trainyard.pipelines.training.step import train_epoch
 
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -56,9 +58,6 @@ def step_ms(model, batches, optimizer, scheduler, loss_fn, dtype, steps: int) ->
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
-    from trainyard.pipelines.config.train import TrainSpec
-    from trainyard.pipelines.training.optim import make_optimizer, make_scheduler
-    from trainyard.pipelines.training.step import task_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = 3 if quick else 30

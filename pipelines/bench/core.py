@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainyard.pipelines import tracking
+
 
 @dataclass
 class Case:
@@ -280,7 +282,6 @@ def log_to_mlflow(
 ) -> str:
     """One MLflow run in experiment `trainyard-bench`: the machine as params, every median and
     ratio as a metric, the three files as artifacts. Returns the run id."""
-    from trainyard.pipelines import tracking
 
     metrics = {}
     for case in cases:

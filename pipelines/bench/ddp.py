@@ -14,6 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainyard.pipelines.bench.core import repeated
+from trainyard.pipelines.training.step import train_epoch
+
 STEPS = {"quick": 8, "full": 150}
 WARMUP_STEPS = 5
 
@@ -21,8 +24,6 @@ WARMUP_STEPS = 5
 def workload(config: dict[str, Any], wrap) -> dict[str, Any]:
     """Train `config["steps"]` steps; `wrap(model)` makes the model DDP (plain DDP under
     torchrun, ray.train.torch.prepare_model under Ray). Returns rank 0's timings."""
-    from trainyard.pipelines.bench.core import repeated
-    from trainyard.pipelines.training.step import train_epoch
 
     torch.set_num_threads(config["threads"])
     rank = dist.get_rank()

@@ -15,8 +15,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
+from trainyard.models import resnet
 from trainyard.pipelines.bench.core import Case, alternate, best, ray_data_reservation, timed
 from trainyard.pipelines.data.arrays import crop_flip, decode_image, normalize
+from trainyard.pipelines.data.augment import ROW
+from trainyard.pipelines.data.images import as_dataset, decode_batch, digits_images, train_batch
+from trainyard.pipelines.training.feed import ahead
+from trainyard.pipelines.training.step import train_epoch
 
 BATCH = 128
 SIZE = (64, 64)
@@ -27,7 +32,6 @@ STATS = {"mean": [0.3, 0.3, 0.3], "std": [0.3, 0.3, 0.3]}
 
 def image_files(n: int) -> tuple[list[str], np.ndarray]:
     """`n` paths cycling through the digits' PNG files, and their classes."""
-    from trainyard.pipelines.data.images import digits_images
 
     files = sorted(str(p) for p in digits_images().glob("*/*.png"))
     paths = [files[i % len(files)] for i in range(n)]
@@ -61,9 +65,6 @@ def consume(batches) -> int:
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     import ray.data
-
-    from trainyard.pipelines.data.augment import ROW
-    from trainyard.pipelines.data.images import as_dataset, decode_batch, train_batch
 
     n = 256 if quick else 16384
     repeats = 1 if quick else 3
@@ -132,10 +133,6 @@ def data_wait(table: pa.Table, options: dict[str, Any], quick: bool) -> Case:
     step) fed by Ray Data passes over the decoded images, each started while the previous one
     trains (as trainyard's workers run them), against the same steps on batches held in
     memory."""
-    from trainyard.models import resnet
-    from trainyard.pipelines.data.images import as_dataset, decode_batch, train_batch
-    from trainyard.pipelines.training.feed import ahead
-    from trainyard.pipelines.training.step import train_epoch
 
     torch.manual_seed(0)
     model = resnet(in_channels=1, num_classes=10, depth=10, width=16)

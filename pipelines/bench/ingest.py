@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from trainyard.pipelines.bench.core import Case, alternate, best, ray_data_reservation, timed
+from trainyard.pipelines.training.step import train_epoch
 
 BATCH = 256
 
@@ -81,7 +82,6 @@ def consume(batches) -> int:
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
-    from trainyard.pipelines.training.step import train_epoch
 
     x, y = digits()
     n_batches = 8 if quick else 200

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from trainyard.models import TabularPredictor, mlp, resnet
+from trainyard.pipelines import tracking
 from trainyard.pipelines.bench.core import Case, alternate, timed
+from trainyard.pipelines.data.images import digits_images
+from trainyard.pipelines.data.serving import ImageClassifier, RawRowsModel
+from trainyard.pipelines.jobs import predict
 
 IMAGE_BATCH = 64
 ROW_BATCH = 4096
@@ -33,9 +39,6 @@ CLASSES = list(range(10))
 
 def logged_models(uri: str, example_png: bytes) -> dict[str, str]:
     """The two models, logged (and signed) as trainyard logs them; their URIs by kind."""
-    from trainyard.models import TabularPredictor, mlp, resnet
-    from trainyard.pipelines import tracking
-    from trainyard.pipelines.data.serving import ImageClassifier, RawRowsModel
 
     torch.manual_seed(0)
     image = ImageClassifier(
@@ -68,7 +71,6 @@ def logged_models(uri: str, example_png: bytes) -> dict[str, str]:
 
 def image_inputs(directory: Path, n: int) -> list[Path]:
     """`n` PNG files (the digits', cycled) copied into `directory`."""
-    from trainyard.pipelines.data.images import digits_images
 
     sources = sorted(digits_images().glob("*/*.png"))
     directory.mkdir()
@@ -105,7 +107,6 @@ def by_hand(model_uri: str, kind: str, inputs: list[Path], out: Path, pool: int 
     """What a user writes without Ray: load the model, read batches, predict them (in this
     thread, or `pool` threads), write the predictions to one Parquet file. Returns the seconds
     spent in `predict` calls (the steady state, without loading, reading or writing)."""
-    import time
 
     import mlflow.pyfunc
 
@@ -135,8 +136,6 @@ def by_hand(model_uri: str, kind: str, inputs: list[Path], out: Path, pool: int 
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
-    from trainyard.pipelines import tracking
-    from trainyard.pipelines.data.images import digits_images
 
     repeats = 1 if quick else 3
     jobs = [("images", 128), ("tabular", 4_000)]
@@ -178,7 +177,6 @@ def job_cases(
 ) -> list[Case]:
     """The whole job (load, read, predict, write) by each contender, and the steady state of
     one actor against one single-threaded process's predict calls."""
-    from trainyard.pipelines.jobs import predict
 
     unit = "images/s" if kind == "images" else "rows/s"
     outs = (scratch / f"out-{kind}-{size}-{i}" for i in range(1_000_000))
@@ -241,7 +239,6 @@ def job_cases(
 
 
 def predict_args(model: str, data: Path, out: Path, uri: str) -> argparse.Namespace:
-    from trainyard.pipelines.jobs import predict
 
     parser = argparse.ArgumentParser()
     predict.add_arguments(parser)

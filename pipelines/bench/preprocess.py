@@ -9,6 +9,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from trainyard.pipelines.bench.core import Case, alternate, ray_data_reservation, timed
 
@@ -70,7 +71,6 @@ def _chunks(rows: list[str], n: int) -> list[list[str]]:
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
-    import pyarrow as pa
     import ray
     import ray.data
     import torch.multiprocessing as tmp

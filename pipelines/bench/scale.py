@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from trainyard.pipelines.bench.core import Case
 
@@ -88,8 +90,6 @@ def table(directory: Path, rows: int) -> Path:
     """`rows` rows of FEATURES float64 features and an int label in FILES Parquet files, in
     class order (as a table exported sorted by its label often is), written once: four
     Gaussian classes whose means differ in every feature, with a nonlinear twist."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if (directory / "_done").exists():
         return directory

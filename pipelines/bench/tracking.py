@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
+from trainyard.pipelines import tracking
 from trainyard.pipelines.bench.core import Case, alternate, repeated
+from trainyard.pipelines.config.train import TrainSpec
+from trainyard.pipelines.training.step import train_epoch
 
 
 def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
-    from trainyard.pipelines import tracking
-    from trainyard.pipelines.config.train import TrainSpec
-    from trainyard.pipelines.training.step import train_epoch
 
     every = TrainSpec().log_every_steps
     steps = 2 * every if quick else 40 * every

@@ -15,16 +15,14 @@ import numpy as np
 
 from trainyard.pipelines.bench import core
 from trainyard.pipelines.bench.core import Case, alternate
-from trainyard.pipelines.bench.ddp import STEPS, WARMUP_STEPS
+from trainyard.pipelines.bench.ddp import STEPS, WARMUP_STEPS, ray_loop
+from trainyard.pipelines.driver.trainer import START_TIMEOUT_S, configure_ray_train
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from trainyard.pipelines.bench.ddp import ray_loop
-    from trainyard.pipelines.driver.trainer import START_TIMEOUT_S, configure_ray_train
 
     configure_ray_train(START_TIMEOUT_S)  # Ray Train as trainyard runs it
 

@@ -51,7 +51,7 @@ class GPTSpec:
 
     def config(self, vocab_size: int):
         """The `models.gpt.GPTConfig` this spec describes, for a tokenizer's vocabulary."""
-        from trainyard.models.gpt import SIZES, GPTConfig
+        from trainyard.models.gpt import SIZES, GPTConfig  # noqa: PLC0415 (torch: not on the command's start)
 
         _check(self.size in SIZES, "model.size", self.size, f"one of {', '.join(SIZES)}")
         overrides = {

@@ -6,6 +6,7 @@ or `tune` reads it (`--set-from PACKAGE`)."""
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import secrets
 from pathlib import Path
@@ -49,7 +50,6 @@ def overrides_package(overrides: list[str], directory: str | Path) -> Path:
 
 def read_overrides(package: str) -> list[str]:
     """The overrides a job received in `package` (see overrides_package)."""
-    import importlib.resources
 
     try:
         text = (importlib.resources.files(package) / OVERRIDES_FILE).read_text()

@@ -15,6 +15,7 @@ import inspect
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,28 +169,48 @@ def source_paths(refs: list[str]) -> list[str]:
 
 def resolve_model(name: str) -> Callable[..., Any]:
     """The builder a model name stands for: a built-in's (trainyard.models.MODELS) or the user's."""
-    from trainyard.models import MODELS
+    from trainyard.models import MODELS  # noqa: PLC0415 (torch: not on the command's start)
 
     if name in MODELS:
         return MODELS[name]
     return load_callable(name, "model.name")
 
 
-def model_recipe(model_spec: Any, facts: dict[str, Any]) -> dict[str, Any]:
-    """What builds the model, as plain data for the workers and checkpoints: {"name": the
-    built-in name or module:attr, "kwargs": the facts it takes + the spec's arguments}."""
+@dataclass(frozen=True)
+class ModelRecipe:
+    """What builds the model: the driver makes it (model_recipe), the workers and every later
+    load build from it (build_model), and checkpoints keep it as plain data (`asdict`, read
+    back with `of`)."""
+
+    name: str
+    """A built-in model's name (trainyard.models.MODELS) or the user's module:attr."""
+    kwargs: dict[str, Any]
+    """What it is called with: the data's facts it takes and the spec's arguments."""
+
+    @classmethod
+    def of(cls, value: ModelRecipe | dict[str, Any]) -> ModelRecipe:
+        """A recipe, from itself or from its plain form (a checkpoint's)."""
+        return value if isinstance(value, ModelRecipe) else cls(value["name"], value["kwargs"])
+
+    def describe(self) -> str:
+        """`name(key=value, ...)`."""
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.kwargs.items())})"
+
+
+def model_recipe(model_spec: Any, facts: dict[str, Any]) -> ModelRecipe:
+    """What builds the model the spec names on data with these facts."""
     name = model_spec.name
     fn = resolve_model(name)
-    kwargs = arguments(fn, facts, model_spec.args_for(facts), "model", name)
-    return {"name": name, "kwargs": kwargs}
+    return ModelRecipe(name, arguments(fn, facts, model_spec.args_for(facts), "model", name))
 
 
-def build_model(recipe: dict[str, Any]) -> Any:
-    """The nn.Module a recipe (model_recipe) describes."""
+def build_model(recipe: ModelRecipe | dict[str, Any]) -> Any:
+    """The nn.Module a recipe describes."""
     from torch import nn
 
-    name = recipe["name"]
-    model = call(resolve_model(name), recipe["kwargs"], "model.name", name, "the model")
+    recipe = ModelRecipe.of(recipe)
+    name = recipe.name
+    model = call(resolve_model(name), recipe.kwargs, "model.name", name, "the model")
     if not isinstance(model, nn.Module):
         raise SpecError(
             f"model.name: {name} returned a {type(model).__name__}, not a torch nn.Module"

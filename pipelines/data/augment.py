@@ -12,8 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
+from trainyard.pipelines.config import user
 from trainyard.pipelines.data.arrays import derive_seed
+from trainyard.pipelines.data.common import PerEpoch, block_refs, settle
 
 ROW = "__row"
 
@@ -22,8 +25,6 @@ def rank_shards(rows: Any, world: int, task_cpus: float) -> list[Any]:
     """The (materialized) rows with each row's position, in `world` equal shards."""
     import ray
     import ray.data
-
-    from trainyard.pipelines.data.common import block_refs, settle
 
     number = ray.remote(_numbered).options(num_cpus=task_cpus)
     refs, start = [], 0
@@ -39,7 +40,6 @@ def rank_shards(rows: Any, world: int, task_cpus: float) -> list[Any]:
 
 def _numbered(block: Any, start: int) -> Any:
     """A block as an Arrow table with the positions of its rows, from `start` on."""
-    import pyarrow as pa
     from ray.data.block import BlockAccessor
 
     table = BlockAccessor.for_block(block).to_arrow()
@@ -51,7 +51,6 @@ def augment_batch(
 ) -> dict[str, np.ndarray]:
     """The user's augmentation `ref` (`fn(batch, rng) -> batch`) applied to one batch of model
     inputs; its generator is seeded from (seed, pass, the batch's first row)."""
-    from trainyard.pipelines.config import user
 
     fn = user.load_callable(ref, "data.augment")
     batch = dict(batch)
@@ -67,7 +66,6 @@ def augment_batch(
 
 def plan(train: Any, ref: str | None) -> Any:
     """The PerEpoch of a user's augmentation `ref` over the training rows (None: none)."""
-    from trainyard.pipelines.data.common import PerEpoch
 
     fn = "trainyard.pipelines.data.augment:augment_batch"
     return PerEpoch(train, fn, {"ref": ref}) if ref else None
@@ -78,7 +76,6 @@ def one_pass(
 ) -> Any:
     """One pass of a rank's shard through the batch function (lazy: Ray Data runs it while the
     rank consumes it). `per_epoch`: the PerEpoch's fn, kwargs and remote_args."""
-    from trainyard.pipelines.config import user
 
     # Blocks in a new order every pass (rows are shuffled within a window as they stream).
     blocks = derive_seed(seed, "blocks", pass_number) % 2**32

@@ -32,11 +32,15 @@ import pickle
 import time
 import uuid
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from trainyard.cluster.errors import TrainyardError
+from trainyard.cluster.signing import model_key
 from trainyard.pipelines.data.common import Pipeline, Prepared, check_row_counts, open_fs
 
 FORMAT = 1
@@ -65,7 +69,6 @@ class Outcome:
 
 def key_of(inputs: dict[str, Any], num_workers: int) -> str:
     """The entry's key: what determines the prepared data, with the versions that read them."""
-    from importlib.metadata import PackageNotFoundError, version
 
     def installed(package: str) -> str:
         try:
@@ -85,7 +88,6 @@ def key_of(inputs: dict[str, Any], num_workers: int) -> str:
 def own_code() -> str:
     """A digest of trainyard's data modules' source: a change to how trainyard prepares data
     is another key, whatever the version number says."""
-    from pathlib import Path
 
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
@@ -150,7 +152,6 @@ def prepare(
 
 
 def _mac(manifest: dict[str, Any]) -> str:
-    from trainyard.cluster.signing import model_key
 
     body = json.dumps({k: v for k, v in manifest.items() if k != "mac"}, sort_keys=True)
     return hmac.new(model_key(), body.encode(), hashlib.sha256).hexdigest()
@@ -229,7 +230,6 @@ def load(root: str, key: str, manifest: dict[str, Any]) -> Prepared:
 
 
 def _read_block_fn(root: str, path: str) -> Any:
-    import pyarrow.parquet as pq
     import ray.data  # noqa: F401  (registers Ray's tensor extension types)
 
     fs, _ = open_fs(root)
@@ -237,7 +237,6 @@ def _read_block_fn(root: str, path: str) -> Any:
 
 
 def _write_block_fn(root: str, path: str, block: Any) -> int:
-    import pyarrow.parquet as pq
     import ray.data  # noqa: F401
     from ray.data.block import BlockAccessor
 

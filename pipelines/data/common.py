@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
+import importlib
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
 from trainyard.cluster.errors import TrainyardError
+from trainyard.cluster.resources import wait_for_free
+from trainyard.pipelines.config import user
+from trainyard.pipelines.data.arrays import derive_seed
 
 
 def csv_parse_options(invalid_row_handler: Any = None) -> pacsv.ParseOptions:
@@ -43,7 +51,6 @@ def settle(timeout_s: float = 2.0) -> None:
     """Wait (briefly) until Ray's view of free CPUs has caught up with tasks that just
     finished. It lags by up to a second; in that window Ray Data warns that the cluster has no
     free CPU and "will hang", and a resource check reads the cluster as full."""
-    from trainyard.cluster.resources import wait_for_free
 
     wait_for_free({"CPU": 1e-6}, timeout_s, poll_s=0.05)
 
@@ -74,8 +81,6 @@ def in_random_order(ds: Any, seed: int, blocks: int, task_cpus: float) -> Any:
     does the same, but its reduce tasks held 2.4 GB each for 550 MB of rows here.)"""
     import ray
 
-    from trainyard.pipelines.data.arrays import derive_seed
-
     ds = ds.materialize()
     refs = [ref for ref, _, _ in block_refs(ds)]
     blocks = max(1, blocks)
@@ -98,7 +103,6 @@ def in_random_order(ds: Any, seed: int, blocks: int, task_cpus: float) -> Any:
 
 def _scatter(block: Any, parts: int, seed: int) -> list[Any]:
     """A block's rows dealt at random into `parts` Arrow tables."""
-    import numpy as np
     from ray.data.block import BlockAccessor
 
     table = BlockAccessor.for_block(block).to_arrow()
@@ -111,8 +115,6 @@ def _scatter(block: Any, parts: int, seed: int) -> list[Any]:
 
 def _gather(seed: int, *pieces: Any) -> Any:
     """The pieces dealt to one output block, as one table in a random order."""
-    import numpy as np
-    import pyarrow as pa
 
     table = pa.concat_tables(pieces)
     return table.take(np.random.default_rng(seed).permutation(table.num_rows))
@@ -204,8 +206,8 @@ class Prepared:
     """What the pipeline knows that a model may take as arguments: in_features, out_features,
     num_classes, in_shape (tabular, custom, images); in_channels (images); vocab_size, context
     (text)."""
-    job: DataFacts
-    """What the workers need to know of the data."""
+    data_facts: DataFacts
+    """What the workers need to know of the data (training.job.WorkerJob.data_facts)."""
     params: dict[str, Any] = field(default_factory=dict)
     """What else to record as MLflow params (data sizes, statistics)."""
     per_epoch: PerEpoch | None = None
@@ -275,7 +277,6 @@ def resolve_files(
 def fingerprint(files: list[str], fs: pafs.FileSystem) -> str:
     """A digest of the files' paths, sizes and modification times: it changes when one of
     them is written to, added or removed (what the preprocessing cache keys on)."""
-    import hashlib
 
     digest = hashlib.sha256()
     for info in fs.get_file_info(files):
@@ -286,10 +287,6 @@ def fingerprint(files: list[str], fs: pafs.FileSystem) -> str:
 def code_digest(refs: list[str | None]) -> str:
     """A digest of the source of the user code `refs` name (module:attr; None for none):
     changed code is another preprocessing."""
-    import hashlib
-    from pathlib import Path
-
-    from trainyard.pipelines.config import user
 
     refs = [r for r in refs if isinstance(r, str) and ":" in r]
     for ref in refs:
@@ -360,6 +357,5 @@ class Pipeline(Protocol):
 
 def pipeline_module(spec: Any) -> Pipeline:
     """The module that implements the spec's pipeline (trainyard.pipelines.data.common.Pipeline)."""
-    import importlib
 
     return importlib.import_module(f"trainyard.pipelines.data.{spec.pipeline}")

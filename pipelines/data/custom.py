@@ -220,7 +220,7 @@ def prepare(
         num_train=num_train,
         num_validation=num_val,
         facts=facts,
-        job=DataFacts(task=data.task),
+        data_facts=DataFacts(task=data.task),
         params={"data.num_train": num_train, "data.num_validation": num_val},
         per_epoch=augment.plan(train, data.augment),
         extra=val,
@@ -231,7 +231,7 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
     """The trained model behind the casting of its x (it takes arrays, or tables of x's
     numbers: serving.ArrayModel), five validation inputs as the example, and its
     metadata."""
-    from trainyard.pipelines.data.serving import ArrayModel
+    from trainyard.pipelines.data.serving import ArrayModel  # noqa: PLC0415 (torch, MLflow: not on the command's start)
 
     example = prepared.extra.take_batch(5, batch_format="numpy")["x"]
     model = ArrayModel(net, list(example.shape[1:]), example.dtype.str)

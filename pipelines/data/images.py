@@ -12,10 +12,14 @@ on one machine, here on any node's CPUs. The validation images are normalized on
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -28,6 +32,7 @@ from trainyard.pipelines.data.arrays import (
     derive_seed,
     normalize,
 )
+from trainyard.pipelines.data.augment import ROW, augment_batch
 from trainyard.pipelines.data.common import (
     DataError,
     DataFacts,
@@ -94,7 +99,6 @@ def train_batch(
     """One training batch of one pass: decoded (when `decode` says how: streamed from the
     source), augmented (the built-in crop and flip, or the user's `module:fn`), normalized.
     Draws are seeded from (seed, pass, image)."""
-    from trainyard.pipelines.data.augment import ROW
 
     if decode is not None:
         batch = decode_batch(batch, **decode)
@@ -118,7 +122,6 @@ def user_augment(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The user's `fn(batch, rng) -> batch` on uint8 images (its generator seeded as in
     trainyard.pipelines.data.augment), which it must return as uint8 images."""
-    from trainyard.pipelines.data.augment import ROW, augment_batch
 
     out = augment_batch({"x": images, "y": labels, ROW: rows}, seed, pass_number, ref)
     if out["x"].dtype != np.uint8 or out["x"].ndim != 4:
@@ -157,7 +160,6 @@ def digits_images() -> Path:
     root = cache_dir() / "digits-images"
     if root.is_dir():
         return root
-    import tempfile
 
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -173,8 +175,6 @@ def digits_images() -> Path:
     try:
         tmp.rename(root)
     except OSError:  # another process wrote it first
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return root
 
@@ -374,7 +374,7 @@ def prepare(
             "num_classes": len(listing.classes),
             "out_features": len(listing.classes),
         },
-        job=DataFacts(task="classification", unit="images", channels_last=True),
+        data_facts=DataFacts(task="classification", unit="images", channels_last=True),
         params={
             "data.num_train": num_train,
             "data.num_validation": num_val,
@@ -404,9 +404,7 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
     """The trained network behind the decoding and normalization it was trained with: it takes
     a DataFrame whose `image` column holds encoded images (bytes) or their paths, and returns
     class names. Three validation images are its input example."""
-    import pandas as pd
-
-    from trainyard.pipelines.data.serving import ImageClassifier
+    from trainyard.pipelines.data.serving import ImageClassifier  # noqa: PLC0415 (torch, MLflow: not on the command's start)
 
     extra, data = prepared.extra, spec.data
     listing, held = extra["listing"], extra["held"]
@@ -438,6 +436,8 @@ def metric_keys(spec: RunSpec) -> list[str]:
 def figures(spec: RunSpec, prepared: Prepared, net: Any, directory: Path) -> list[Path]:
     """augmented.png, a grid of training images as the first epoch augments them, and
     confusion.png, the confusion matrix of the trained model on the validation images."""
+    from trainyard.models.outputs import logits  # noqa: PLC0415 (torch: not on the command's start)
+
     try:
         import matplotlib
     except ImportError:
@@ -446,9 +446,6 @@ def figures(spec: RunSpec, prepared: Prepared, net: Any, directory: Path) -> lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
-
-    from trainyard.models.outputs import logits
-    from trainyard.pipelines.data.augment import ROW
 
     extra, per_epoch = prepared.extra, prepared.per_epoch
     classes, stats = extra["classes"], extra["stats"]
@@ -509,7 +506,6 @@ def figures(spec: RunSpec, prepared: Prepared, net: Any, directory: Path) -> lis
 def cache_inputs(spec: RunSpec) -> dict[str, Any]:
     """The data spec, the seed, the files' fingerprint, and whether the decoded images are
     kept (data.keep_decoded, or the object store's size decides)."""
-    from dataclasses import asdict
 
     listing = Listing(spec.data)
     return {

@@ -25,11 +25,17 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import pyarrow
+import pyarrow as pa
 import torch
 from mlflow.exceptions import MlflowException
 
 from trainyard.models.outputs import logits, model_loss
-from trainyard.pipelines.data.tokenizers import bits_per_byte
+from trainyard.pipelines.config.user import load_callable
+from trainyard.pipelines.data.arrays import decode_images, normalize
+from trainyard.pipelines.data.common import open_fs
+from trainyard.pipelines.data.features import encode
+from trainyard.pipelines.data.tokenizers import bits_per_byte, load_tokenizer
 
 
 def refused(message: str) -> MlflowException:
@@ -135,7 +141,6 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
         """What loading it needs besides torch, numpy and pandas: Ray Data for the encoder."""
         if self.encoder is None:
             return []
-        import pyarrow
         import ray
 
         return [f"ray[data]=={ray.__version__}", f"pyarrow=={pyarrow.__version__}"]
@@ -148,7 +153,6 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
         if self.preprocess:
             for c in self.raw_numeric:
                 rows[c] = as_numbers(rows[c], c, blanks=True)  # the function sees the blanks
-            from trainyard.pipelines.config.user import load_callable
 
             rows = load_callable(self.preprocess, "data.preprocess")(rows)
         missing_columns(rows, self.features)
@@ -159,8 +163,6 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
                 for c in set(self.features) - set(self.numeric):
                     refuse_blanks(c, is_blank(rows[c]))
         if self.encoder is not None:
-            from trainyard.pipelines.data.features import encode
-
             return torch.from_numpy(encode(rows, self.encoder, self.features))
         return torch.from_numpy(rows[self.features].to_numpy(dtype=np.float32))
 
@@ -184,7 +186,6 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
         """`predict` on an Arrow table of raw rows: features that are all numbers without
         nulls go from Arrow into one float32 matrix (no pandas, no pass per row); anything else
         goes through pandas and the checks of `transform`."""
-        import pyarrow as pa
 
         numeric = not self.preprocess and self.encoder is None and self.numeric == self.features
         names = set(table.column_names)
@@ -211,7 +212,6 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
 
 def read_bytes(path: str) -> bytes:
     """A file's bytes, local or at a URI."""
-    from trainyard.pipelines.data.common import open_fs
 
     fs, name = open_fs(path)
     with fs.open_input_file(name) as f:
@@ -258,7 +258,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def decode(self, model_input: pd.DataFrame) -> np.ndarray:
         """The images as uint8 (n, h, w, c)."""
-        from trainyard.pipelines.data.arrays import decode_images
 
         column, values = sources(model_input, "image")
 
@@ -278,7 +277,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Decoded images (uint8 (n, h, w, c)) normalized and through the network (on its
         device): the logits over `classes`."""
-        from trainyard.pipelines.data.arrays import normalize
 
         device = next(self.net.parameters()).device
         x = torch.from_numpy(normalize(images, self.mean, self.std)).to(device)
@@ -455,7 +453,6 @@ def load(directory: str, device: Any = "cpu") -> Any:
         if kind == "custom":
             spec = inputs.inputs[0]
             return ArrayModel(net.to(device), list(spec.shape[1:]), spec.type.str)
-        from trainyard.pipelines.data.tokenizers import load_tokenizer
 
         return TextModel(
             net.to(device),

@@ -11,15 +11,19 @@ import dataclasses
 import difflib
 import math
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from trainyard.cluster.shared import is_local
+from trainyard.pipelines.config import user
 from trainyard.pipelines.config.data import DataSpec
 from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.data import augment
@@ -35,7 +39,14 @@ from trainyard.pipelines.data.common import (
     resolve_files,
     task_error,
 )
-from trainyard.pipelines.data.features import FeaturePlan, as_text, blank, is_category_type
+from trainyard.pipelines.data.features import (
+    FeaturePlan,
+    as_text,
+    blank,
+    encode,
+    fit_encoder,
+    is_category_type,
+)
 from trainyard.pipelines.data.split import below, row_hashes
 
 BUILTIN_DIGITS = "builtin:digits"
@@ -205,7 +216,6 @@ def encode_batch(
     batch: pd.DataFrame, encoder: Any, stats: dict[str, Any], label: str
 ) -> dict[str, np.ndarray]:
     """Raw rows of mixed columns → {"x": their encoding (features), "y": ...}."""
-    from trainyard.pipelines.data.features import encode
 
     x = encode(batch, encoder, stats["features"])
     return {"x": x, "y": targets(batch[label].to_numpy(), stats)}
@@ -284,7 +294,6 @@ def _clean(batch: pa.RecordBatch, rules: RowRules) -> bool:
     columns of number types, finite and never null; the label and required columns never
     null or empty), so that it need not go through pandas row by row: most batches of a
     Parquet file of numbers."""
-    import pyarrow.compute as pc
 
     for c in rules.columns:
         column, kind = batch.column(c), batch.schema.field(c).type
@@ -357,7 +366,6 @@ def digits_table() -> pd.DataFrame:
 
 def local_files(spec: RunSpec) -> list[str]:
     """The data files on a local disk (none for built-in tables and URIs)."""
-    from trainyard.cluster.shared import is_local
 
     check_path(spec.data)
     if spec.data.path == BUILTIN_DIGITS or not is_local(spec.data.path):
@@ -728,7 +736,6 @@ def apply_preprocess(
     """The user's preprocessing (`data.preprocess`) on a batch of raw rows, then the columns
     training uses, the numeric ones as float64 (a Ray Data batch function). Rows whose
     features are not numbers after it are dropped with `skip_bad`, else an error."""
-    from trainyard.pipelines.config import user
 
     out = user.load_callable(ref, "data.preprocess")(batch)[columns]
     parsed = out.assign(**{c: to_float(out[c]) for c in numeric})
@@ -753,8 +760,6 @@ def read_preprocessed(
     label, the logged model's input example. The function runs on a sample here first, so a
     broken one is one line before anything else runs."""
     import ray.data
-
-    from trainyard.pipelines.config import user
 
     ref = spec.preprocess
     fn = user.load_callable(ref, "data.preprocess")
@@ -839,8 +844,6 @@ def build_datasets(
     stats = fit_stats(rows.train, [] if encoded else features, spec, task_cpus, rows.classes)
     check_row_counts(num_train, num_val, num_workers, rows_per_step)
     if encoded:
-        from trainyard.pipelines.data.features import encode, fit_encoder
-
         encoder = fit_encoder(rows.train, plan, spec.max_onehot)
         width = encode(example.astype({c: np.float64 for c in plan.numeric}), encoder, features)
         stats.features, stats.encoder = features, encoder
@@ -890,7 +893,7 @@ def prepare(
             "out_features": data.stats.out_features,
             **({"num_classes": data.stats.out_features} if data.stats.classes else {}),
         },
-        job=DataFacts(task=spec.data.task, target_std=data.stats.target_std),
+        data_facts=DataFacts(task=spec.data.task, target_std=data.stats.target_std),
         params={
             "data.num_train": data.num_train,
             "data.num_validation": data.num_validation,
@@ -906,8 +909,8 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
     the model's MLflow metadata."""
     import torch
 
-    from trainyard.models import TabularPredictor
-    from trainyard.pipelines.data.serving import RawRowsModel
+    from trainyard.models import TabularPredictor  # noqa: PLC0415 (torch: not on the command's start)
+    from trainyard.pipelines.data.serving import RawRowsModel  # noqa: PLC0415 (torch, MLflow: not on the command's start)
 
     stats, example = prepared.extra.stats, prepared.extra.example
     predictor = TabularPredictor(
@@ -972,8 +975,6 @@ def cache_inputs(spec: RunSpec) -> dict[str, Any]:
     """The data spec, the seed, the files' fingerprint and the preprocessing's code."""
     data = spec.data
     if data.path == BUILTIN_DIGITS:
-        from importlib.metadata import version
-
         files = f"{BUILTIN_DIGITS} scikit-learn {version('scikit-learn')}"
     else:
         files = fingerprint(*resolve_files(data.path, DATA_EXTENSIONS))

@@ -12,14 +12,16 @@ from __future__ import annotations
 import math
 import sysconfig
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow.fs as pafs
 
 from trainyard.pipelines.config.data import TextDataSpec
+from trainyard.pipelines.config.model import GPTSpec
 from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.data.arrays import derive_seed
 from trainyard.pipelines.data.common import (
@@ -260,8 +262,7 @@ def prepare(
     """The text pipeline's windows and facts for training (the vocabulary and context; for the
     built-in GPT, FLOPs per token for MFU; the unigram entropy that the validation loss is
     printed beside)."""
-    from trainyard.models.gpt import flops_per_token, num_params
-    from trainyard.pipelines.config.model import GPTSpec
+    from trainyard.models.gpt import flops_per_token, num_params  # noqa: PLC0415 (torch: not on the command's start)
 
     data = build_datasets(spec, task_cpus, num_workers, rows_per_step, read_args)
     print(
@@ -284,7 +285,7 @@ def prepare(
         num_train=data.num_train,
         num_validation=data.num_validation,
         facts={"vocab_size": data.vocab_size, "context": spec.context},
-        job=DataFacts(
+        data_facts=DataFacts(
             task="language_modeling",
             dtypes={"x": "int64", "y": "int64"},
             context=spec.context,
@@ -307,10 +308,8 @@ def prepare(
 def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict[str, str]]:
     """The trained GPT with its tokenizer (it scores texts: serving.TextModel), an
     input example and its MLflow metadata, which names the tokenizer."""
-    import pandas as pd
-
-    from trainyard.models.outputs import targets_keyword
-    from trainyard.pipelines.data.serving import TextModel
+    from trainyard.models.outputs import targets_keyword  # noqa: PLC0415 (torch: not on the command's start)
+    from trainyard.pipelines.data.serving import TextModel  # noqa: PLC0415 (torch, MLflow: not on the command's start)
 
     own = spec.train.loss == "model"  # (scored with its own loss where its logits fall short)
     targets = targets_keyword(net, getattr(spec.model, "targets_arg", None)) if own else None
@@ -330,7 +329,6 @@ def describe_data(spec: RunSpec) -> None:
 def cache_inputs(spec: RunSpec) -> dict[str, Any]:
     """The data spec, the seed, the context, the model (its FLOPs per token are facts of the
     prepared data), the files' fingerprint and the tokenizer's code."""
-    from dataclasses import asdict
 
     _, files, fs = list_files(spec.data)
     return {

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from trainyard.pipelines.config import user
 from trainyard.pipelines.data.common import DataError
 
 
@@ -30,7 +31,6 @@ def load_tokenizer(name: str) -> Tokenizer:
     """`bytes`, or an instance of the class `package.module:Class`."""
     if name == "bytes":
         return ByteTokenizer()
-    from trainyard.pipelines.config import user
 
     cls = user.load_callable(name, "data.tokenizer")
     tokenizer = user.call(cls, {}, "data.tokenizer", name, "the tokenizer")

@@ -8,16 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 from trainyard.cluster.errors import SpecError
+from trainyard.pipelines.config import user
 from trainyard.pipelines.config.model import UserModelSpec
 from trainyard.pipelines.config.spec import RunSpec
+from trainyard.pipelines.config.user import ModelRecipe
 from trainyard.pipelines.data.common import Prepared
 
 
 def check_code(spec: RunSpec) -> None:
     """Import every piece of user code the spec names (SpecError, one line, for each problem):
     models, datasets, losses, optimizer and scheduler classes (and the arguments given them)."""
-    from trainyard.pipelines.config import user
-    from trainyard.pipelines.training.optim import optimizer_class, scheduler_class
+    from trainyard.pipelines.training.optim import optimizer_class, scheduler_class  # noqa: PLC0415 (torch: not on the command's start)
 
     if ":" in spec.train.optimizer:  # (the built-ins need no check, nor torch imported yet)
         optimizer_class(spec.train)
@@ -50,7 +51,7 @@ def user_references(spec: RunSpec) -> dict[str, str]:
     return {k: v for k, v in refs.items() if isinstance(v, str) and ":" in v}
 
 
-def checked_model(spec: RunSpec, data: Prepared) -> tuple[dict[str, Any], str]:
+def checked_model(spec: RunSpec, data: Prepared) -> tuple[ModelRecipe, str]:
     """Build the model once here, from the pipeline's facts and the spec, with its optimizer,
     schedule and validation metrics, and run it forward on two training rows through the
     training loss: a model that cannot be built, an optimizer or scheduler that does not take
@@ -59,23 +60,22 @@ def checked_model(spec: RunSpec, data: Prepared) -> tuple[dict[str, Any], str]:
     Returns its recipe, and a line that says what it is and its size."""
     import torch
 
-    from trainyard.pipelines.config import user
-    from trainyard.pipelines.training.optim import make_optimizer, make_scheduler
-    from trainyard.pipelines.training.scores import make_scores
-    from trainyard.pipelines.training.step import forward_loss, own_loss, training_loss
+    from trainyard.pipelines.training.optim import make_optimizer, make_scheduler  # noqa: PLC0415 (torch: not on the command's start)
+    from trainyard.pipelines.training.scores import make_scores  # noqa: PLC0415 (torch: not on the command's start)
+    from trainyard.pipelines.training.step import forward_loss, own_loss, training_loss  # noqa: PLC0415 (torch: not on the command's start)
 
     recipe = user.model_recipe(spec.model, data.facts)
     net = user.build_model(recipe)
     line = describe_model(spec, recipe, net)
-    tr, task = spec.train, data.job.task
+    tr, task = spec.train, data.data_facts.task
     make_scheduler(make_optimizer(net, tr), tr, 100 * tr.epochs, tr.epochs)
     classes = data.facts.get("num_classes") or data.facts.get("vocab_size")
-    scores = make_scores(tr.metrics, task, classes, data.job.target_std)
+    scores = make_scores(tr.metrics, task, classes, data.data_facts.target_std)
     check_monitor(spec, task)
     own = own_loss(spec, net)
     if isinstance(spec.model, UserModelSpec) or tr.loss:
         batch = data.train.take_batch(2, batch_format="numpy")
-        dtypes = data.job.dtypes
+        dtypes = data.data_facts.dtypes
         x, y = (
             torch.tensor(batch[k]).to(getattr(torch, dtypes[k]) if k in dtypes else None)
             for k in ("x", "y")
@@ -87,7 +87,7 @@ def checked_model(spec: RunSpec, data: Prepared) -> tuple[dict[str, Any], str]:
             if loss.dim() != 0:
                 raise ValueError(f"the loss is a tensor of shape {tuple(loss.shape)}, not a scalar")
         except Exception as e:
-            what = f"{recipe['name']} and " + (
+            what = f"{recipe.name} and " + (
                 "its own loss" if own else tr.loss or f"the {task} loss"
             )
             raise SpecError(
@@ -98,7 +98,7 @@ def checked_model(spec: RunSpec, data: Prepared) -> tuple[dict[str, Any], str]:
             scores.update(out.float(), y)
         except Exception as e:
             raise SpecError(
-                f"train.metrics: {tr.metrics or 'the defaults'} cannot score {recipe['name']}'s "
+                f"train.metrics: {tr.metrics or 'the defaults'} cannot score {recipe.name}'s "
                 f"outputs {_shape(out)} against y {_shape(y)}: {type(e).__name__}: {e}"
             ) from None
     return recipe, line
@@ -106,7 +106,7 @@ def checked_model(spec: RunSpec, data: Prepared) -> tuple[dict[str, Any], str]:
 
 def check_monitor(spec: RunSpec, task: str | None) -> None:
     """train.monitor must be a metric the run logs (SpecError naming those it does)."""
-    from trainyard.pipelines.training.scores import logged_names
+    from trainyard.pipelines.training.scores import logged_names  # noqa: PLC0415 (torch: not on the command's start)
 
     logged = ["train_loss", *logged_names(spec.train.metrics, task)]
     if spec.pipeline == "text":
@@ -118,11 +118,10 @@ def check_monitor(spec: RunSpec, task: str | None) -> None:
         )
 
 
-def describe_model(spec: RunSpec, recipe: dict[str, Any], net: Any) -> str:
+def describe_model(spec: RunSpec, recipe: ModelRecipe, net: Any) -> str:
     """Print the model's size and what each worker holds of it; return the first."""
     params = sum(p.numel() for p in net.parameters())
-    shown = ", ".join(f"{k}={v}" for k, v in recipe["kwargs"].items())
-    line = f"{recipe['name']}({shown}): {params / 1e6:.3g}M parameters"
+    line = f"{recipe.describe()}: {params / 1e6:.3g}M parameters"
     print(f"trainyard: model {line}")
     print(held_per_worker(spec, net, params))
     return line
@@ -131,7 +130,7 @@ def describe_model(spec: RunSpec, recipe: dict[str, Any], net: Any) -> str:
 def held_per_worker(spec: RunSpec, net: Any, params: int) -> str:
     """One line: what each worker holds under the spec's strategy, and the blocks FSDP shards
     one at a time (scaling.blocks naming no module of the model is a SpecError here)."""
-    from trainyard.pipelines.training import parallel
+    from trainyard.pipelines.training import parallel  # noqa: PLC0415 (torch: not on the command's start)
 
     sc = spec.scaling
     blocks = parallel.block_names(net, sc.blocks)

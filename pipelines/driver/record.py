@@ -92,7 +92,7 @@ def input_records(spec: RunSpec, data: Prepared, key: str | None) -> list[dict[s
         }
         key = hashlib.sha256(json.dumps(about, sort_keys=True, default=str).encode()).hexdigest()
     source = str(getattr(spec.data, "path", None) or getattr(spec.data, "dataset", "")) or "?"
-    facts, dtypes = data.facts, data.job.dtypes
+    facts, dtypes = data.facts, data.data_facts.dtypes
     text = spec.pipeline == "text"
     shape = [facts["context"]] if text else facts.get("in_shape")
     schema = shape and {

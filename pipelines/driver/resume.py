@@ -13,8 +13,13 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from trainyard.cluster.errors import SpecError, TrainyardError
+from trainyard.cluster.local import STORAGE_ENV
 from trainyard.cluster.secrets import redact, redact_text
+from trainyard.cluster.shared import check_cluster_paths
+from trainyard.pipelines import tracking
+from trainyard.pipelines.config import user
 from trainyard.pipelines.config.spec import RunSpec
+from trainyard.pipelines.config.user import ModelRecipe
 from trainyard.pipelines.data.common import (
     open_fs,
     pipeline_module,
@@ -112,10 +117,9 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_model_loads(recipe: dict[str, Any], weights: dict[str, Any]) -> None:
+def check_model_loads(recipe: ModelRecipe, weights: dict[str, Any]) -> None:
     """Refuse (SpecError) to resume into a model the checkpoint's weights do not fit, naming
     the first tensor that does not."""
-    from trainyard.pipelines.config import user
 
     own = user.build_model(recipe).state_dict()
     for name in sorted(set(own) | set(weights)):
@@ -129,8 +133,7 @@ def check_model_loads(recipe: dict[str, Any], weights: dict[str, Any]) -> None:
         else:
             continue
         raise SpecError(
-            f"--resume: the checkpoint's weights do not fit {recipe['name']}: tensor {name} is "
-            f"{why}"
+            f"--resume: the checkpoint's weights do not fit {recipe.name}: tensor {name} is {why}"
         )
 
 
@@ -141,7 +144,6 @@ def check_resume(
     checkpoint it continues from. A run name MLflow has must have a complete checkpoint here,
     written with the same computation (model, data, seed, batch shape, steps per epoch);
     with `resume`, it must also have epochs left to train."""
-    from trainyard.pipelines import tracking
 
     run_id = tracking.find_run(uri, spec.tracking.experiment, run_name)
     flag = "--resume" if resume else "tracking.run_name"
@@ -196,7 +198,6 @@ class Place:
 def storage_path(spec: RunSpec) -> str:
     """Where checkpoints go: scaling.storage_path, else what the cluster sets, else
     ./results (~/trainyard/results in a Ray job)."""
-    from trainyard.cluster.local import STORAGE_ENV
 
     return (
         spec.scaling.storage_path
@@ -213,7 +214,6 @@ def cache_path(spec: RunSpec) -> str:
 def place_run(spec: RunSpec, resume: str | None) -> Place:
     """The run's MLflow store, checkpoint storage and name (a name seen before continues its
     MLflow run; --resume also needs a complete checkpoint with epochs left)."""
-    from trainyard.pipelines import tracking
 
     uri = tracking.tracking_uri(default_dir())
     storage = storage_path(spec)
@@ -236,9 +236,6 @@ def read_args_for(spec: RunSpec, storage: str, uri: str) -> dict[str, Any] | Non
     node has on this node, or None."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from trainyard.cluster.shared import check_cluster_paths
-    from trainyard.pipelines import tracking
 
     local = pipeline_module(spec).local_files(spec)
     only_here = check_cluster_paths(storage, tracking.local_store_dir(uri), local)

@@ -9,6 +9,7 @@ Connects to the cluster in RAY_ADDRESS (as under `ray job submit`), else starts 
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import time
@@ -228,7 +229,6 @@ def import_in_background() -> threading.Event:
     mlflow_imported = threading.Event()
 
     def load() -> None:
-        import importlib
 
         for name in ("mlflow", "mlflow.store.tracking.sqlalchemy_store", "torch"):
             if name == "torch":

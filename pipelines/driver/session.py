@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
+from trainyard.cluster.auth import protect_token
 from trainyard.pipelines.data.common import quiet_ray_data, settle
 
 
@@ -16,8 +18,6 @@ def init_ray() -> None:
     import ray
     from ray.data import DataContext
     from ray.data.context import ShuffleStrategy
-
-    from trainyard.cluster.auth import protect_token
 
     if not ray.is_initialized():
         if not os.environ.get("RAY_ADDRESS"):
@@ -52,7 +52,6 @@ def forget_dead_local_cluster() -> None:
     machine recorded (/tmp/ray/ray_current_cluster). A cluster killed without `ray stop` leaves
     that record behind, and Ray would wait on its dead GCS: when nothing answers at the address
     any more, remove the record (say so) and start a local Ray instead."""
-    import socket
 
     from ray._private.utils import get_ray_address_file, read_ray_address
 

@@ -12,9 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from trainyard.cluster.errors import RunFailed
-from trainyard.cluster.resources import short_of, wait_for_free
+from trainyard.cluster.resources import ResourcePlan, format_resources, short_of, wait_for_free
 from trainyard.cluster.secrets import redact_text
+from trainyard.cluster.state import ray_state, remove_job_placement_groups
 from trainyard.pipelines.config.spec import RunSpec
+from trainyard.pipelines.config.user import ModelRecipe
+from trainyard.pipelines.data.augment import rank_shards
 from trainyard.pipelines.data.common import Prepared, block_refs
 from trainyard.pipelines.driver.resume import Place
 from trainyard.pipelines.training.job import WorkerJob
@@ -54,7 +57,7 @@ def configure_ray_train(start_timeout_s: float) -> None:
 
 def fit(
     trainer: Any,
-    plan: Any,
+    plan: ResourcePlan,
     start_timeout_s: float,
     first_step_within: float | None,
     first_step_seen: Callable[[], bool],
@@ -67,9 +70,6 @@ def fit(
     import ray
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-
-    from trainyard.cluster.resources import format_resources
-    from trainyard.cluster.state import ray_state
 
     outcome: dict[str, Any] = {}
     done = threading.Event()
@@ -115,11 +115,9 @@ def fit(
     return outcome["result"]
 
 
-def waiting_notice(plan: Any, start_timeout_s: float) -> str | None:
+def waiting_notice(plan: ResourcePlan, start_timeout_s: float) -> str | None:
     """A line saying that the workers do not fit in what the cluster has free now (they wait
     for other jobs, or for the autoscaler, up to start_timeout_s), or None."""
-
-    from trainyard.cluster.resources import format_resources
 
     needed = {k: v * plan.starts_with for k, v in plan.worker_resources().items()}
     # Ray's view of free resources lags the data's last tasks by up to a second.
@@ -194,7 +192,6 @@ class NoFirstStep(TrainingFailed):
 def release_placement_groups() -> None:
     """Remove this job's placement groups, bounded (Ray may be what hangs): a run whose wait
     cannot be interrupted ends its process next, and Ray ends its workers with it."""
-    from trainyard.cluster.state import remove_job_placement_groups
 
     removed: list[int] = []
     cleanup = threading.Thread(
@@ -223,7 +220,7 @@ def failure_plan() -> dict[str, Any] | None:
 
 def make_trainer(
     spec: RunSpec,
-    plan: Any,
+    plan: ResourcePlan,
     data: Prepared,
     job: WorkerJob,
     place: Place,
@@ -233,7 +230,7 @@ def make_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from trainyard.pipelines.training.loop import train_loop_per_worker
+    from trainyard.pipelines.training.loop import train_loop_per_worker  # noqa: PLC0415 (torch: not on the command's start)
 
     sc = spec.scaling
     max_failures = sc.max_failures
@@ -276,7 +273,7 @@ def make_trainer(
     )
 
 
-def steps_per_epoch(spec: RunSpec, plan: Any, data: Prepared) -> int:
+def steps_per_epoch(spec: RunSpec, plan: ResourcePlan, data: Prepared) -> int:
     """train.steps_per_epoch, else the optimizer steps of one pass: over all rows in global
     batches, or (rows augmented every pass) over each worker's share."""
     if spec.train.steps_per_epoch:
@@ -304,15 +301,18 @@ def schedule_steps(spec: RunSpec, steps: int, place: Place) -> int:
 
 
 def worker_job(
-    spec: RunSpec, plan: Any, data: Prepared, recipe: dict[str, Any], run_id: str, place: Place
+    spec: RunSpec,
+    plan: ResourcePlan,
+    data: Prepared,
+    recipe: ModelRecipe,
+    run_id: str,
+    place: Place,
 ) -> WorkerJob:
     """What every worker gets besides the spec: the pipeline's facts, the model's recipe, the
     MLflow run, the plan's threads, how the data reaches the workers."""
     steps = steps_per_epoch(spec, plan, data)
     per_epoch = shards = None
     if data.per_epoch is not None:
-        from trainyard.pipelines.data.augment import rank_shards
-
         per_epoch = {
             "fn": data.per_epoch.fn,
             "kwargs": data.per_epoch.kwargs,
@@ -330,7 +330,7 @@ def worker_job(
         num_train=data.num_train,
         num_validation=data.num_validation,
         data_task_cpus=plan.data_task_cpus,
-        data=data.job,
+        data_facts=data.data_facts,
         num_classes=data.facts.get("num_classes") or data.facts.get("vocab_size"),
         inject_failure=failure_plan(),
         per_epoch=per_epoch,
@@ -340,7 +340,7 @@ def worker_job(
     )
 
 
-def start_timeout(spec: RunSpec, plan: Any) -> float:
+def start_timeout(spec: RunSpec, plan: ResourcePlan) -> float:
     return spec.scaling.start_timeout_s or (
         AUTOSCALE_START_TIMEOUT_S if plan.needs_new_nodes else START_TIMEOUT_S
     )

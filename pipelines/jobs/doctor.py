@@ -26,16 +26,28 @@ MLflow server) first and refuses with the failing line.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import platform
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
+from trainyard.cluster.auth import explain_refusal
 from trainyard.cluster.errors import RunFailed, TrainyardError
 from trainyard.cluster.secrets import redact_text
+from trainyard.cluster.signing import KEY_ENV, KEY_FILE
+from trainyard.pipelines import tracking
+from trainyard.pipelines.config.spec import load_spec
+from trainyard.pipelines.data.common import open_fs, resolve_files
+from trainyard.pipelines.driver.resume import storage_path
+from trainyard.pipelines.driver.run import plan_for
+from trainyard.pipelines.driver.session import default_dir
 
 DEFAULT_TIMEOUT_S = 20.0
 HEAD = "node:__internal_head__"  # (the resource only Ray's head node has)
@@ -86,7 +98,6 @@ def before_submit(spec: Any, uri: str | None, timeout_s: float = 10.0) -> None:
 
 def command(args: argparse.Namespace) -> None:
     """Run the checks, a line each; RunFailed (its lines said why) where any failed."""
-    from trainyard.pipelines.config.spec import load_spec
 
     spec = load_spec(args.config, args.overrides) if args.config else None
     checks = run_checks(spec, args.timeout)
@@ -150,11 +161,8 @@ def run_checks(spec: Any, timeout_s: float) -> list[Check]:
 
 def connect() -> str:
     """Ray in RAY_ADDRESS, else the last `ray start`'s; never a new local Ray."""
-    import logging
 
     import ray
-
-    from trainyard.cluster.auth import explain_refusal
 
     address = os.environ.get("RAY_ADDRESS") or "auto"
     if not ray.is_initialized():
@@ -177,7 +185,6 @@ def connect() -> str:
 
 
 def resources(spec: Any) -> str:
-    from trainyard.pipelines.driver.run import plan_for
 
     plan = plan_for(spec, connect=True)
     cluster, training = plan.describe().splitlines()[:2]  # (what the autoscaler adds, too)
@@ -202,8 +209,6 @@ def on_every_node(fn: Callable[[], Any], timeout_s: float) -> dict[str, Any]:
 
 
 def node_versions() -> dict[str, str]:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
 
     import ray
     import torch
@@ -267,14 +272,11 @@ def storage(spec: Any, timeout_s: float) -> str:
     runs), read on every node, then removed there."""
     import ray
 
-    from trainyard.pipelines.driver.resume import storage_path
-
     root = storage_path(spec)
     name = f"{root.rstrip('/')}/.trainyard-doctor/{uuid.uuid4().hex}"
     payload = uuid.uuid4().hex.encode()
 
     def write() -> None:
-        from trainyard.pipelines.data.common import open_fs
 
         fs, path = open_fs(name)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -282,7 +284,6 @@ def storage(spec: Any, timeout_s: float) -> str:
             f.write(payload)
 
     def read() -> bool:
-        from trainyard.pipelines.data.common import open_fs
 
         fs, path = open_fs(name)
         try:
@@ -292,7 +293,6 @@ def storage(spec: Any, timeout_s: float) -> str:
             return False
 
     def remove() -> None:
-        from trainyard.pipelines.data.common import open_fs
 
         fs, path = open_fs(name)
         fs.delete_dir(path.rsplit("/", 1)[0])
@@ -321,7 +321,6 @@ def data_files(spec: Any, timeout_s: float) -> str:
         raise Skip(f"{path}: built in, made on each node that reads it")
 
     def readable() -> str | None:
-        from trainyard.pipelines.data.common import resolve_files
 
         try:
             files, fs = resolve_files(path)
@@ -346,8 +345,6 @@ def mlflow_ready(spec: Any, uri: str | None = None) -> str:
     """The tracking server (`uri`, else the one a run here would use) answers, takes the login,
     and lets the experiment be written (a tag set and deleted on it; an experiment not made
     yet is what `train` makes)."""
-    from trainyard.pipelines import tracking
-    from trainyard.pipelines.driver.session import default_dir
 
     uri = uri or tracking.tracking_uri(default_dir())
     client = tracking.mlflow_client(uri)
@@ -374,9 +371,6 @@ def mlflow_ready(spec: Any, uri: str | None = None) -> str:
 
 
 def signing_key() -> str:
-    from pathlib import Path
-
-    from trainyard.cluster.signing import KEY_ENV, KEY_FILE
 
     if os.environ.get(KEY_ENV):
         return f"{KEY_ENV} set"

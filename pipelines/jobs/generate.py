@@ -10,11 +10,14 @@ import sys
 import tempfile
 from typing import Any
 
+import numpy as np
+
 from trainyard.cluster.errors import TrainyardError
+from trainyard.pipelines import tracking
+from trainyard.pipelines.tracking import add_model_arguments, fetch_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainyard.pipelines.tracking import add_model_arguments
 
     add_model_arguments(
         parser,
@@ -51,8 +54,7 @@ def load(uri: str, tracking_uri: str, trust: bool = False) -> Any:
     tokenizer imported."""
     from mlflow.models import Model
 
-    from trainyard.pipelines.data.serving import load as load_model
-    from trainyard.pipelines.tracking import fetch_model
+    from trainyard.pipelines.data.serving import load as load_model  # noqa: PLC0415 (torch, MLflow: not on the command's start)
 
     with tempfile.TemporaryDirectory() as d:
         local = fetch_model(uri, tracking_uri, d, trust)
@@ -91,10 +93,9 @@ def continuation(
     """Up to `max_bytes` bytes sampled after `prompt` (not empty) from a text model
     (data.serving.TextModel), on its network's device; the same prompt and seed give the same
     bytes."""
-    import numpy as np
     import torch
 
-    from trainyard.models.outputs import sample
+    from trainyard.models.outputs import sample  # noqa: PLC0415 (torch: not on the command's start)
 
     tokenizer = model.tokenizer
     device = next(model.net.parameters()).device
@@ -105,7 +106,6 @@ def continuation(
 
 
 def command(args: argparse.Namespace) -> None:
-    from trainyard.pipelines import tracking
 
     if args.max_bytes < 1:
         raise TrainyardError("--max-bytes: expected an integer >= 1")

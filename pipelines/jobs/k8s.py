@@ -56,12 +56,17 @@ import shlex
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from trainyard.cluster.errors import SpecError, TrainyardError
+from trainyard.cluster.resources import Nodes, plan_resources
 from trainyard.cluster.secrets import redact
+from trainyard.cluster.signing import KEY_ENV
+from trainyard.pipelines.config.overrides import add_spec_arguments
 from trainyard.pipelines.config.spec import RunSpec, load_spec
+from trainyard.pipelines.jobs import predict
 
 RAY_VERSION = "2.60.0"
 SPEC_DIR = "/etc/trainyard"
@@ -74,7 +79,6 @@ EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainyard.pipelines.config.overrides import add_spec_arguments
 
     add_spec_arguments(parser, "run spec (YAML)")
     parser.add_argument("--tune", action="store_true", help="the spec's search (trainyard tune)")
@@ -123,7 +127,6 @@ def command(args: argparse.Namespace) -> None:
 def predict_command(argv: list[str]) -> None:
     """`trainyard k8s --predict MODEL DATA --out URI --workers N [predict's options] --image
     ... --mlflow-uri ...`: a RayJob whose entrypoint is that `trainyard predict`."""
-    from trainyard.pipelines.jobs import predict
 
     parser = argparse.ArgumentParser(prog="trainyard k8s --predict", allow_abbrev=False)
     add_cluster_arguments(parser)
@@ -318,7 +321,6 @@ def node_shape(spec: RunSpec, args: argparse.Namespace) -> dict[str, int]:
     """Each worker pod's CPUs and GPUs: one pod per training worker, of the CPUs trainyard's
     plan gives a worker (`--cpus-per-node`, else scaling.cpus_per_worker rounded up, else 4).
     The plan is run on these pods and the head: a spec that would not fit is a SpecError."""
-    from trainyard.cluster.resources import Nodes, plan_resources
 
     sc = spec.scaling
     cpus = args.cpus_per_node or max(1, math.ceil(sc.cpus_per_worker or 4))
@@ -381,8 +383,6 @@ def pod_env(args: argparse.Namespace) -> list[dict[str, Any]]:
         ref = {"name": args.ray_token_secret, "key": "token"}
         env.append({"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": ref}})
     if args.model_key_secret:
-        from trainyard.cluster.signing import KEY_ENV
-
         ref = {"name": args.model_key_secret, "key": "key"}
         env.append({"name": KEY_ENV, "valueFrom": {"secretKeyRef": ref}})
     return env
@@ -442,7 +442,6 @@ def labels(pipeline: str) -> dict[str, str]:
 
 def check_uri(uri: str) -> None:
     """A tracking URI every pod reaches, without a login in it (the login is a Secret's)."""
-    from urllib.parse import urlsplit
 
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https"):

@@ -45,8 +45,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from trainyard.cluster.errors import TrainyardError
+from trainyard.cluster.resources import plan_actors, short_of, wait_for_free
+from trainyard.cluster.secrets import redact_text
+from trainyard.pipelines import tracking
+from trainyard.pipelines.data.arrays import decode_images
 from trainyard.pipelines.data.common import (
     DataError,
     csv_parse_options,
@@ -57,7 +66,10 @@ from trainyard.pipelines.data.common import (
     resolve_files,
     task_error,
 )
-from trainyard.pipelines.jobs.generate import add_sampling_arguments, check_sampling
+from trainyard.pipelines.data.images import EXTENSIONS
+from trainyard.pipelines.driver.session import init_ray
+from trainyard.pipelines.jobs.generate import add_sampling_arguments, check_sampling, continuation
+from trainyard.pipelines.tracking import add_model_arguments
 
 TEXT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
 DEFAULT_BATCH = {"tabular": 4096, "images": 64, "text": 4, "custom": 256, None: 1024}
@@ -66,7 +78,6 @@ IO_CPUS = 0.1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainyard.pipelines.tracking import add_model_arguments
 
     add_model_arguments(
         parser,
@@ -154,7 +165,6 @@ def job_arguments(argv: list[str], prog: str) -> argparse.Namespace:
     """`trainyard predict ARGV` for a job that runs it elsewhere (`submit --predict`, `k8s
     --predict`): checked here as predict checks them (a mistake: exit 2), and refused where
     they carry a credential, which the job's entrypoint would show."""
-    from trainyard.cluster.secrets import redact_text
 
     parser = argparse.ArgumentParser(prog=prog)
     add_arguments(parser)
@@ -212,7 +222,6 @@ class Predictor:
 
     def __call__(self, batch: Any) -> Any:
         """A batch of input rows (an Arrow table) → its kept columns and predictions."""
-        import pyarrow as pa
         import torch
 
         began = time.perf_counter()
@@ -312,7 +321,7 @@ def load_model(directory: str, kind: str | None, device: Any) -> tuple[Any, dict
     its metadata."""
     from mlflow.models import Model
 
-    from trainyard.pipelines.data.serving import load
+    from trainyard.pipelines.data.serving import load  # noqa: PLC0415 (torch, MLflow: not on the command's start)
 
     return load(directory, device), Model.load(directory).metadata or {}
 
@@ -340,7 +349,7 @@ def predict_rows(model: Any, metadata: dict, batch: Any, job: Job) -> Any:
     to their signature's type. A value the model cannot take is a DATA error."""
     from mlflow.exceptions import MlflowException
 
-    from trainyard.pipelines.data.serving import RawRowsModel
+    from trainyard.pipelines.data.serving import RawRowsModel  # noqa: PLC0415 (torch, MLflow: not on the command's start)
 
     inputs = job.inputs
     ours = isinstance(model, RawRowsModel)
@@ -381,8 +390,7 @@ def predict_images(model: Any, batch: pd.DataFrame, job: Job) -> tuple[list[int]
     training, then classified: the positions of the rows that decoded, and their predictions
     (with the `path` where the rows have one). An image that does not decode raises, naming
     it, or (`skip_bad`) is left out."""
-    from trainyard.pipelines.data.arrays import decode_images
-    from trainyard.pipelines.data.serving import read_bytes
+    from trainyard.pipelines.data.serving import read_bytes  # noqa: PLC0415 (torch, MLflow: not on the command's start)
 
     has_bytes = "image" in batch
 
@@ -416,7 +424,6 @@ def score_texts(model: Any, batch: pd.DataFrame) -> pd.DataFrame:
 def continue_texts(model: Any, batch: pd.DataFrame, sampling: dict[str, Any]) -> pd.DataFrame:
     """`sampling["max_bytes"]` bytes sampled after each text (invalid UTF-8 replaced); the same
     text and seed give the same continuation, whatever the batch."""
-    from trainyard.pipelines.jobs.generate import continuation
 
     names, datas = model.texts(batch)
     out = []
@@ -480,8 +487,7 @@ def input_files(kind: str | None, data: str) -> tuple[list[str], Any, bool]:
     """DATA's files, their filesystem, and whether they are tables (CSV/Parquet): always for
     tabular and pyfunc models; for image and text models, when DATA names tables rather than
     images or texts."""
-    from trainyard.pipelines.data.images import EXTENSIONS
-    from trainyard.pipelines.data.tabular import DATA_EXTENSIONS
+    from trainyard.pipelines.data.tabular import DATA_EXTENSIONS  # noqa: PLC0415 (Ray: not on the command's start)
 
     own = {"images": EXTENSIONS + tuple(e.upper() for e in EXTENSIONS), "text": TEXT_EXTENSIONS}
     if kind not in own:
@@ -503,10 +509,9 @@ def read_input(data: str, job: Job) -> tuple[Any, int | None, int, dict[str, Any
     table holds paths), else None; into how many blocks it comes, at most (the most actors
     that can work at once); and the run's input record (tracking.log_inputs): its files'
     fingerprint as digest, its files and rows."""
-    import pyarrow.dataset as pads
     import ray.data
 
-    from trainyard.pipelines.data.tabular import file_format, sample_schema
+    from trainyard.pipelines.data.tabular import file_format, sample_schema  # noqa: PLC0415 (Ray: not on the command's start)
 
     files, fs, table = input_files(job.kind, data)
     record = {
@@ -554,7 +559,6 @@ def table_blocks(files: list[str], fs: Any) -> int:
 
 def check_columns(data: str, schema: Any, job: Job) -> None:
     """A table that lacks what the model reads from it is one line, before anything runs."""
-    import pyarrow as pa
 
     columns = schema.names
     missing = [c for c in job.keep if c not in columns]
@@ -587,8 +591,6 @@ def check_columns(data: str, schema: Any, job: Job) -> None:
 
 def read_table_file(batch: Any, filesystem: Any, fmt: str) -> Any:
     """One CSV or Parquet file (a batch of one path) as an Arrow table."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     path = batch["path"][0].as_py()
     if fmt == "parquet":
@@ -603,15 +605,12 @@ def plan_workers(workers: int | None, cpus_per_worker: float, gpus_per_worker: f
     """The actors to start (cluster.resources.plan_actors), IO_CPUS kept to read and write."""
     import ray
 
-    from trainyard.cluster.resources import plan_actors
-
     return plan_actors(ray.cluster_resources(), workers, cpus_per_worker, gpus_per_worker, IO_CPUS)
 
 
 def wait_for_room(cpus: float, gpus: float, timeout_s: float) -> None:
     """Wait until the cluster has `cpus` and `gpus` free (other jobs may hold them), at most
     `timeout_s`; then a pool that could not start is an error, not a wait without end."""
-    from trainyard.cluster.resources import short_of, wait_for_free
 
     wanted = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
     free = wait_for_free(wanted, timeout_s, poll_s=0.5)
@@ -625,7 +624,6 @@ def wait_for_room(cpus: float, gpus: float, timeout_s: float) -> None:
 
 def check_out(out: str) -> None:
     """Refuse to write into a directory that has files (nothing overwritten, nothing mixed)."""
-    import pyarrow.fs as pafs
 
     fs, path = open_fs(out)
     info = fs.get_file_info(path)
@@ -640,9 +638,6 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     """Run the prediction; return its summary."""
     from mlflow.models import Model
     from ray.data import DataContext
-
-    from trainyard.pipelines import tracking
-    from trainyard.pipelines.driver.session import init_ray
 
     keep = [c for c in args.keep.split(",") if c]
     if args.batch_size is not None and args.batch_size < 1:
@@ -705,8 +700,6 @@ def run_pool(
     is raised as the error it carried (a DataError: one line)."""
     import ray
     from ray.data import ActorPoolStrategy
-
-    from trainyard.pipelines import tracking
 
     started = time.monotonic()
     failure = counter = None
@@ -796,7 +789,6 @@ def plan_job(mlmodel: Any, source: str, keep: list[str], args: argparse.Namespac
 
 
 def read_back_count(out: str, fmt: str) -> int:
-    import pyarrow.dataset as pads
 
     return pads.dataset(out, format=fmt).count_rows()
 

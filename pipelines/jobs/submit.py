@@ -31,6 +31,9 @@ from trainyard.pipelines.config.overrides import (
 )
 from trainyard.pipelines.config.spec import load_spec
 from trainyard.pipelines.driver.checks import check_code
+from trainyard.pipelines.jobs import predict
+from trainyard.pipelines.jobs.doctor import before_submit
+from trainyard.pipelines.jobs.tune import check_search
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,12 +103,9 @@ def command(args: argparse.Namespace) -> None:
     spec = load_spec(args.config, args.overrides)
     check_code(spec)
     if args.tune:
-        from trainyard.pipelines.jobs.tune import check_search
-
         check_search(spec)
     elif args.trials is not None:
         raise TrainyardError("--trials: only with --tune")
-    from trainyard.pipelines.jobs.doctor import before_submit
 
     # The fast checks before anything is uploaded: the Jobs API answers and takes the token,
     # then the MLflow server the job will log to takes the login.
@@ -143,7 +143,6 @@ def predict_command(argv: list[str]) -> None:
     """`trainyard submit --predict MODEL DATA --out PATH ...`: `trainyard predict` as a Ray job
     (`trainyard predict ...` in the project directory), followed like a training
     job. The job writes where every node can: --out must be absolute or a URI."""
-    from trainyard.pipelines.jobs import predict
 
     started = time.monotonic()
     parser = argparse.ArgumentParser(prog="trainyard submit --predict")

@@ -22,16 +22,35 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainyard.cluster.errors import RunFailed, SpecError, TrainyardError
-from trainyard.cluster.resources import Concurrency, plan_trials
+from trainyard.cluster.resources import (
+    Concurrency,
+    ResourcePlan,
+    cluster_nodes,
+    local_nodes,
+    plan_trials,
+)
 from trainyard.cluster.secrets import redact_text
+from trainyard.pipelines import tracking
 from trainyard.pipelines.config.overrides import add_spec_arguments
 from trainyard.pipelines.config.spec import RunSpec, set_dotted
 from trainyard.pipelines.config.train import better_mode
-from trainyard.pipelines.data.common import Prepared, ray_cause
+from trainyard.pipelines.data import cache
+from trainyard.pipelines.data.common import Prepared, pipeline_module, ray_cause
+from trainyard.pipelines.driver.checks import check_code
+from trainyard.pipelines.driver.record import log_trained_model
+from trainyard.pipelines.driver.resume import (
+    cache_path,
+    latest_checkpoint,
+    read_args_for,
+    storage_path,
+)
+from trainyard.pipelines.driver.run import RunOptions, run
+from trainyard.pipelines.driver.session import default_dir, init_ray
 
 FIXED_SECTIONS = ("scaling", "tracking", "tune")
 """Sections a search may not vary: each trial's resources and tracking are planned before it."""
@@ -163,8 +182,27 @@ def describe(spec: RunSpec, trials: int, concurrency: Concurrency) -> str:
 # --- one trial (runs in Tune's trial actor) ----------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SearchContext:
+    """What each trial's process is told about its search (Tune hands it over pickled)."""
+
+    run_id: str
+    """The search's MLflow run, each trial's parent."""
+    name: str
+    uri: str
+    """The MLflow tracking URI."""
+    storage: str
+    """Where the search and its trials keep their checkpoints."""
+    share: float
+    """The share of the cluster each trial plans on."""
+    source: dict[str, str]
+    """The MLflow tags of the code the search runs (tracking.source_tags)."""
+    data_key: str | None = None
+    """The key of the data the trials share (prepared once by the search), if any."""
+
+
 def run_trial(
-    config: dict[str, Any], base: dict[str, Any], search: dict[str, str], data: Prepared | None
+    config: dict[str, Any], base: dict[str, Any], search: SearchContext, data: Prepared | None
 ) -> None:
     """A Tune function trainable: the base spec with this trial's values, trained as a full
     trainyard run (on the search's prepared `data`, if given) whose MLflow run is a child of
@@ -172,48 +210,43 @@ def run_trial(
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainyard.pipelines.driver.run import RunOptions, run
-
     trial_id = tune.get_context().get_trial_id()
     # This process is Ray's: its working directory and environment are not the driver's.
-    os.environ["MLFLOW_TRACKING_URI"] = search["uri"]
+    os.environ["MLFLOW_TRACKING_URI"] = search.uri
     raw = with_values(base, config)
     number = int(trial_id.rsplit("_", 1)[-1])
-    raw["scaling"]["storage_path"] = search["storage"]
+    raw["scaling"]["storage_path"] = search.storage
     raw["tracking"] |= {
-        "run_name": restart_name(raw, f"{search['name']}-trial-{number:02d}", search),
+        "run_name": restart_name(raw, f"{search.name}-trial-{number:02d}", search),
         "log_model": False,
         "register_as": None,
         "alias": None,
     }
     tags = {
-        "mlflow.parentRunId": search["run_id"],
-        "trainyard.tune_parent": search["run_id"],
+        "mlflow.parentRunId": search.run_id,
+        "trainyard.tune_parent": search.run_id,
         "trainyard.trial_id": trial_id,
     }
-    source = json.loads(search["source"])
     options = RunOptions(
-        float(search["share"]),
+        search.share,
         tags,
         (TuneReportCallback(),),
         data,
-        data_key=search.get("data_key") or None,
-        source=source,
+        data_key=search.data_key,
+        source=search.source,
     )
     run(RunSpec.from_dict(raw), options=options)
 
 
-def restart_name(raw: dict[str, Any], name: str, search: dict[str, str]) -> str:
+def restart_name(raw: dict[str, Any], name: str, search: SearchContext) -> str:
     """The trial's run name: `name`, which a continued search's trial reuses to go on from its
     newest checkpoint; where an interrupted trial left none, that run is closed (KILLED) and
     the trial starts afresh under a new name."""
-    from trainyard.pipelines import tracking
-    from trainyard.pipelines.driver.resume import latest_checkpoint
 
-    run_id = tracking.find_run(search["uri"], raw["tracking"]["experiment"], name)
-    if run_id is None or latest_checkpoint(search["storage"], name) is not None:
+    run_id = tracking.find_run(search.uri, raw["tracking"]["experiment"], name)
+    if run_id is None or latest_checkpoint(search.storage, name) is not None:
         return name
-    tracking.end_run(search["uri"], run_id, stopped="interrupted before its first checkpoint")
+    tracking.end_run(search.uri, run_id, stopped="interrupted before its first checkpoint")
     return f"{name}-{time.strftime('%H%M%S')}"
 
 
@@ -226,12 +259,6 @@ def search(
     """Run the search; return its summary. `source`: the MLflow tags of the code it runs
     (tracking.source_tags), on its run and every trial's."""
     from ray import tune
-
-    from trainyard.cluster.resources import cluster_nodes
-    from trainyard.pipelines import tracking
-    from trainyard.pipelines.driver.checks import check_code
-    from trainyard.pipelines.driver.resume import read_args_for, storage_path
-    from trainyard.pipelines.driver.session import default_dir, init_ray
 
     check_code(spec)
     check_search(spec)
@@ -256,15 +283,7 @@ def search(
     with tracking.run(uri, **opening, ended_by=(SearchInterrupted,)) as parent:
         if "continues" not in opening:
             print(f"trainyard: MLflow run {parent.id} ({name}) holds the search, its trials")
-        context = {
-            "source": json.dumps(source),
-            "data_key": key or "",
-            "run_id": parent.id,
-            "name": name,
-            "share": str(concurrency.share),
-            "uri": uri,
-            "storage": storage,
-        }
+        context = SearchContext(parent.id, name, uri, storage, concurrency.share, source, key)
         trainable = tune.with_parameters(run_trial, base=spec.to_dict(), search=context, data=data)
         # The trial's own process only launches the trainer, and asks for no CPU: the workers
         # hold the CPUs (Tune refuses an empty request; a byte of memory is not one).
@@ -330,14 +349,11 @@ def make_tuner(
 
 
 def prepare(
-    spec: RunSpec, plan: Any, read_args: dict[str, Any] | None = None
+    spec: RunSpec, plan: ResourcePlan, read_args: dict[str, Any] | None = None
 ) -> tuple[Prepared, str | None]:
     """The spec's data, prepared for a trial's share of the cluster (each trial checks that it
     holds an optimizer step of its own batch size), from the preprocessing cache where it
     holds them; and their key (data.cache.key_of)."""
-    from trainyard.pipelines.data import cache
-    from trainyard.pipelines.data.common import pipeline_module
-    from trainyard.pipelines.driver.resume import cache_path
 
     pipeline, root = pipeline_module(spec), cache_path(spec)
     cpus, workers = plan.data_task_cpus, plan.num_workers
@@ -427,7 +443,6 @@ def search_run(
 ) -> dict[str, Any]:
     """How tracking.run opens the search's run: a new one with the space and the search's
     settings as params, or a continued search's, found by name."""
-    from trainyard.pipelines import tracking
 
     where = {"experiment": spec.tracking.experiment, "name": name}
     if resumed:
@@ -461,13 +476,12 @@ def record_search(
     metric: str,
     mode: str,
     storage: str,
-    plan: Any,
+    plan: ResourcePlan,
     data: Prepared | None,
 ) -> dict[str, Any]:
     """Close every trial's MLflow run as it ended (a trial ASHA stopped is KILLED, tagged
     with its epochs), and record the best trial on the parent, with its model (logged here:
     see log_best_model); return the summary."""
-    from trainyard.pipelines import tracking
 
     children = tracking.child_runs(uri, parent, "trainyard.trial_id")
     trials = []
@@ -535,14 +549,16 @@ def record_search(
 
 
 def log_best_model(
-    spec: RunSpec, uri: str, best: dict[str, Any], storage: str, plan: Any, data: Prepared | None
+    spec: RunSpec,
+    uri: str,
+    best: dict[str, Any],
+    storage: str,
+    plan: ResourcePlan,
+    data: Prepared | None,
 ) -> str:
     """Log the best trial's model, from its best epoch's checkpoint, to its run (trials log none, so
     that a search pays for one model, not one per trial); its URI. `data`: the search's
     prepared data, else the best trial's is prepared again."""
-    from trainyard.pipelines.data.common import pipeline_module
-    from trainyard.pipelines.driver.record import log_trained_model
-    from trainyard.pipelines.driver.resume import latest_checkpoint
 
     best_spec = RunSpec.from_dict(with_values(spec.to_dict(), best["config"]))
     found = latest_checkpoint(storage, best["run_name"], best=True)
@@ -603,9 +619,6 @@ def plot_trials(spec: RunSpec, trials: list[dict], metric: str, path: Path) -> P
 
 def dry_run(spec: RunSpec, trials: int) -> None:
     """Check the search and print it: on the cluster in RAY_ADDRESS, else on this machine."""
-    from trainyard.cluster.resources import cluster_nodes, local_nodes
-    from trainyard.pipelines.driver.checks import check_code
-    from trainyard.pipelines.driver.session import init_ray
 
     check_code(spec)
     check_search(spec)

@@ -4,6 +4,7 @@ register it, and fetch it back checked (cluster.signing)."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import shutil
@@ -12,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from trainyard.cluster import signing
+from trainyard.cluster.errors import TrainyardError
 from trainyard.pipelines.tracking.runs import mlflow_client
 
 
@@ -68,7 +71,6 @@ def trainyard_code(directory: str | Path) -> str:
     """A copy of the trainyard packages a logged model needs, as the folder `trainyard` in
     `directory` (its path, for code_paths): a fresh process imports it as trainyard.* from the
     model's code, whatever trainyard it has installed, or none."""
-    import importlib
 
     root = Path(directory) / "trainyard"
     for name in ("cluster", "models", "pipelines"):
@@ -135,8 +137,6 @@ def register_model(uri: str, model_uri: str, name: str, alias: str | None = None
     import mlflow
     from mlflow import MlflowClient
 
-    from trainyard.cluster.errors import TrainyardError
-
     try:
         with fluent(uri):
             version = mlflow.register_model(model_uri, name).version
@@ -151,8 +151,6 @@ def sign_model(model_uri: str, model_id: str, uri: str) -> None:
     """Sign the files of the logged model as the store holds them (cluster.signing)."""
     import mlflow.artifacts
     from mlflow import MlflowClient
-
-    from trainyard.cluster import signing
 
     with tempfile.TemporaryDirectory() as d:
         with fluent(uri):
@@ -187,9 +185,6 @@ def fetch_model(model_uri: str, uri: str, into: str | Path, trust: bool = False)
     before anything in it is unpickled; `trust` loads an unsigned one."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
-
-    from trainyard.cluster import signing
-    from trainyard.cluster.errors import TrainyardError
 
     try:
         with fluent(uri):

@@ -7,16 +7,27 @@ tracking URI as plain data and log through `RankZeroLogger`, which is a no-op on
 from __future__ import annotations
 
 import contextlib
+import getpass
+import json
 import logging
+import math
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from trainyard.cluster.secrets import redact_text
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -84,11 +95,6 @@ def source_tags(config: str | None, project: str | Path = ".") -> dict[str, str]
     credentials) where it is a git repository, whether tracked files had uncommitted changes
     (`trainyard.git.dirty`), trainyard's version and the user. In a job `trainyard submit`
     sent, the tags it took in the project before sending it (SOURCE_ENV)."""
-    import getpass
-    import json
-    from importlib.metadata import PackageNotFoundError, version
-
-    from trainyard.cluster.secrets import redact_text
 
     if sent := os.environ.get(SOURCE_ENV):
         return json.loads(sent)
@@ -121,7 +127,6 @@ def source_tags(config: str | None, project: str | Path = ".") -> dict[str, str]
 
 def strip_login(url: str) -> str:
     """A remote's URL without the user and password an https URL may carry."""
-    from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(url)
     if parts.scheme in ("http", "https") and "@" in parts.netloc:
@@ -173,8 +178,6 @@ def predict_run(
     """How tracking.run opens a run for one `trainyard predict`: in the experiment of the run
     that logged the model (else PREDICT_EXPERIMENT), tagged as a prediction of it."""
     from mlflow.exceptions import MlflowException
-
-    from trainyard.cluster.secrets import redact_text
 
     client = mlflow_client(uri)
     experiment = PREDICT_EXPERIMENT
@@ -344,15 +347,11 @@ def log_inputs(uri: str, run_id: str, inputs: list[dict[str, Any]]) -> None:
     `digest`, `source` (a path or URI), `context` (training, validation, prediction), and the
     optional `schema` (x and y as tensors: dtype and shape) and `profile` (counts, classes).
     What identifies the data, never its values."""
-    import json
 
-    import numpy as np
     from mlflow.data.schema import TensorDatasetSchema
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.types import Schema, TensorSpec
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-    from trainyard.cluster.secrets import redact_text
 
     def schema(tensors: dict[str, tuple[str, list[int]]] | None) -> str | None:
         if not tensors:
@@ -406,7 +405,6 @@ def system_metrics(uri: str, run_id: str, node: str, interval_s: float):
     monitor drops the one it holds when stopped): a run shorter than the interval still has
     one per node, its CPU use averaged over the block. A monitor that cannot start (no psutil)
     says so and the block runs without it."""
-    import threading
 
     monitors: list[Any] = []
 
@@ -462,9 +460,6 @@ class RankZeroLogger:
         self._restarted = False
         self._failed: BaseException | None = None
         if self.active:
-            import queue
-            import threading
-
             self._queue: queue.Queue = queue.Queue()
             threading.Thread(
                 target=self._serve, args=(uri,), name="mlflow-logger", daemon=True
@@ -489,7 +484,6 @@ class RankZeroLogger:
         resumed from it never misses a metric of the epochs before it); raise what failed."""
         if not self.active:
             return
-        import threading
 
         done = threading.Event()
         self._queue.put(lambda client: done.set())
@@ -499,7 +493,6 @@ class RankZeroLogger:
             raise failed
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        import math
 
         now = int(time.time() * 1000)
         values = {k: float(v) for k, v in values.items() if math.isfinite(float(v))}

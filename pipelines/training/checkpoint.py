@@ -22,11 +22,14 @@ import dataclasses
 import functools
 import hashlib
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainyard.cluster.errors import TrainyardError
+from trainyard.pipelines.config import user
+from trainyard.pipelines.config.user import ModelRecipe
 
 FORMAT = 4
 CHECKPOINT_FILE = "state.pt"
@@ -50,8 +53,8 @@ class TrainingState:
     to leave them)."""
     epoch: int
     """The last epoch it finished."""
-    model_recipe: dict[str, Any] | None = None
-    """What builds the model (config.user.model_recipe)."""
+    model_recipe: ModelRecipe | None = None
+    """What builds the model (kept as plain data: {"name", "kwargs"})."""
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
@@ -71,7 +74,6 @@ class TrainingState:
 
     def build_model(self) -> Any:
         """The network this state holds, its weights loaded."""
-        from trainyard.pipelines.config import user
 
         net = user.build_model(self.model_recipe)
         net.load_state_dict(self.model)
@@ -110,6 +112,8 @@ def save(directory: str | Path, state: TrainingState) -> Path:
     directory = Path(directory)
     path = directory / CHECKPOINT_FILE
     plain = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    if state.model_recipe is not None:
+        plain["model_recipe"] = dataclasses.asdict(state.model_recipe)
     with open(path, "wb") as f:
         out = _HashingFile(f)
         torch.save({"format": FORMAT, **plain}, out)
@@ -168,7 +172,14 @@ def load(directory: str | Path, optimizer: bool = True, tensors: bool = True) ->
     if not optimizer:
         plain.pop("optimizer", None)
     position = plain.get("data_position")
-    return TrainingState(**plain | {"data_position": tuple(position) if position else None})
+    recipe = plain.get("model_recipe")
+    return TrainingState(
+        **plain
+        | {
+            "data_position": tuple(position) if position else None,
+            "model_recipe": recipe and ModelRecipe.of(recipe),
+        }
+    )
 
 
 def check_shards(directory: Path, shards: dict[str, str], digests: bool) -> None:
@@ -228,7 +239,6 @@ def load_shards(model: Any, optimizer: Any, directory: Path, param_groups: list)
 
 def _read_whole(directory: Path, keys: set[str]) -> dict[str, Any]:
     """The tensors under `keys`, whole, in this process (no process group: the driver)."""
-    import warnings
 
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from trainyard.pipelines.config.user import ModelRecipe
 from trainyard.pipelines.data.common import DataFacts
 
 
@@ -15,8 +16,8 @@ class WorkerJob:
     run_id: str
     """The MLflow run rank 0 logs to."""
     tracking_uri: str
-    model: dict[str, Any]
-    """What builds the model: config.user.model_recipe."""
+    model: ModelRecipe
+    """What builds the model."""
     torch_threads: int
     """The resource plan's threads per worker."""
     steps_per_epoch: int
@@ -29,7 +30,8 @@ class WorkerJob:
     num_validation: int
     data_task_cpus: float
     """CPUs each Ray Data task asks for."""
-    data: DataFacts
+    data_facts: DataFacts
+    """What the workers need to know of the data (data.common.Prepared.data_facts)."""
     num_classes: int | None = None
     """Classes (text: the vocabulary), for the validation metrics."""
     inject_failure: dict[str, Any] | None = None
@@ -45,10 +47,15 @@ class WorkerJob:
     """The validation rows' blocks, of which each rank reads every world-th row."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data: the job's fields, `data` as a dict (shards and functions as they are)."""
+        """Plain data: the job's fields, `data_facts` and `model` as dicts (shards and functions
+        as they are)."""
         plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return plain | {"data": dataclasses.asdict(self.data)}
+        return plain | {
+            "data_facts": dataclasses.asdict(self.data_facts),
+            "model": dataclasses.asdict(self.model),
+        }
 
     @classmethod
     def from_dict(cls, plain: dict[str, Any]) -> WorkerJob:
-        return cls(**plain | {"data": DataFacts(**plain["data"])})
+        facts, model = DataFacts(**plain["data_facts"]), ModelRecipe.of(plain["model"])
+        return cls(**plain | {"data_facts": facts, "model": model})

@@ -23,10 +23,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainyard.cluster.hardware import device_name, peak_flops
 from trainyard.cluster.secrets import redact
 from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.config.user import build_model
 from trainyard.pipelines.data.arrays import derive_seed
+from trainyard.pipelines.data.augment import one_pass
+from trainyard.pipelines.data.common import quiet_ray_data
+from trainyard.pipelines.tracking import RankZeroLogger, system_metrics
 from trainyard.pipelines.training import checkpoint as checkpoints
 from trainyard.pipelines.training import parallel
 from trainyard.pipelines.training.feed import (
@@ -123,9 +127,6 @@ def set_up(config: dict[str, Any]) -> Worker:
     import ray.train
     import ray.train.torch
 
-    from trainyard.pipelines.data.common import quiet_ray_data
-    from trainyard.pipelines.tracking import RankZeroLogger
-
     # Ray Train tees print() into its logger (each line twice) and logs every report at INFO:
     # keep Ray's worker logs at WARNING and progress on trainyard's own logger.
     logging.getLogger().setLevel(logging.WARNING)
@@ -141,7 +142,7 @@ def set_up(config: dict[str, Any]) -> Worker:
     model = build_model(job.model)
     device = ray.train.torch.get_device()
     model.to(device)
-    if job.data.channels_last and device.type == "cuda":
+    if job.data_facts.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # convolutions' fast layout on GPUs
     amp_dtype = resolve_amp(spec.amp.mode, device)
     w = Worker(
@@ -167,8 +168,6 @@ def distribute(w: Worker) -> None:
     is one), and tag the run with where it trains and what each rank holds."""
     import ray
     import ray.train.torch
-
-    from trainyard.cluster.hardware import device_name, peak_flops
 
     sc, tr = w.spec.scaling, w.spec.train
     blocks = parallel.block_names(w.model, sc.blocks)
@@ -256,7 +255,7 @@ def data_passes(
 
     job, tr, rank, world, device = w.job, w.spec.train, w.rank, w.world, w.device
     DataContext.get_current().execution_options.preserve_order = True  # the same every run
-    dtypes = {k: getattr(torch, v) for k, v in job.data.dtypes.items()} or None
+    dtypes = {k: getattr(torch, v) for k, v in job.data_facts.dtypes.items()} or None
     micro, eval_batch, global_batch = (
         w.spec.micro_batch_size,
         w.spec.eval_batch_size,
@@ -269,8 +268,6 @@ def data_passes(
         return derive_seed(tr.seed, "shuffle", n) % 2**32
 
     if job.train_shards is not None:
-        from trainyard.pipelines.data.augment import one_pass
-
         shard = job.train_shards[rank]
         # Ray Data hands the augmented arrays out read-only (zero-copy from Arrow); the loop
         # only reads them, so torch's warning about it is noise.
@@ -334,7 +331,7 @@ def epoch_metrics(
     started: float,
 ) -> dict[str, float]:
     """Validation metrics, throughput and the epoch's facts: what every rank reports."""
-    data = w.job.data
+    data = w.job.data_facts
     metrics = evaluate(
         w.model,
         val_batches,
@@ -382,7 +379,7 @@ def report(
 
     tr, rank = w.spec.train, w.rank
     if w.log.active:
-        logger.info(progress_line(epoch, tr.epochs, metrics, w.job.data))
+        logger.info(progress_line(epoch, tr.epochs, metrics, w.job.data_facts))
     w.log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
     if last:
         facts = [(param_digest(w.model), steps)] * w.world
@@ -431,9 +428,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
     train_pass, val_batches = data_passes(w)  # a first mapped pass starts here, in the background
     own = own_loss(w.spec, w.model)  # (train.loss: model; before the model is wrapped)
     distribute(w)
-    train_loss = training_loss(job.data.task, tr, own)
-    val_loss = validation_loss(job.data.task, tr, own)
-    scores = make_scores(tr.metrics, job.data.task, job.num_classes, job.data.target_std)
+    facts = job.data_facts
+    train_loss = training_loss(facts.task, tr, own)
+    val_loss = validation_loss(facts.task, tr, own)
+    scores = make_scores(tr.metrics, facts.task, job.num_classes, facts.target_std)
     # Epochs of a set number of steps stream on across passes; otherwise an epoch is a pass.
     stream = BatchStream(train_pass, w.position) if tr.steps_per_epoch else None
     steps_per_epoch = job.steps_per_epoch
@@ -493,8 +491,6 @@ def node_metrics(w: Worker) -> contextlib.AbstractContextManager:
     is off. Nodes are told apart by Ray's node id, not by IP (Ray Train's local ranks are per
     IP: two nodes of one machine would share them)."""
     import ray
-
-    from trainyard.pipelines.tracking import system_metrics
 
     tr, nodes = w.spec.tracking, w.nodes or []
     if not tr.system_metrics or w.rank >= len(nodes) or nodes.index(nodes[w.rank]) != w.rank:

@@ -3,7 +3,10 @@ testing aid that makes a worker fail or hang on purpose (TRAINYARD_INJECT_FAILUR
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -65,9 +68,6 @@ class StallWatchdog:
 
 def stacks() -> str:
     """Every thread's stack in this process: py-spy's (native frames too), else Python's."""
-    import faulthandler
-    import shutil
-    import subprocess
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     try:

@@ -303,8 +303,8 @@ def test_parquet_directory_and_glob_are_read(ray_cluster, tmp_path):
 
 
 def test_quoted_fields_with_line_breaks_and_commas_are_one_value_everywhere(ray_cluster, tmp_path):
-    """One CSV reading (data.common.csv_parse_options) for the schema check, the bad-row
-    scan, training's read and prediction's: a quoted note holding commas and line breaks is
+    """One table reader (data.tables) for the schema check, the bad-row scan, training's
+    read and prediction's: a quoted note holding commas and line breaks is
     one value of one row in each. The file is larger than Arrow's 1 MB parse blocks, so that a
     block boundary falls inside a quoted value (which a small file never shows)."""
     import pyarrow as pa

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
+from trainyard.pipelines.data.tables import DATA_EXTENSIONS
 from trainyard.pipelines.data.tabular import (
-    DATA_EXTENSIONS,
     DataError,
     RowRules,
     class_cutoffs,

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from trainyard.cluster.errors import TrainyardError
 from trainyard.cluster.signing import model_key
+from trainyard.pipelines.data import tables
 from trainyard.pipelines.data.common import Pipeline, Prepared, check_row_counts, open_fs
 
 FORMAT = 1
@@ -220,7 +221,7 @@ def load(root: str, key: str, manifest: dict[str, Any]) -> Prepared:
         elif info["materialized"]:  # read by tasks on the cluster, block for block, in order
             datasets[name] = ray.data.from_arrow_refs([_read_block.remote(root, p) for p in paths])
         else:
-            datasets[name] = ray.data.read_parquet(list(paths), filesystem=fs)
+            datasets[name] = tables.dataset(list(paths), fs, "parquet")
 
     class Unpickler(pickle.Unpickler):
         def persistent_load(self, pid: Any) -> Any:
@@ -233,7 +234,7 @@ def _read_block_fn(root: str, path: str) -> Any:
     import ray.data  # noqa: F401  (registers Ray's tensor extension types)
 
     fs, _ = open_fs(root)
-    return pq.read_table(path, filesystem=fs)
+    return tables.read_file(path, fs, "parquet")
 
 
 def _write_block_fn(root: str, path: str, block: Any) -> int:

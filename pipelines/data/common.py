@@ -17,20 +17,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
 from trainyard.cluster.errors import TrainyardError
 from trainyard.cluster.resources import wait_for_free
 from trainyard.pipelines.config import user
 from trainyard.pipelines.data.arrays import derive_seed
-
-
-def csv_parse_options(invalid_row_handler: Any = None) -> pacsv.ParseOptions:
-    """How every CSV file is parsed, wherever it is read (the schema check, the bad-row scan,
-    training, preprocessing, prediction): quoted values may hold commas and line breaks (a
-    column of free text does); `invalid_row_handler` sees each row of the wrong field count."""
-    return pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=invalid_row_handler)
 
 
 def quiet_ray_data() -> None:

@@ -18,22 +18,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from trainyard.cluster.shared import is_local
 from trainyard.pipelines.config import user
 from trainyard.pipelines.config.data import DataSpec
 from trainyard.pipelines.config.spec import RunSpec
-from trainyard.pipelines.data import augment
+from trainyard.pipelines.data import augment, tables
 from trainyard.pipelines.data.common import (
     DataError,
     DataFacts,
     Prepared,
     check_row_counts,
     code_digest,
-    csv_parse_options,
     fingerprint,
     in_random_order,
     resolve_files,
@@ -48,12 +45,10 @@ from trainyard.pipelines.data.features import (
     is_category_type,
 )
 from trainyard.pipelines.data.split import below, row_hashes
+from trainyard.pipelines.data.tables import DATA_EXTENSIONS, file_format
 
 BUILTIN_DIGITS = "builtin:digits"
 HASH_COLUMN = "__hash"
-CSV_EXTENSIONS = (".csv", ".csv.gz", ".csv.bz2")
-PARQUET_EXTENSIONS = (".parquet", ".pq")
-DATA_EXTENSIONS = CSV_EXTENSIONS + PARQUET_EXTENSIONS
 MAX_REPORTED_ROWS = 5
 BLOCK_BYTES = 64 * 1024**2
 
@@ -251,14 +246,8 @@ def scan_csv_file(
         invalid.append((r.number, f"{r.actual_columns} fields instead of {r.expected_columns}"))
         return "skip"
 
-    reader = pacsv.open_csv(
-        filesystem.open_input_stream(path, compression="detect"),
-        read_options=pacsv.ReadOptions(use_threads=False),
-        parse_options=csv_parse_options(on_invalid),
-        convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in rules.columns}, include_columns=rules.columns
-        ),
-    )
+    types = {c: pa.string() for c in rules.columns}
+    reader = tables.batches(path, filesystem, "csv", rules.columns, types, on_invalid)
     count, value_errors, parsed = _scan(reader, rules)
     # Line numbers of the parsed rows: every line after the header except the invalid ones.
     lines = np.setdiff1d(np.arange(2, 2 + parsed + len(invalid)), [n for n, _ in invalid])
@@ -277,10 +266,8 @@ def scan_parquet_file(
     """As scan_csv_file, for a Parquet file: rows with a null, NaN or ±inf numeric value or an
     empty label, by row number (from 1) within the file."""
     path = row["path"]
-    with filesystem.open_input_file(path) as f:
-        count, value_errors, parsed = _scan(
-            pq.ParquetFile(f).iter_batches(columns=rules.columns), rules
-        )
+    reader = tables.batches(path, filesystem, "parquet", rules.columns)
+    count, value_errors, parsed = _scan(reader, rules)
     return {
         "path": path,
         "rows": parsed,
@@ -329,31 +316,7 @@ def _scan(batches: Any, rules: RowRules) -> tuple[int, list, int]:
     return count, errors, parsed
 
 
-def _skip_row(row: Any) -> str:
-    return "skip"
-
-
 # --- driver side --------------------------------------------------------------------------------
-
-
-def file_format(files: list[str], declared: str) -> str:
-    if declared != "auto":
-        return declared
-    kinds = {
-        "csv"
-        if f.endswith(CSV_EXTENSIONS)
-        else "parquet"
-        if f.endswith(PARQUET_EXTENSIONS)
-        else "unknown"
-        for f in files
-    }
-    if kinds == {"csv"} or kinds == {"parquet"}:
-        return kinds.pop()
-    raise DataError(
-        f"data.format: cannot tell the format of {files[0]}"
-        + (" and others" if len(files) > 1 else "")
-        + " from the extension; set data.format to csv or parquet"
-    )
 
 
 def digits_table() -> pd.DataFrame:
@@ -381,32 +344,6 @@ def check_path(spec: DataSpec) -> None:
                 f"data.path: unknown built-in data set {spec.path!r}; available: {BUILTIN_DIGITS}"
             )
         resolve_files(spec.path, DATA_EXTENSIONS)
-
-
-def sample_schema(
-    files: list[str], fs: pafs.FileSystem, fmt: str
-) -> tuple[pa.Schema, pd.DataFrame]:
-    """The schema and a sample of rows of the first file that has rows, read on the driver."""
-    for path in files:
-        if fmt == "parquet":
-            pf = pq.ParquetFile(path, filesystem=fs)
-            if pf.metadata.num_rows:
-                return pf.schema_arrow, pf.read_row_group(0).slice(0, 1000).to_pandas()
-            continue
-        try:
-            reader = pacsv.open_csv(
-                fs.open_input_stream(path, compression="detect"),
-                parse_options=csv_parse_options(_skip_row),
-            )
-            batch = reader.read_next_batch()
-        except StopIteration:
-            continue
-        except pa.ArrowInvalid as e:
-            raise DataError(f"{path}: cannot read as CSV: {e}") from None
-        return batch.schema, batch.to_pandas()
-    raise DataError(
-        f"data.path: {files[0] if len(files) == 1 else 'the data files'} hold no data rows"
-    )
 
 
 def _missing(kind: str, name: str, columns: list[str]) -> DataError:
@@ -501,7 +438,7 @@ def read_raw(
     check_path(spec)
     files, fs = resolve_files(spec.path, DATA_EXTENSIONS)
     fmt = file_format(files, spec.format)
-    schema, sample = sample_schema(files, fs, fmt)
+    schema, sample = tables.sample(files, fs, fmt)
     features, plan = check_columns(spec, schema, sample)
     columns = features + [spec.label]
     numeric = plan.numeric + ([spec.label] if spec.task == "regression" else [])
@@ -548,13 +485,10 @@ def read_raw(
             num_cpus=task_cpus,
         )
 
-    if fmt == "parquet":
-        ds = ray.data.read_parquet(
-            files, filesystem=fs, num_cpus=task_cpus, ray_remote_args=read_args
-        ).select_columns(columns)  # (read only these: Ray Data pushes it into the read)
-        if bad:
-            ds = drop_bad(ds)
-        return ds, features, plan
+    reading = {"num_cpus": task_cpus, "ray_remote_args": read_args}
+    if fmt == "parquet":  # (only these columns: Ray Data pushes it into the read)
+        ds = tables.dataset(files, fs, fmt, columns, **reading)
+        return (drop_bad(ds) if bad else ds), features, plan
     label_type = schema.field(spec.label).type
     if spec.task == "regression" or pa.types.is_floating(label_type):
         label_type = pa.float64()
@@ -564,29 +498,14 @@ def read_raw(
         types = {c: pa.string() for c in numeric + plan.categorical} | (
             {} if spec.task == "regression" else {spec.label: label_type}
         )
-        ds = ray.data.read_csv(
-            files,
-            filesystem=fs,
-            num_cpus=task_cpus,
-            ray_remote_args=read_args,
-            parse_options=csv_parse_options(_skip_row),
-            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
-        )
+        ds = tables.dataset(files, fs, fmt, columns, types, skip_invalid=True, **reading)
         return drop_bad(ds), features, plan
     types = (
         {c: pa.float64() for c in plan.numeric}
         | {c: pa.string() for c in plan.categorical}
         | {spec.label: label_type}
     )
-    ds = ray.data.read_csv(
-        files,
-        filesystem=fs,
-        num_cpus=task_cpus,
-        ray_remote_args=read_args,
-        parse_options=csv_parse_options(),
-        convert_options=pacsv.ConvertOptions(column_types=types, include_columns=columns),
-    )
-    return ds, features, plan
+    return tables.dataset(files, fs, fmt, columns, types, **reading), features, plan
 
 
 @dataclass
@@ -771,16 +690,8 @@ def read_preprocessed(
         check_path(spec)
         files, fs = resolve_files(spec.path, DATA_EXTENSIONS)
         fmt = file_format(files, spec.format)
-        _, sample = sample_schema(files, fs, fmt)
-        if fmt == "parquet":
-            ds = ray.data.read_parquet(
-                files, filesystem=fs, num_cpus=task_cpus, ray_remote_args=read_args
-            )
-        else:
-            ds = ray.data.read_csv(
-                files, filesystem=fs, num_cpus=task_cpus, ray_remote_args=read_args,
-                parse_options=csv_parse_options(),
-            )  # fmt: skip
+        _, sample = tables.sample(files, fs, fmt)
+        ds = tables.dataset(files, fs, fmt, num_cpus=task_cpus, ray_remote_args=read_args)
     if spec.label not in sample:
         raise _missing("label", spec.label, list(sample.columns))
     try:
@@ -949,7 +860,7 @@ def describe_data(spec: RunSpec) -> str:
         schema, where = pa.Schema.from_pandas(sample, preserve_index=False), data.path
     else:
         files, fs = resolve_files(data.path, DATA_EXTENSIONS)
-        schema, sample = sample_schema(files, fs, file_format(files, data.format))
+        schema, sample = tables.sample(files, fs, file_format(files, data.format))
         where = f"the first {len(sample)} rows of {files[0]}"
     features, plan = check_columns(data, schema, sample)
     plan.observe(

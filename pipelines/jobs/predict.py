@@ -46,19 +46,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from trainyard.cluster.errors import TrainyardError
 from trainyard.cluster.resources import plan_actors, short_of, wait_for_free
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines import tracking
+from trainyard.pipelines.data import tables
 from trainyard.pipelines.data.arrays import decode_images
 from trainyard.pipelines.data.common import (
     DataError,
-    csv_parse_options,
     errors_reported_here,
     fingerprint,
     open_fs,
@@ -67,6 +65,7 @@ from trainyard.pipelines.data.common import (
     task_error,
 )
 from trainyard.pipelines.data.images import EXTENSIONS
+from trainyard.pipelines.data.tables import DATA_EXTENSIONS, file_format
 from trainyard.pipelines.driver.session import init_ray
 from trainyard.pipelines.jobs.generate import add_sampling_arguments, check_sampling, continuation
 from trainyard.pipelines.tracking import add_model_arguments
@@ -487,7 +486,6 @@ def input_files(kind: str | None, data: str) -> tuple[list[str], Any, bool]:
     """DATA's files, their filesystem, and whether they are tables (CSV/Parquet): always for
     tabular and pyfunc models; for image and text models, when DATA names tables rather than
     images or texts."""
-    from trainyard.pipelines.data.tabular import DATA_EXTENSIONS  # noqa: PLC0415 (Ray: not on the command's start)
 
     own = {"images": EXTENSIONS + tuple(e.upper() for e in EXTENSIONS), "text": TEXT_EXTENSIONS}
     if kind not in own:
@@ -511,8 +509,6 @@ def read_input(data: str, job: Job) -> tuple[Any, int | None, int, dict[str, Any
     fingerprint as digest, its files and rows."""
     import ray.data
 
-    from trainyard.pipelines.data.tabular import file_format, sample_schema  # noqa: PLC0415 (Ray: not on the command's start)
-
     files, fs, table = input_files(job.kind, data)
     record = {
         "name": f"{data[-200:]} (prediction)",
@@ -529,7 +525,7 @@ def read_input(data: str, job: Job) -> tuple[Any, int | None, int, dict[str, Any
         ds = ray.data.from_pandas([pd.DataFrame({"path": part}) for part in parts])
         return ds, len(files), blocks, record
     fmt = file_format(files, "auto")
-    check_columns(data, sample_schema(files, fs, fmt)[0], job)
+    check_columns(data, tables.sample(files, fs, fmt)[0], job)
     # Each file read by a task of its own that holds IO_CPUS: Ray Data's readers first list
     # the files in a task that holds a whole CPU, which a pool holding 0.9 of every CPU
     # leaves waiting forever.
@@ -591,14 +587,7 @@ def check_columns(data: str, schema: Any, job: Job) -> None:
 
 def read_table_file(batch: Any, filesystem: Any, fmt: str) -> Any:
     """One CSV or Parquet file (a batch of one path) as an Arrow table."""
-
-    path = batch["path"][0].as_py()
-    if fmt == "parquet":
-        return pq.read_table(path, filesystem=filesystem)
-    return pacsv.read_csv(
-        filesystem.open_input_stream(path, compression="detect"),
-        parse_options=csv_parse_options(),
-    )
+    return tables.read_file(batch["path"][0].as_py(), filesystem, fmt)
 
 
 def plan_workers(workers: int | None, cpus_per_worker: float, gpus_per_worker: float) -> int:

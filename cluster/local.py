@@ -247,56 +247,75 @@ def up(
         cpus_per_node=cpus,
     )
     try:
-        if state.mlflow_url:
-            env["MLFLOW_TRACKING_URI"] = state.mlflow_url
-            directory = Path(mlflow_dir).expanduser().resolve()
-            directory.mkdir(parents=True, exist_ok=True)
-            cmd = server_command(
-                host="127.0.0.1",
-                port=mlflow_port,
-                backend_store_uri=f"sqlite:///{directory / 'mlflow.db'}",
-                artifacts_destination=str(directory / "mlartifacts"),
-            )
-            _start(cmd, env, logs / "mlflow.log", wait=False)
-        ray = str(Path(sys.executable).with_name("ray"))
-        if auth.find_token()[0] is None:
-            # A fresh machine: create the token (~/.ray/auth_token) that the nodes and every
-            # client (trainyard submit, ray job submit) share.
-            _start([ray, "get-auth-token", "--generate"], env, logs / "token.log", wait=True)
-            auth.protect_token()  # a secret: readable by its owner only
-        common = ["--num-cpus", str(cpus), "--disable-usage-stats"]
-
-        def agent_port() -> list[str]:
-            # The default (52365) is taken by the first node on the machine; a head whose agent
-            # cannot bind accepts no jobs.
-            return ["--dashboard-agent-listen-port", str(free_port())]
-
-        head = [
-            *("--head", "--port", str(port)),
-            *("--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)),
-            *("--ray-client-server-port", str(free_port())),  # unused; keep 10001 free
-            *("--temp-dir", f"{temp_dir}/head"),
-        ]
-        _start([ray, "start", *head, *agent_port(), *common], env, logs / "head.log", wait=True)
-        state.ray_address = Path(temp_dir, "head", "ray_current_cluster").read_text().strip()
-        state.save()  # from here on, `down` can clean up whatever happens next
-        for i in range(1, workers + 1):
-            worker = ["--address", state.ray_address, "--temp-dir", f"{temp_dir}/worker{i}"]
-            log = logs / f"worker{i}.log"
-            _start([ray, "start", *worker, *agent_port(), *common], env, log, wait=True)
-        _wait_for(
-            f"{workers + 1} Ray nodes",
-            lambda: len(alive_nodes(state.dashboard_url)) >= workers + 1,
-            60,
-            logs / "head.log",
-        )
-        if state.mlflow_url:
-            wait_healthy(state.mlflow_url, timeout_s=60, log=logs / "mlflow.log")
+        _start_processes(state, env, port, dashboard_port, mlflow_port, mlflow_dir)
     except BaseException:
         stop_cluster_processes(cluster_id)
         LocalCluster.state_file().unlink(missing_ok=True)
         raise
     return state
+
+
+def _start_processes(
+    state: LocalCluster,
+    env: dict[str, str],
+    port: int,
+    dashboard_port: int,
+    mlflow_port: int | None,
+    mlflow_dir: str,
+) -> None:
+    """The MLflow server, the head and the worker nodes of `state`, each waited for; the state
+    is saved once the head is up (from then on `down` can clean up)."""
+    logs, temp_dir, cpus, workers = (
+        Path(state.logs),
+        state.temp_dir,
+        state.cpus_per_node,
+        state.workers,
+    )
+    if state.mlflow_url:
+        env["MLFLOW_TRACKING_URI"] = state.mlflow_url
+        directory = Path(mlflow_dir).expanduser().resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        cmd = server_command(
+            host="127.0.0.1",
+            port=mlflow_port,
+            backend_store_uri=f"sqlite:///{directory / 'mlflow.db'}",
+            artifacts_destination=str(directory / "mlartifacts"),
+        )
+        _start(cmd, env, logs / "mlflow.log", wait=False)
+    ray = str(Path(sys.executable).with_name("ray"))
+    if auth.find_token()[0] is None:
+        # A fresh machine: create the token (~/.ray/auth_token) that the nodes and every
+        # client (trainyard submit, ray job submit) share.
+        _start([ray, "get-auth-token", "--generate"], env, logs / "token.log", wait=True)
+        auth.protect_token()  # a secret: readable by its owner only
+    common = ["--num-cpus", str(cpus), "--disable-usage-stats"]
+
+    def agent_port() -> list[str]:
+        # The default (52365) is taken by the first node on the machine; a head whose agent
+        # cannot bind accepts no jobs.
+        return ["--dashboard-agent-listen-port", str(free_port())]
+
+    head = [
+        *("--head", "--port", str(port)),
+        *("--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)),
+        *("--ray-client-server-port", str(free_port())),  # unused; keep 10001 free
+        *("--temp-dir", f"{temp_dir}/head"),
+    ]
+    _start([ray, "start", *head, *agent_port(), *common], env, logs / "head.log", wait=True)
+    state.ray_address = Path(temp_dir, "head", "ray_current_cluster").read_text().strip()
+    state.save()  # from here on, `down` can clean up whatever happens next
+    for i in range(1, workers + 1):
+        worker = ["--address", state.ray_address, "--temp-dir", f"{temp_dir}/worker{i}"]
+        log = logs / f"worker{i}.log"
+        _start([ray, "start", *worker, *agent_port(), *common], env, log, wait=True)
+    _wait_for(
+        f"{workers + 1} Ray nodes",
+        lambda: len(alive_nodes(state.dashboard_url)) >= workers + 1,
+        60,
+        logs / "head.log",
+    )
+    if state.mlflow_url:
+        wait_healthy(state.mlflow_url, timeout_s=60, log=logs / "mlflow.log")
 
 
 def down() -> str:

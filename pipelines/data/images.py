@@ -304,38 +304,15 @@ def prepare(
     data, seed = spec.data, spec.train.seed
     listing = Listing(data)
     held = held_out(listing.relative, listing.labels, data.validation_fraction, seed)
-    unseen = [c for i, c in enumerate(listing.classes) if not held[listing.labels == i].any()]
-    if unseen:
-        shown = ", ".join(unseen[:5]) + (", ..." if len(unseen) > 5 else "")
-        raise DataError(
-            f"data.path: {len(unseen)} class folder(s) too small to appear in both splits "
-            f"({shown}: no validation image at data.validation_fraction "
-            f"{data.validation_fraction}); add images to them, drop them, or raise "
-            "data.validation_fraction"
-        )
+    check_every_class_held(listing, held, data.validation_fraction)
     options = decode_options(data, listing.fs)
     # The training files in a seeded random order (folders sort them by class): each rank's
     # share holds every class, and a pass streams them mixed.
     train_files, val_files = listing.table(~held, shuffle_seed=seed), listing.table(held)
     keep = keep_decoded(data, len(listing.files))
-    try:
-        with errors_reported_here():
-            if keep:
-                train = decoded(train_files, options, task_cpus, read_args).materialize()
-                settle()
-                val = decoded(val_files, options, task_cpus, read_args).materialize()
-                num_train, num_val = train.count(), val.count()
-            else:
-                # Streamed: one pass here finds the files that decode; each epoch reads them anew.
-                train_files = good_files(train_files, options, task_cpus, read_args)
-                num_train = train_files.num_rows
-                settle()
-                val = decoded(val_files, options, task_cpus, read_args)
-                num_val = val.count()
-    except Exception as e:  # a file that does not decode, inside a Ray Data task
-        if (failure := task_error(e, "data.path")) is None:
-            raise
-        raise failure from None
+    train, train_files, val, num_train, num_val = decode_splits(
+        train_files, val_files, options, keep, task_cpus, read_args
+    )
     skipped = len(listing.files) - num_train - num_val
     if skipped:
         print(f"trainyard: skipped {skipped} image(s) that do not decode (data.on_bad_rows=skip)")
@@ -387,6 +364,48 @@ def prepare(
         per_epoch=per_epoch,
         extra={"classes": listing.classes, "stats": stats, "listing": listing, "held": held},
     )
+
+
+def check_every_class_held(listing: Listing, held: np.ndarray, fraction: float) -> None:
+    """Refuse class folders too small to appear in both splits (DataError)."""
+    unseen = [c for i, c in enumerate(listing.classes) if not held[listing.labels == i].any()]
+    if unseen:
+        shown = ", ".join(unseen[:5]) + (", ..." if len(unseen) > 5 else "")
+        raise DataError(
+            f"data.path: {len(unseen)} class folder(s) too small to appear in both splits "
+            f"({shown}: no validation image at data.validation_fraction {fraction}); add "
+            "images to them, drop them, or raise data.validation_fraction"
+        )
+
+
+def decode_splits(
+    train_files: pa.Table,
+    val_files: pa.Table,
+    options: dict[str, Any],
+    keep: bool,
+    task_cpus: float,
+    read_args: dict[str, Any] | None,
+) -> tuple[Any, pa.Table, Any, int, int]:
+    """(the decoded training images, kept in the object store, or None; the training files,
+    only those that decode where they are streamed; the validation images, kept where the
+    training images are; the counts of both). A file that does not decode is one line
+    (DataError) unless data.on_bad_rows is skip."""
+    try:
+        with errors_reported_here():
+            if keep:
+                train = decoded(train_files, options, task_cpus, read_args).materialize()
+                settle()
+                val = decoded(val_files, options, task_cpus, read_args).materialize()
+                return train, train_files, val, train.count(), val.count()
+            # Streamed: one pass here finds the files that decode; each epoch reads them anew.
+            train_files = good_files(train_files, options, task_cpus, read_args)
+            settle()
+            val = decoded(val_files, options, task_cpus, read_args)
+            return None, train_files, val, train_files.num_rows, val.count()
+    except Exception as e:  # a file that does not decode, inside a Ray Data task
+        if (failure := task_error(e, "data.path")) is None:
+            raise
+        raise failure from None
 
 
 def good_files(

@@ -419,6 +419,53 @@ def check_columns(
     return features, FeaturePlan(numeric, categorical, [], booleans)
 
 
+def scan_for_bad_rows(
+    spec: DataSpec,
+    files: list[str],
+    fs: pafs.FileSystem,
+    fmt: str,
+    rules: RowRules,
+    task_cpus: float,
+    read_args: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Scan every file for rows training cannot use, a Ray task per file: a DataError that
+    names the first few where data.on_bad_rows is error, else a line that says how many are
+    skipped. The scans of the files that hold any."""
+    import ray.data
+
+    scans = (
+        ray.data.from_items([{"path": f} for f in files])
+        .map(
+            scan_parquet_file if fmt == "parquet" else scan_csv_file,
+            fn_kwargs={"filesystem": fs, "rules": rules},
+            num_cpus=task_cpus,
+            **read_args,
+        )
+        .take_all()
+    )
+    bad = [s for s in scans if s["bad"]]
+    total_bad = sum(s["bad"] for s in bad)
+    what = (
+        "Parquet row(s) hold values training cannot use"
+        if fmt == "parquet"
+        else "CSV row(s) do not parse"
+    )
+    if bad and spec.on_bad_rows == "error":
+        where = "; ".join(
+            f"{s['path']}: {s['bad']} row(s): {', '.join(s['where'])}"
+            + (", ..." if s["bad"] > len(s["where"]) else "")
+            for s in bad[:3]
+        )
+        raise DataError(
+            f"data: {total_bad} {what}: {where}. Fix them, or set data.on_bad_rows: skip"
+            + ("" if rules.blanks_ok else " (empty values: or data.missing: impute)")
+        )
+    if bad:
+        first = f"{bad[0]['path']} {bad[0]['where'][0]}"
+        print(f"trainyard: skipping {total_bad} {what} (first: {first})")
+    return bad
+
+
 def read_raw(
     spec: DataSpec, task_cpus: float, read_args: dict[str, Any] | None = None
 ) -> tuple[Any, list[str], FeaturePlan]:
@@ -445,37 +492,7 @@ def read_raw(
     # Blank categories are bad rows unless imputed; blank numbers too.
     impute = spec.missing == "impute"
     rules = RowRules(numeric, columns, [] if impute else plan.categorical, impute)
-    scans = (
-        ray.data.from_items([{"path": f} for f in files])
-        .map(
-            scan_parquet_file if fmt == "parquet" else scan_csv_file,
-            fn_kwargs={"filesystem": fs, "rules": rules},
-            num_cpus=task_cpus,
-            **read_args,
-        )
-        .take_all()
-    )
-    bad = [s for s in scans if s["bad"]]
-    total_bad = sum(s["bad"] for s in bad)
-    what = (
-        "Parquet row(s) hold values training cannot use"
-        if fmt == "parquet"
-        else ("CSV row(s) do not parse")
-    )
-    if bad and spec.on_bad_rows == "error":
-        where = "; ".join(
-            f"{s['path']}: {s['bad']} row(s): {', '.join(s['where'])}"
-            + (", ..." if s["bad"] > len(s["where"]) else "")
-            for s in bad[:3]
-        )
-        raise DataError(
-            f"data: {total_bad} {what}: {where}. Fix them, or set data.on_bad_rows: skip"
-            + ("" if impute else " (empty values: or data.missing: impute)")
-        )
-    if bad:
-        print(
-            f"trainyard: skipping {total_bad} {what} (first: {bad[0]['path']} {bad[0]['where'][0]})"
-        )
+    bad = scan_for_bad_rows(spec, files, fs, fmt, rules, task_cpus, read_args)
 
     def drop_bad(ds: Any) -> Any:  # on_bad_rows: skip
         return ds.map_batches(

@@ -19,7 +19,6 @@ from trainyard.pipelines.tracking.runs import (
     DEFAULT_DB,
     PREDICT_EXPERIMENT,
     SOURCE_ENV,
-    RankZeroLogger,
     Run,
     child_runs,
     end_run,
@@ -37,10 +36,10 @@ from trainyard.pipelines.tracking.runs import (
     run,
     source_tags,
     start_run,
-    system_metrics,
     tracking_uri,
     ui_command,
 )
+from trainyard.pipelines.tracking.workers import RankZeroLogger, system_metrics
 
 __all__ = [
     "ARTIFACT_DIR",

@@ -80,7 +80,8 @@ def test_module_attr_errors_name_the_field_module_and_attribute(project):
     # The facts a model takes are passed; the spec's args override them; the rest are not.
     facts = {"num_classes": 10, "in_features": 64, "in_shape": [1, 8, 8]}
     recipe = user.model_recipe(UserModelSpec("models.convnet:WideNet", {"width": 8}), facts)
-    assert recipe == {"name": "models.convnet:WideNet", "kwargs": {"num_classes": 10, "width": 8}}
+    assert recipe == user.ModelRecipe("models.convnet:WideNet", {"num_classes": 10, "width": 8})
+    assert recipe.describe() == "models.convnet:WideNet(num_classes=10, width=8)"
     assert sum(p.numel() for p in user.build_model(recipe).parameters()) > 0
 
 

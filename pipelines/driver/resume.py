@@ -117,10 +117,10 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_model_loads(recipe: ModelRecipe, weights: dict[str, Any]) -> None:
+def check_model_loads(recipe: ModelRecipe | dict[str, Any], weights: dict[str, Any]) -> None:
     """Refuse (SpecError) to resume into a model the checkpoint's weights do not fit, naming
     the first tensor that does not."""
-
+    recipe = ModelRecipe.of(recipe)
     own = user.build_model(recipe).state_dict()
     for name in sorted(set(own) | set(weights)):
         if name not in own or name not in weights:

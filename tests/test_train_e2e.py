@@ -10,7 +10,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import pyfunc_elsewhere, train
+from conftest import pyfunc_elsewhere, train, train_in_project
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_digits
 
@@ -317,3 +317,28 @@ def test_a_sorted_table_streamed_trains_as_well_as_held_in_memory(order, digits_
     )  # fmt: skip
     reference = digits_straight["summary"]["metrics"]["val_accuracy"]
     assert summary["metrics"]["val_accuracy"] >= reference - 0.03, (summary, reference)
+
+
+def test_a_digits_run_says_trainyards_lines_and_its_epochs_and_nothing_else(
+    ray_cluster, tracking_uri, tmp_path
+):
+    """The console of `trainyard train` as a user runs it, standard output and error: trainyard's
+    own lines (its resource plan and the summary's indented lines among them) and one line per
+    epoch from rank 0; no warning or notice from Ray, MLflow or torch that means nothing for
+    the run."""
+    import re
+
+    run = train_in_project(
+        tmp_path, ray_cluster, tracking_uri, str(ROOT / "configs" / "digits.yaml"),
+        *("--set", "train.epochs=3", "--set", "tracking.log_model=false"),
+        *("--set", f"scaling.storage_path={tmp_path / 'results'}"),
+    )  # fmt: skip
+    colour = re.compile(r"\x1b\[[0-9;]*m")
+    epoch = re.compile(r"^\(RayTrainWorker pid=\d+(, ip=[\d.]+)?\) epoch \d/3  train_loss ")
+    plan = ("cluster: ", "training: ", "Ray Data: ")
+    console = run["stdout"] + run["stderr"]
+    lines = [colour.sub("", line) for line in console.splitlines() if line.strip()]
+    other = [x for x in lines if not (x.startswith(("trainyard: ", "  ", *plan)) or epoch.match(x))]
+    assert other == [], "\n".join(other)
+    assert [x.split("epoch ")[1][:3] for x in lines if epoch.match(x)] == ["1/3", "2/3", "3/3"]
+    assert "\ntrainyard: done  val_loss " in run["stdout"]

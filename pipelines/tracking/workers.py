@@ -28,6 +28,8 @@ def system_metrics(uri: str, run_id: str, node: str, interval_s: float):
     monitors: list[Any] = []
 
     def start() -> None:
+        # Its INFO lines (started, stopping, no GPU metrics) say nothing a user acts on.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 

@@ -22,7 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from trainyard.cluster.local import MARKER, free_port, stop_cluster_processes
-from trainyard.cluster.resources import AUTOSCALING_CONFIG_ENV
+from trainyard.cluster.nodes import AUTOSCALING_CONFIG_ENV
 
 GPU_SHAPED = {"CPU": 1, "fake_gpu": 1}  # a GPU worker's shape, with a custom resource for the GPU
 

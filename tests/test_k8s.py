@@ -100,7 +100,8 @@ def test_manifests_validate_strictly_and_hold_the_specs_plan(case, strict_schema
     volumes = {v["name"]: v for v in head["volumes"]}
     assert volumes["trainyard-spec"]["configMap"]["name"] == configmap["metadata"]["name"]
     # The worker pods hold the plan: one per worker (elastic: min to max), its CPUs and GPU.
-    from trainyard.cluster.resources import Nodes, plan_resources
+    from trainyard.cluster.nodes import Nodes
+    from trainyard.cluster.resources import plan_resources
 
     (group,) = job["rayClusterSpec"]["workerGroupSpecs"]
     sc = spec.scaling

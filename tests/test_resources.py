@@ -1,13 +1,8 @@
 import pytest
 
 from trainyard.cluster.errors import SpecError
-from trainyard.cluster.resources import (
-    AUTOSCALING_CONFIG_ENV,
-    Nodes,
-    ScalingSpec,
-    addable_nodes,
-    plan_resources,
-)
+from trainyard.cluster.nodes import AUTOSCALING_CONFIG_ENV, Nodes, addable_nodes
+from trainyard.cluster.resources import ScalingSpec, plan_resources
 
 
 def test_two_workers_on_two_cpus_leave_cpu_for_data():

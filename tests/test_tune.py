@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from trainyard.cluster.errors import SpecError
-from trainyard.cluster.resources import Nodes
+from trainyard.cluster.nodes import Nodes
 from trainyard.pipelines import cli
 from trainyard.pipelines.config.spec import load_spec
 from trainyard.pipelines.jobs.tune import (

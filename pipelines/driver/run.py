@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainyard.cluster.errors import SpecError, TrainyardError
-from trainyard.cluster.resources import ResourcePlan, cluster_nodes, local_nodes, plan_resources
+from trainyard.cluster.nodes import cluster_nodes, local_nodes
+from trainyard.cluster.resources import ResourcePlan, plan_resources
 from trainyard.pipelines import tracking
 from trainyard.pipelines.config import user
 from trainyard.pipelines.config.model import UserModelSpec

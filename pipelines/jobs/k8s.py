@@ -61,7 +61,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from trainyard.cluster.errors import SpecError, TrainyardError
-from trainyard.cluster.resources import Nodes, plan_resources
+from trainyard.cluster.nodes import Nodes
+from trainyard.cluster.resources import plan_resources
 from trainyard.cluster.secrets import redact
 from trainyard.cluster.signing import KEY_ENV
 from trainyard.pipelines.config.overrides import add_spec_arguments

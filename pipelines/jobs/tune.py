@@ -23,13 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainyard.cluster.errors import RunFailed, SpecError, TrainyardError
-from trainyard.cluster.resources import (
-    Concurrency,
-    ResourcePlan,
-    cluster_nodes,
-    local_nodes,
-    plan_trials,
-)
+from trainyard.cluster.nodes import cluster_nodes, local_nodes
+from trainyard.cluster.resources import Concurrency, ResourcePlan, plan_trials
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines import tracking
 from trainyard.pipelines.config.overrides import add_spec_arguments

@@ -12,7 +12,6 @@ import logging
 import random
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +27,13 @@ from trainyard.cluster.secrets import redact
 from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.config.user import build_model
 from trainyard.pipelines.data.arrays import derive_seed
-from trainyard.pipelines.data.augment import one_pass
 from trainyard.pipelines.data.common import quiet_ray_data
 from trainyard.pipelines.tracking import RankZeroLogger, system_metrics
 from trainyard.pipelines.training import checkpoint as checkpoints
 from trainyard.pipelines.training import parallel
 from trainyard.pipelines.training.feed import (
     BatchStream,
-    ahead,
-    global_batches,
-    load_share,
-    memory_batches,
-    share_batches,
-    window_batches,
+    data_passes,
 )
 from trainyard.pipelines.training.job import WorkerJob
 from trainyard.pipelines.training.metrics import (
@@ -242,85 +235,6 @@ def resumed_position(state: checkpoints.TrainingState, spec: RunSpec) -> tuple[i
     return n, taken // then * spec.accum_steps
 
 
-def data_passes(
-    w: Worker,
-) -> tuple[Callable[[int], Iterable[dict[str, torch.Tensor]]], Callable[[], Iterable]]:
-    """(train_pass(n): the batches of pass n, val_batches(): the validation batches) for
-    this rank. Three ways in: training rows every rank holds in memory (read once; every pass
-    a seeded permutation cut into global batches); training rows streamed from the object
-    store every pass, window by window in a seeded order, cut into the same global batches at
-    any world size; augmented rows, mapped by Ray Data tasks every pass over this rank's
-    shard. Validation: this rank's share of the rows, held or streamed."""
-    from ray.data import DataContext
-
-    job, tr, rank, world, device = w.job, w.spec.train, w.rank, w.world, w.device
-    DataContext.get_current().execution_options.preserve_order = True  # the same every run
-    dtypes = {k: getattr(torch, v) for k, v in job.data_facts.dtypes.items()} or None
-    micro, eval_batch, global_batch = (
-        w.spec.micro_batch_size,
-        w.spec.eval_batch_size,
-        w.spec.global_batch,
-    )
-    first = w.position[0] if tr.steps_per_epoch else w.first_epoch
-    last = None if tr.steps_per_epoch else tr.epochs
-
-    def pass_seed(n: int) -> int:  # (the same on every rank: one global order)
-        return derive_seed(tr.seed, "shuffle", n) % 2**32
-
-    if job.train_shards is not None:
-        shard = job.train_shards[rank]
-        # Ray Data hands the augmented arrays out read-only (zero-copy from Arrow); the loop
-        # only reads them, so torch's warning about it is noise.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-        def mapped_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
-            return one_pass(
-                shard, job.per_epoch, tr.seed, n, job.data_task_cpus
-            ).iter_torch_batches(
-                batch_size=micro,
-                dtypes=dtypes,
-                drop_last=True,
-                local_shuffle_buffer_size=max(4 * micro, 256),
-                local_shuffle_seed=derive_seed(tr.seed, "shuffle", n, rank) % 2**32,
-            )
-
-        # Each pass is a new Ray Data execution (seconds to start on a small machine): the
-        # next one starts while this one trains.
-        train_pass = ahead(mapped_pass, first, last)
-    elif job.in_memory:
-        # Every rank holds every row (the share of rank 0 of 1); each pass is one permutation
-        # cut into global batches: the same at any world size.
-        train_rows = load_share(job.train_blocks, 0, 1, device)
-
-        def train_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
-            return global_batches(
-                train_rows, global_batch, micro, rank, world, pass_seed(n), dtypes
-            )
-    else:
-
-        def streamed_pass(n: int) -> Iterable[dict[str, torch.Tensor]]:
-            return window_batches(
-                job.train_blocks, global_batch, micro, rank, world, pass_seed(n), device, dtypes,
-                window_bytes=w.spec.data.shuffle_window_mb * 1024**2,
-            )  # fmt: skip
-
-        # Windows are read in a thread while the rank trains (the next pass's first too).
-        train_pass = ahead(streamed_pass, first, last, passes=1, depth=8)
-
-    # (After the training passes: a first mapped pass starts while this reads.)
-    if job.in_memory:
-        val_rows = load_share(job.validation_blocks, rank, world, device)
-
-        def val_batches() -> Iterable[dict[str, torch.Tensor]]:
-            return memory_batches(val_rows, eval_batch, dtypes)
-    else:
-
-        def val_batches() -> Iterable[dict[str, torch.Tensor]]:
-            return share_batches(job.validation_blocks, eval_batch, rank, world, device, dtypes)
-
-    return train_pass, val_batches
-
-
 def epoch_metrics(
     w: Worker,
     epoch: int,
@@ -425,7 +339,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
     (`Result.return_value`): {} or {"stopped": why}."""
     w = set_up(config)
     tr, job = w.spec.train, w.job
-    train_pass, val_batches = data_passes(w)  # a first mapped pass starts here, in the background
+    first = w.position[0] if tr.steps_per_epoch else w.first_epoch  # (the first pass to read)
+    # A first mapped pass starts here, in the background.
+    train_pass, val_batches = data_passes(w.job, w.spec, w.rank, w.world, w.device, first)
     own = own_loss(w.spec, w.model)  # (train.loss: model; before the model is wrapped)
     distribute(w)
     facts = job.data_facts

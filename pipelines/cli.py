@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
             sys.stdout.flush()
             os._exit(1)
         return 1
-    except KeyboardInterrupt:  # (what was stopped said so)
+    except KeyboardInterrupt:  # ^C: the run's MLflow run ended FAILED, a job goes on
+        print("trainyard: interrupted", file=sys.stderr)
         return 130
     return 0

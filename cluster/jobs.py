@@ -73,7 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_address(address: str | None) -> str:
     """The Jobs API address: the flag, the environment, or the local cluster."""
-
     ray_address = os.environ.get("RAY_ADDRESS", "")
     for candidate in (
         address,
@@ -150,7 +149,6 @@ def client(address: str):
 def check_answers(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Raise TrainyardError unless something answers HTTP at `address` within `timeout_s`
     (any answer: whether it accepts the token is the Jobs client's to say)."""
-
     try:
         urllib.request.urlopen(f"{address}/api/version", timeout=timeout_s).close()
     except urllib.error.HTTPError:

@@ -198,7 +198,6 @@ def up(
     mlflow_dir: str = ".",
 ) -> LocalCluster:
     """Start a head, `workers` worker nodes and an MLflow server; return the saved state."""
-
     existing = LocalCluster.load()
     if existing is not None:
         if _alive(cluster_pids(existing.cluster_id)):

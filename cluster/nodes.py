@@ -90,7 +90,6 @@ def addable_nodes(alive: list[dict[str, float]]) -> list[dict[str, float]]:
     per node type of the launcher config ($TRAINYARD_AUTOSCALING_CONFIG, else the one `ray up`
     leaves on the head), `max_workers` less the alive nodes of that shape, within the
     cluster's `max_workers`. Empty without a config (a cluster that does not autoscale)."""
-
     path = Path(os.environ.get(AUTOSCALING_CONFIG_ENV) or DEFAULT_AUTOSCALING_CONFIG)
     path = path.expanduser()
     if not path.is_file():

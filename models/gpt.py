@@ -174,5 +174,4 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Extend `idx` (batch, time) by `max_new_tokens` sampled tokens (greedy when
         `temperature` is 0), attending over the last `context` tokens (models.outputs.sample)."""
-
         return sample(self, idx, max_new_tokens, self.config.context, temperature, top_k, generator)

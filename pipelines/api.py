@@ -120,7 +120,6 @@ def tune(
     run; `trials` (default tune.trials) samples; `resume` continues a search by its name.
     `best` is None where no trial finished with a value of the metric; RunFailed where the
     search was interrupted (continue it with `resume`)."""
-
     loaded = load_spec(spec, overrides)
     trials = loaded.tune.trials if trials is None else trials
     if trials < 1:
@@ -135,7 +134,6 @@ def predict(model: str, data: str | Path, out: str | Path, **options: Any) -> Pr
     `out`. `options` are the command's flags by their names: batch_size, workers,
     cpus_per_worker, gpus_per_worker, keep (a list of columns), format, probabilities,
     on_bad_rows, generate, temperature, top_k, seed, tracking_uri, trust_model, ..."""
-
     args = predicting.arguments(str(model), str(data), str(out), options)
     summary = dict(predicting.predict(args))
     known = {"run_id", "out", "rows", "skipped", "seconds", "rows_per_s", "workers"}

@@ -23,7 +23,6 @@ from trainyard.pipelines.jobs import doctor, generate, k8s, predict, submit, tun
 
 
 def _cluster_up(args: argparse.Namespace) -> None:
-
     print(f"trainyard: starting a head and {args.workers} worker nodes ...", flush=True)
     state = local.up(
         workers=args.workers,
@@ -40,12 +39,10 @@ def _cluster_up(args: argparse.Namespace) -> None:
 
 
 def _cluster_down(args: argparse.Namespace) -> None:
-
     print(f"trainyard: {local.down()}")
 
 
 def _cluster_status(args: argparse.Namespace) -> None:
-
     print(local.status(args.address))
 
 
@@ -75,7 +72,6 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _tune(args: argparse.Namespace) -> None:
-
     overrides = [*args.overrides, *(read_overrides(args.set_from) if args.set_from else [])]
     if args.dry_run:
         spec = load_spec(args.config, overrides)
@@ -123,7 +119,6 @@ def _add_cluster(commands) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     """The command table."""
-
     parser = argparse.ArgumentParser(
         prog="trainyard",
         description="Train PyTorch models on a Ray cluster: Ray Data preprocessing, "
@@ -187,7 +182,6 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """The command with `argv` (None: this process's command line); `started` is when the
     command started (default: this process's start for the command line, else now), what
     `trainyard train` times its start-up from."""
-
     if started is None:
         started = process_started() if argv is None else time.time()
     # MLflow draws a progress bar for every model it downloads (wherever tqdm is installed):

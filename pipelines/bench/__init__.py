@@ -71,7 +71,6 @@ def machine() -> dict[str, object]:
 
 
 def command(args: argparse.Namespace) -> None:
-
     suites = SUITES if args.suite == "all" else (args.suite,)
     out = Path(args.out or f"bench/{time.strftime('%Y%m%d-%H%M%S')}")
     uri = args.tracking_uri or tracking.tracking_uri(".")

@@ -19,7 +19,6 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def models(device: torch.device, quick: bool):
     """(name, model, batches): the tabular MLP and the GPT at a size that suits the device."""
-
     g = torch.Generator().manual_seed(0)
     mlp = torch.nn.Sequential(
         torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 10)
@@ -39,7 +38,6 @@ def models(device: torch.device, quick: bool):
 
 def step_ms(model, batches, optimizer, scheduler, loss_fn, dtype, steps: int) -> float:
     """Milliseconds per optimizer step of `steps` steps at autocast `dtype` (None: fp32)."""
-
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     stats = train_epoch(
@@ -58,7 +56,6 @@ def step_ms(model, batches, optimizer, scheduler, loss_fn, dtype, steps: int) ->
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = 3 if quick else 30
     repeats = 1 if quick else 3

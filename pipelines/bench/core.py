@@ -282,7 +282,6 @@ def log_to_mlflow(
 ) -> str:
     """One MLflow run in experiment `trainyard-bench`: the machine as params, every median and
     ratio as a metric, the three files as artifacts. Returns the run id."""
-
     metrics = {}
     for case in cases:
         for contender, ratio in case.ratios().items():

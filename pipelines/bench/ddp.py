@@ -24,7 +24,6 @@ WARMUP_STEPS = 5
 def workload(config: dict[str, Any], wrap) -> dict[str, Any]:
     """Train `config["steps"]` steps; `wrap(model)` makes the model DDP (plain DDP under
     torchrun, ray.train.torch.prepare_model under Ray). Returns rank 0's timings."""
-
     torch.set_num_threads(config["threads"])
     rank = dist.get_rank()
     torch.manual_seed(0)

@@ -32,7 +32,6 @@ STATS = {"mean": [0.3, 0.3, 0.3], "std": [0.3, 0.3, 0.3]}
 
 def image_files(n: int) -> tuple[list[str], np.ndarray]:
     """`n` paths cycling through the digits' PNG files, and their classes."""
-
     files = sorted(str(p) for p in digits_images().glob("*/*.png"))
     paths = [files[i % len(files)] for i in range(n)]
     return paths, np.array([int(p.rsplit("/", 2)[-2]) for p in paths])
@@ -133,7 +132,6 @@ def data_wait(table: pa.Table, options: dict[str, Any], quick: bool) -> Case:
     step) fed by Ray Data passes over the decoded images, each started while the previous one
     trains (as trainyard's workers run them), against the same steps on batches held in
     memory."""
-
     torch.manual_seed(0)
     model = resnet(in_channels=1, num_classes=10, depth=10, width=16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -82,7 +82,6 @@ def consume(batches) -> int:
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
-
     x, y = digits()
     n_batches = 8 if quick else 200
     repeats = 1 if quick else 3

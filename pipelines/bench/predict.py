@@ -39,7 +39,6 @@ CLASSES = list(range(10))
 
 def logged_models(uri: str, example_png: bytes) -> dict[str, str]:
     """The two models, logged (and signed) as trainyard logs them; their URIs by kind."""
-
     torch.manual_seed(0)
     image = ImageClassifier(
         resnet(in_channels=1, num_classes=10, depth=10, width=16),
@@ -71,7 +70,6 @@ def logged_models(uri: str, example_png: bytes) -> dict[str, str]:
 
 def image_inputs(directory: Path, n: int) -> list[Path]:
     """`n` PNG files (the digits', cycled) copied into `directory`."""
-
     sources = sorted(digits_images().glob("*/*.png"))
     directory.mkdir()
     paths = [directory / f"{i:06d}.png" for i in range(n)]
@@ -107,7 +105,6 @@ def by_hand(model_uri: str, kind: str, inputs: list[Path], out: Path, pool: int 
     """What a user writes without Ray: load the model, read batches, predict them (in this
     thread, or `pool` threads), write the predictions to one Parquet file. Returns the seconds
     spent in `predict` calls (the steady state, without loading, reading or writing)."""
-
     import mlflow.pyfunc
 
     model = mlflow.pyfunc.load_model(model_uri)
@@ -136,7 +133,6 @@ def by_hand(model_uri: str, kind: str, inputs: list[Path], out: Path, pool: int 
 
 
 def run(quick: bool, cores: int, **_: Any) -> list[Case]:
-
     repeats = 1 if quick else 3
     jobs = [("images", 128), ("tabular", 4_000)]
     if not quick:
@@ -177,7 +173,6 @@ def job_cases(
 ) -> list[Case]:
     """The whole job (load, read, predict, write) by each contender, and the steady state of
     one actor against one single-threaded process's predict calls."""
-
     unit = "images/s" if kind == "images" else "rows/s"
     outs = (scratch / f"out-{kind}-{size}-{i}" for i in range(1_000_000))
     steady: dict[str, list[float]] = {
@@ -239,7 +234,6 @@ def job_cases(
 
 
 def predict_args(model: str, data: Path, out: Path, uri: str) -> argparse.Namespace:
-
     parser = argparse.ArgumentParser()
     predict.add_arguments(parser)
     return parser.parse_args([model, str(data), "--out", str(out), "--tracking-uri", uri])

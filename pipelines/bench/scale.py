@@ -90,7 +90,6 @@ def table(directory: Path, rows: int) -> Path:
     """`rows` rows of FEATURES float64 features and an int label in FILES Parquet files, in
     class order (as a table exported sorted by its label often is), written once: four
     Gaussian classes whose means differ in every feature, with a nonlinear twist."""
-
     if (directory / "_done").exists():
         return directory
     directory.mkdir(parents=True, exist_ok=True)

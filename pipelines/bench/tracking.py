@@ -20,7 +20,6 @@ from trainyard.pipelines.training.step import train_epoch
 
 
 def run(quick: bool, cores: int, tracking_uri: str, **_: Any) -> list[Case]:
-
     every = TrainSpec().log_every_steps
     steps = 2 * every if quick else 40 * every
     repeats = 1 if quick else 5

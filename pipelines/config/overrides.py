@@ -50,7 +50,6 @@ def overrides_package(overrides: list[str], directory: str | Path) -> Path:
 
 def read_overrides(package: str) -> list[str]:
     """The overrides a job received in `package` (see overrides_package)."""
-
     try:
         text = (importlib.resources.files(package) / OVERRIDES_FILE).read_text()
     except ModuleNotFoundError:

@@ -51,7 +51,6 @@ def augment_batch(
 ) -> dict[str, np.ndarray]:
     """The user's augmentation `ref` (`fn(batch, rng) -> batch`) applied to one batch of model
     inputs; its generator is seeded from (seed, pass, the batch's first row)."""
-
     fn = user.load_callable(ref, "data.augment")
     batch = dict(batch)
     rows = batch.pop(ROW)
@@ -66,7 +65,6 @@ def augment_batch(
 
 def plan(train: Any, ref: str | None) -> Any:
     """The PerEpoch of a user's augmentation `ref` over the training rows (None: none)."""
-
     fn = "trainyard.pipelines.data.augment:augment_batch"
     return PerEpoch(train, fn, {"ref": ref}) if ref else None
 

@@ -89,7 +89,6 @@ def key_of(inputs: dict[str, Any], num_workers: int) -> str:
 def own_code() -> str:
     """A digest of trainyard's data modules' source: a change to how trainyard prepares data
     is another key, whatever the version number says."""
-
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -153,7 +152,6 @@ def prepare(
 
 
 def _mac(manifest: dict[str, Any]) -> str:
-
     body = json.dumps({k: v for k, v in manifest.items() if k != "mac"}, sort_keys=True)
     return hmac.new(model_key(), body.encode(), hashlib.sha256).hexdigest()
 

@@ -43,7 +43,6 @@ def settle(timeout_s: float = 2.0) -> None:
     """Wait (briefly) until Ray's view of free CPUs has caught up with tasks that just
     finished. It lags by up to a second; in that window Ray Data warns that the cluster has no
     free CPU and "will hang", and a resource check reads the cluster as full."""
-
     wait_for_free({"CPU": 1e-6}, timeout_s, poll_s=0.05)
 
 
@@ -107,7 +106,6 @@ def _scatter(block: Any, parts: int, seed: int) -> list[Any]:
 
 def _gather(seed: int, *pieces: Any) -> Any:
     """The pieces dealt to one output block, as one table in a random order."""
-
     table = pa.concat_tables(pieces)
     return table.take(np.random.default_rng(seed).permutation(table.num_rows))
 
@@ -269,7 +267,6 @@ def resolve_files(
 def fingerprint(files: list[str], fs: pafs.FileSystem) -> str:
     """A digest of the files' paths, sizes and modification times: it changes when one of
     them is written to, added or removed (what the preprocessing cache keys on)."""
-
     digest = hashlib.sha256()
     for info in fs.get_file_info(files):
         digest.update(f"{info.path}\0{info.size}\0{info.mtime_ns}\n".encode())
@@ -279,7 +276,6 @@ def fingerprint(files: list[str], fs: pafs.FileSystem) -> str:
 def code_digest(refs: list[str | None]) -> str:
     """A digest of the source of the user code `refs` name (module:attr; None for none):
     changed code is another preprocessing."""
-
     refs = [r for r in refs if isinstance(r, str) and ":" in r]
     for ref in refs:
         user.load_callable(ref, "code")  # (imported: its file is known)
@@ -349,5 +345,4 @@ class Pipeline(Protocol):
 
 def pipeline_module(spec: Any) -> Pipeline:
     """The module that implements the spec's pipeline (trainyard.pipelines.data.common.Pipeline)."""
-
     return importlib.import_module(f"trainyard.pipelines.data.{spec.pipeline}")

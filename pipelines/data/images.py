@@ -99,7 +99,6 @@ def train_batch(
     """One training batch of one pass: decoded (when `decode` says how: streamed from the
     source), augmented (the built-in crop and flip, or the user's `module:fn`), normalized.
     Draws are seeded from (seed, pass, image)."""
-
     if decode is not None:
         batch = decode_batch(batch, **decode)
     images, labels, rows = batch["image"], batch["label"], batch[ROW]
@@ -122,7 +121,6 @@ def user_augment(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The user's `fn(batch, rng) -> batch` on uint8 images (its generator seeded as in
     trainyard.pipelines.data.augment), which it must return as uint8 images."""
-
     out = augment_batch({"x": images, "y": labels, ROW: rows}, seed, pass_number, ref)
     if out["x"].dtype != np.uint8 or out["x"].ndim != 4:
         raise TypeError(
@@ -525,7 +523,6 @@ def figures(spec: RunSpec, prepared: Prepared, net: Any, directory: Path) -> lis
 def cache_inputs(spec: RunSpec) -> dict[str, Any]:
     """The data spec, the seed, the files' fingerprint, and whether the decoded images are
     kept (data.keep_decoded, or the object store's size decides)."""
-
     listing = Listing(spec.data)
     return {
         "pipeline": "images",

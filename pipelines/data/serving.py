@@ -186,7 +186,6 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
         """`predict` on an Arrow table of raw rows: features that are all numbers without
         nulls go from Arrow into one float32 matrix (no pandas, no pass per row); anything else
         goes through pandas and the checks of `transform`."""
-
         numeric = not self.preprocess and self.encoder is None and self.numeric == self.features
         names = set(table.column_names)
         if numeric and all(c in names for c in self.features):
@@ -212,7 +211,6 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
 
 def read_bytes(path: str) -> bytes:
     """A file's bytes, local or at a URI."""
-
     fs, name = open_fs(path)
     with fs.open_input_file(name) as f:
         return f.readall()
@@ -258,7 +256,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def decode(self, model_input: pd.DataFrame) -> np.ndarray:
         """The images as uint8 (n, h, w, c)."""
-
         column, values = sources(model_input, "image")
 
         def read(item: Any) -> bytes:
@@ -277,7 +274,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Decoded images (uint8 (n, h, w, c)) normalized and through the network (on its
         device): the logits over `classes`."""
-
         device = next(self.net.parameters()).device
         x = torch.from_numpy(normalize(images, self.mean, self.std)).to(device)
         with torch.no_grad():

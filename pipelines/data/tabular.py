@@ -211,7 +211,6 @@ def encode_batch(
     batch: pd.DataFrame, encoder: Any, stats: dict[str, Any], label: str
 ) -> dict[str, np.ndarray]:
     """Raw rows of mixed columns → {"x": their encoding (features), "y": ...}."""
-
     x = encode(batch, encoder, stats["features"])
     return {"x": x, "y": targets(batch[label].to_numpy(), stats)}
 
@@ -281,7 +280,6 @@ def _clean(batch: pa.RecordBatch, rules: RowRules) -> bool:
     columns of number types, finite and never null; the label and required columns never
     null or empty), so that it need not go through pandas row by row: most batches of a
     Parquet file of numbers."""
-
     for c in rules.columns:
         column, kind = batch.column(c), batch.schema.field(c).type
         if c in rules.numeric:
@@ -329,7 +327,6 @@ def digits_table() -> pd.DataFrame:
 
 def local_files(spec: RunSpec) -> list[str]:
     """The data files on a local disk (none for built-in tables and URIs)."""
-
     check_path(spec.data)
     if spec.data.path == BUILTIN_DIGITS or not is_local(spec.data.path):
         return []
@@ -672,7 +669,6 @@ def apply_preprocess(
     """The user's preprocessing (`data.preprocess`) on a batch of raw rows, then the columns
     training uses, the numeric ones as float64 (a Ray Data batch function). Rows whose
     features are not numbers after it are dropped with `skip_bad`, else an error."""
-
     out = user.load_callable(ref, "data.preprocess")(batch)[columns]
     parsed = out.assign(**{c: to_float(out[c]) for c in numeric})
     bad = parsed[numeric].isna().any(axis=1)

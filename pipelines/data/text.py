@@ -329,7 +329,6 @@ def describe_data(spec: RunSpec) -> None:
 def cache_inputs(spec: RunSpec) -> dict[str, Any]:
     """The data spec, the seed, the context, the model (its FLOPs per token are facts of the
     prepared data), the files' fingerprint and the tokenizer's code."""
-
     _, files, fs = list_files(spec.data)
     return {
         "pipeline": "text",

@@ -144,7 +144,6 @@ def check_resume(
     checkpoint it continues from. A run name MLflow has must have a complete checkpoint here,
     written with the same computation (model, data, seed, batch shape, steps per epoch);
     with `resume`, it must also have epochs left to train."""
-
     run_id = tracking.find_run(uri, spec.tracking.experiment, run_name)
     flag = "--resume" if resume else "tracking.run_name"
     if run_id is None:
@@ -198,7 +197,6 @@ class Place:
 def storage_path(spec: RunSpec) -> str:
     """Where checkpoints go: scaling.storage_path, else what the cluster sets, else
     ./results (~/trainyard/results in a Ray job)."""
-
     return (
         spec.scaling.storage_path
         or os.environ.get(STORAGE_ENV)
@@ -214,7 +212,6 @@ def cache_path(spec: RunSpec) -> str:
 def place_run(spec: RunSpec, resume: str | None) -> Place:
     """The run's MLflow store, checkpoint storage and name (a name seen before continues its
     MLflow run; --resume also needs a complete checkpoint with epochs left)."""
-
     uri = tracking.tracking_uri(default_dir())
     storage = storage_path(spec)
     read_args = read_args_for(spec, storage, uri)

@@ -230,7 +230,6 @@ def import_in_background() -> threading.Event:
     mlflow_imported = threading.Event()
 
     def load() -> None:
-
         for name in ("mlflow", "mlflow.store.tracking.sqlalchemy_store", "torch"):
             if name == "torch":
                 mlflow_imported.set()

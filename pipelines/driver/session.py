@@ -52,7 +52,6 @@ def forget_dead_local_cluster() -> None:
     machine recorded (/tmp/ray/ray_current_cluster). A cluster killed without `ray stop` leaves
     that record behind, and Ray would wait on its dead GCS: when nothing answers at the address
     any more, remove the record (say so) and start a local Ray instead."""
-
     from ray._private.utils import get_ray_address_file, read_ray_address
 
     address = read_ray_address()

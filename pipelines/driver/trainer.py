@@ -118,7 +118,6 @@ def fit(
 def waiting_notice(plan: ResourcePlan, start_timeout_s: float) -> str | None:
     """A line saying that the workers do not fit in what the cluster has free now (they wait
     for other jobs, or for the autoscaler, up to start_timeout_s), or None."""
-
     needed = {k: v * plan.starts_with for k, v in plan.worker_resources().items()}
     # Ray's view of free resources lags the data's last tasks by up to a second.
     free = wait_for_free(needed, timeout_s=1.5)
@@ -192,7 +191,6 @@ class NoFirstStep(TrainingFailed):
 def release_placement_groups() -> None:
     """Remove this job's placement groups, bounded (Ray may be what hangs): a run whose wait
     cannot be interrupted ends its process next, and Ray ends its workers with it."""
-
     removed: list[int] = []
     cleanup = threading.Thread(
         target=lambda: removed.append(remove_job_placement_groups()), daemon=True

@@ -98,7 +98,6 @@ def before_submit(spec: Any, uri: str | None, timeout_s: float = 10.0) -> None:
 
 def command(args: argparse.Namespace) -> None:
     """Run the checks, a line each; RunFailed (its lines said why) where any failed."""
-
     spec = load_spec(args.config, args.overrides) if args.config else None
     checks = run_checks(spec, args.timeout)
     failed = [c for c in checks if not c.ok]
@@ -161,7 +160,6 @@ def run_checks(spec: Any, timeout_s: float) -> list[Check]:
 
 def connect() -> str:
     """Ray in RAY_ADDRESS, else the last `ray start`'s; never a new local Ray."""
-
     import ray
 
     address = os.environ.get("RAY_ADDRESS") or "auto"
@@ -185,7 +183,6 @@ def connect() -> str:
 
 
 def resources(spec: Any) -> str:
-
     plan = plan_for(spec, connect=True)
     cluster, training = plan.describe().splitlines()[:2]  # (what the autoscaler adds, too)
     return f"{training}; {cluster}"
@@ -209,7 +206,6 @@ def on_every_node(fn: Callable[[], Any], timeout_s: float) -> dict[str, Any]:
 
 
 def node_versions() -> dict[str, str]:
-
     import ray
     import torch
 
@@ -277,14 +273,12 @@ def storage(spec: Any, timeout_s: float) -> str:
     payload = uuid.uuid4().hex.encode()
 
     def write() -> None:
-
         fs, path = open_fs(name)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as f:
             f.write(payload)
 
     def read() -> bool:
-
         fs, path = open_fs(name)
         try:
             with fs.open_input_stream(path) as f:
@@ -293,7 +287,6 @@ def storage(spec: Any, timeout_s: float) -> str:
             return False
 
     def remove() -> None:
-
         fs, path = open_fs(name)
         fs.delete_dir(path.rsplit("/", 1)[0])
 
@@ -321,7 +314,6 @@ def data_files(spec: Any, timeout_s: float) -> str:
         raise Skip(f"{path}: built in, made on each node that reads it")
 
     def readable() -> str | None:
-
         try:
             files, fs = resolve_files(path)
         except Exception as e:  # noqa: BLE001
@@ -345,7 +337,6 @@ def mlflow_ready(spec: Any, uri: str | None = None) -> str:
     """The tracking server (`uri`, else the one a run here would use) answers, takes the login,
     and lets the experiment be written (a tag set and deleted on it; an experiment not made
     yet is what `train` makes)."""
-
     uri = uri or tracking.tracking_uri(default_dir())
     client = tracking.mlflow_client(uri)
     try:
@@ -371,7 +362,6 @@ def mlflow_ready(spec: Any, uri: str | None = None) -> str:
 
 
 def signing_key() -> str:
-
     if os.environ.get(KEY_ENV):
         return f"{KEY_ENV} set"
     if Path(KEY_FILE).expanduser().is_file():

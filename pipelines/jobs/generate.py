@@ -18,7 +18,6 @@ from trainyard.pipelines.tracking import add_model_arguments, fetch_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-
     add_model_arguments(
         parser,
         "RUN_ID_OR_MODEL_URI",
@@ -106,7 +105,6 @@ def continuation(
 
 
 def command(args: argparse.Namespace) -> None:
-
     if args.max_bytes < 1:
         raise TrainyardError("--max-bytes: expected an integer >= 1")
     check_sampling(args)

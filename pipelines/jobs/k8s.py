@@ -80,7 +80,6 @@ EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-
     add_spec_arguments(parser, "run spec (YAML)")
     parser.add_argument("--tune", action="store_true", help="the spec's search (trainyard tune)")
     add_cluster_arguments(parser)
@@ -128,7 +127,6 @@ def command(args: argparse.Namespace) -> None:
 def predict_command(argv: list[str]) -> None:
     """`trainyard k8s --predict MODEL DATA --out URI --workers N [predict's options] --image
     ... --mlflow-uri ...`: a RayJob whose entrypoint is that `trainyard predict`."""
-
     parser = argparse.ArgumentParser(prog="trainyard k8s --predict", allow_abbrev=False)
     add_cluster_arguments(parser)
     args, rest = parser.parse_known_args(argv)
@@ -322,7 +320,6 @@ def node_shape(spec: RunSpec, args: argparse.Namespace) -> dict[str, int]:
     """Each worker pod's CPUs and GPUs: one pod per training worker, of the CPUs trainyard's
     plan gives a worker (`--cpus-per-node`, else scaling.cpus_per_worker rounded up, else 4).
     The plan is run on these pods and the head: a spec that would not fit is a SpecError."""
-
     sc = spec.scaling
     cpus = args.cpus_per_node or max(1, math.ceil(sc.cpus_per_worker or 4))
     gpus = 1 if sc.use_gpu else 0
@@ -443,7 +440,6 @@ def labels(pipeline: str) -> dict[str, str]:
 
 def check_uri(uri: str) -> None:
     """A tracking URI every pod reaches, without a login in it (the login is a Secret's)."""
-
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         raise TrainyardError(

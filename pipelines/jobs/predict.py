@@ -77,7 +77,6 @@ IO_CPUS = 0.1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-
     add_model_arguments(
         parser,
         "MODEL",
@@ -164,7 +163,6 @@ def job_arguments(argv: list[str], prog: str) -> argparse.Namespace:
     """`trainyard predict ARGV` for a job that runs it elsewhere (`submit --predict`, `k8s
     --predict`): checked here as predict checks them (a mistake: exit 2), and refused where
     they carry a credential, which the job's entrypoint would show."""
-
     parser = argparse.ArgumentParser(prog=prog)
     add_arguments(parser)
     predicted = parser.parse_args(argv)
@@ -423,7 +421,6 @@ def score_texts(model: Any, batch: pd.DataFrame) -> pd.DataFrame:
 def continue_texts(model: Any, batch: pd.DataFrame, sampling: dict[str, Any]) -> pd.DataFrame:
     """`sampling["max_bytes"]` bytes sampled after each text (invalid UTF-8 replaced); the same
     text and seed give the same continuation, whatever the batch."""
-
     names, datas = model.texts(batch)
     out = []
     for data in datas:
@@ -486,7 +483,6 @@ def input_files(kind: str | None, data: str) -> tuple[list[str], Any, bool]:
     """DATA's files, their filesystem, and whether they are tables (CSV/Parquet): always for
     tabular and pyfunc models; for image and text models, when DATA names tables rather than
     images or texts."""
-
     own = {"images": EXTENSIONS + tuple(e.upper() for e in EXTENSIONS), "text": TEXT_EXTENSIONS}
     if kind not in own:
         return *resolve_files(data, DATA_EXTENSIONS), True
@@ -555,7 +551,6 @@ def table_blocks(files: list[str], fs: Any) -> int:
 
 def check_columns(data: str, schema: Any, job: Job) -> None:
     """A table that lacks what the model reads from it is one line, before anything runs."""
-
     columns = schema.names
     missing = [c for c in job.keep if c not in columns]
     needs = {"images": ("image", "path"), "text": ("text",)}.get(job.kind)
@@ -600,7 +595,6 @@ def plan_workers(workers: int | None, cpus_per_worker: float, gpus_per_worker: f
 def wait_for_room(cpus: float, gpus: float, timeout_s: float) -> None:
     """Wait until the cluster has `cpus` and `gpus` free (other jobs may hold them), at most
     `timeout_s`; then a pool that could not start is an error, not a wait without end."""
-
     wanted = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
     free = wait_for_free(wanted, timeout_s, poll_s=0.5)
     if short_of(wanted, free):
@@ -613,7 +607,6 @@ def wait_for_room(cpus: float, gpus: float, timeout_s: float) -> None:
 
 def check_out(out: str) -> None:
     """Refuse to write into a directory that has files (nothing overwritten, nothing mixed)."""
-
     fs, path = open_fs(out)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
@@ -778,7 +771,6 @@ def plan_job(mlmodel: Any, source: str, keep: list[str], args: argparse.Namespac
 
 
 def read_back_count(out: str, fmt: str) -> int:
-
     return pads.dataset(out, format=fmt).count_rows()
 
 

@@ -33,7 +33,6 @@ def record_search(
     """Close every trial's MLflow run as it ended (a trial ASHA stopped is KILLED, tagged
     with its epochs), and record the best trial on the parent, with its model (`log_best`
     logs it: jobs.tune.log_best_model); return the summary."""
-
     children = tracking.child_runs(uri, parent, "trainyard.trial_id")
     trials = []
     for result in results:

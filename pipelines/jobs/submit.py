@@ -143,7 +143,6 @@ def predict_command(argv: list[str]) -> None:
     """`trainyard submit --predict MODEL DATA --out PATH ...`: `trainyard predict` as a Ray job
     (`trainyard predict ...` in the project directory), followed like a training
     job. The job writes where every node can: --out must be absolute or a URI."""
-
     started = time.monotonic()
     parser = argparse.ArgumentParser(prog="trainyard submit --predict")
     jobs.add_arguments(parser)

@@ -234,7 +234,6 @@ def restart_name(raw: dict[str, Any], name: str, search: SearchContext) -> str:
     """The trial's run name: `name`, which a continued search's trial reuses to go on from its
     newest checkpoint; where an interrupted trial left none, that run is closed (KILLED) and
     the trial starts afresh under a new name."""
-
     run_id = tracking.find_run(search.uri, raw["tracking"]["experiment"], name)
     if run_id is None or latest_checkpoint(search.storage, name) is not None:
         return name
@@ -348,7 +347,6 @@ def prepare(
     """The spec's data, prepared for a trial's share of the cluster (each trial checks that it
     holds an optimizer step of its own batch size), from the preprocessing cache where it
     holds them; and their key (data.cache.key_of)."""
-
     pipeline, root = pipeline_module(spec), cache_path(spec)
     cpus, workers = plan.data_task_cpus, plan.num_workers
     data, outcome = cache.prepare(pipeline, spec, root, cpus, workers, 1, read_args)
@@ -433,7 +431,6 @@ def search_run(
 ) -> dict[str, Any]:
     """How tracking.run opens the search's run: a new one with the space and the search's
     settings as params, or a continued search's, found by name."""
-
     where = {"experiment": spec.tracking.experiment, "name": name}
     if resumed:
         run_id = tracking.find_run(uri, spec.tracking.experiment, name)
@@ -469,7 +466,6 @@ def log_best_model(
     """Log the best trial's model, from its best epoch's checkpoint, to its run (trials log none, so
     that a search pays for one model, not one per trial); its URI. `data`: the search's
     prepared data, else the best trial's is prepared again."""
-
     best_spec = RunSpec.from_dict(with_values(spec.to_dict(), best["config"]))
     found = latest_checkpoint(storage, best["run_name"], best=True)
     if found is None:
@@ -484,7 +480,6 @@ def log_best_model(
 
 def dry_run(spec: RunSpec, trials: int) -> None:
     """Check the search and print it: on the cluster in RAY_ADDRESS, else on this machine."""
-
     check_code(spec)
     check_search(spec)
     if os.environ.get("RAY_ADDRESS"):

@@ -71,7 +71,6 @@ def trainyard_code(directory: str | Path) -> str:
     """A copy of the trainyard packages a logged model needs, as the folder `trainyard` in
     `directory` (its path, for code_paths): a fresh process imports it as trainyard.* from the
     model's code, whatever trainyard it has installed, or none."""
-
     root = Path(directory) / "trainyard"
     for name in ("cluster", "models", "pipelines"):
         source = Path(importlib.import_module(f"trainyard.{name}").__file__).parent

@@ -91,7 +91,6 @@ def source_tags(config: str | None, project: str | Path = ".") -> dict[str, str]
     credentials) where it is a git repository, whether tracked files had uncommitted changes
     (`trainyard.git.dirty`), trainyard's version and the user. In a job `trainyard submit`
     sent, the tags it took in the project before sending it (SOURCE_ENV)."""
-
     if sent := os.environ.get(SOURCE_ENV):
         return json.loads(sent)
     tags = {"mlflow.source.type": "LOCAL"}
@@ -123,7 +122,6 @@ def source_tags(config: str | None, project: str | Path = ".") -> dict[str, str]
 
 def strip_login(url: str) -> str:
     """A remote's URL without the user and password an https URL may carry."""
-
     parts = urlsplit(url)
     if parts.scheme in ("http", "https") and "@" in parts.netloc:
         return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
@@ -343,7 +341,6 @@ def log_inputs(uri: str, run_id: str, inputs: list[dict[str, Any]]) -> None:
     `digest`, `source` (a path or URI), `context` (training, validation, prediction), and the
     optional `schema` (x and y as tensors: dtype and shape) and `profile` (counts, classes).
     What identifies the data, never its values."""
-
     from mlflow.data.schema import TensorDatasetSchema
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.types import Schema, TensorSpec

@@ -24,7 +24,6 @@ def system_metrics(uri: str, run_id: str, node: str, interval_s: float):
     monitor drops the one it holds when stopped): a run shorter than the interval still has
     one per node, its CPU use averaged over the block. A monitor that cannot start (no psutil)
     says so and the block runs without it."""
-
     monitors: list[Any] = []
 
     def start() -> None:
@@ -114,7 +113,6 @@ class RankZeroLogger:
             raise failed
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-
         now = int(time.time() * 1000)
         values = {k: float(v) for k, v in values.items() if math.isfinite(float(v))}
         self._later(lambda client: self._log_metrics(client, values, step, now))

@@ -74,7 +74,6 @@ class TrainingState:
 
     def build_model(self) -> Any:
         """The network this state holds, its weights loaded."""
-
         net = user.build_model(self.model_recipe)
         net.load_state_dict(self.model)
         return net
@@ -239,7 +238,6 @@ def load_shards(model: Any, optimizer: Any, directory: Path, param_groups: list)
 
 def _read_whole(directory: Path, keys: set[str]) -> dict[str, Any]:
     """The tensors under `keys`, whole, in this process (no process group: the driver)."""
-
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     with warnings.catch_warnings():  # ("... assuming the intent is to load in a single process")

@@ -68,7 +68,6 @@ class StallWatchdog:
 
 def stacks() -> str:
     """Every thread's stack in this process: py-spy's (native frames too), else Python's."""
-
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     try:
         dump = [spy, "dump", "--native", "--pid", str(os.getpid())]

@@ -102,8 +102,7 @@ def train(
     from ray.train import TrainingFailedError
 
     loaded = load_spec(spec, overrides)
-    config = str(spec) if isinstance(spec, str | Path) else None
-    options = RunOptions(started=started, source=tracking.source_tags(config))
+    options = RunOptions(started=started, source=_source_tags(spec))
     try:
         return TrainResult(**run(loaded, resume, options))
     except TrainingFailedError as e:  # (Ray Train's: the run's MLflow error tag keeps its name)
@@ -121,11 +120,8 @@ def tune(
     `best` is None where no trial finished with a value of the metric; RunFailed where the
     search was interrupted (continue it with `resume`)."""
     loaded = load_spec(spec, overrides)
-    trials = loaded.tune.trials if trials is None else trials
-    if trials < 1:
-        raise SpecError(f"trials: expected an integer >= 1, got {trials}")
-    config = str(spec) if isinstance(spec, str | Path) else None
-    return TuneResult(**tuning.search(loaded, trials, resume, tracking.source_tags(config)))
+    trials = tuning.trial_count(loaded, trials)
+    return TuneResult(**tuning.search(loaded, trials, resume, _source_tags(spec)))
 
 
 def predict(model: str, data: str | Path, out: str | Path, **options: Any) -> PredictResult:
@@ -140,3 +136,9 @@ def predict(model: str, data: str | Path, out: str | Path, **options: Any) -> Pr
     return PredictResult(
         **{k: summary.pop(k) for k in known}, details=summary | {"model_uri": str(model)}
     )
+
+
+def _source_tags(spec: str | Path | Mapping[str, Any] | RunSpec) -> dict[str, str]:
+    """The MLflow tags of the code a run runs (tracking.source_tags), with the spec file's
+    name where the spec came from one."""
+    return tracking.source_tags(str(spec) if isinstance(spec, str | Path) else None)

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from trainyard.cluster import local, mlflow_server
-from trainyard.cluster.errors import RunFailed, SpecError, TrainyardError
+from trainyard.cluster.errors import RunFailed, TrainyardError
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines import api, bench
 from trainyard.pipelines.config.overrides import add_spec_arguments, read_overrides
@@ -62,8 +62,13 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", metavar="PATH", help="write a JSON summary of the run here")
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """--set's overrides, then those of the --set-from package (a job's, holding credentials)."""
+    return [*args.overrides, *(read_overrides(args.set_from) if args.set_from else [])]
+
+
 def _train(args: argparse.Namespace) -> None:
-    overrides = [*args.overrides, *(read_overrides(args.set_from) if args.set_from else [])]
+    overrides = _overrides(args)
     if args.dry_run:
         dry_run(load_spec(args.config, overrides))
         return
@@ -72,13 +77,10 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _tune(args: argparse.Namespace) -> None:
-    overrides = [*args.overrides, *(read_overrides(args.set_from) if args.set_from else [])]
+    overrides = _overrides(args)
     if args.dry_run:
         spec = load_spec(args.config, overrides)
-        trials = spec.tune.trials if args.trials is None else args.trials
-        if trials < 1:
-            raise SpecError(f"--trials: expected an integer >= 1, got {trials}")
-        tune.dry_run(spec, trials)
+        tune.dry_run(spec, tune.trial_count(spec, args.trials))
         return
     result = api.tune(args.config, overrides, args.trials, args.resume)
     _write_summary(args.summary, asdict(result))

@@ -87,6 +87,14 @@ def candidates(dist: dict[str, Any]) -> list[Any]:
     return [args[0], args[1] - 1] if kind == "randint" else list(args)
 
 
+def trial_count(spec: RunSpec, trials: int | None) -> int:
+    """The trials to run: `trials`, else the spec's tune.trials (SpecError below 1)."""
+    trials = spec.tune.trials if trials is None else trials
+    if trials < 1:
+        raise SpecError(f"trials (--trials): expected an integer >= 1, got {trials}")
+    return trials
+
+
 def check_search(spec: RunSpec) -> None:
     """Every search key names a spec key that takes every value its distribution can draw:
     else one line naming the key, before anything runs."""

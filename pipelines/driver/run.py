@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainyard.cluster.errors import SpecError, TrainyardError
-from trainyard.cluster.nodes import cluster_nodes, local_nodes
+from trainyard.cluster.nodes import Nodes, cluster_nodes, local_nodes
 from trainyard.cluster.resources import ResourcePlan, plan_resources
 from trainyard.pipelines import tracking
 from trainyard.pipelines.config import user
@@ -163,13 +163,18 @@ def prepare(
     return data, key, tags
 
 
+def nodes_for(connect: bool) -> Nodes:
+    """The cluster's nodes (connecting to it), or, without one, this machine."""
+    if connect:
+        init_ray()
+        return cluster_nodes()
+    return local_nodes()
+
+
 def plan_for(spec: RunSpec, connect: bool, share: float = 1.0) -> ResourcePlan:
     """The resource plan on the cluster (connecting to it) or, without one, on this machine;
     with `share` < 1, on that share of it (one of several trials at once)."""
-    if connect:
-        init_ray()
-        return plan_resources(spec.scaling, cluster_nodes().scaled(share))
-    return plan_resources(spec.scaling, local_nodes().scaled(share))
+    return plan_resources(spec.scaling, nodes_for(connect).scaled(share))
 
 
 def check_split(spec: RunSpec, place: Place, data: Prepared) -> dict[str, str]:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainyard.cluster.errors import RunFailed, SpecError, TrainyardError
-from trainyard.cluster.nodes import cluster_nodes, local_nodes
 from trainyard.cluster.resources import Concurrency, ResourcePlan, plan_trials
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines import tracking
@@ -40,8 +39,8 @@ from trainyard.pipelines.driver.resume import (
     read_args_for,
     storage_path,
 )
-from trainyard.pipelines.driver.run import RunOptions, run
-from trainyard.pipelines.driver.session import default_dir, init_ray
+from trainyard.pipelines.driver.run import RunOptions, nodes_for, run
+from trainyard.pipelines.driver.session import default_dir
 from trainyard.pipelines.jobs.search_record import is_number, record_search, report, short
 
 FIXED_SECTIONS = ("scaling", "tracking", "tune")
@@ -261,8 +260,7 @@ def search(
 
     check_code(spec)
     check_search(spec)
-    init_ray()
-    concurrency = plan_concurrency(spec, trials, cluster_nodes())
+    concurrency = plan_concurrency(spec, trials, nodes_for(connect=True))
     print(describe(spec, trials, concurrency))
     metric, mode = objective(spec)
     uri = tracking.tracking_uri(default_dir())
@@ -490,9 +488,5 @@ def dry_run(spec: RunSpec, trials: int) -> None:
     """Check the search and print it: on the cluster in RAY_ADDRESS, else on this machine."""
     check_code(spec)
     check_search(spec)
-    if os.environ.get("RAY_ADDRESS"):
-        init_ray()
-        nodes = cluster_nodes()
-    else:
-        nodes = local_nodes()
+    nodes = nodes_for(connect=bool(os.environ.get("RAY_ADDRESS")))
     print(describe(spec, trials, plan_concurrency(spec, trials, nodes)))

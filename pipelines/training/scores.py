@@ -15,6 +15,14 @@ from typing import Any
 
 import torch
 
+# torchmetrics (and the SciPy it imports) load with this module, in a worker's main thread before
+# it starts any thread of its own: imported later, beside rank 0's MLflow thread, which imports
+# SciPy too, two first imports of SciPy met and one failed (KeyError: 'scipy', CPython 3.11).
+import torchmetrics.classification as tc
+import torchmetrics.regression as tr
+from torchmetrics import Metric
+from torchmetrics.classification import BinaryAUROC, BinaryStatScores
+
 from trainyard.cluster.errors import SpecError
 from trainyard.pipelines.config import user
 from trainyard.pipelines.config.train import (
@@ -43,8 +51,6 @@ def logged_names(metrics: list[str] | None, task: str | None) -> list[str]:
 
 def _builtin(name: str, task: str, classes: int | None) -> Any:
     """The torchmetrics Metric of a built-in name for `task` with `classes` classes."""
-    import torchmetrics.classification as tc
-    import torchmetrics.regression as tr
 
     fast = {"validate_args": False}
     if task == "regression":
@@ -88,7 +94,6 @@ def _builtin(name: str, task: str, classes: int | None) -> Any:
 def _user_metric(ref: str, task: str | None, classes: int | None) -> Any:
     """Your torchmetrics Metric: the class or factory `ref` names, built with the facts it
     takes (num_classes, task)."""
-    from torchmetrics import Metric
 
     fn = user.load_callable(ref, "train.metrics")
     facts = {"num_classes": classes, "task": task}
@@ -121,7 +126,6 @@ class Scores:
             self.metrics = self._build(classes)
 
     def _build(self, classes: int | None) -> dict[str, Any]:
-        from torchmetrics.classification import BinaryAUROC, BinaryStatScores
 
         built = {}
         for name in self.names:

@@ -36,10 +36,11 @@ def _rank(rank: int, fn: Callable, world: int, port: int, args: tuple, results: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    try:
-        fn(rank, results, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, results, *args)
+    # Every rank is done with the group before any tears it down: CI once saw rank 0 abort in
+    # teardown ("terminate called without an active exception") as its peer closed the pairs.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def on_ranks(fn: Callable[..., None], world: int, *args: Any) -> dict:

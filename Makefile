@@ -60,7 +60,7 @@ gpu-kit: setup
 	@mkdir -p data
 	$(BIN)/python -c "from sklearn.datasets import load_digits; \
 	  load_digits(as_frame=True).frame.rename(columns={'target': 'label'}).to_csv('data/digits.csv', index=False)"
-	TRAINYARD_CACHE=data $(BIN)/python -c "from trainyard.pipelines.data.images import digits_images; digits_images()"
+	TRAINYARD_CACHE=data $(BIN)/python -c "from trainyard.pipelines.data.images.files import digits_images; digits_images()"
 
 # lint-imports reads trainyard.cluster, .models and .pipelines as top-level packages, which
 # they are not once installed: `trainyard` (pipelines/trainyard/, the Python API) is a regular

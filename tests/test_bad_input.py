@@ -12,8 +12,8 @@ import pytest
 from conftest import train_command as main
 from mlflow.tracking import MlflowClient
 
-from trainyard.pipelines.config.data import DataSpec
-from trainyard.pipelines.data.tabular import read_raw
+from trainyard.pipelines.data.tabular.rows import read_raw
+from trainyard.pipelines.data.tabular.spec import TabularDataSpec as DataSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "test-bad-input"
@@ -311,9 +311,9 @@ def test_quoted_fields_with_line_breaks_and_commas_are_one_value_everywhere(ray_
     import pyarrow.fs as pafs
 
     from trainyard.pipelines.config.spec import load_spec
-    from trainyard.pipelines.data import tabular
+    from trainyard.pipelines.data.tabular import pipeline as tabular
     from trainyard.pipelines.driver.session import init_ray
-    from trainyard.pipelines.jobs.predict import read_table_file
+    from trainyard.pipelines.jobs.pool import read_table_file
 
     notes = ['"plain"', '"two, parts"', '"a line\nand another, too"', '"x\n\ny"']
     n = 120_000  # (2.6 MB)

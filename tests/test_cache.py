@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from trainyard.pipelines.config.spec import load_spec
-from trainyard.pipelines.data import cache, tabular
+from trainyard.pipelines.data import cache
 from trainyard.pipelines.data.features import encode
+from trainyard.pipelines.data.tabular import pipeline as tabular
 
 ROOT = Path(__file__).resolve().parent.parent
 

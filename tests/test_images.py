@@ -19,7 +19,7 @@ from conftest import pyfunc_elsewhere, train
 from PIL import Image
 
 from trainyard.pipelines.data.arrays import crop_flip, decode_image, normalize
-from trainyard.pipelines.data.images import held_out
+from trainyard.pipelines.data.images.files import held_out
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits-images.yaml"
@@ -97,7 +97,7 @@ def to_float(batch, rng):
 
 def test_a_users_augmentation_gets_uint8_images_and_normalization_follows():
     from trainyard.pipelines.data.augment import ROW
-    from trainyard.pipelines.data.images import train_batch
+    from trainyard.pipelines.data.images.pipeline import train_batch
 
     images = np.random.default_rng(0).integers(0, 256, (4, 6, 5, 1), dtype=np.uint8)
     batch = {"image": images, "label": np.arange(4), ROW: np.arange(4)}
@@ -159,7 +159,7 @@ def test_a_corrupt_file_stops_the_run_naming_it_or_is_skipped(ray_cluster, tmp_p
     from conftest import train_command as main
 
     from trainyard.pipelines.config.spec import RunSpec
-    from trainyard.pipelines.data import images
+    from trainyard.pipelines.data.images import pipeline as images
 
     root = write_folders(tmp_path / "pets", bad=True)
     config = tmp_path / "pets.yaml"

@@ -125,7 +125,7 @@ def numbers():
 
 def test_a_ray_dataset_without_a_split_is_split_here(ray_cluster):
     from trainyard.pipelines.config.spec import RunSpec
-    from trainyard.pipelines.data import custom
+    from trainyard.pipelines.data.custom import pipeline as custom
 
     spec = RunSpec.from_dict(
         {"pipeline": "custom", "data": {"dataset": f"{__name__}:numbers", "num_classes": 3}}
@@ -227,10 +227,12 @@ def test_predict_reads_a_custom_models_x_from_nested_lists_or_numeric_columns(tm
     per element of x feed the model the same arrays."""
     import numpy as np
     import pandas as pd
+    import pyarrow as pa
     import torch
 
-    from trainyard.pipelines.data.serving import ArrayModel
-    from trainyard.pipelines.jobs.predict import Job, predict_arrays
+    from trainyard.pipelines.data.custom.predict import predict_batch
+    from trainyard.pipelines.data.custom.serving import ArrayModel
+    from trainyard.pipelines.data.predicting import PredictJob
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
@@ -239,10 +241,11 @@ def test_predict_reads_a_custom_models_x_from_nested_lists_or_numeric_columns(tm
     pd.DataFrame({"x": [row.tolist() for row in x]}).to_parquet(tmp_path / "x.parquet")
     nested = pd.read_parquet(tmp_path / "x.parquet")
     columns = pd.DataFrame(x.reshape(5, 4), columns=list("abcd")).assign(id=range(5))
-    job = Job("custom", shape=(1, 2, 2), keep=("id",), probabilities=True)
+    job = PredictJob("custom", shape=(1, 2, 2), keep=("id",), probabilities=True)
     expected = net(torch.from_numpy(x)).detach().numpy()
-    for batch in (nested, columns):
-        out = predict_arrays(model, {"task": "classification"}, batch, job)
+    for frame in (nested, columns):
+        batch = pa.Table.from_pandas(frame, preserve_index=False)
+        _, out = predict_batch(model, {"task": "classification"}, batch, job)
         assert out["prediction"].tolist() == expected.argmax(1).tolist()
         np.testing.assert_allclose(
             out["probability_2"], torch.softmax(torch.tensor(expected), 1)[:, 2], rtol=1e-5
@@ -250,7 +253,7 @@ def test_predict_reads_a_custom_models_x_from_nested_lists_or_numeric_columns(tm
     with pytest.raises(
         ValueError, match=r"DATA: rows do not fit the model's x of shape \(1, 2, 2\)"
     ):
-        predict_arrays(model, {}, columns.drop(columns="d"), job)
+        predict_batch(model, {}, pa.Table.from_pandas(columns.drop(columns="d")), job)
 
 
 def _validation_digits():

@@ -14,7 +14,8 @@ from mlflow.exceptions import MlflowException
 
 from trainyard.models import TabularPredictor
 from trainyard.pipelines import tracking
-from trainyard.pipelines.data.serving import ArrayModel, RawRowsModel
+from trainyard.pipelines.data.custom.serving import ArrayModel
+from trainyard.pipelines.data.tabular.serving import RawRowsModel
 
 
 @pytest.fixture

@@ -6,19 +6,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
+from trainyard.pipelines.data.common import DataError, resolve_files
 from trainyard.pipelines.data.tables import DATA_EXTENSIONS
-from trainyard.pipelines.data.tabular import (
-    DataError,
+from trainyard.pipelines.data.tabular.pipeline import preprocess_batch
+from trainyard.pipelines.data.tabular.rows import (
     RowRules,
-    class_cutoffs,
-    hash_rows,
     parse_numeric,
-    preprocess_batch,
-    resolve_files,
     scan_csv_file,
     scan_parquet_file,
-    select_split,
 )
+from trainyard.pipelines.data.tabular.split import class_cutoffs, hash_rows, select_split
 
 
 def test_preprocess_standardizes_and_encodes_labels():

@@ -15,7 +15,7 @@ from shared_runs import SMALL_CORPUS, TEXT, TEXT_SPEC
 
 from trainyard.pipelines import cli
 from trainyard.pipelines.config.spec import RunSpec
-from trainyard.pipelines.data.text import build_datasets, split_files
+from trainyard.pipelines.data.text.pipeline import build_datasets, split_files
 
 ROOT = Path(__file__).resolve().parent.parent
 

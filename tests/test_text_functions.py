@@ -13,16 +13,15 @@ from trainyard.cluster.errors import SpecError
 from trainyard.cluster.hardware import peak_flops
 from trainyard.pipelines.config.train import TrainSpec
 from trainyard.pipelines.data.common import DataError, DataFacts
-from trainyard.pipelines.data.text import (
-    ByteTokenizer,
+from trainyard.pipelines.data.text.pipeline import (
     count_tokens,
     encode_windows,
     is_validation,
-    load_tokenizer,
     split_files,
     stdlib_files,
     token_dtype,
 )
+from trainyard.pipelines.data.tokenizers import ByteTokenizer, load_tokenizer
 from trainyard.pipelines.training.feed import BatchStream
 from trainyard.pipelines.training.metrics import throughput
 from trainyard.pipelines.training.optim import lr_factor, make_optimizer

@@ -38,7 +38,7 @@ def test_transformers_models_train_log_predict_and_generate_without_wrappers(
     import numpy as np
 
     from trainyard.pipelines import cli
-    from trainyard.pipelines.data.images import digits_images
+    from trainyard.pipelines.data.images.files import digits_images
 
     project = tmp_path / "hf"
     shutil.copytree(EXAMPLE, project)

@@ -19,7 +19,8 @@ from trainyard.models import resnet
 from trainyard.pipelines.bench.core import Case, alternate, best, ray_data_reservation, timed
 from trainyard.pipelines.data.arrays import crop_flip, decode_image, normalize
 from trainyard.pipelines.data.augment import ROW
-from trainyard.pipelines.data.images import as_dataset, decode_batch, digits_images, train_batch
+from trainyard.pipelines.data.images.files import digits_images
+from trainyard.pipelines.data.images.pipeline import as_dataset, decode_batch, train_batch
 from trainyard.pipelines.training.feed import ahead
 from trainyard.pipelines.training.step import train_epoch
 

@@ -27,8 +27,9 @@ import torch
 from trainyard.models import TabularPredictor, mlp, resnet
 from trainyard.pipelines import tracking
 from trainyard.pipelines.bench.core import Case, alternate, timed
-from trainyard.pipelines.data.images import digits_images
-from trainyard.pipelines.data.serving import ImageClassifier, RawRowsModel
+from trainyard.pipelines.data.images.files import digits_images
+from trainyard.pipelines.data.images.serving import ImageClassifier
+from trainyard.pipelines.data.tabular.serving import RawRowsModel
 from trainyard.pipelines.jobs import predict
 
 IMAGE_BATCH = 64

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -23,34 +24,43 @@ from trainyard.cluster.errors import SpecError
 from trainyard.cluster.errors import check as _check
 from trainyard.cluster.resources import ScalingSpec
 from trainyard.cluster.secrets import redact
-from trainyard.pipelines.config.data import (
-    CacheSpec,
-    CustomDataSpec,
-    DataSpec,
-    ImageDataSpec,
-    TextDataSpec,
-)
+from trainyard.pipelines.config.data import CacheSpec
 from trainyard.pipelines.config.model import GPTSpec, MLPSpec, ResNetSpec, UserModelSpec
 from trainyard.pipelines.config.search import TuneSpec
 from trainyard.pipelines.config.tracking import TrackingSpec
 from trainyard.pipelines.config.train import AmpSpec, TrainSpec
 
-# Each pipeline reads its own kind of data and trains its own kind of model.
-PIPELINES: dict[str, tuple[type, type]] = {
-    "tabular": (DataSpec, MLPSpec),
-    "text": (TextDataSpec, GPTSpec),
-    "custom": (CustomDataSpec, MLPSpec),
-    "images": (ImageDataSpec, ResNetSpec),
+PIPELINES: dict[str, str] = {
+    "tabular": "trainyard.pipelines.data.tabular",
+    "text": "trainyard.pipelines.data.text",
+    "custom": "trainyard.pipelines.data.custom",
+    "images": "trainyard.pipelines.data.images",
 }
+"""The pipelines, each a package (data/<pipeline>/: its spec part, preparation, logged model and
+batch prediction), registered here by name: a new pipeline is its package and one line."""
+
+
+def pipeline_part(name: str) -> types.ModuleType:
+    """The pipeline's spec module (`<package>.spec`): `DATA`, its data part's dataclass;
+    `MODEL`, the model spec it trains by default; optionally `check_run(spec)`, what its data
+    part needs of the rest of the spec. (Imported by name: the packages sit above this layer,
+    their spec modules import only config.)"""
+    _check(name in PIPELINES, "pipeline", name, "one of " + ", ".join(PIPELINES))
+    return importlib.import_module(f"{PIPELINES[name]}.spec")
+
+
+def _default_data() -> Any:
+    return pipeline_part("tabular").DATA()
 
 
 @dataclass
 class RunSpec:
-    pipeline: Literal["tabular", "text", "custom", "images"] = "tabular"
+    pipeline: str = "tabular"
     """`tabular`: CSV/Parquet rows → MLP. `text`: text files → byte-level GPT. `custom`: your
     own dataset (data.dataset). `images`: class folders of images → ResNet. Any pipeline
     trains your own model (model.name: module:attr)."""
-    data: DataSpec | TextDataSpec | CustomDataSpec | ImageDataSpec = field(default_factory=DataSpec)
+    data: Any = field(default_factory=_default_data)
+    """The pipeline's data part (`<pipeline package>.spec.DATA`)."""
     model: MLPSpec | GPTSpec | ResNetSpec | UserModelSpec = field(default_factory=MLPSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     amp: AmpSpec = field(default_factory=AmpSpec)
@@ -60,28 +70,19 @@ class RunSpec:
     cache: CacheSpec = field(default_factory=CacheSpec)
 
     def __post_init__(self) -> None:
-        data_cls, model_cls = PIPELINES[self.pipeline]
+        part = pipeline_part(self.pipeline)
+        model_cls = part.MODEL
+        _check(
+            isinstance(self.data, part.DATA), "data", self.data, f"the {self.pipeline} data part"
+        )
         _check(
             isinstance(self.model, model_cls | UserModelSpec),
             "model.name",
             self.model.name,
             f"{model_cls().name or 'module:attr'} or module:attr for the {self.pipeline} pipeline",
         )
-        if isinstance(self.model, UserModelSpec) and self.pipeline == "text":
-            context = self.model.args.get("context")
-            _check(
-                isinstance(context, int) and context >= 1,
-                "model.args.context",
-                context,
-                "the tokens per window your model takes (an integer), for the text pipeline",
-            )
-        if isinstance(self.data, CustomDataSpec) and self.data.task is None:
-            _check(
-                self.train.loss is not None,
-                "data.task",
-                None,
-                "classification or regression, unless train.loss names your own loss",
-            )
+        if hasattr(part, "check_run"):
+            part.check_run(self)
         for key in ("in_memory_max_mb", "shuffle_window_mb"):
             mb = getattr(self.data, key)
             _check(
@@ -172,8 +173,9 @@ class RunSpec:
         if not isinstance(raw, dict):
             raise SpecError(f"the spec: expected a mapping, got {raw!r}")
         pipeline = raw.get("pipeline", "tabular")
-        _check(pipeline in PIPELINES, "pipeline", pipeline, "one of " + ", ".join(PIPELINES))
-        data_cls, model_cls = PIPELINES[pipeline]
+        _check(isinstance(pipeline, str), "pipeline", pipeline, "one of " + ", ".join(PIPELINES))
+        part = pipeline_part(pipeline)
+        data_cls, model_cls = part.DATA, part.MODEL
         model = raw.get("model") or {}
         # (by the field's default: a GPTSpec checks its size against the model's table, and
         # that imports torch, which a tabular run's driver does not need yet)

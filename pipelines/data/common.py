@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 from trainyard.cluster.errors import TrainyardError
 from trainyard.cluster.resources import wait_for_free
 from trainyard.pipelines.config import user
+from trainyard.pipelines.config.spec import PIPELINES
 from trainyard.pipelines.data.arrays import derive_seed
 
 
@@ -344,5 +345,5 @@ class Pipeline(Protocol):
 
 
 def pipeline_module(spec: Any) -> Pipeline:
-    """The module that implements the spec's pipeline (trainyard.pipelines.data.common.Pipeline)."""
-    return importlib.import_module(f"trainyard.pipelines.data.{spec.pipeline}")
+    """The module that implements the spec's pipeline (`<its package>.pipeline`, a `Pipeline`)."""
+    return importlib.import_module(f"{PIPELINES[spec.pipeline]}.pipeline")

@@ -10,8 +10,6 @@ import sys
 import tempfile
 from typing import Any
 
-import numpy as np
-
 from trainyard.cluster.errors import TrainyardError
 from trainyard.pipelines import tracking
 from trainyard.pipelines.tracking import add_model_arguments, fetch_model
@@ -48,7 +46,7 @@ def check_sampling(args: argparse.Namespace) -> None:
 
 
 def load(uri: str, tracking_uri: str, trust: bool = False) -> Any:
-    """The text model at `uri` (data.serving.TextModel: the network, its tokenizer and
+    """The text model at `uri` (data.text.serving.TextModel: the network, its tokenizer and
     context), checked to be a text model trainyard signed before it is unpickled or its
     tokenizer imported."""
     from mlflow.models import Model
@@ -77,31 +75,8 @@ def generate(
     """The prompt and up to `max_bytes` bytes sampled after it (invalid UTF-8 replaced)."""
     if not prompt:
         raise TrainyardError("--prompt: give at least one character to continue")
-    new = continuation(model, prompt.encode(), max_bytes, temperature, top_k, seed)
+    new = model.continuation(prompt.encode(), max_bytes, temperature, top_k, seed)
     return (prompt.encode() + new).decode("utf-8", errors="replace")
-
-
-def continuation(
-    model: Any,
-    prompt: bytes,
-    max_bytes: int,
-    temperature: float = 0.8,
-    top_k: int | None = None,
-    seed: int = 0,
-) -> bytes:
-    """Up to `max_bytes` bytes sampled after `prompt` (not empty) from a text model
-    (data.serving.TextModel), on its network's device; the same prompt and seed give the same
-    bytes."""
-    import torch
-
-    from trainyard.models.outputs import sample  # noqa: PLC0415 (torch: not on the command's start)
-
-    tokenizer = model.tokenizer
-    device = next(model.net.parameters()).device
-    ids = torch.as_tensor(np.asarray(tokenizer.encode(prompt), dtype=np.int64), device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = sample(model.net, ids[None, :], max_bytes, model.window(), temperature, top_k, generator)
-    return tokenizer.decode(out[0, len(ids) :].tolist())[:max_bytes]
 
 
 def command(args: argparse.Namespace) -> None:

@@ -231,7 +231,7 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
     """The trained model behind the casting of its x (it takes arrays, or tables of x's
     numbers: serving.ArrayModel), five validation inputs as the example, and its
     metadata."""
-    from trainyard.pipelines.data.serving import ArrayModel  # noqa: PLC0415 (torch, MLflow: not on the command's start)
+    from trainyard.pipelines.data.custom.serving import ArrayModel  # noqa: PLC0415 (torch, MLflow: not on the command's start)
 
     example = prepared.extra.take_batch(5, batch_format="numpy")["x"]
     model = ArrayModel(net, list(example.shape[1:]), example.dtype.str)

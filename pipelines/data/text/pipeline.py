@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
-from trainyard.pipelines.config.data import TextDataSpec
 from trainyard.pipelines.config.model import GPTSpec
 from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.data.arrays import derive_seed
@@ -34,6 +33,7 @@ from trainyard.pipelines.data.common import (
     resolve_files,
 )
 from trainyard.pipelines.data.split import below, key_hashes
+from trainyard.pipelines.data.text.spec import TextDataSpec
 from trainyard.pipelines.data.tokenizers import ByteTokenizer, load_tokenizer
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
@@ -309,7 +309,7 @@ def package(spec: RunSpec, prepared: Prepared, net: Any) -> tuple[Any, Any, dict
     """The trained GPT with its tokenizer (it scores texts: serving.TextModel), an
     input example and its MLflow metadata, which names the tokenizer."""
     from trainyard.models.outputs import targets_keyword  # noqa: PLC0415 (torch: not on the command's start)
-    from trainyard.pipelines.data.serving import TextModel  # noqa: PLC0415 (torch, MLflow: not on the command's start)
+    from trainyard.pipelines.data.text.serving import TextModel  # noqa: PLC0415 (torch, MLflow: not on the command's start)
 
     own = spec.train.loss == "model"  # (scored with its own loss where its logits fall short)
     targets = targets_keyword(net, getattr(spec.model, "targets_arg", None)) if own else None

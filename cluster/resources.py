@@ -66,6 +66,14 @@ class ScalingSpec:
     max_failures: int | None = None
     """Worker or node failures survived by restarting from the newest checkpoint (Ray Train's
     FailureConfig). None: 2 on a multi-node cluster, 0 on one node."""
+    max_preemptions: int = 10
+    """Node preemptions survived (a cloud reclaiming a spot node, announced or not), counted
+    apart from max_failures: each restarts from the newest checkpoint, without the node."""
+    preemption_check_s: float | None = 2.0
+    """On a multi-node or elastic run, ask for preemption notices (a node drained with a
+    deadline) every this many seconds of training; on one, checkpoint the step at once and
+    resume from it without the node (docs/failures.md). None: no notices (a preempted node
+    is then a lost node: the steps since the newest checkpoint are trained again)."""
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each worker asks for besides its CPUs and GPU, e.g.
     `{"accelerator_type:A100": 0.001}` or a resource your node types declare."""
@@ -105,6 +113,18 @@ class ScalingSpec:
             "scaling.max_failures",
             self.max_failures,
             "an integer >= 0 or null",
+        )
+        _check(
+            isinstance(self.max_preemptions, int) and self.max_preemptions >= 0,
+            "scaling.max_preemptions",
+            self.max_preemptions,
+            "an integer >= 0",
+        )
+        _check(
+            self.preemption_check_s is None or self.preemption_check_s > 0,
+            "scaling.preemption_check_s",
+            self.preemption_check_s,
+            "a positive number of seconds, or null",
         )
         _check(
             all(v > 0 for v in self.resources_per_worker.values()),

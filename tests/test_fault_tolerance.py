@@ -217,6 +217,72 @@ def test_an_elastic_run_loses_a_node_and_finishes_on_the_workers_left(
     )
 
 
+# A start, a notice of 20 s, the restart on the workers left: ~90 s here.
+@pytest.mark.timeout(420)
+def test_a_preemption_notice_is_checkpointed_and_no_step_is_trained_twice(
+    ray_cluster, tracking_uri, tmp_path
+):
+    """A worker node hosting a rank is drained as a cloud reclaims a spot node (reason
+    preemption, 20 s deadline) and killed at the deadline: the ranks see the notice within
+    scaling.preemption_check_s, checkpoint the step they are at and train no further; Ray
+    Train restarts them without the node (a preemption, not one of scaling.max_failures: 0
+    here), and the run resumes after that very step and finishes as one MLflow run. Every
+    optimizer step's loss is logged (train.log_every_steps: 1): the last step logged before the
+    restart is the checkpoint's, and the restart resumes after it: 0 steps trained twice."""
+    from trainyard.cluster.resources import wait_for_free
+
+    name = "preempted"
+    overrides = (
+        "scaling.num_workers=2",
+        "scaling.max_failures=0",
+        "scaling.preemption_check_s=0.5",
+        "train.log_every_steps=1",
+    )
+    wait_for_free({"CPU": 3}, timeout_s=180)
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.update(rc=main(args(tmp_path, name, 4, *SLOW, *overrides)))
+    )
+    thread.start()
+    client = MlflowClient(tracking_uri)
+    try:
+        run_id = wait_for_epoch(tracking_uri, name, 1)
+        nodes = client.get_run(run_id).data.tags["worker_nodes"].split(",")
+        victim = next(node for node in ray_cluster.worker_nodes if node.node_id in nodes)
+        drain = [
+            str(Path(sys.executable).parent / "ray"),
+            *("drain-node", "--address", ray_cluster.address, "--node-id", victim.node_id),
+            *("--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim"),
+            *("--deadline-remaining-seconds", "20"),
+        ]
+        drained_at = time.time()
+        subprocess.run(drain, check=True, capture_output=True, timeout=60)
+        time.sleep(max(0.0, drained_at + 20 - time.time()))  # the cloud takes the node back
+        ray_cluster.remove_node(victim, allow_graceful=False)
+        thread.join(timeout=360)
+    finally:
+        ray_cluster.add_node(num_cpus=1)  # (the replacement; later tests use 3 nodes)
+    assert result.get("rc") == 0, runs_named(tracking_uri, name)[0].data.tags.get("error")
+    run = assert_one_clean_run(tracking_uri, name, 4)
+    tags = run.data.tags
+    assert tags["trainyard.restarts"] == "1", tags
+    notice = tags["trainyard.preempted.1"].split()
+    assert notice[1] == victim.node_id, notice
+    step = int(notice[notice.index("step") + 1])
+    resumed = int(tags["trainyard.resumed_step.1"])
+    restarted_at = float(tags["trainyard.restart.1"].split(" at ")[1].split()[0])
+    history = client.get_metric_history(run.info.run_id, "train_loss_step")
+    before = [m.step for m in history if m.timestamp / 1000 < restarted_at]
+    steps_per_epoch = int(run.data.params["plan.steps_per_epoch"])
+    assert step > steps_per_epoch  # (after epoch 1's checkpoint: the notice saved steps)
+    assert max(before) == step == resumed, (max(before), step, resumed)  # 0 trained twice
+    assert sorted(m.step for m in history) == list(range(1, 4 * steps_per_epoch + 1))
+    print(
+        f"preemption notice: checkpointed step {step} of {4 * steps_per_epoch}, resumed after "
+        f"step {resumed}: {max(before) - resumed} step(s) trained twice; {notice}"
+    )
+
+
 def test_a_killed_driver_is_resumed_in_the_same_run(ray_cluster, tracking_uri, tmp_path):
     env = os.environ | {"RAY_ADDRESS": ray_cluster.address, "MLFLOW_TRACKING_URI": tracking_uri}
     driver = subprocess.Popen(

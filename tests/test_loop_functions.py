@@ -87,6 +87,47 @@ def test_train_epoch_stops_at_steps_and_fails_when_data_runs_out():
         run_epoch(model, x, y, micro=16, accum=1, steps=5)
 
 
+def test_an_epoch_cut_short_by_a_notice_resumes_where_it_stopped_exactly():
+    """A check that returns a notice after the 3rd of 8 steps (accumulating 2 micro-batches)
+    ends the epoch there; the same epoch started again from those steps' stats, on the batches
+    after them, with the optimizer and schedule as they were, ends as the uninterrupted epoch:
+    the same weights, steps and loss."""
+    from trainyard.pipelines.training.preemption import in_epoch, resumed_stats
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x, y = data()
+    loss_fn, steps = task_loss("classification"), 8
+
+    def parts(net):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        spec = TrainSpec(schedule="cosine", warmup_fraction=0.0)
+        return optimizer, make_scheduler(optimizer, spec, steps), torch.amp.GradScaler("cpu")
+
+    def epoch(net, optimizer, scheduler, scaler, data, **kw):
+        return train_epoch(
+            net, data, optimizer, scheduler, scaler, loss_fn=loss_fn, steps=steps, accum=2, **kw
+        )
+
+    straight = copy.deepcopy(model)
+    whole = epoch(straight, *parts(straight), batches(x, y, 16))
+    calls = []
+
+    def check():
+        calls.append(len(calls) + 1)
+        return "notice" if len(calls) == 3 else None
+
+    optimizer, scheduler, scaler = parts(model)
+    cut = epoch(model, optimizer, scheduler, scaler, batches(x, y, 16), check=check)
+    assert (cut.notice, cut.steps, calls) == ("notice", 3, [1, 2, 3])
+    start = resumed_stats(in_epoch(cut, cut.loss * cut.samples, cut.samples), first=True)
+    rest = epoch(model, optimizer, scheduler, scaler, batches(x, y, 16)[3 * 2 :], start=start)
+    assert (rest.notice, rest.steps, rest.samples) == (None, steps, whole.samples)
+    assert rest.loss == pytest.approx(whole.loss, rel=1e-6)
+    for a, b in zip(model.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_amp_paths_train_on_cpu(dtype):
     torch.manual_seed(0)

@@ -114,11 +114,16 @@ def _write_as_is(directory, plain: dict) -> None:
 
 
 def test_checkpoints_name_their_format_and_older_ones_still_load(tmp_path):
-    """A checkpoint says its format; one written before it had a name (format 1: the same
+    """A checkpoint says its format (5 for one taken inside an epoch, which earlier versions
+    cannot resume; else 4, which they can); one written before it had a name (format 1: the same
     fields, no `format`, its optimizer state keyed by position) loads as it was; a newer
     format, or what is not a training state, is refused in one line."""
     save(tmp_path, TrainingState(model={"w": torch.ones(1)}, epoch=3, data_position=(2, 5)))
     assert torch.load(tmp_path / "state.pt", weights_only=True)["format"] == 4
+    part = {"steps": 3, "loss_sum": 1.5, "samples": 6, "skipped": 0, "seconds": 1.0}
+    save(tmp_path, TrainingState(model={}, epoch=3, in_epoch=part))  # (on a preemption notice)
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["format"] == 5
+    assert load(tmp_path).in_epoch == part
     before = {"model": {"w": torch.ones(1)}, "optimizer": {"state": {}}, "scheduler": {}}
     before |= {"scaler": {}, "epoch": 4, "model_recipe": {"name": "mlp", "kwargs": {}}}
     before |= {"spec": {"train": {"epochs": 5}}, "schedule_steps": 50}
@@ -128,7 +133,7 @@ def test_checkpoints_name_their_format_and_older_ones_still_load(tmp_path):
     assert (old.epoch, old.data_position, old.schedule_steps, old.elapsed) == (4, (3, 1), 50, 12.5)
     assert load(tmp_path, optimizer=False).optimizer is None
     for plain, why in [
-        ({**before, "format": 5}, "format 5, written by a newer trainyard"),
+        ({**before, "format": 6}, "format 6, written by a newer trainyard"),
         ({"weights": {}, "epoch": 1}, "not a trainyard training state"),
     ]:
         _write_as_is(tmp_path, plain)

@@ -24,7 +24,7 @@ def run(quick: bool, cores: int, **_: Any) -> list[Case]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    configure_ray_train(START_TIMEOUT_S)  # Ray Train as trainyard runs it
+    configure_ray_train(START_TIMEOUT_S, False)  # Ray Train as trainyard runs it (one node)
 
     workers = 2 if cores >= 2 else 1
     threads = max(1, cores // workers)

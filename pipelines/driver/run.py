@@ -107,7 +107,7 @@ def run(
         timeout = start_timeout(spec, plan)
         if notice := waiting_notice(plan, timeout):
             print(notice)
-        configure_ray_train(timeout)
+        configure_ray_train(timeout, job.preemption_check_s is not None)
         # 3. Train: Ray Train runs the DDP workers, each reading its share from Ray Data.
         trainer = make_trainer(spec, plan, data, job, place, options.callbacks)
         stall = spec.train.stall_timeout_s

@@ -38,21 +38,36 @@ START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 START_TIMEOUT_S = 120.0
 
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+PREEMPTION_POLL_ENV = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"
+PREEMPTION_POLL_S = "1"
+"""How often the watcher reads the cluster's draining nodes (Ray's default: 5 s of a notice
+that may be 30 s long)."""
+
+
 AUTOSCALE_START_TIMEOUT_S = 600.0  # cloud nodes take minutes to boot and set up
 ELASTIC_START_RETRIES = 4
 """How many more times an elastic run tries to start a worker group that could not be placed
 within start_timeout_s (a fixed-size run fails at once: its workers will not come)."""
 
 
-def configure_ray_train(start_timeout_s: float) -> None:
+def configure_ray_train(start_timeout_s: float, watch_preemption: bool) -> None:
     """Ray Train's settings that only its environment variables reach (the driver's, passed
     on to its controller and workers); a value the user exported is kept, except the start
-    timeout, which the spec owns."""
+    timeout and the preemption watcher, which the spec owns."""
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     os.environ[START_TIMEOUT_ENV] = str(start_timeout_s)
-    # The preemption watcher only logs node drains, and costs an actor per run (and a
-    # core_worker error line about its constructor arguments).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # The watcher (an actor per worker group) passes node drains on to the workers
+    # (training.preemption); a run on one node has nowhere to move.
+    os.environ[PREEMPTION_WATCHER_ENV] = "1" if watch_preemption else "0"
+    os.environ.setdefault(PREEMPTION_POLL_ENV, PREEMPTION_POLL_S)
+
+
+def watches_preemption(spec: RunSpec, plan: ResourcePlan) -> bool:
+    """Whether the run watches for preemption notices: asked for (scaling.preemption_check_s),
+    and on more than one node or elastic (somewhere to move)."""
+    sc = spec.scaling
+    return sc.preemption_check_s is not None and (len(plan.nodes.cpus) > 1 or sc.elastic)
 
 
 def fit(
@@ -263,6 +278,7 @@ def make_trainer(
             failure_config=ray.train.FailureConfig(
                 max_failures=max_failures,
                 controller_failure_limit=ELASTIC_START_RETRIES if sc.elastic else 0,
+                max_preemption_failures=sc.max_preemptions,
             ),
             callbacks=list(callbacks),
         ),
@@ -335,6 +351,9 @@ def worker_job(
         train_shards=shards,
         train_blocks=block_refs(data.train) if data.per_epoch is None else None,
         validation_blocks=block_refs(data.validation),
+        preemption_check_s=spec.scaling.preemption_check_s
+        if watches_preemption(spec, plan)
+        else None,
     )
 
 

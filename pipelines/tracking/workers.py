@@ -144,17 +144,28 @@ class RankZeroLogger:
         """Store `text` as the run's artifact `artifact_file`."""
         self._later(lambda client: client.log_text(self.run_id, text, artifact_file))
 
-    def started(self, checkpoint_epoch: int | None, world: int, up_at: float) -> None:
+    def started(
+        self, checkpoint_epoch: int | None, world: int, up_at: float, step: int = 0
+    ) -> None:
         """This attempt's workers started their train function at `up_at`, `world` of them,
-        from the checkpoint of `checkpoint_epoch` (None: from the start). A start after a
-        checkpoint, or after an earlier attempt that trained (its first step is tagged), is a
-        restart: counted and tagged with when, from where and on how many workers (the metric
-        num_workers, one point per start, shows an elastic run's sizes)."""
+        from the checkpoint of `checkpoint_epoch` (None: from the start), after optimizer
+        step `step`. A start after a checkpoint, or after an earlier attempt that trained (its
+        first step is tagged), is a restart: counted and tagged with when, from where and on
+        how many workers (the metric num_workers, one point per start, shows an elastic run's
+        sizes), and the step it resumes after (`trainyard.resumed_step.<n>`)."""
         at = time.time()
-        self._later(lambda client: self._record_start(client, checkpoint_epoch, world, at, up_at))
+        self._later(
+            lambda client: self._record_start(client, checkpoint_epoch, world, at, up_at, step)
+        )
 
     def _record_start(
-        self, client: Any, checkpoint_epoch: int | None, world: int, at: float, up_at: float
+        self,
+        client: Any,
+        checkpoint_epoch: int | None,
+        world: int,
+        at: float,
+        up_at: float,
+        step: int,
     ) -> None:
         tags = client.get_run(self.run_id).data.tags
         self._restarted = checkpoint_epoch is not None or "trainyard.first_step_at" in tags
@@ -168,11 +179,39 @@ class RankZeroLogger:
         was = tags.get("num_workers")  # (the earlier attempt's size, until this one tags its own)
         resized = f" (was {was})" if was and was != str(world) else ""
         when = f"after epoch {after} at {at:.3f} on {world} worker(s){resized}"
-        self._log_tags(client, {"trainyard.restarts": count, f"trainyard.restart.{count}": when})
+        self._log_tags(
+            client,
+            {
+                "trainyard.restarts": count,
+                f"trainyard.restart.{count}": when,
+                f"trainyard.resumed_step.{count}": step,
+            },
+        )
         self._log_metrics(client, {"restarted_after_epoch": after}, count, int(at * 1000))
         logging.getLogger("trainyard").info(
-            f"restart {count}: resuming after epoch {after} on {world} worker(s){resized}"
+            f"restart {count}: resuming after step {step} (epoch {after} done) on {world} "
+            f"worker(s){resized}"
         )
+
+    def preempted(self, nodes: list[str], deadline: float | None, step: int) -> None:
+        """A preemption notice for `nodes` (going at `deadline`, Unix time) was checkpointed at
+        optimizer step `step`: tagged `trainyard.preempted.<n>` (n counts the run's notices)."""
+        at = time.time()
+
+        def tag(client: Any) -> None:
+            tags = client.get_run(self.run_id).data.tags
+            n = 1 + sum(k.startswith("trainyard.preempted.") for k in tags)
+            until = f"{deadline:.3f}" if deadline else "-"
+            said = f"node {','.join(nodes)} deadline {until} step {step} at {at:.3f}"
+            self._log_tags(client, {f"trainyard.preempted.{n}": said})
+
+        self._later(tag)
+
+    def checks(self, asks: int, seconds: float) -> None:
+        """What this attempt's preemption checks cost (training.preemption.PreemptionCheck)."""
+        if asks:
+            said = {"trainyard.preemption_checks": f"{asks} in {seconds:.3f} s"}
+            self._later(lambda client: self._log_tags(client, said))
 
     def first_step(self, at: float) -> None:
         """This attempt's first optimizer step finished at `at` (a restart's: resumed_step_at)."""

@@ -31,7 +31,9 @@ from trainyard.cluster.errors import TrainyardError
 from trainyard.pipelines.config import user
 from trainyard.pipelines.config.user import ModelRecipe
 
-FORMAT = 4
+FORMAT = 5
+"""The newest format this version reads. It writes 4, or 5 for a checkpoint taken inside an
+epoch (`in_epoch`), which versions before it cannot resume."""
 CHECKPOINT_FILE = "state.pt"
 SHARDS_DIR = "shards"
 """Where format 4 keeps the model's and optimizer's tensors (a DCP checkpoint)."""
@@ -71,6 +73,10 @@ class TrainingState:
     shards: dict[str, str] | None = None
     """Format 4: each tensor file under SHARDS_DIR (every rank's) and its SHA-256; the
     optimizer field then holds its param_groups, the tensors its state."""
+    in_epoch: dict[str, Any] | None = None
+    """Format 5, a checkpoint taken on a preemption notice: the part of epoch `epoch + 1`
+    trained when it was taken (training.preemption.in_epoch: its steps, and every rank's
+    counts and sums); None for a checkpoint at the end of an epoch."""
 
     def build_model(self) -> Any:
         """The network this state holds, its weights loaded."""
@@ -113,9 +119,11 @@ def save(directory: str | Path, state: TrainingState) -> Path:
     plain = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
     if state.model_recipe is not None:
         plain["model_recipe"] = dataclasses.asdict(state.model_recipe)
+    if plain["in_epoch"] is None:  # (readable by the versions before format 5)
+        del plain["in_epoch"]
     with open(path, "wb") as f:
         out = _HashingFile(f)
-        torch.save({"format": FORMAT, **plain}, out)
+        torch.save({"format": FORMAT if state.in_epoch else 4, **plain}, out)
     (directory / DIGEST_FILE).write_text(out.sha.hexdigest() + "\n")
     return path
 

@@ -45,6 +45,9 @@ class WorkerJob:
     (object ref, rows, bytes) (feed.Block), which every rank reads."""
     validation_blocks: list[tuple[Any, int, int]] | None = None
     """The validation rows' blocks, of which each rank reads every world-th row."""
+    preemption_check_s: float | None = None
+    """Ask for preemption notices every this many seconds of training (training.preemption);
+    None: not watched (a run on one node has nowhere to move)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data: the job's fields, `data_facts` and `model` as dicts (shards and functions

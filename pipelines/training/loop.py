@@ -8,6 +8,7 @@ calls `ray.train.report` the same number of times; side effects happen on rank 0
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
 import tempfile
@@ -30,7 +31,7 @@ from trainyard.pipelines.data.arrays import derive_seed
 from trainyard.pipelines.data.common import quiet_ray_data
 from trainyard.pipelines.tracking import RankZeroLogger, system_metrics
 from trainyard.pipelines.training import checkpoint as checkpoints
-from trainyard.pipelines.training import parallel
+from trainyard.pipelines.training import parallel, preemption
 from trainyard.pipelines.training.feed import (
     BatchStream,
     data_passes,
@@ -44,6 +45,7 @@ from trainyard.pipelines.training.metrics import (
 )
 from trainyard.pipelines.training.monitor import Progress
 from trainyard.pipelines.training.optim import Schedule, make_optimizer, make_scheduler, resolve_amp
+from trainyard.pipelines.training.preemption import Notice, PreemptionCheck
 from trainyard.pipelines.training.scores import Scores, make_scores
 from trainyard.pipelines.training.step import (
     EpochStats,
@@ -111,6 +113,8 @@ class Worker:
     """The Ray node id of each rank (`distribute` gathers them)."""
     progress: Progress | None = None
     """The monitor's best and early stopping's count (resumed from the checkpoint)."""
+    in_epoch: dict[str, Any] | None = None
+    """The part of `first_epoch` trained before a preemption notice (from the checkpoint)."""
 
 
 def set_up(config: dict[str, Any]) -> Worker:
@@ -221,7 +225,14 @@ def resume(w: Worker, checkpoint: Any) -> None:
         w.position = resumed_position(state, w.spec) or w.position
         w.elapsed = state.elapsed
         w.progress.resume(state.progress)
-    w.log.started(w.first_epoch - 1 if checkpoint is not None else None, w.world, w.up_at)
+        w.in_epoch = state.in_epoch
+    steps = (w.in_epoch or {}).get("steps", 0)
+    w.log.started(
+        w.first_epoch - 1 if checkpoint is not None else None,
+        w.world,
+        w.up_at,
+        (w.first_epoch - 1) * w.job.steps_per_epoch + steps if checkpoint is not None else 0,
+    )
 
 
 def resumed_position(state: checkpoints.TrainingState, spec: RunSpec) -> tuple[int, int] | None:
@@ -308,29 +319,93 @@ def report(
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if last or best or epoch % tr.checkpoint_every == 0:
-            # Every rank writes its shards; Ray Train merges the ranks' directories.
-            shards = Path(d) / checkpoints.SHARDS_DIR
-            groups, digests = checkpoints.save_shards(w.model, w.optimizer, shards)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        if rank == 0 and checkpoint is not None:
-            state = checkpoints.TrainingState(
-                model={},
-                epoch=epoch,
-                model_recipe=w.job.model,
-                optimizer={"param_groups": groups},
-                shards=digests,
-                scheduler=w.scheduler.state_dict(),
-                scaler=w.scaler.state_dict(),
-                spec=redact(w.spec.to_dict()),  # what a resumed run must keep
-                schedule_steps=w.job.schedule_steps,
-                data_position=stream.position if stream is not None else None,
-                elapsed=metrics["elapsed_s"],
-                progress=w.progress.state(),
-            )
-            checkpoints.save(d, state)
+            checkpoint = write_checkpoint(w, d, epoch, stream, metrics["elapsed_s"])
         w.log.flush()
         inject_failure(w.job.inject_failure, epoch, rank)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def write_checkpoint(
+    w: Worker,
+    directory: str,
+    epoch: int,
+    stream: BatchStream | None,
+    elapsed: float,
+    in_epoch: dict[str, Any] | None = None,
+) -> Any:
+    """The training state after `epoch` (and `in_epoch`, the part of the next one trained
+    before a preemption notice) in `directory`: every rank its shards, rank 0 the state; Ray
+    Train merges the ranks' directories. Its Ray Train checkpoint."""
+    import ray.train
+
+    shards = Path(directory) / checkpoints.SHARDS_DIR
+    groups, digests = checkpoints.save_shards(w.model, w.optimizer, shards)
+    if w.rank == 0:
+        state = checkpoints.TrainingState(
+            model={},
+            epoch=epoch,
+            model_recipe=w.job.model,
+            optimizer={"param_groups": groups},
+            shards=digests,
+            scheduler=w.scheduler.state_dict(),
+            scaler=w.scaler.state_dict(),
+            spec=redact(w.spec.to_dict()),  # what a resumed run must keep
+            schedule_steps=w.job.schedule_steps,
+            data_position=stream.position if stream is not None else None,
+            elapsed=elapsed,
+            progress=w.progress.state(),
+            in_epoch=in_epoch,
+        )
+        checkpoints.save(directory, state)
+    return ray.train.Checkpoint.from_directory(directory)
+
+
+def checkpoint_on_notice(
+    w: Worker, epoch: int, result: EpochStats, stream: BatchStream | None, notice: Notice
+) -> None:
+    """A preemption notice came after `result.steps` steps of `epoch`: checkpoint them now (the
+    data position with them), say so on the console and in the run, and report the checkpoint
+    to Ray Train as the newest, never the best (it holds part of an epoch)."""
+    import ray.train
+
+    tr, steps_per_epoch = w.spec.train, w.job.steps_per_epoch
+    step = (epoch - 1) * steps_per_epoch + result.steps
+    loss_sum, samples = agreed_sums([result.loss * result.samples, result.samples], w)
+    in_epoch = preemption.in_epoch(result, loss_sum, int(samples))
+    said = (
+        f"{notice.describe()}: checkpointing step {step} (epoch {epoch}, step "
+        f"{result.steps}/{steps_per_epoch}); training resumes there without the node"
+    )
+    if w.log.active:
+        logger.info(f"trainyard: {said}")
+    w.log.preempted(notice.nodes, notice.deadline, step)
+    elapsed = w.elapsed + result.seconds  # (an estimate: the epochs before are in w.elapsed)
+    metrics = {
+        "epoch": epoch - 1 + result.steps / steps_per_epoch,
+        "preempted_step": step,
+        tr.monitor: preemption.worst(tr.mode),
+    }
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = write_checkpoint(w, d, epoch - 1, stream, elapsed, in_epoch)
+        w.log.flush()
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def agreed_sums(values: list[float], w: Worker) -> list[float]:
+    """Every rank's `values`, summed over the ranks."""
+    t = torch.tensor(values, dtype=torch.float64, device=w.device)
+    if w.world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def resumed_part(w: Worker, epoch: int) -> EpochStats | None:
+    """The part of `epoch` trained before the preemption notice this start resumes from: its
+    steps on every rank, its loss sums and samples on rank 0 (every rank's, summed: the
+    epoch's loss is summed over the ranks); None for an epoch that starts from its first step."""
+    if w.in_epoch is None or epoch != w.first_epoch:
+        return None
+    return preemption.resumed_stats(w.in_epoch, first=w.rank == 0)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
@@ -352,6 +427,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
     stream = BatchStream(train_pass, w.position) if tr.steps_per_epoch else None
     steps_per_epoch = job.steps_per_epoch
     nonfinite_run = steps_done = 0
+    check = PreemptionCheck(job.preemption_check_s, w.world, w.device)
     with node_metrics(w):
         watchdog = StallWatchdog(
             tr.stall_timeout_s, w.rank, keep_stack(w) if w.log.active else None
@@ -360,9 +436,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
         started = time.perf_counter()
         for epoch in range(w.first_epoch, tr.epochs + 1):
             seed_epoch(tr.seed, epoch, w.rank)  # distinct dropout masks per rank, resumable
+            part = resumed_part(w, epoch)
+            batches = stream if stream is not None else train_pass(epoch)
+            if part is not None and stream is None:  # (a stream resumes at its position)
+                batches = itertools.islice(batches, part.steps * w.spec.accum_steps, None)
             result = train_epoch(
                 w.model,
-                stream if stream is not None else train_pass(epoch),
+                batches,
                 w.optimizer,
                 w.scheduler,
                 w.scaler,
@@ -373,10 +453,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
                 grad_clip=tr.grad_clip,
                 on_step=step_logger(w, epoch, watchdog),
                 max_nonfinite=tr.max_nonfinite_steps,
-                nonfinite_run=nonfinite_run,
+                nonfinite_run=part.nonfinite_run if part is not None else nonfinite_run,
+                start=part,
+                check=check,
             )
-            steps_done += result.steps
+            steps_done += result.steps - (part.steps if part is not None else 0)
             nonfinite_run = result.nonfinite_run
+            if result.notice is not None:  # (the same on every rank)
+                checkpoint_on_notice(w, epoch, result, stream, result.notice)
+                watchdog.stop()
+                w.log.checks(check.asks, check.seconds)
+                w.log.flush()
+                preemption.wait_to_be_moved(result.notice)
             if result.stopped:  # the same decision on every rank: all leave the loop together
                 message = stop_message(nonfinite_run, epoch)
                 w.log.tags({STOPPED_TAG: message})  # for people; the driver reads the return value
@@ -397,6 +485,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
                 w.log.flush()
                 break
         watchdog.stop()
+    w.log.checks(check.asks, check.seconds)
+    w.log.flush()
     return {}
 
 
@@ -435,9 +525,13 @@ def step_logger(
     tr, steps_per_epoch = w.spec.train, w.job.steps_per_epoch
     base_step = (epoch - 1) * steps_per_epoch
 
+    first = epoch == w.first_epoch  # (this start's first step: after a notice, mid-epoch)
+
     def on_step(step: int, loss: torch.Tensor) -> None:
+        nonlocal first
         watchdog.beat()
-        if step == 1 and epoch == w.first_epoch:
+        if first:
+            first = False
             w.log.first_step(time.time())
         if step % tr.log_every_steps == 0 and w.log.active:
             value = loss.item()

@@ -157,6 +157,8 @@ class EpochStats:
     """Consecutive steps with a non-finite loss at the end of the epoch."""
     stopped: bool = False
     """The loss stayed non-finite for `max_nonfinite` steps: training must stop."""
+    notice: Any = None
+    """What `check` returned that ended the epoch before its steps (a preemption notice)."""
 
     @property
     def samples_per_s(self) -> float:
@@ -202,6 +204,8 @@ def train_epoch(
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     max_nonfinite: int | None = None,
     nonfinite_run: int = 0,
+    start: EpochStats | None = None,
+    check: Callable[[], Any] | None = None,
 ) -> EpochStats:
     """Run exactly `steps` optimizer steps of `accum` micro-batches each and return the stats.
 
@@ -211,16 +215,24 @@ def train_epoch(
     non-finite steps in a row (counting `nonfinite_run` from the previous epoch) the epoch
     stops early with `stopped` set, on every rank alike. `on_step(step, loss)` is called after
     each applied optimizer step with the step's last loss.
+
+    `start`: the part of this epoch trained before a restart (its steps, counts and sums);
+    `batches` then begins after it. `check()` is called after every optimizer step (on every
+    rank alike); what it returns that is not None ends the epoch there, as `notice`.
     """
     model.train()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    samples = micro = done = skipped = 0
+    begun = start or EpochStats(loss=0.0, samples=0, steps=0, seconds=0.0, data_seconds=0.0)
+    loss_sum = torch.tensor(begun.loss * begun.samples, device=device)
+    samples, done, skipped = begun.samples, begun.steps, begun.skipped
+    micro, notice = 0, None
     step_finite = True
-    data_seconds = 0.0
-    start = time.perf_counter()
+    data_seconds = begun.data_seconds
+    began = time.perf_counter() - begun.seconds
     iterator = iter(batches)
     while done < steps:
+        if check is not None and micro and micro % accum == 0 and (notice := check()) is not None:
+            break
         wait = time.perf_counter()
         batch = next(iterator, None)
         data_seconds += time.perf_counter() - wait
@@ -279,11 +291,12 @@ def train_epoch(
         loss=float(loss_sum) / max(samples, 1),
         samples=samples,
         steps=done,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - began,
         data_seconds=data_seconds,
         skipped=skipped,
         nonfinite_run=nonfinite_run,
         stopped=max_nonfinite is not None and nonfinite_run >= max_nonfinite,
+        notice=notice,
     )
 
 

@@ -30,8 +30,33 @@ def tracking_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A head and two worker nodes, each a real raylet with one logical CPU."""
+def s3_endpoint():
+    """An S3 endpoint on loopback (moto's ThreadedMotoServer: S3's HTTP API, in a thread of
+    this process), in the environment as users point trainyard at S3 or MinIO: AWS_ENDPOINT_URL
+    and keys. The cluster starts after it, so that its nodes' processes inherit them."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # (a line per request)
+    from moto.server import ThreadedMotoServer
+
+    from trainyard.cluster.local import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
+    """A head and two worker nodes, each a real raylet with one logical CPU (their processes
+    see the session's S3 endpoint)."""
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     import ray
     from ray.cluster_utils import Cluster

@@ -232,6 +232,17 @@ def open_fs(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
+SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "abfs"}
+"""The URI scheme of each pyarrow file system's paths (by its type_name)."""
+
+
+def uri_of(path: str, fs: pafs.FileSystem) -> str:
+    """A path within `fs` as the URI a user passes back to trainyard (s3://bucket/key); a
+    local path as it is."""
+    scheme = SCHEMES.get(fs.type_name)
+    return f"{scheme}://{path}" if scheme and "://" not in path else path
+
+
 def resolve_files(
     path: str, extensions: tuple[str, ...] | None = None
 ) -> tuple[list[str], pafs.FileSystem]:

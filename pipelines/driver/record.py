@@ -18,7 +18,7 @@ from trainyard.pipelines import tracking
 from trainyard.pipelines.config import user
 from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.config.train import metric_name
-from trainyard.pipelines.data.common import Pipeline, Prepared, code_digest
+from trainyard.pipelines.data.common import Pipeline, Prepared, code_digest, uri_of
 from trainyard.pipelines.driver.checks import user_references
 from trainyard.pipelines.driver.resume import Place, latest_checkpoint
 from trainyard.pipelines.driver.session import submission_id
@@ -242,7 +242,8 @@ def summarize(
     }
     print("trainyard: done  " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
     print(f"  MLflow run:  {run_id}  (UI: {redact_text(tracking.ui_command(place.uri))})")
-    print(f"  checkpoint:  {redact_text(result.checkpoint.path)}")
+    checkpoint = uri_of(result.checkpoint.path, result.checkpoint.filesystem)
+    print(f"  checkpoint:  {redact_text(checkpoint)}")
     if registered:
         alias = spec.tracking.alias
         print(f"  registered:  {registered}" + (f"  (alias {alias})" if alias else ""))
@@ -251,7 +252,7 @@ def summarize(
         "run_name": place.run_name,
         "experiment": spec.tracking.experiment,
         "tracking_uri": place.uri,
-        "checkpoint": result.checkpoint.path,
+        "checkpoint": checkpoint,
         "model_uri": model_uri,
         "registered_model": registered,
         "metrics": final,

@@ -20,10 +20,7 @@ from trainyard.pipelines import tracking
 from trainyard.pipelines.config import user
 from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.config.user import ModelRecipe
-from trainyard.pipelines.data.common import (
-    open_fs,
-    pipeline_module,
-)
+from trainyard.pipelines.data.common import open_fs, pipeline_module, uri_of
 from trainyard.pipelines.driver.session import default_dir
 from trainyard.pipelines.training import checkpoint as checkpoints
 from trainyard.pipelines.training.checkpoint import TrainingState
@@ -52,7 +49,7 @@ def latest_checkpoint(
     def read(name: str) -> tuple[str, TrainingState]:
         path = f"{run_dir}/{name}"
         with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
-            return path, checkpoints.load(d, optimizer=False)  # CheckpointError: incomplete
+            return uri_of(path, fs), checkpoints.load(d, optimizer=False)  # (or CheckpointError)
 
     path, state = read(latest["checkpoint_dir_name"])
     epoch = (state.progress or {}).get("best_epoch")

@@ -29,6 +29,7 @@ def init_ray() -> None:
             lambda record: not record.getMessage().startswith("Token authentication is enabled")
         )
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
+        hide_ray_noise()
         protect_token()  # a new local Ray may just have written it, with the default umask
         # Just after connecting, this process may not have the cluster's resource view yet:
         # Ray Data would warn that the cluster "does not have any available CPUs" (and that
@@ -45,6 +46,34 @@ def init_ray() -> None:
     # aggregator actors for every execution (digits: 7 s to split, 3.5 s to aggregate); the
     # sort-based shuffle runs them as tasks (0.3-0.9 s and 0.1-0.3 s).
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+
+
+RAY_NOISE = ("Actor with class name: 'PreemptionWatcher'",)
+"""Lines of Ray's processes that say nothing a user acts on, kept off the console: Ray Train's
+preemption watcher's restart hint at every start (its arguments are actor handles, which Ray
+keeps in the object store: ray-project/ray#53727)."""
+
+
+def hide_ray_noise() -> None:
+    """Drop RAY_NOISE from what Ray prints of its processes' output on this driver (its print
+    handler, wrapped; where a Ray version lacks it, nothing is dropped)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    for name, handler in list(getattr(dispatcher, "handlers", [])):
+        if name != "ray_print_logs":
+            continue
+
+        def filtered(data: dict, handler=handler) -> None:
+            lines = [
+                line for line in data.get("lines", []) if not any(n in line for n in RAY_NOISE)
+            ]
+            if lines:
+                handler({**data, "lines": lines})
+
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
 
 
 def forget_dead_local_cluster() -> None:

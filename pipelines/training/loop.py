@@ -14,7 +14,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +98,11 @@ class Worker:
     saved: checkpoints.TrainingState | None = None
     """The checkpoint resumed from, until `distribute` has loaded its optimizer state (and,
     format 4, its tensors)."""
-    checkpoint: Any = None
-    """Ray Train's checkpoint of `saved` (where format 4's tensor files are)."""
+    checkpoint_dir: Path | None = None
+    """`saved`'s directory, on this node (format 4's tensor files are there): downloaded once
+    from object storage, for `resume` and `distribute` both, and removed after."""
+    opened: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    """What holds `checkpoint_dir` until `distribute` has read it."""
     first_epoch: int = 1
     position: tuple[int, int] = (1, 0)
     """Where the data stream of epochs of a set number of steps stands: (pass, batches taken)."""
@@ -183,14 +186,14 @@ def distribute(w: Worker) -> None:
     if w.saved is not None:
         state, w.saved = w.saved, None
         if state.shards is not None:  # format 4: each rank reads its parts, resharded
-            with w.checkpoint.as_directory() as d:
-                shards = Path(d) / checkpoints.SHARDS_DIR
-                groups = state.optimizer["param_groups"]
-                checkpoints.load_shards(w.model, w.optimizer, shards, groups)
+            shards = w.checkpoint_dir / checkpoints.SHARDS_DIR
+            groups = state.optimizer["param_groups"]
+            checkpoints.load_shards(w.model, w.optimizer, shards, groups)
         else:
             parallel.load_optimizer(w.model, w.optimizer, state.optimizer)
         w.scheduler.load_state_dict(state.scheduler)
         w.scaler.load_state_dict(state.scaler)
+    w.opened.close()  # (a downloaded checkpoint's copy goes)
     nodes = [ray.get_runtime_context().get_node_id()] * w.world
     if w.world > 1:
         dist.all_gather_object(nodes, nodes[0])
@@ -216,11 +219,12 @@ def resume(w: Worker, checkpoint: Any) -> None:
     once `distribute` has built the optimizer. The logger records a restart in MLflow (after a
     failure, or the same run submitted again, with or without a checkpoint)."""
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = checkpoints.load(d, tensors=False)
+        # (one download from object storage serves this and `distribute`'s tensor files)
+        w.checkpoint_dir = Path(w.opened.enter_context(checkpoint.as_directory()))
+        state = checkpoints.load(w.checkpoint_dir, tensors=False)
         if state.shards is None:  # formats 1-3: the whole model, loaded before it is sharded
             w.model.load_state_dict(state.model)
-        w.saved, w.checkpoint = state, checkpoint
+        w.saved = state
         w.first_epoch = state.epoch + 1
         w.position = resumed_position(state, w.spec) or w.position
         w.elapsed = state.elapsed

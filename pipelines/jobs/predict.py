@@ -40,10 +40,7 @@ import pyarrow.fs as pafs
 from trainyard.cluster.errors import TrainyardError
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines import tracking
-from trainyard.pipelines.data.common import (
-    open_fs,
-    quiet_ray_data,
-)
+from trainyard.pipelines.data.common import open_fs, quiet_ray_data
 from trainyard.pipelines.data.predicting import PredictJob, predict_module
 from trainyard.pipelines.driver.session import init_ray
 from trainyard.pipelines.jobs.generate import add_sampling_arguments, check_sampling

@@ -12,14 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from trainyard.pipelines.data.arrays import (
-    derive_seed,
-)
-from trainyard.pipelines.data.common import (
-    DataError,
-    open_fs,
-    resolve_files,
-)
+from trainyard.pipelines.data.arrays import derive_seed
+from trainyard.pipelines.data.common import DataError, open_fs, resolve_files
 from trainyard.pipelines.data.images.spec import ImageDataSpec
 from trainyard.pipelines.data.split import hold_out, key_hashes
 

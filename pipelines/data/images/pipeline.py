@@ -22,11 +22,7 @@ import pyarrow.fs as pafs
 
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines.config.spec import RunSpec
-from trainyard.pipelines.data.arrays import (
-    crop_flip,
-    decode_images,
-    normalize,
-)
+from trainyard.pipelines.data.arrays import crop_flip, decode_images, normalize
 from trainyard.pipelines.data.augment import ROW, augment_batch
 from trainyard.pipelines.data.common import (
     DataError,

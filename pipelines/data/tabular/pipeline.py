@@ -31,13 +31,7 @@ from trainyard.pipelines.data.common import (
     resolve_files,
     task_error,
 )
-from trainyard.pipelines.data.features import (
-    FeaturePlan,
-    as_text,
-    blank,
-    encode,
-    fit_encoder,
-)
+from trainyard.pipelines.data.features import FeaturePlan, as_text, blank, encode, fit_encoder
 from trainyard.pipelines.data.tables import DATA_EXTENSIONS, file_format
 from trainyard.pipelines.data.tabular.rows import (
     BUILTIN_DIGITS,

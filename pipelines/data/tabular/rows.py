@@ -15,15 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from trainyard.pipelines.data import tables
-from trainyard.pipelines.data.common import (
-    DataError,
-    resolve_files,
-)
-from trainyard.pipelines.data.features import (
-    FeaturePlan,
-    blank,
-    is_category_type,
-)
+from trainyard.pipelines.data.common import DataError, resolve_files
+from trainyard.pipelines.data.features import FeaturePlan, blank, is_category_type
 from trainyard.pipelines.data.tables import DATA_EXTENSIONS, file_format
 from trainyard.pipelines.data.tabular.spec import TabularDataSpec
 

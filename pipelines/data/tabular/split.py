@@ -11,9 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from trainyard.pipelines.data.common import (
-    DataError,
-)
+from trainyard.pipelines.data.common import DataError
 from trainyard.pipelines.data.split import below, row_hashes
 from trainyard.pipelines.data.tabular.spec import TabularDataSpec
 

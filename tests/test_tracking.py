@@ -77,3 +77,102 @@ def test_source_tags_name_the_spec_the_commit_and_uncommitted_changes(tmp_path, 
     # A job `trainyard submit` sent (a copy without git) takes the tags it was given.
     monkeypatch.setenv(tracking.SOURCE_ENV, '{"mlflow.source.git.commit": "abc"}')
     assert tracking.source_tags(str(config), project) == {"mlflow.source.git.commit": "abc"}
+
+
+def test_rank_zero_logging_outlasts_a_tracking_server_that_goes_away(tmp_path, caplog, monkeypatch):
+    """A real `mlflow server` killed after the first step and started again on the same store:
+    the steps logged meanwhile wait (flush returns at once, training is not held), are sent in
+    order when it is back, exactly once, and the console says so twice. What waited is what a
+    checkpoint keeps (`pending`); a restarted attempt that sends it again (`replay`) adds
+    nothing the run has."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from trainyard.cluster.local import free_port
+    from trainyard.cluster.mlflow_server import server_command, wait_healthy
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # (as in a worker)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = server_command("127.0.0.1", port, f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path))
+
+    def start() -> subprocess.Popen:
+        server = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        wait_healthy(url, timeout_s=120)
+        return server
+
+    def stop(server: subprocess.Popen) -> None:
+        os.killpg(server.pid, signal.SIGKILL)  # (the server and its workers)
+        server.wait()
+
+    def stored(log, timeout_s: float = 90) -> None:
+        deadline = time.monotonic() + timeout_s
+        while log._records or log.away_since is not None:
+            assert time.monotonic() < deadline, log._records
+            time.sleep(0.2)
+
+    server = start()
+    try:
+        client = MlflowClient(url)
+        run_id = client.create_run(client.create_experiment("outage")).info.run_id
+        log = tracking.RankZeroLogger(url, run_id, rank=0)
+        log.metrics({"loss": 1.0}, step=1)
+        log.flush()
+        stop(server)
+        began = time.monotonic()
+        for step in (2, 3):
+            log.metrics({"loss": 1.0 / step}, step=step)
+        log.tags({"k": "v"})
+        while log.away_since is None:  # (MLflow's client finds it away within seconds)
+            assert time.monotonic() - began < 30
+            time.sleep(0.1)
+        log.flush()  # at once: nothing waits on the server
+        assert time.monotonic() - began < 30
+        pending = log.pending()
+        assert [name for name, _ in pending] == ["_log_metrics", "_log_metrics", "_log_tags"]
+        server = start()
+        stored(log)
+        assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
+        assert client.get_run(run_id).data.tags["k"] == "v"
+        twin = tracking.RankZeroLogger(url, run_id, rank=0)  # a restart, from the checkpoint
+        twin.replay(pending)
+        stored(twin)
+        assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
+    finally:
+        stop(server)
+    said = [r.getMessage() for r in caplog.records if "MLflow server" in r.getMessage()]
+    assert len(said) == 2 and "does not answer" in said[0] and "is back" in said[1], said
+
+
+def test_the_driver_sends_what_the_newest_checkpoint_kept_for_a_server_that_was_away(tmp_path):
+    """Records rank 0 could not send before the run's last checkpoint (the file beside it) are
+    sent by the driver at the end; what the run has is not sent again; none: nothing to do."""
+    import json
+
+    import ray.train
+
+    from trainyard.pipelines.driver.record import send_pending
+    from trainyard.pipelines.training.checkpoint import PENDING_FILE
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("pending")).info.run_id
+    client.log_metric(run_id, "loss", 1.0, step=1)
+    kept = tmp_path / "checkpoint"
+    kept.mkdir()
+    checkpoint = ray.train.Checkpoint.from_directory(kept)
+    send_pending(checkpoint, uri, run_id, wait_s=5)  # (no file: nothing waited)
+    records = [
+        ["_log_metrics", [{"loss": 0.5}, 1, 1000]],  # (the run has step 1: not again)
+        ["_log_metrics", [{"loss": 0.25}, 2, 2000]],
+        ["_log_tags", [{"k": "v"}]],
+    ]
+    (kept / PENDING_FILE).write_text(json.dumps(records))
+    send_pending(checkpoint, uri, run_id, wait_s=30)
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.25)]
+    assert client.get_run(run_id).data.tags["k"] == "v"

@@ -29,6 +29,10 @@ class TrackingSpec:
     series per node (`system/node<N>-<ip>/...`), sampled by MLflow's monitor."""
     system_metrics_interval_s: float = 10.0
     """Seconds between samples of the system metrics."""
+    end_wait_s: float = 600.0
+    """A tracking server that does not answer holds no training (docs/failures.md); at the
+    end, the driver waits this long for it to store what the workers logged while it was away.
+    Then the run ends failed (exit 1), and its newest checkpoint keeps those records."""
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment), "tracking.experiment", self.experiment, "a name")
@@ -38,6 +42,7 @@ class TrackingSpec:
             self.system_metrics_interval_s,
             "seconds >= 0.5",
         )
+        _check(self.end_wait_s >= 0, "tracking.end_wait_s", self.end_wait_s, "seconds >= 0")
         if self.register_as is not None:
             _check(bool(self.register_as.strip()), "tracking.register_as", "", "a model name")
             _check(self.log_model, "tracking.register_as", self.register_as, "log_model: true")

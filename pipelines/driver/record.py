@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from trainyard.cluster.errors import RunFailed
 from trainyard.cluster.resources import ResourcePlan
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines import tracking
@@ -24,6 +25,7 @@ from trainyard.pipelines.driver.resume import Place, latest_checkpoint
 from trainyard.pipelines.driver.session import submission_id
 from trainyard.pipelines.driver.startup import PHASES, Startup
 from trainyard.pipelines.driver.trainer import schedule_steps
+from trainyard.pipelines.training import checkpoint as checkpoints
 
 
 def opening(
@@ -114,6 +116,28 @@ def input_records(spec: RunSpec, data: Prepared, key: str | None) -> list[dict[s
         }
         for split, rows in (("training", data.num_train), ("validation", data.num_validation))
     ]
+
+
+def send_pending(checkpoint: Any, uri: str, run_id: str, wait_s: float) -> None:
+    """Send what rank 0 had logged that the tracking server had yet to store when the newest
+    checkpoint was taken (the server was away: training.checkpoint.PENDING_FILE), waiting at
+    most `wait_s` for the server; RunFailed if it has not stored them by then (the checkpoint
+    keeps them)."""
+    path = f"{checkpoint.path}/{checkpoints.PENDING_FILE}"
+    try:
+        with checkpoint.filesystem.open_input_stream(path) as f:
+            records = json.loads(f.read())
+    except FileNotFoundError:
+        return
+    sender = tracking.RankZeroLogger(uri, run_id, rank=0)
+    sender.replay(records)
+    if not sender.drain(wait_s):
+        where = uri_of(path, checkpoint.filesystem)
+        raise RunFailed(
+            f"the MLflow server at {redact_text(uri)} has not stored {len(records)} "
+            f"record(s) of the workers within tracking.end_wait_s ({wait_s:g} s); they are "
+            f"kept in {redact_text(where)}"
+        )
 
 
 def log_outcome(

@@ -122,7 +122,9 @@ def run(
         # Rank 0's return value (through Ray Train, not MLflow) says whether it stopped itself.
         if stopped := (result.return_value or {}).get("stopped"):
             raise TrainingStopped(stopped)
-        # 4. The model, logged as the pipeline serves it.
+        # 4. What the workers logged while the tracking server was away, then the model, logged
+        # as the pipeline serves it.
+        record.send_pending(result.checkpoint, mlrun.uri, mlrun.id, spec.tracking.end_wait_s)
         model_uri = record.log_outcome(spec, pipeline, data, place, mlrun)
         registered = spec.tracking.register_as and tracking.register_model(
             mlrun.uri, model_uri, spec.tracking.register_as, spec.tracking.alias

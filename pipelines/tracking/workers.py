@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import queue
+import os
 import threading
 import time
 from typing import Any
@@ -60,13 +60,47 @@ def system_metrics(uri: str, run_id: str, node: str, interval_s: float):
                 logging.getLogger("trainyard").warning("last system metrics of %s: %s", node, e)
 
 
+OUTAGE_BACKOFF_S = (1.0, 30.0)
+"""The first and the longest wait between two tries of a record while the server is away."""
+PERSISTED = ("_log_metrics", "_log_tags", "_log_text", "_log_preempted")
+"""The records that a checkpoint keeps while they wait for the server (`pending`): what the run
+says, not facts of one attempt (its start, its first step)."""
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether `error` says the tracking server did not answer (down, restarting, out of
+    reach), rather than refusing what was sent."""
+    if isinstance(error, ConnectionError | TimeoutError):
+        return True
+    text = str(error)
+    if type(error).__module__.startswith(("requests", "urllib3")):
+        return True
+    return "API request to" in text and any(
+        s in text for s in ("Max retries exceeded", "Connection", "timed out", "503", "502")
+    )
+
+
+def quick_to_notice_outages() -> None:
+    """In a worker: a record is tried again by RankZeroLogger, so MLflow's client tries each
+    request once more only (its own 7 tries, the longest waits minutes, would hide for minutes
+    that the server is away), and urllib3's line per retry stays off the console."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
 class RankZeroLogger:
     """Logs metrics and tags to the job's run from rank 0; does nothing on other ranks.
 
-    On rank 0 every call is queued to one thread of its own, which creates the MLflow client
-    (importing MLflow and opening the store: seconds) and makes the calls in order: none of it
-    is on the way to the first step, and a step never waits for the store. `flush` waits until
-    everything queued so far is stored, and raises what failed meanwhile.
+    On rank 0 every call becomes a record, sent in order by one thread of its own, which
+    creates the MLflow client (importing MLflow and opening the store: seconds): none of it is
+    on the way to the first step, and a step never waits for the store. A tracking server that
+    does not answer (restarted, upgraded, out of reach) holds the records, not the training:
+    the thread tries the next record again with a growing wait (1 s to 30 s) for as long as the
+    run lasts, and sends them in order once the server is back, each exactly once. The console
+    says so twice: when the server stops answering, and when it is back. `flush` waits until
+    everything so far is stored while the server answers, returns at once while it does not
+    (the records wait in `pending`, which each checkpoint keeps: a run restarted from it sends
+    them, `replay`), and raises what the server refused meanwhile.
 
     A run resumed from a checkpoint recomputes the epochs after it, some of which it may have
     logged before the failure: a metric step already in the run is never logged again, so each
@@ -74,50 +108,101 @@ class RankZeroLogger:
     """
 
     def __init__(self, uri: str, run_id: str, rank: int):
-        self.run_id = run_id
+        self.run_id, self.uri = run_id, uri
         self.active = rank == 0
         self._last_step: dict[str, int] = {}
         self._restarted = False
         self._failed: BaseException | None = None
+        self._records: list[tuple[str, tuple]] = []
+        """Records not stored yet, the one being sent first."""
+        self._changed = threading.Condition()
+        self.away_since: float | None = None
+        """When the server stopped answering (None while it answers)."""
         if self.active:
-            self._queue: queue.Queue = queue.Queue()
             threading.Thread(
                 target=self._serve, args=(uri,), name="mlflow-logger", daemon=True
             ).start()
 
     def _serve(self, uri: str) -> None:
-        client = None
+        client, wait = None, OUTAGE_BACKOFF_S[0]
         while True:
-            call = self._queue.get()
+            with self._changed:
+                while not self._records:
+                    self._changed.wait()
+                name, args = self._records[0]
             try:
                 client = client or mlflow_client(uri)
-                call(client)
-            except BaseException as e:  # kept for flush, which raises it on the training thread
-                self._failed = self._failed or e
+                getattr(self, name)(client, *args)
+            except BaseException as e:
+                if unreachable(e):  # the record stays first; tried again after a wait
+                    if self.away_since is None:
+                        self.away_since = time.time()
+                        log.warning(
+                            f"trainyard: the MLflow server at {uri} does not answer ({short(e)}); "
+                            "training goes on, and what it logs is sent when the server is back"
+                        )
+                    time.sleep(wait)
+                    wait = min(2 * wait, OUTAGE_BACKOFF_S[1])
+                    continue
+                self._failed = self._failed or e  # kept for flush, which raises it
+            if self.away_since is not None:
+                away = time.time() - self.away_since
+                log.warning(
+                    f"trainyard: the MLflow server is back after {away:.0f} s; sending the "
+                    f"{len(self._records)} record(s) it missed"
+                )
+                self.away_since, wait = None, OUTAGE_BACKOFF_S[0]
+            with self._changed:
+                self._records.pop(0)
+                self._changed.notify_all()
 
-    def _later(self, call) -> None:
+    def _later(self, name: str, *args: Any) -> None:
         if self.active:
-            self._queue.put(call)
+            with self._changed:
+                self._records.append((name, args))
+                self._changed.notify_all()
 
     def flush(self) -> None:
-        """Wait until every call so far is stored (before each checkpoint, so that a run
-        resumed from it never misses a metric of the epochs before it); raise what failed."""
+        """Wait until every record so far is stored, unless the server does not answer (each
+        checkpoint keeps what waits: `pending`); raise what the server refused meanwhile."""
         if not self.active:
             return
-
-        done = threading.Event()
-        self._queue.put(lambda client: done.set())
-        done.wait()
+        with self._changed:
+            while self._records and self.away_since is None:
+                self._changed.wait(timeout=1.0)
         if self._failed is not None:
             failed, self._failed = self._failed, None
             raise failed
 
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every record so far is stored, the server away or not, at most
+        `timeout_s`: whether they all were."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self._records and time.monotonic() < deadline:
+                self._changed.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            return not self._records
+
+    def pending(self) -> list[list]:
+        """The records the server has yet to store that a checkpoint keeps (plain data)."""
+        with self._changed:
+            return [[name, list(args)] for name, args in self._records if name in PERSISTED]
+
+    def replay(self, records: list[list]) -> None:
+        """Send `records` (an earlier attempt's `pending`, from its checkpoint) before what
+        this attempt logs; what the run has already is not logged again."""
+        if self.active:
+            with self._changed:
+                self._records[:0] = [(n, tuple(a)) for n, a in records if n in PERSISTED]
+                self._changed.notify_all()
+
     def metrics(self, values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         values = {k: float(v) for k, v in values.items() if math.isfinite(float(v))}
-        self._later(lambda client: self._log_metrics(client, values, step, now))
+        self._later("_log_metrics", values, step, now)
 
-    def _log_metrics(self, client: Any, values: dict[str, float], step: int, now: int) -> None:
+    def _new_metrics(self, client: Any, values: dict[str, float], step: int, now: int) -> list:
+        """Those of `values` whose step the run has not got yet, as MLflow metrics."""
         from mlflow.entities import Metric
 
         batch = []
@@ -126,23 +211,37 @@ class RankZeroLogger:
                 history = client.get_metric_history(self.run_id, key)
                 self._last_step[key] = max((m.step for m in history), default=-1)
             if step > self._last_step[key]:
-                self._last_step[key] = step
                 batch.append(Metric(key, value, now, step))
-        if batch:
-            client.log_batch(self.run_id, metrics=batch)
+        return batch
 
-    def tags(self, values: dict[str, str]) -> None:
-        values = dict(values)
-        self._later(lambda client: self._log_tags(client, values))
-
-    def _log_tags(self, client: Any, values: dict[str, Any]) -> None:
+    def _send(self, client: Any, metrics: list, tags: dict[str, Any]) -> None:
+        """One request: `metrics` and `tags` stored together, or not at all."""
         from mlflow.entities import RunTag
 
-        client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
+        if metrics or tags:
+            client.log_batch(
+                self.run_id,
+                metrics=metrics,
+                tags=[RunTag(k, str(v)) for k, v in tags.items()],
+            )
+        for m in metrics:  # (only once stored: a record tried again sends them again)
+            self._last_step[m.key] = max(self._last_step[m.key], m.step)
+
+    def _log_metrics(self, client: Any, values: dict[str, float], step: int, now: int) -> None:
+        self._send(client, self._new_metrics(client, values, step, now), {})
+
+    def tags(self, values: dict[str, str]) -> None:
+        self._later("_log_tags", {k: str(v) for k, v in values.items()})
+
+    def _log_tags(self, client: Any, values: dict[str, Any]) -> None:
+        self._send(client, [], values)
 
     def text(self, text: str, artifact_file: str) -> None:
         """Store `text` as the run's artifact `artifact_file`."""
-        self._later(lambda client: client.log_text(self.run_id, text, artifact_file))
+        self._later("_log_text", text, artifact_file)
+
+    def _log_text(self, client: Any, text: str, artifact_file: str) -> None:
+        client.log_text(self.run_id, text, artifact_file)
 
     def started(
         self, checkpoint_epoch: int | None, world: int, up_at: float, step: int = 0
@@ -153,10 +252,7 @@ class RankZeroLogger:
         first step is tagged), is a restart: counted and tagged with when, from where and on
         how many workers (the metric num_workers, one point per start, shows an elastic run's
         sizes), and the step it resumes after (`trainyard.resumed_step.<n>`)."""
-        at = time.time()
-        self._later(
-            lambda client: self._record_start(client, checkpoint_epoch, world, at, up_at, step)
-        )
+        self._later("_record_start", checkpoint_epoch, world, time.time(), up_at, step)
 
     def _record_start(
         self,
@@ -170,25 +266,26 @@ class RankZeroLogger:
         tags = client.get_run(self.run_id).data.tags
         self._restarted = checkpoint_epoch is not None or "trainyard.first_step_at" in tags
         count = int(tags.get("trainyard.restarts", 0)) + self._restarted
-        self._log_metrics(client, {"num_workers": world}, count, int(at * 1000))
+        metrics = self._new_metrics(client, {"num_workers": world}, count, int(at * 1000))
         up = "resumed_workers_up_at" if self._restarted else "workers_up_at"
-        self._log_tags(client, {f"trainyard.{up}": f"{up_at:.3f}"})
+        said = {f"trainyard.{up}": f"{up_at:.3f}"}
         if not self._restarted:
+            self._send(client, metrics, said)
             return
         after = checkpoint_epoch or 0
         was = tags.get("num_workers")  # (the earlier attempt's size, until this one tags its own)
         resized = f" (was {was})" if was and was != str(world) else ""
         when = f"after epoch {after} at {at:.3f} on {world} worker(s){resized}"
-        self._log_tags(
-            client,
-            {
-                "trainyard.restarts": count,
-                f"trainyard.restart.{count}": when,
-                f"trainyard.resumed_step.{count}": step,
-            },
+        said |= {
+            "trainyard.restarts": count,
+            f"trainyard.restart.{count}": when,
+            f"trainyard.resumed_step.{count}": step,
+        }
+        metrics += self._new_metrics(
+            client, {"restarted_after_epoch": after}, count, int(at * 1000)
         )
-        self._log_metrics(client, {"restarted_after_epoch": after}, count, int(at * 1000))
-        logging.getLogger("trainyard").info(
+        self._send(client, metrics, said)  # (one request: a restart is counted once)
+        log.info(
             f"restart {count}: resuming after step {step} (epoch {after} done) on {world} "
             f"worker(s){resized}"
         )
@@ -196,28 +293,37 @@ class RankZeroLogger:
     def preempted(self, nodes: list[str], deadline: float | None, step: int) -> None:
         """A preemption notice for `nodes` (going at `deadline`, Unix time) was checkpointed at
         optimizer step `step`: tagged `trainyard.preempted.<n>` (n counts the run's notices)."""
-        at = time.time()
+        self._later("_log_preempted", list(nodes), deadline, step, time.time())
 
-        def tag(client: Any) -> None:
-            tags = client.get_run(self.run_id).data.tags
-            n = 1 + sum(k.startswith("trainyard.preempted.") for k in tags)
-            until = f"{deadline:.3f}" if deadline else "-"
-            said = f"node {','.join(nodes)} deadline {until} step {step} at {at:.3f}"
-            self._log_tags(client, {f"trainyard.preempted.{n}": said})
-
-        self._later(tag)
+    def _log_preempted(
+        self, client: Any, nodes: list[str], deadline: float | None, step: int, at: float
+    ) -> None:
+        tags = client.get_run(self.run_id).data.tags
+        said = f"node {','.join(nodes)} deadline {f'{deadline:.3f}' if deadline else '-'} "
+        said += f"step {step} at {at:.3f}"
+        if said in tags.values():  # (sent before, by the attempt whose checkpoint kept it)
+            return
+        n = 1 + sum(k.startswith("trainyard.preempted.") for k in tags)
+        self._send(client, [], {f"trainyard.preempted.{n}": said})
 
     def checks(self, asks: int, seconds: float) -> None:
         """What this attempt's preemption checks cost (training.preemption.PreemptionCheck)."""
         if asks:
-            said = {"trainyard.preemption_checks": f"{asks} in {seconds:.3f} s"}
-            self._later(lambda client: self._log_tags(client, said))
+            self._later("_log_tags", {"trainyard.preemption_checks": f"{asks} in {seconds:.3f} s"})
 
     def first_step(self, at: float) -> None:
         """This attempt's first optimizer step finished at `at` (a restart's: resumed_step_at)."""
+        self._later("_log_first_step", at)
 
-        def tag(client: Any) -> None:
-            key = "resumed_step_at" if self._restarted else "first_step_at"
-            self._log_tags(client, {f"trainyard.{key}": f"{at:.3f}"})
+    def _log_first_step(self, client: Any, at: float) -> None:
+        key = "resumed_step_at" if self._restarted else "first_step_at"
+        self._send(client, [], {f"trainyard.{key}": f"{at:.3f}"})
 
-        self._later(tag)
+
+log = logging.getLogger("trainyard")
+
+
+def short(error: BaseException) -> str:
+    """The last line of an error, cut to 160 characters."""
+    text = str(error).strip().splitlines()
+    return (text[-1] if text else type(error).__name__)[:160]

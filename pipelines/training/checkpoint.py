@@ -31,6 +31,9 @@ from trainyard.cluster.errors import TrainyardError
 from trainyard.pipelines.config import user
 from trainyard.pipelines.config.user import ModelRecipe
 
+PENDING_FILE = "mlflow-pending.json"
+"""What rank 0 had logged that the tracking server had yet to store when the checkpoint was
+taken (tracking.RankZeroLogger.pending), sent by the run that resumes from it."""
 FORMAT = 5
 """The newest format this version reads. It writes 4, or 5 for a checkpoint taken inside an
 epoch (`in_epoch`), which versions before it cannot resume."""

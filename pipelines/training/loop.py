@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import random
 import tempfile
@@ -132,11 +133,11 @@ def report(
                 "trainyard.steps_per_rank": ",".join(str(n) for _, n in facts),
             }
         )
+    w.log.flush()  # (what the server has yet to store goes with the checkpoint)
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if last or best or epoch % tr.checkpoint_every == 0:
             checkpoint = write_checkpoint(w, d, epoch, stream, metrics["elapsed_s"])
-        w.log.flush()
         inject_failure(w.job.inject_failure, epoch, rank)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -173,6 +174,8 @@ def write_checkpoint(
             in_epoch=in_epoch,
         )
         checkpoints.save(directory, state)
+        if pending := w.log.pending():  # the tracking server is away: sent by a restart
+            (Path(directory) / checkpoints.PENDING_FILE).write_text(json.dumps(pending))
     return ray.train.Checkpoint.from_directory(directory)
 
 
@@ -201,9 +204,9 @@ def checkpoint_on_notice(
         "preempted_step": step,
         tr.monitor: preemption.worst(tr.mode),
     }
+    w.log.flush()
     with tempfile.TemporaryDirectory() as d:
         checkpoint = write_checkpoint(w, d, epoch - 1, stream, elapsed, in_epoch)
-        w.log.flush()
         ray.train.report(metrics, checkpoint=checkpoint)
 
 

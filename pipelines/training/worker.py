@@ -6,6 +6,7 @@ wrapped or sharded, with its optimizer, schedule and scaler (`distribute`). The 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.config.user import build_model
 from trainyard.pipelines.data.common import quiet_ray_data
 from trainyard.pipelines.tracking import RankZeroLogger
+from trainyard.pipelines.tracking.workers import quick_to_notice_outages
 from trainyard.pipelines.training import checkpoint as checkpoints
 from trainyard.pipelines.training import parallel, preemption
 from trainyard.pipelines.training.job import WorkerJob
@@ -90,6 +92,7 @@ def set_up(config: dict[str, Any]) -> Worker:
     logging.getLogger().setLevel(logging.WARNING)
     logger.setLevel(logging.INFO)
     quiet_ray_data()  # the workers read the data themselves
+    quick_to_notice_outages()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # (an elastic run's micro-batches and accumulation follow the size it got)
@@ -180,6 +183,8 @@ def resume(w: Worker, checkpoint: Any) -> None:
         # (one download from object storage serves this and `distribute`'s tensor files)
         w.checkpoint_dir = Path(w.opened.enter_context(checkpoint.as_directory()))
         state = checkpoints.load(w.checkpoint_dir, tensors=False)
+        if (pending := w.checkpoint_dir / checkpoints.PENDING_FILE).is_file():
+            w.log.replay(json.loads(pending.read_text()))  # (the server was away)
         if state.shards is None:  # formats 1-3: the whole model, loaded before it is sharded
             w.model.load_state_dict(state.model)
         w.saved = state

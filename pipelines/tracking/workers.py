@@ -108,7 +108,7 @@ class RankZeroLogger:
     """
 
     def __init__(self, uri: str, run_id: str, rank: int):
-        self.run_id, self.uri = run_id, uri
+        self.run_id = run_id
         self.active = rank == 0
         self._last_step: dict[str, int] = {}
         self._restarted = False

@@ -86,10 +86,8 @@ def epoch_metrics(
     metrics.update(text_metrics(metrics, data))
     train_loss = result.loss
     if w.world > 1:  # every rank's mean (train.monitor may be it: every rank decides alike)
-        sums = [result.loss * result.samples, float(result.samples)]
-        t = torch.tensor(sums, dtype=torch.float64, device=w.device)
-        dist.all_reduce(t)
-        train_loss = (t[0] / t[1].clamp(min=1.0)).item()
+        loss_sum, samples = agreed_sums([result.loss * result.samples, result.samples], w)
+        train_loss = loss_sum / max(samples, 1.0)
     # Throughput over all ranks: each rank saw the same number of samples.
     metrics.update(throughput(result, w.world, data, w.peak))
     metrics.update(

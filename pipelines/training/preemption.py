@@ -1,7 +1,7 @@
 """Spot preemption in the workers. A cloud that reclaims a node says so ahead (30 s to 2 min);
 Ray marks the node as draining with a deadline (`ray drain-node`, as the autoscaler and KubeRay
 do) and Ray Train passes the notice to every worker (`ray.train.get_preemption_info`). The ranks
-ask for it together, every `train.preemption_check_s` seconds of training (a barrier: every rank
+ask for it together, every `scaling.preemption_check_s` seconds of training (a barrier: every rank
 makes the same calls), and on a notice the loop checkpoints the step it is at and trains no
 further on this worker group: whatever it would train until the node goes would be lost. Ray
 Train restarts the group without the node at the deadline (counted against
@@ -10,7 +10,6 @@ checkpoint: no step is trained twice."""
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +18,6 @@ import torch
 import torch.distributed as dist
 
 from trainyard.pipelines.training.step import EpochStats
-
-logger = logging.getLogger("trainyard")
 
 MAX_CHECKS_APART = 10_000
 """The most steps between two checks (a step that takes microseconds)."""

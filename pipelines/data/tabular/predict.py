@@ -9,24 +9,14 @@ from typing import Any
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from trainyard.pipelines.data.predicting import (
-    PredictJob,
-    labelled,
-    missing_inputs,
-    predictions,
-    signature_inputs,
-)
+from trainyard.pipelines.data.predicting import PredictJob, labelled, predictions
+from trainyard.pipelines.data.pyfunc import check_table, job_fields
+
+__all__ = ["BATCH", "FILES", "check_table", "job_fields", "predict_batch"]
+"""(The signature's columns, checked as for any pyfunc model: data.pyfunc's.)"""
 
 FILES = None
 BATCH = 4096
-
-
-def job_fields(mlmodel: Any, source: str) -> dict[str, Any]:
-    return {"inputs": signature_inputs(mlmodel)}
-
-
-def check_table(data: str, schema: Any, job: PredictJob) -> list[str]:
-    return missing_inputs(schema, job)
 
 
 def predict_batch(model: Any, metadata: dict, batch: Any, job: PredictJob) -> tuple[None, Any]:

@@ -27,6 +27,13 @@ class RunFailed(Exception):
         self.stuck = stuck
 
 
+class TrackingUnfinished(RunFailed):
+    """The training finished, but the tracking server did not answer within
+    tracking.end_wait_s to store its end (what the workers logged while it was away, the model,
+    the run's status): the checkpoint keeps what waits, and `--resume` of the run sends it and
+    closes the run once the server is back. Exit code 3 from the command."""
+
+
 def check(ok: bool, name: str, value: Any, expected: str) -> None:
     """Raise SpecError naming the field `name` unless `ok`."""
     if not ok:

@@ -9,7 +9,8 @@ results and raise exceptions (never exit). `import trainyard` gives these names.
 
 A mistake (a bad spec, data that do not fit it, user code that does not import) raises
 `TrainyardError` (`SpecError`, `DataError` among them) before anything runs; work that started
-and did not succeed raises `RunFailed`. The console lines are the command's: printed to this
+and did not succeed raises `RunFailed` (`TrackingUnfinished`: trained, but the tracking server
+did not store the run's end in time). The console lines are the command's: printed to this
 process's standard output, which a notebook shows under its cell.
 """
 
@@ -20,7 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainyard.cluster.errors import RunFailed, SpecError, TrainyardError  # noqa: F401 (the API's)
+from trainyard.cluster.errors import (  # noqa: F401 (the API's)
+    RunFailed,
+    SpecError,
+    TrackingUnfinished,
+    TrainyardError,
+)
 from trainyard.pipelines import tracking
 from trainyard.pipelines.config.spec import Overrides, RunSpec, load_spec
 from trainyard.pipelines.driver.run import RunOptions, run

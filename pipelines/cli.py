@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from trainyard.cluster import local, mlflow_server
-from trainyard.cluster.errors import RunFailed, TrainyardError
+from trainyard.cluster.errors import RunFailed, TrackingUnfinished, TrainyardError
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines import api, bench
 from trainyard.pipelines.config.overrides import add_spec_arguments, read_overrides
@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     except RunFailed as e:  # work that started and failed: its line(s) said why
         if str(e):
             print(f"trainyard: {redact_text(str(e))}", file=sys.stderr, flush=True)
+        if isinstance(e, TrackingUnfinished):  # trained, but not all of it in MLflow yet
+            return 3
         if e.stuck:
             # A thread is left in a wait Ray cannot interrupt, and Ray's shutdown would wait
             # for it: end the process (Ray ends this driver's job, its workers, with it).

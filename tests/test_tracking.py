@@ -88,8 +88,12 @@ def test_rank_zero_logging_outlasts_a_tracking_server_that_goes_away(tmp_path, c
     import os
     import signal
     import subprocess
+    import threading
     import time
 
+    import pytest
+
+    from trainyard.cluster.errors import TrackingUnfinished
     from trainyard.cluster.local import free_port
     from trainyard.cluster.mlflow_server import server_command, wait_healthy
 
@@ -134,7 +138,20 @@ def test_rank_zero_logging_outlasts_a_tracking_server_that_goes_away(tmp_path, c
         assert time.monotonic() - began < 30
         pending = log.pending()
         assert [name for name, _ in pending] == ["_log_metrics", "_log_metrics", "_log_tags"]
-        server = start()
+        # The driver's end waits for the server as long as tracking.end_wait_s says, no longer;
+        # a server back within it is waited for.
+        waited = time.monotonic()
+        with pytest.raises(TrackingUnfinished, match=r"end_wait_s \(2 s\): it is kept"):
+            with tracking.waiting_at_most(url, 2, "it is kept"):
+                tracking.mlflow_client(url).get_run(run_id)
+        assert time.monotonic() - waited < 10
+        restarted: list[subprocess.Popen] = []
+        starting = threading.Thread(target=lambda: restarted.append(start()))
+        starting.start()
+        with tracking.waiting_at_most(url, 120, "it is kept"):
+            assert tracking.mlflow_client(url).get_run(run_id).info.run_id == run_id
+        starting.join()
+        server = restarted[0]
         stored(log)
         assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
         assert client.get_run(run_id).data.tags["k"] == "v"
@@ -145,7 +162,10 @@ def test_rank_zero_logging_outlasts_a_tracking_server_that_goes_away(tmp_path, c
     finally:
         stop(server)
     said = [r.getMessage() for r in caplog.records if "MLflow server" in r.getMessage()]
-    assert len(said) == 2 and "does not answer" in said[0] and "is back" in said[1], said
+    assert len(said) == 5, said  # the logger's two, the driver's first wait's, its second's two
+    logger_said = [m for m in said if "training goes on" in m or "record(s)" in m]
+    assert len(logger_said) == 2 and "does not answer" in logger_said[0], said
+    assert "is back" in logger_said[1]
 
 
 def test_the_driver_sends_what_the_newest_checkpoint_kept_for_a_server_that_was_away(tmp_path):
@@ -165,14 +185,18 @@ def test_the_driver_sends_what_the_newest_checkpoint_kept_for_a_server_that_was_
     kept = tmp_path / "checkpoint"
     kept.mkdir()
     checkpoint = ray.train.Checkpoint.from_directory(kept)
-    send_pending(checkpoint, uri, run_id, wait_s=5)  # (no file: nothing waited)
+    send_pending(checkpoint, None, uri, run_id)  # (no file: nothing waited)
     records = [
         ["_log_metrics", [{"loss": 0.5}, 1, 1000]],  # (the run has step 1: not again)
         ["_log_metrics", [{"loss": 0.25}, 2, 2000]],
         ["_log_tags", [{"k": "v"}]],
     ]
     (kept / PENDING_FILE).write_text(json.dumps(records))
-    send_pending(checkpoint, uri, run_id, wait_s=30)
+    send_pending(checkpoint, None, uri, run_id)
     history = client.get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.25)]
     assert client.get_run(run_id).data.tags["k"] == "v"
+    # What the workers returned as they ended (later than the checkpoint) is what waits.
+    send_pending(checkpoint, [["_log_metrics", [{"loss": 0.125}, 3, 3000]]], uri, run_id)
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]

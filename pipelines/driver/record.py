@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from trainyard.cluster.errors import RunFailed
+from trainyard.cluster.errors import TrackingUnfinished
 from trainyard.cluster.resources import ResourcePlan
 from trainyard.cluster.secrets import redact_text
 from trainyard.pipelines import tracking
@@ -118,26 +118,30 @@ def input_records(spec: RunSpec, data: Prepared, key: str | None) -> list[dict[s
     ]
 
 
-def send_pending(checkpoint: Any, uri: str, run_id: str, wait_s: float) -> None:
-    """Send what rank 0 had logged that the tracking server had yet to store when the newest
-    checkpoint was taken (the server was away: training.checkpoint.PENDING_FILE), waiting at
-    most `wait_s` for the server; RunFailed if it has not stored them by then (the checkpoint
-    keeps them)."""
+def send_pending(checkpoint: Any, returned: list[list] | None, uri: str, run_id: str) -> None:
+    """Send what rank 0 had logged that the tracking server had yet to store when the workers
+    ended (`returned`, their return value's), else when the newest checkpoint was taken (the
+    file beside it, training.checkpoint.PENDING_FILE). Inside tracking.waiting_at_most: if the
+    server does not take them in time, what is left is written beside the checkpoint (for
+    `--resume` to send), the console says where, and TrackingUnfinished is raised."""
     path = f"{checkpoint.path}/{checkpoints.PENDING_FILE}"
-    try:
-        with checkpoint.filesystem.open_input_stream(path) as f:
-            records = json.loads(f.read())
-    except FileNotFoundError:
-        return
-    sender = tracking.RankZeroLogger(uri, run_id, rank=0)
-    sender.replay(records)
-    if not sender.drain(wait_s):
-        where = uri_of(path, checkpoint.filesystem)
-        raise RunFailed(
-            f"the MLflow server at {redact_text(uri)} has not stored {len(records)} "
-            f"record(s) of the workers within tracking.end_wait_s ({wait_s:g} s); they are "
-            f"kept in {redact_text(where)}"
-        )
+    records = returned
+    if records is None:
+        try:
+            with checkpoint.filesystem.open_input_stream(path) as f:
+                records = json.loads(f.read())
+        except FileNotFoundError:
+            return
+    sender = tracking.RankZeroLogger(uri, run_id, rank=0, background=False)
+    for i, record in enumerate(records):
+        try:
+            sender.send([record])
+        except TrackingUnfinished:
+            with checkpoint.filesystem.open_output_stream(path) as f:
+                f.write(json.dumps(records[i:]).encode())
+            where = redact_text(uri_of(path, checkpoint.filesystem))
+            print(f"trainyard: {len(records) - i} record(s) of the workers wait in {where}")
+            raise
 
 
 def log_outcome(
@@ -171,7 +175,7 @@ def log_trained_model(
     """Log `net` to the run as the pipeline serves it, with the user code it needs; its URI."""
     model, example, metadata = pipeline.package(spec, data, net)
     code = user.source_paths(list(user_references(spec).values()))
-    return tracking.log_model(uri, run_id, model, example, metadata, code)
+    return tracking.patiently(tracking.log_model, uri, run_id, model, example, metadata, code)
 
 
 def record_startup(startup: Startup, run: tracking.Run, continued: bool) -> None:

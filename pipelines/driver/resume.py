@@ -136,11 +136,13 @@ def check_model_loads(recipe: ModelRecipe | dict[str, Any], weights: dict[str, A
 
 def check_resume(
     spec: RunSpec, storage: str, run_name: str, uri: str, resume: bool
-) -> tuple[str | None, dict[str, Any] | None]:
-    """The MLflow run id to continue for `run_name` (None: a new run) and the state of the
-    checkpoint it continues from. A run name MLflow has must have a complete checkpoint here,
-    written with the same computation (model, data, seed, batch shape, steps per epoch);
-    with `resume`, it must also have epochs left to train."""
+) -> tuple[str | None, TrainingState | None, bool]:
+    """The MLflow run id to continue for `run_name` (None: a new run), the state of the
+    checkpoint it continues from, and whether that run is trained to its end already. A run
+    name MLflow has must have a complete checkpoint here, written with the same computation
+    (model, data, seed, batch shape, steps per epoch); with `resume`, it must also have epochs
+    left to train, or be trained but not closed in MLflow (its end is then what is left: the
+    tracking server was away as it ended, TrackingUnfinished)."""
     run_id = tracking.find_run(uri, spec.tracking.experiment, run_name)
     flag = "--resume" if resume else "tracking.run_name"
     if run_id is None:
@@ -149,7 +151,7 @@ def check_resume(
                 f"--resume {run_name}: no run of that name in MLflow experiment "
                 f"{spec.tracking.experiment!r} at {uri}"
             )
-        return None, None
+        return None, None, False
     found = latest_checkpoint(storage, run_name)
     if found is None:
         # Continuing the MLflow run would train from scratch into it, and MLflow would drop
@@ -167,13 +169,38 @@ def check_resume(
             f"this as it goes on: {'; '.join(changes)}. Put them back, or start a new run"
         )
     epoch = state.epoch
+    if resume and trained(state, spec):
+        status = tracking.mlflow_client(uri).get_run(run_id).info.status
+        if status != "FINISHED":
+            print(
+                f"trainyard: {run_name} is trained (epoch {epoch}, {redact_text(path)}), but its "
+                f"MLflow run is {status}: ending it (what waits for MLflow, the model, the status)"
+            )
+            return run_id, state, True
     if resume and epoch >= spec.train.epochs:
         raise TrainyardError(
             f"--resume {run_name}: its newest checkpoint ({path}) is epoch {epoch} of "
             f"{spec.train.epochs}: nothing left to train (raise train.epochs to go on)"
         )
     print(f"trainyard: continuing {run_name} after epoch {epoch} from {redact_text(path)}")
-    return run_id, state
+    return run_id, state, False
+
+
+def trained(state: TrainingState, spec: RunSpec) -> bool:
+    """Whether the checkpoint's run trained to its end: every epoch, or stopped early."""
+    progress = state.progress or {}
+    patience = progress.get("patience")  # (monitor.Progress: its stop, as the run saved it)
+    stopped = patience is not None and progress.get("waited", 0) >= patience
+    return state.epoch >= spec.train.epochs or stopped
+
+
+def trained_result(place: Place) -> Any:
+    """The Ray Train result of a run trained to its end (its newest checkpoint and metrics),
+    read back from its storage."""
+    import ray.train
+
+    fs, base = open_fs(place.storage)
+    return ray.train.Result.from_path(f"{base.rstrip('/')}/{place.run_name}", fs)
 
 
 @dataclass
@@ -189,6 +216,8 @@ class Place:
     """The state of the checkpoint the run continues from (without the optimizer's), or None."""
     read_args: dict[str, Any] | None
     """Ray remote args that read data files only this node has on this node, or None."""
+    trained: bool = False
+    """The run was trained to its end and only its end in MLflow is left (check_resume)."""
 
 
 def storage_path(spec: RunSpec) -> str:
@@ -218,10 +247,12 @@ def place_run(spec: RunSpec, resume: str | None) -> Place:
     run_name = named or (
         f"{spec.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     )
-    run_id, resumed = (
-        check_resume(spec, storage, run_name, uri, resume is not None) if named else (None, None)
+    run_id, resumed, trained = (
+        check_resume(spec, storage, run_name, uri, resume is not None)
+        if named
+        else (None, None, False)
     )
-    return Place(uri, storage, run_name, run_id, resumed, read_args)
+    return Place(uri, storage, run_name, run_id, resumed, read_args, trained)
 
 
 def read_args_for(spec: RunSpec, storage: str, uri: str) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ Connects to the cluster in RAY_ADDRESS (as under `ray job submit`), else starts 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import threading
@@ -33,6 +34,7 @@ from trainyard.pipelines.driver.resume import (
     check_model_loads,
     place_run,
     shape_change,
+    trained_result,
 )
 from trainyard.pipelines.driver.session import init_ray
 from trainyard.pipelines.driver.startup import Startup
@@ -96,42 +98,85 @@ def run(
     steps = steps_per_epoch(spec, plan, data)
     facts = record.RunFacts(spec, plan, data, model_line, startup)
     opening = record.opening(spec, place, plan, data, steps, tags)
-    with tracking.run(place.uri, **opening, describe=facts.describe) as mlrun:
+    # (`ending` closes after the run does: the run's own end waits as the rest of step 4 does)
+    with (
+        contextlib.ExitStack() as ending,
+        tracking.run(place.uri, **opening, describe=facts.describe) as mlrun,
+    ):
         record.announce(spec, place, mlrun.id)
         if place.run_id is None:  # (a continued run has them already)
             tracking.log_inputs(mlrun.uri, mlrun.id, record.input_records(spec, data, key))
         startup.mark("mlflow_run")
-        job = worker_job(spec, plan, data, recipe, mlrun.id, place)
-        print(data_path(spec, data))
-        print(plan.describe())
-        timeout = start_timeout(spec, plan)
-        if notice := waiting_notice(plan, timeout):
-            print(notice)
-        configure_ray_train(timeout, job.preemption_check_s is not None)
-        # 3. Train: Ray Train runs the DDP workers, each reading its share from Ray Data.
-        trainer = make_trainer(spec, plan, data, job, place, options.callbacks)
-        stall = spec.train.stall_timeout_s
-        began = time.time()
-        result = fit(
-            trainer,
-            plan,
-            timeout,
-            stall and timeout + stall,
-            lambda: tracking.first_step_after(mlrun.uri, mlrun.id, began),
+        # 3. Train: Ray Train runs the DDP workers, each reading its share from Ray Data (a run
+        # trained to its end already, whose end the tracking server missed, has its result).
+        if place.trained:
+            result, returned = trained_result(place), None
+        else:
+            result = train_workers(spec, plan, data, recipe, place, mlrun.id, options)
+            returned = (result.return_value or {}).get("pending")
+        # 4. The end, waiting at most tracking.end_wait_s for a tracking server that does not
+        # answer: what the workers logged while it was away, then the model, logged as the
+        # pipeline serves it, and the run's status.
+        ending.enter_context(
+            tracking.waiting_at_most(mlrun.uri, spec.tracking.end_wait_s, unfinished(place))
         )
-        # Rank 0's return value (through Ray Train, not MLflow) says whether it stopped itself.
-        if stopped := (result.return_value or {}).get("stopped"):
-            raise TrainingStopped(stopped)
-        # 4. What the workers logged while the tracking server was away, then the model, logged
-        # as the pipeline serves it.
-        record.send_pending(result.checkpoint, mlrun.uri, mlrun.id, spec.tracking.end_wait_s)
+        record.send_pending(result.checkpoint, returned, mlrun.uri, mlrun.id)
         model_uri = record.log_outcome(spec, pipeline, data, place, mlrun)
-        registered = spec.tracking.register_as and tracking.register_model(
-            mlrun.uri, model_uri, spec.tracking.register_as, spec.tracking.alias
+        registered = spec.tracking.register_as and tracking.patiently(
+            tracking.register_model,
+            mlrun.uri,
+            model_uri,
+            spec.tracking.register_as,
+            spec.tracking.alias,
         )
-        record.record_startup(startup, mlrun, continued=place.run_id is not None)
+        if not place.trained:  # (this command's start-up, not the training's)
+            record.record_startup(startup, mlrun, continued=place.run_id is not None)
         facts.ended(result.metrics, model_uri)
     return record.summarize(spec, place, mlrun.id, result, model_uri, registered or None)
+
+
+def train_workers(
+    spec: RunSpec,
+    plan: ResourcePlan,
+    data: Prepared,
+    recipe: Any,
+    place: Place,
+    run_id: str,
+    options: RunOptions,
+) -> Any:
+    """Train on the cluster into MLflow run `run_id`: Ray Train's result, or TrainingStopped
+    where the workers stopped the run themselves (non-finite losses)."""
+    job = worker_job(spec, plan, data, recipe, run_id, place)
+    print(data_path(spec, data))
+    print(plan.describe())
+    timeout = start_timeout(spec, plan)
+    if notice := waiting_notice(plan, timeout):
+        print(notice)
+    configure_ray_train(timeout, job.preemption_check_s is not None)
+    trainer = make_trainer(spec, plan, data, job, place, options.callbacks)
+    stall = spec.train.stall_timeout_s
+    began = time.time()
+    result = fit(
+        trainer,
+        plan,
+        timeout,
+        stall and timeout + stall,
+        lambda: tracking.first_step_after(place.uri, run_id, began),
+    )
+    # Rank 0's return value (through Ray Train, not MLflow) says whether it stopped itself.
+    if stopped := (result.return_value or {}).get("stopped"):
+        raise TrainingStopped(stopped)
+    return result
+
+
+def unfinished(place: Place) -> str:
+    """What TrackingUnfinished says of a run whose end the tracking server missed."""
+    return (
+        f"{place.run_name} is trained and its checkpoints are kept under {place.storage}, but "
+        "MLflow misses its end (what the workers logged while the server was away, the model, "
+        "the run's status); once the server is back, `trainyard train` with the same spec and "
+        f"`--resume {place.run_name}` sends it and ends the run"
+    )
 
 
 def prepare(

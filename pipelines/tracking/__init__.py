@@ -1,5 +1,6 @@
 """Tracking: a run's life (`run`, the one context manager every kind of run opens and ends
-through), rank-0 logging (`runs`), the models a run logs (`models`).
+through), rank-0 logging (`runs`), the models a run logs (`models`), and waiting for a
+tracking server that does not answer (`outage`).
 
 `from trainyard.pipelines import tracking` gives both under one name.
 """
@@ -14,6 +15,7 @@ from trainyard.pipelines.tracking.models import (
     register_model,
     sign_model,
 )
+from trainyard.pipelines.tracking.outage import patiently, unreachable, waiting_at_most
 from trainyard.pipelines.tracking.runs import (
     ARTIFACT_DIR,
     DEFAULT_DB,
@@ -65,6 +67,7 @@ __all__ = [
     "log_model",
     "mlflow_client",
     "model_uri",
+    "patiently",
     "register_model",
     "reopen_run",
     "run",
@@ -75,4 +78,6 @@ __all__ = [
     "system_metrics",
     "tracking_uri",
     "ui_command",
+    "unreachable",
+    "waiting_at_most",
 ]

@@ -23,7 +23,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from trainyard.cluster.errors import TrackingUnfinished
 from trainyard.cluster.secrets import redact_text
+from trainyard.pipelines.tracking.outage import patient, unreachable
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -55,7 +57,7 @@ def mlflow_client(uri: str):
     if "MLFLOW_LOGGING_LEVEL" not in os.environ:
         # MLflow announces database migrations and run links at INFO; trainyard prints its own.
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=uri)
+    return patient(MlflowClient(tracking_uri=uri))
 
 
 def ui_command(uri: str) -> str:
@@ -226,8 +228,14 @@ def reopen_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
 
 def first_step_after(uri: str, run_id: str, since: float) -> bool:
     """Whether the run's rank 0 finished an optimizer step after time `since` (its
-    first_step_at, or resumed_step_at after a restart, tag)."""
-    tags = mlflow_client(uri).get_run(run_id).data.tags
+    first_step_at, or resumed_step_at after a restart, tag); True while the tracking server
+    does not answer (an outage of the tracking server does not stop a run)."""
+    try:
+        tags = mlflow_client(uri).get_run(run_id).data.tags
+    except Exception as e:
+        if unreachable(e):
+            return True
+        raise
     stamps = [tags.get(f"trainyard.{k}") for k in ("first_step_at", "resumed_step_at")]
     return any(stamp and float(stamp) > since for stamp in stamps)
 
@@ -298,8 +306,9 @@ def run(
     benchmark: open it, a new run in `experiment` named `name` with `params`, `tags` and the
     resolved spec (as spec.yaml), or the run `continues` names, RUNNING again with `tags`; yield
     it; end it as the block ends, FINISHED, or FAILED with the error that left the block
-    (errors of the types `ended_by` ended the run themselves and pass as they are), and write
-    its description (`describe`) either way."""
+    (errors of the types `ended_by` ended the run themselves and pass as they are, as does
+    TrackingUnfinished: the server that would store the end is away), and write its
+    description (`describe`) either way."""
     if continues is not None:
         reopen_run(uri, continues, tags or {})
         opened = Run(uri, continues)
@@ -307,7 +316,7 @@ def run(
         opened = Run(uri, start_run(uri, experiment, name, params or {}, spec_yaml, tags or {}))
     try:
         yield opened
-    except ended_by:
+    except (TrackingUnfinished, *ended_by):  # (TrackingUnfinished: the server is away)
         raise
     except BaseException as e:
         _describe(opened, describe, e)
@@ -322,6 +331,8 @@ def _describe(opened: Run, describe: Describe | None, error: BaseException | Non
         return
     try:
         opened.log(tags={"mlflow.note.content": describe(opened, error)})
+    except TrackingUnfinished:
+        raise
     except Exception as e:  # (the run's outcome stands without its description)
         print(f"trainyard: the run's description was not written: {e}", file=sys.stderr)
 

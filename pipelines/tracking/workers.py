@@ -6,11 +6,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import threading
 import time
 from typing import Any
 
+from trainyard.pipelines.tracking.outage import BACKOFF_S, reason, unreachable
 from trainyard.pipelines.tracking.runs import mlflow_client
 
 
@@ -27,8 +27,9 @@ def system_metrics(uri: str, run_id: str, node: str, interval_s: float):
     monitors: list[Any] = []
 
     def start() -> None:
-        # Its INFO lines (started, stopping, no GPU metrics) say nothing a user acts on.
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        # Its INFO lines (started, stopping, no GPU metrics) say nothing a user acts on, nor
+        # its warnings while the tracking server is away (rank 0's logger says that once).
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -57,35 +58,13 @@ def system_metrics(uri: str, run_id: str, node: str, interval_s: float):
                 monitor.publish_metrics(monitor.aggregate_metrics())
                 monitor.mlflow_logger.flush()
             except Exception as e:  # (the run stands without its last sample)
-                logging.getLogger("trainyard").warning("last system metrics of %s: %s", node, e)
+                if not unreachable(e):  # (an outage: rank 0's logger has said so)
+                    log.warning(f"last system metrics of {node}: {reason(e)}")
 
 
-OUTAGE_BACKOFF_S = (1.0, 30.0)
-"""The first and the longest wait between two tries of a record while the server is away."""
 PERSISTED = ("_log_metrics", "_log_tags", "_log_text", "_log_preempted")
 """The records that a checkpoint keeps while they wait for the server (`pending`): what the run
 says, not facts of one attempt (its start, its first step)."""
-
-
-def unreachable(error: BaseException) -> bool:
-    """Whether `error` says the tracking server did not answer (down, restarting, out of
-    reach), rather than refusing what was sent."""
-    if isinstance(error, ConnectionError | TimeoutError):
-        return True
-    text = str(error)
-    if type(error).__module__.startswith(("requests", "urllib3")):
-        return True
-    return "API request to" in text and any(
-        s in text for s in ("Max retries exceeded", "Connection", "timed out", "503", "502")
-    )
-
-
-def quick_to_notice_outages() -> None:
-    """In a worker: a record is tried again by RankZeroLogger, so MLflow's client tries each
-    request once more only (its own 7 tries, the longest waits minutes, would hide for minutes
-    that the server is away), and urllib3's line per retry stays off the console."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 class RankZeroLogger:
@@ -95,7 +74,7 @@ class RankZeroLogger:
     creates the MLflow client (importing MLflow and opening the store: seconds): none of it is
     on the way to the first step, and a step never waits for the store. A tracking server that
     does not answer (restarted, upgraded, out of reach) holds the records, not the training:
-    the thread tries the next record again with a growing wait (1 s to 30 s) for as long as the
+    the thread tries the next record again with a growing wait (1 s to 10 s) for as long as the
     run lasts, and sends them in order once the server is back, each exactly once. The console
     says so twice: when the server stops answering, and when it is back. `flush` waits until
     everything so far is stored while the server answers, returns at once while it does not
@@ -107,8 +86,8 @@ class RankZeroLogger:
     metric's history stays one point per step.
     """
 
-    def __init__(self, uri: str, run_id: str, rank: int):
-        self.run_id = run_id
+    def __init__(self, uri: str, run_id: str, rank: int, background: bool = True):
+        self.uri, self.run_id = uri, run_id
         self.active = rank == 0
         self._last_step: dict[str, int] = {}
         self._restarted = False
@@ -118,13 +97,13 @@ class RankZeroLogger:
         self._changed = threading.Condition()
         self.away_since: float | None = None
         """When the server stopped answering (None while it answers)."""
-        if self.active:
+        if self.active and background:
             threading.Thread(
                 target=self._serve, args=(uri,), name="mlflow-logger", daemon=True
             ).start()
 
     def _serve(self, uri: str) -> None:
-        client, wait = None, OUTAGE_BACKOFF_S[0]
+        client, wait = None, BACKOFF_S[0]
         while True:
             with self._changed:
                 while not self._records:
@@ -138,11 +117,11 @@ class RankZeroLogger:
                     if self.away_since is None:
                         self.away_since = time.time()
                         log.warning(
-                            f"trainyard: the MLflow server at {uri} does not answer ({short(e)}); "
+                            f"trainyard: the MLflow server at {uri} does not answer ({reason(e)}); "
                             "training goes on, and what it logs is sent when the server is back"
                         )
                     time.sleep(wait)
-                    wait = min(2 * wait, OUTAGE_BACKOFF_S[1])
+                    wait = min(2 * wait, BACKOFF_S[1])
                     continue
                 self._failed = self._failed or e  # kept for flush, which raises it
             if self.away_since is not None:
@@ -151,7 +130,7 @@ class RankZeroLogger:
                     f"trainyard: the MLflow server is back after {away:.0f} s; sending the "
                     f"{len(self._records)} record(s) it missed"
                 )
-                self.away_since, wait = None, OUTAGE_BACKOFF_S[0]
+                self.away_since, wait = None, BACKOFF_S[0]
             with self._changed:
                 self._records.pop(0)
                 self._changed.notify_all()
@@ -195,6 +174,15 @@ class RankZeroLogger:
             with self._changed:
                 self._records[:0] = [(n, tuple(a)) for n, a in records if n in PERSISTED]
                 self._changed.notify_all()
+
+    def send(self, records: list[list]) -> None:
+        """Send `records` (an earlier attempt's `pending`) now, in this thread, through
+        tracking's client (the driver's: it waits for the server as its block allows); what the
+        run has already is not logged again."""
+        client = mlflow_client(self.uri)
+        for name, args in records:
+            if name in PERSISTED:
+                getattr(self, name)(client, *args)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -321,9 +309,3 @@ class RankZeroLogger:
 
 
 log = logging.getLogger("trainyard")
-
-
-def short(error: BaseException) -> str:
-    """The last line of an error, cut to 160 characters."""
-    text = str(error).strip().splitlines()
-    return (text[-1] if text else type(error).__name__)[:160]

@@ -22,7 +22,7 @@ from trainyard.pipelines.config.spec import RunSpec
 from trainyard.pipelines.config.user import build_model
 from trainyard.pipelines.data.common import quiet_ray_data
 from trainyard.pipelines.tracking import RankZeroLogger
-from trainyard.pipelines.tracking.workers import quick_to_notice_outages
+from trainyard.pipelines.tracking.outage import quick_to_notice_outages
 from trainyard.pipelines.training import checkpoint as checkpoints
 from trainyard.pipelines.training import parallel, preemption
 from trainyard.pipelines.training.job import WorkerJob

@@ -8,6 +8,7 @@ import copy
 import shutil
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 from ranks import on_ranks
@@ -270,11 +271,26 @@ def test_a_checkpoint_with_a_tensor_file_changed_or_missing_is_refused(trained, 
     shutil.copytree(trained["checkpoint"], copy)
     part = copy / checkpoints.SHARDS_DIR / "__1_0.distcp"
     part.write_bytes(part.read_bytes()[:-8])
-    with pytest.raises(checkpoints.CheckpointError, match=r"corrupt \(shards/__1_0.distcp"):
-        checkpoints.load(copy)
-    part.unlink()  # (a rank's part that never arrived: the workers check only that)
+    for tensors in (True, False):  # (False: as the workers load it, reading their shards after)
+        with pytest.raises(checkpoints.CheckpointError, match=r"corrupt \(shards/__1_0.distcp"):
+            checkpoints.load(copy, tensors=tensors)
+    # The driver reads the state and the index only, wherever the checkpoint is: a file cut
+    # short is seen by its size.
+    local = pafs.LocalFileSystem()
+    with pytest.raises(checkpoints.CheckpointError, match=r"__1_0.distcp is cut short"):
+        checkpoints.load_state(local, str(copy))
+    part.unlink()  # (a rank's part that never arrived)
     with pytest.raises(checkpoints.CheckpointError, match=r"incomplete \(no shards/__1_0"):
         checkpoints.load(copy, tensors=False)
+    with pytest.raises(checkpoints.CheckpointError, match=r"incomplete \(no shards/__1_0"):
+        checkpoints.load_state(local, str(copy))
+    shutil.copy(Path(trained["checkpoint"]) / checkpoints.SHARDS_DIR / "__1_0.distcp", part)
+    state = checkpoints.load_state(local, str(copy))
+    whole = checkpoints.load(copy, optimizer=False)
+    assert state.optimizer is None and state.epoch == whole.epoch
+    assert {k: (v.shape, v.dtype) for k, v in state.model.items()} == {
+        k: (v.shape, v.dtype) for k, v in whole.model.items()
+    }
 
 
 def test_dry_run_sizes_the_gpt_and_what_each_worker_holds(capsys):

@@ -29,10 +29,12 @@ from trainyard.pipelines.training.checkpoint import TrainingState
 def latest_checkpoint(
     storage: str, run_name: str, best: bool = False
 ) -> tuple[str, TrainingState] | None:
-    """The newest checkpoint Ray Train registered for `run_name` under `storage` (with `best`,
-    the one of the epoch the newest names as the best by train.monitor, monitor.Progress;
-    every such epoch wrote one and Ray keeps the best), with its state (without the
-    optimizer's), after checking that it is complete; None if the run has none."""
+    """The newest checkpoint Ray Train registered for `run_name` under `storage`, with its
+    state read without its tensor files (checkpoint.load_state: the model's tensors are their
+    shapes); with `best`, the checkpoint of the epoch the newest names as the best by
+    train.monitor (monitor.Progress: every such epoch wrote one and Ray keeps the best), read
+    whole, the model's weights with it (not the optimizer's state). Each is checked to be
+    complete first; None if the run has none."""
     import ray.train
 
     fs, base = open_fs(storage)
@@ -45,19 +47,18 @@ def latest_checkpoint(
     latest = manager.get("latest_checkpoint_result")
     if not latest:
         return None
-
-    def read(name: str) -> tuple[str, TrainingState]:
-        path = f"{run_dir}/{name}"
-        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
-            return uri_of(path, fs), checkpoints.load(d, optimizer=False)  # (or CheckpointError)
-
-    path, state = read(latest["checkpoint_dir_name"])
+    name = latest["checkpoint_dir_name"]
+    state = checkpoints.load_state(fs, f"{run_dir}/{name}")  # (or CheckpointError)
+    if not best:
+        return uri_of(f"{run_dir}/{name}", fs), state
     epoch = (state.progress or {}).get("best_epoch")
-    if best and epoch is not None and epoch != state.epoch:
+    if epoch is not None and epoch != state.epoch:
         for kept in manager.get("checkpoint_results", []):
             if kept.get("metrics", {}).get("epoch") == epoch:
-                return read(kept["checkpoint_dir_name"])
-    return path, state
+                name = kept["checkpoint_dir_name"]
+    path = f"{run_dir}/{name}"
+    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+        return uri_of(path, fs), checkpoints.load(d, optimizer=False)
 
 
 # What a resumed run must keep as it was: anything else changes what the saved data position,

@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import pickle
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,45 +134,15 @@ def save(directory: str | Path, state: TrainingState) -> Path:
 
 
 def load(directory: str | Path, optimizer: bool = True, tensors: bool = True) -> TrainingState:
-    """The state `save` wrote to `directory`, after checking that it is complete and of a
-    format this trainyard reads (CheckpointError otherwise). `optimizer=False` drops the
-    optimizer's state, which only the workers need; `tensors=False` leaves format 4's tensor
-    files unread (the workers read their shards with `load_shards`) and checks only that every
-    one of them is there."""
-    import torch
-
-    path = Path(directory) / CHECKPOINT_FILE
-    digest = Path(directory) / DIGEST_FILE
-    if not path.is_file() or not digest.is_file():
-        raise CheckpointError(f"checkpoint {directory} is incomplete (no {path.name} + digest)")
-    if file_digest(path) != digest.read_text().strip():
-        raise CheckpointError(f"checkpoint {directory} is corrupt ({path.name} does not match)")
-    try:
-        plain = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"checkpoint {directory} holds more than tensors and plain values, which could run "
-            f"code as it loads; refused ({first[:200]})"
-        ) from None
-    if not isinstance(plain, dict):
-        raise CheckpointError(f"checkpoint {directory} is not a trainyard training state")
-    version = plain.pop("format", 1)
-    if not isinstance(version, int) or version > FORMAT:
-        raise CheckpointError(
-            f"checkpoint {directory} is of format {version}, written by a newer trainyard (this "
-            f"one reads formats 1 to {FORMAT}): resume it with that version"
-        )
-    fields = {f.name for f in dataclasses.fields(TrainingState)}
-    unknown = sorted(set(plain) - fields)
-    if unknown or "model" not in plain or "epoch" not in plain:
-        raise CheckpointError(
-            f"checkpoint {directory} is not a trainyard training state "
-            f"(unknown: {', '.join(unknown) or '-'}; model and epoch are needed)"
-        )
+    """The state `save` wrote to `directory`, after checking that it is complete, what was
+    written and of a format this trainyard reads (CheckpointError otherwise). `optimizer=False`
+    drops the optimizer's state, which only the workers need; `tensors=False` leaves format
+    4's tensor files unread (the workers read their shards with `load_shards`), checking
+    them against their digests."""
+    plain = _read_state(Path(directory))
     shards = plain.get("shards")
     if shards is not None:
-        check_shards(Path(directory), shards, digests=tensors)
+        check_shards(Path(directory), shards)
         with open(Path(directory) / SHARDS_DIR / ".metadata", "rb") as f:
             read_index(f)  # (before DCP reads it: it unpickles it as it is)
         if tensors:
@@ -181,6 +153,106 @@ def load(directory: str | Path, optimizer: bool = True, tensors: bool = True) ->
                 plain["optimizer"] = {"state": read["optimizer"], **plain["optimizer"]}
     if not optimizer:
         plain.pop("optimizer", None)
+    return _typed(plain)
+
+
+def load_state(fs: Any, path: str) -> TrainingState:
+    """The state of the checkpoint at `path` on pyarrow filesystem `fs` (object storage or a
+    disk) without its tensor files, which stay where they are: its state file, checked against
+    its digest, and format 4's index of the tensors, each tensor file it lists checked to be
+    there; the model's tensors are meta tensors (their shapes and dtypes, no values), the
+    optimizer's state is left out. (The workers check the tensor files' digests as they read
+    them: `load`.) What the driver reads to continue a run: kilobytes, whatever the model's
+    size."""
+    import pyarrow.fs as pafs
+
+    def read(name: str) -> bytes:
+        try:
+            with fs.open_input_stream(f"{path}/{name}") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {name})") from None
+
+    with tempfile.TemporaryDirectory() as d:
+        for name in (CHECKPOINT_FILE, DIGEST_FILE):
+            (Path(d) / name).write_bytes(read(name))
+        plain = _read_state(Path(d), named=path)
+    shards = plain.get("shards")
+    if shards is not None:
+        listed = fs.get_file_info(pafs.FileSelector(f"{path}/{SHARDS_DIR}", allow_not_found=True))
+        sizes = {info.base_name: info.size for info in listed}
+        if missing := sorted(set(shards) - set(sizes)):
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {SHARDS_DIR}/{missing[0]})")
+        index = read_index(io.BytesIO(read(f"{SHARDS_DIR}/.metadata")))
+        for name, end in sorted(index_ends(index).items()):
+            if sizes.get(name, 0) < end:
+                raise CheckpointError(
+                    f"checkpoint {path} is incomplete ({SHARDS_DIR}/{name} is cut short: "
+                    f"{sizes.get(name, 0)} bytes, its index says {end})"
+                )
+        plain["model"] = {
+            key.removeprefix("model."): meta_tensor(item)
+            for key, item in index.state_dict_metadata.items()
+            if key.startswith("model.")
+        }
+    plain.pop("optimizer", None)
+    return _typed(plain)
+
+
+def index_ends(index: Any) -> dict[str, int]:
+    """Where the last tensor of each file DCP's index lists ends: the file's size at least."""
+    ends: dict[str, int] = {}
+    for info in index.storage_data.values():
+        name = str(info.relative_path)
+        ends[name] = max(ends.get(name, 0), info.offset + info.length)
+    return ends
+
+
+def meta_tensor(item: Any) -> Any:
+    """A tensor of the shape and dtype DCP's index gives `item`, holding no values."""
+    import torch
+
+    return torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+
+
+def _read_state(directory: Path, named: str | None = None) -> dict[str, Any]:
+    """The state file in `directory` as plain data, checked against its digest, its format
+    one this trainyard reads; errors name the checkpoint `named` (default: `directory`)."""
+    import torch
+
+    named = named or str(directory)
+    path, digest = directory / CHECKPOINT_FILE, directory / DIGEST_FILE
+    if not path.is_file() or not digest.is_file():
+        raise CheckpointError(f"checkpoint {named} is incomplete (no {path.name} + digest)")
+    if file_digest(path) != digest.read_text().strip():
+        raise CheckpointError(f"checkpoint {named} is corrupt ({path.name} does not match)")
+    try:
+        plain = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {named} holds more than tensors and plain values, which could run "
+            f"code as it loads; refused ({first[:200]})"
+        ) from None
+    if not isinstance(plain, dict):
+        raise CheckpointError(f"checkpoint {named} is not a trainyard training state")
+    version = plain.pop("format", 1)
+    if not isinstance(version, int) or version > FORMAT:
+        raise CheckpointError(
+            f"checkpoint {named} is of format {version}, written by a newer trainyard (this "
+            f"one reads formats 1 to {FORMAT}): resume it with that version"
+        )
+    fields = {f.name for f in dataclasses.fields(TrainingState)}
+    unknown = sorted(set(plain) - fields)
+    if unknown or "model" not in plain or "epoch" not in plain:
+        raise CheckpointError(
+            f"checkpoint {named} is not a trainyard training state "
+            f"(unknown: {', '.join(unknown) or '-'}; model and epoch are needed)"
+        )
+    return plain
+
+
+def _typed(plain: dict[str, Any]) -> TrainingState:
     position = plain.get("data_position")
     recipe = plain.get("model_recipe")
     return TrainingState(
@@ -192,16 +264,16 @@ def load(directory: str | Path, optimizer: bool = True, tensors: bool = True) ->
     )
 
 
-def check_shards(directory: Path, shards: dict[str, str], digests: bool) -> None:
-    """Every tensor file the state lists is there (and, with `digests`, is what was written):
-    CheckpointError otherwise."""
+def check_shards(directory: Path, shards: dict[str, str]) -> None:
+    """Every tensor file the state lists is there and is what was written: CheckpointError
+    otherwise."""
     if ".metadata" not in shards:
         raise CheckpointError(f"checkpoint {directory} is incomplete (its shards have no index)")
     for name, digest in sorted(shards.items()):
         path = directory / SHARDS_DIR / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {directory} is incomplete (no {SHARDS_DIR}/{name})")
-        if digests and file_digest(path) != digest:
+        if file_digest(path) != digest:
             raise CheckpointError(
                 f"checkpoint {directory} is corrupt ({SHARDS_DIR}/{name} does not match)"
             )

@@ -197,6 +197,8 @@ def test_the_driver_sends_what_the_newest_checkpoint_kept_for_a_server_that_was_
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.25)]
     assert client.get_run(run_id).data.tags["k"] == "v"
     # What the workers returned as they ended (later than the checkpoint) is what waits.
-    send_pending(checkpoint, [["_log_metrics", [{"loss": 0.125}, 3, 3000]]], uri, run_id)
+    # (records of metrics in a row go as one request; a step twice among them, once)
+    returned = [["_log_metrics", [{"loss": v}, 3, 3000]] for v in (0.125, 0.5)]
+    send_pending(checkpoint, returned, uri, run_id)
     history = client.get_metric_history(run_id, "loss")
-    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.25), (3, 0.125)]

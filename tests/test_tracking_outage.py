@@ -8,6 +8,7 @@ for the outage that ended, not a line per retry."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -154,10 +155,13 @@ def test_a_tracking_server_away_120_s_then_gone_holds_no_training_and_loses_noth
     during = epochs_logged(command.text(gone, back))
     before = epochs_logged(command.text(until=gone))
     outage = [line for line in command.text(gone, gone_again).splitlines() if "MLflow" in line]
+    last_epoch = command.wait_for(rf"epoch {EPOCHS}/{EPOCHS} ")
     print(
         f"tracking server away {back - gone:.0f} s: {len(during)} epochs trained meanwhile "
         f"(mean {sum(during.values()) / len(during):.2f} s each; before it "
-        f"{sum(before.values()) / len(before):.2f} s); its lines: {outage}"
+        f"{sum(before.values()) / len(before):.2f} s); its lines: {outage}; gone for good "
+        f"{last_epoch - gone_again:.0f} s before the last epoch, the command ended "
+        f"{ended - last_epoch:.0f} s after it"
     )
     assert len(during) >= 10, text  # training did not stand still
     assert len(outage) == 2, outage  # one line when it went away, one when it was back
@@ -167,8 +171,12 @@ def test_a_tracking_server_away_120_s_then_gone_holds_no_training_and_loses_noth
     assert "did not answer within tracking.end_wait_s (10 s)" in text, text[-3000:]
     assert f"--resume {NAME}" in text
     assert ended - gone_again < 200
-    kept = list((tmp_path / "results" / NAME).glob(f"checkpoint_*/{PENDING_FILE}"))
+    kept = sorted((tmp_path / "results" / NAME).glob(f"checkpoint_*/{PENDING_FILE}"))
     assert kept, "nothing kept beside the checkpoint"
+    # What piled up in the first outage was stored soon after the server was back (in a few
+    # requests, not one a record): the newest checkpoint keeps only epochs after it.
+    steps = [args[1] for name, args in json.loads(kept[-1].read_text()) if name == "_log_metrics"]
+    assert min(steps) > max(epochs_logged(command.text(until=said_back))), steps
     waited = re.search(r"(\d+) record\(s\) of the workers wait in", text)
     assert waited and int(waited[1]) > 0, text[-3000:]
     assert "Retrying" not in text  # (no line per retry)
@@ -176,8 +184,10 @@ def test_a_tracking_server_away_120_s_then_gone_holds_no_training_and_loses_noth
     # 3. The server is back: --resume sends what was kept, logs the model, ends the run.
     server.start()
     try:
+        began = time.time()
         resumed = Command([*args, "--resume", NAME], env)
         assert resumed.finish(timeout=300) == 0, resumed.text()[-4000:]
+        print(f"--resume ended the run in {time.time() - began:.0f} s")
         client = MlflowClient(server.url)
         experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
         (run,) = client.search_runs([experiment])

@@ -132,16 +132,15 @@ def send_pending(checkpoint: Any, returned: list[list] | None, uri: str, run_id:
                 records = json.loads(f.read())
         except FileNotFoundError:
             return
-    sender = tracking.RankZeroLogger(uri, run_id, rank=0, background=False)
-    for i, record in enumerate(records):
-        try:
-            sender.send([record])
-        except TrackingUnfinished:
-            with checkpoint.filesystem.open_output_stream(path) as f:
-                f.write(json.dumps(records[i:]).encode())
-            where = redact_text(uri_of(path, checkpoint.filesystem))
-            print(f"trainyard: {len(records) - i} record(s) of the workers wait in {where}")
-            raise
+    waiting = list(records)
+    try:
+        tracking.RankZeroLogger(uri, run_id, rank=0, background=False).send(waiting)
+    except TrackingUnfinished:
+        with checkpoint.filesystem.open_output_stream(path) as f:
+            f.write(json.dumps(waiting).encode())
+        where = redact_text(uri_of(path, checkpoint.filesystem))
+        print(f"trainyard: {len(waiting)} record(s) of the workers wait in {where}")
+        raise
 
 
 def log_outcome(

@@ -108,12 +108,12 @@ class RankZeroLogger:
             with self._changed:
                 while not self._records:
                     self._changed.wait()
-                name, args = self._records[0]
+                count, name, args = next_request(self._records)
             try:
                 client = client or mlflow_client(uri)
                 getattr(self, name)(client, *args)
             except BaseException as e:
-                if unreachable(e):  # the record stays first; tried again after a wait
+                if unreachable(e):  # the records stay first; tried again after a wait
                     if self.away_since is None:
                         self.away_since = time.time()
                         log.warning(
@@ -132,7 +132,7 @@ class RankZeroLogger:
                 )
                 self.away_since, wait = None, BACKOFF_S[0]
             with self._changed:
-                self._records.pop(0)
+                del self._records[:count]
                 self._changed.notify_all()
 
     def _later(self, name: str, *args: Any) -> None:
@@ -177,12 +177,15 @@ class RankZeroLogger:
 
     def send(self, records: list[list]) -> None:
         """Send `records` (an earlier attempt's `pending`) now, in this thread, through
-        tracking's client (the driver's: it waits for the server as its block allows); what the
-        run has already is not logged again."""
+        tracking's client (the driver's: it waits for the server as its block allows), taking
+        each out of the list once it is stored: what the list holds when this raises was not
+        sent. What the run has already is not logged again."""
         client = mlflow_client(self.uri)
-        for name, args in records:
-            if name in PERSISTED:
-                getattr(self, name)(client, *args)
+        records[:] = [record for record in records if record[0] in PERSISTED]
+        while records:
+            count, name, args = next_request(records)
+            getattr(self, name)(client, *args)
+            del records[:count]
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -215,8 +218,16 @@ class RankZeroLogger:
         for m in metrics:  # (only once stored: a record tried again sends them again)
             self._last_step[m.key] = max(self._last_step[m.key], m.step)
 
-    def _log_metrics(self, client: Any, values: dict[str, float], step: int, now: int) -> None:
-        self._send(client, self._new_metrics(client, values, step, now), {})
+    def _log_metric_records(self, client: Any, records: list[tuple]) -> None:
+        """Records of `metrics` (values, step, time), in one request: what piled up while the
+        server was away goes in a few requests, not one a record."""
+        metrics, sent = [], {}
+        for values, step, now in records:
+            for m in self._new_metrics(client, values, step, now):
+                if m.step > sent.get(m.key, -1):  # (a step once, whatever was replayed)
+                    metrics.append(m)
+                    sent[m.key] = m.step
+        self._send(client, metrics, {})
 
     def tags(self, values: dict[str, str]) -> None:
         self._later("_log_tags", {k: str(v) for k, v in values.items()})
@@ -309,3 +320,21 @@ class RankZeroLogger:
 
 
 log = logging.getLogger("trainyard")
+MAX_METRICS = 1000
+"""The most metrics MLflow takes in one request (log_batch)."""
+
+
+def next_request(records: list) -> tuple[int, str, tuple]:
+    """The request that sends the first of `records` ((method, arguments) pairs): how many
+    records it sends, its method and arguments. Records of metrics in a row go together, up to
+    MAX_METRICS."""
+    name, args = records[0]
+    if name != "_log_metrics":
+        return 1, name, args
+    taken, metrics = [], 0
+    for name, args in records:
+        if name != "_log_metrics" or (taken and metrics + len(args[0]) > MAX_METRICS):
+            break
+        taken.append(args)
+        metrics += len(args[0])
+    return len(taken), "_log_metric_records", (taken,)

@@ -5,9 +5,10 @@ through `torch.distributed.checkpoint` (DCP; tensors every rank holds, as under 
 writes), rank 0 the rest — epoch, schedule, scaler, spec, data position, and the
 SHA-256 of every rank's tensor files — in one file, hashed as it is written, its SHA-256 beside
 it. Ray Train merges what the ranks report into one directory. The workers resume from it after
-a failure at any world size and either strategy (DCP reshards on load); the driver reads it to
-continue a run (`--resume`), to check a spec against it, and to log the trained model (whole,
-no process group needed). Nothing in it can run code as it loads: the state file is read with
+a failure at any world size and either strategy (DCP reshards on load); the driver reads its
+state and tensor index only to continue a run (`--resume`) and check a spec against it
+(`load_state`: kilobytes, wherever it is), and the best one whole to log the trained model (no
+process group needed). Nothing in it can run code as it loads: the state file is read with
 `torch.load(weights_only=True)`, DCP's tensor files likewise, and DCP's pickled index only
 through an unpickler that builds DCP's own metadata classes and nothing else.
 

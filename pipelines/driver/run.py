@@ -110,17 +110,18 @@ def run(
         # 3. Train: Ray Train runs the DDP workers, each reading its share from Ray Data (a run
         # trained to its end already, whose end the tracking server missed, has its result).
         if place.trained:
-            result, returned = trained_result(place), None
+            result, returned = trained_result(place), {}
         else:
             result = train_workers(spec, plan, data, recipe, place, mlrun.id, options)
-            returned = (result.return_value or {}).get("pending")
+            returned = result.return_value or {}
         # 4. The end, waiting at most tracking.end_wait_s for a tracking server that does not
-        # answer: what the workers logged while it was away, then the model, logged as the
-        # pipeline serves it, and the run's status.
+        # answer (away already, if the workers said so): what the workers logged while it was
+        # away, then the model, logged as the pipeline serves it, and the run's status.
+        away = returned.get("tracking_away_since")
         ending.enter_context(
-            tracking.waiting_at_most(mlrun.uri, spec.tracking.end_wait_s, unfinished(place))
+            tracking.waiting_at_most(mlrun.uri, spec.tracking.end_wait_s, unfinished(place), away)
         )
-        record.send_pending(result.checkpoint, returned, mlrun.uri, mlrun.id)
+        record.send_pending(result.checkpoint, returned.get("pending"), mlrun.uri, mlrun.id)
         model_uri = record.log_outcome(spec, pipeline, data, place, mlrun)
         registered = spec.tracking.register_as and tracking.patiently(
             tracking.register_model,

@@ -61,13 +61,13 @@ def quick_to_notice_outages() -> None:
 
 class Patience:
     """How long the calls of a block wait for a server that does not answer: until
-    `deadline` (time.monotonic), saying once that it does not answer and once that it is
-    back."""
+    `deadline` (time.monotonic), saying once that it does not answer (unless it was away
+    already, `away_since`: the workers said so) and once that it is back."""
 
-    def __init__(self, uri: str, seconds: float, then: str):
+    def __init__(self, uri: str, seconds: float, then: str, away_since: float | None = None):
         self.uri, self.seconds, self.then = uri, seconds, then
         self.deadline = time.monotonic() + seconds
-        self.away_since: float | None = None
+        self.away_since = away_since
         self.wait = BACKOFF_S[0]
 
     def away(self, error: BaseException) -> None:
@@ -103,13 +103,17 @@ _patience: contextvars.ContextVar[Patience | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def waiting_at_most(uri: str, seconds: float, then: str) -> Iterator[Patience]:
+def waiting_at_most(
+    uri: str, seconds: float, then: str, away_since: float | None = None
+) -> Iterator[Patience]:
     """Within the block, a request to the tracking server through tracking's functions (their
     `mlflow_client`, and what runs through `patiently`) that finds the server away is tried
     again, after 1 s, then twice as long each time up to 10 s, until `seconds` after the block
     began, the block's calls together; then TrackingUnfinished, whose message ends with
-    `then` (what is kept, and how to finish). MLflow's own retries are down to one meanwhile."""
-    patience = Patience(uri, seconds, then)
+    `then` (what is kept, and how to finish). MLflow's own retries are down to one meanwhile.
+    `away_since`: the server was found away at that time (Unix) already, and the console said
+    so: one outage, two lines, whoever sees it end."""
+    patience = Patience(uri, seconds, then, away_since)
     token = _patience.set(patience)
     before = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = QUICK_RETRIES

@@ -219,8 +219,9 @@ def agreed_sums(values: list[float], w: Worker) -> list[float]:
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
     """Ray Train entry point. `config` holds {"spec": RunSpec dict, "job": WorkerJob dict}.
     Returns the run's outcome, which rank 0's return carries to the driver through Ray Train
-    (`Result.return_value`): {"stopped": why}, or {"pending": records} (what the tracking
-    server has yet to store, which the driver sends: tracking.RankZeroLogger.pending)."""
+    (`Result.return_value`): {"stopped": why}, or what the tracking server has yet to store,
+    which the driver sends (tracking.RankZeroLogger.pending), and since when it has not
+    answered (None: it answers)."""
     w = set_up(config)
     tr, job = w.spec.train, w.job
     first = w.position[0] if tr.steps_per_epoch else w.first_epoch  # (the first pass to read)
@@ -296,7 +297,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str]:
         watchdog.stop()
     w.log.checks(check.asks, check.seconds)
     w.log.flush()  # (returns at once while the server is away: the driver sends what waits)
-    return {"pending": w.log.pending()}
+    return {"pending": w.log.pending(), "tracking_away_since": w.log.away_since}
 
 
 def node_metrics(w: Worker) -> contextlib.AbstractContextManager:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +60,35 @@ def quick_to_notice_outages() -> None:
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
+class Outage:
+    """A server that does not answer, as one waiting for it sees it: since when (Unix time;
+    None while it answers), and how long to wait before the next try: 1 s, then twice as long
+    each time up to 10 s. The caller says it began and ended, on the console."""
+
+    def __init__(self, since: float | None = None):
+        self.since = since
+        self.wait = BACKOFF_S[0]
+
+    def began(self) -> bool:
+        """A try found the server away: whether that begins an outage."""
+        if self.since is not None:
+            return False
+        self.since = time.time()
+        return True
+
+    def pause(self, most: float = math.inf) -> None:
+        """Wait before the next try, at most `most` seconds."""
+        time.sleep(min(self.wait, most))
+        self.wait = min(2 * self.wait, BACKOFF_S[1])
+
+    def ended(self) -> float | None:
+        """A try was answered: the seconds the outage lasted, if there was one."""
+        if self.since is None:
+            return None
+        away, self.since, self.wait = time.time() - self.since, None, BACKOFF_S[0]
+        return away
+
+
 class Patience:
     """How long the calls of a block wait for a server that does not answer: until
     `deadline` (time.monotonic), saying once that it does not answer (unless it was away
@@ -67,8 +97,7 @@ class Patience:
     def __init__(self, uri: str, seconds: float, then: str, away_since: float | None = None):
         self.uri, self.seconds, self.then = uri, seconds, then
         self.deadline = time.monotonic() + seconds
-        self.away_since = away_since
-        self.wait = BACKOFF_S[0]
+        self.outage = Outage(away_since)
 
     def away(self, error: BaseException) -> None:
         """A call found the server away: wait before it is tried again, or raise
@@ -80,21 +109,16 @@ class Patience:
                 f"the MLflow server at {where} did not answer within tracking.end_wait_s "
                 f"({self.seconds:g} s): {self.then}"
             ) from error
-        if self.away_since is None:
-            self.away_since = time.time()
+        if self.outage.began():
             log.warning(
                 f"trainyard: the MLflow server at {where} does not answer ({reason(error)}); "
                 f"waiting up to {left:.0f} s more for it (tracking.end_wait_s)"
             )
-        time.sleep(min(self.wait, left))
-        self.wait = min(2 * self.wait, BACKOFF_S[1])
+        self.outage.pause(left)
 
     def answered(self) -> None:
-        if self.away_since is not None:
-            log.warning(
-                f"trainyard: the MLflow server is back after {time.time() - self.away_since:.0f} s"
-            )
-            self.away_since, self.wait = None, BACKOFF_S[0]
+        if (away := self.outage.ended()) is not None:
+            log.warning(f"trainyard: the MLflow server is back after {away:.0f} s")
 
 
 _patience: contextvars.ContextVar[Patience | None] = contextvars.ContextVar(

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from trainyard.pipelines.tracking.outage import BACKOFF_S, reason, unreachable
+from trainyard.pipelines.tracking.outage import Outage, reason, unreachable
 from trainyard.pipelines.tracking.runs import mlflow_client
 
 
@@ -95,15 +95,19 @@ class RankZeroLogger:
         self._records: list[tuple[str, tuple]] = []
         """Records not stored yet, the one being sent first."""
         self._changed = threading.Condition()
-        self.away_since: float | None = None
-        """When the server stopped answering (None while it answers)."""
+        self.outage = Outage()
         if self.active and background:
             threading.Thread(
                 target=self._serve, args=(uri,), name="mlflow-logger", daemon=True
             ).start()
 
+    @property
+    def away_since(self) -> float | None:
+        """When the server stopped answering (None while it answers)."""
+        return self.outage.since
+
     def _serve(self, uri: str) -> None:
-        client, wait = None, BACKOFF_S[0]
+        client = None
         while True:
             with self._changed:
                 while not self._records:
@@ -114,23 +118,19 @@ class RankZeroLogger:
                 getattr(self, name)(client, *args)
             except BaseException as e:
                 if unreachable(e):  # the records stay first; tried again after a wait
-                    if self.away_since is None:
-                        self.away_since = time.time()
+                    if self.outage.began():
                         log.warning(
                             f"trainyard: the MLflow server at {uri} does not answer ({reason(e)}); "
                             "training goes on, and what it logs is sent when the server is back"
                         )
-                    time.sleep(wait)
-                    wait = min(2 * wait, BACKOFF_S[1])
+                    self.outage.pause()
                     continue
                 self._failed = self._failed or e  # kept for flush, which raises it
-            if self.away_since is not None:
-                away = time.time() - self.away_since
+            if (away := self.outage.ended()) is not None:
                 log.warning(
                     f"trainyard: the MLflow server is back after {away:.0f} s; sending the "
                     f"{len(self._records)} record(s) it missed"
                 )
-                self.away_since, wait = None, BACKOFF_S[0]
             with self._changed:
                 del self._records[:count]
                 self._changed.notify_all()
@@ -152,15 +152,6 @@ class RankZeroLogger:
         if self._failed is not None:
             failed, self._failed = self._failed, None
             raise failed
-
-    def drain(self, timeout_s: float) -> bool:
-        """Wait until every record so far is stored, the server away or not, at most
-        `timeout_s`: whether they all were."""
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while self._records and time.monotonic() < deadline:
-                self._changed.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-            return not self._records
 
     def pending(self) -> list[list]:
         """The records the server has yet to store that a checkpoint keeps (plain data)."""

@@ -24,6 +24,7 @@ from trainyard.pipelines.data.common import open_fs, pipeline_module, uri_of
 from trainyard.pipelines.driver.session import default_dir
 from trainyard.pipelines.training import checkpoint as checkpoints
 from trainyard.pipelines.training.checkpoint import TrainingState
+from trainyard.pipelines.training.monitor import Progress
 
 
 def latest_checkpoint(
@@ -189,10 +190,9 @@ def check_resume(
 
 def trained(state: TrainingState, spec: RunSpec) -> bool:
     """Whether the checkpoint's run trained to its end: every epoch, or stopped early."""
-    progress = state.progress or {}
-    patience = progress.get("patience")  # (monitor.Progress: its stop, as the run saved it)
-    stopped = patience is not None and progress.get("waited", 0) >= patience
-    return state.epoch >= spec.train.epochs or stopped
+    return state.epoch >= spec.train.epochs or (
+        state.progress is not None and Progress(**state.progress).stop
+    )
 
 
 def trained_result(place: Place) -> Any:
